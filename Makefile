@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make run` (dev agent) and `make test` (whole suite).
+# Each creates its own virtualenv in .venv and installs the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/nomad-client agent -dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m nomad_client.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/taskapi_bench.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check nomad_client tests bench
+	$(BIN)/mypy nomad_client
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
