@@ -1,2 +1,100 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""Entry point of the ``nomad-client`` command line: dispatches to command groups and
+turns every failure into a message on stderr and an exit code (never a traceback).
+
+Command groups live in their own modules (job, alloc, node); ``agent`` is handed to the
+agent runner untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from nomad_client.cli import alloc, job, node
+from nomad_client.cli.common import CommandError
+from nomad_client.cli.goflags import HelpRequested, UsageError
+
+Command = Callable[[Sequence[str]], int]
+
+GROUPS: Mapping[str, Mapping[str, Command]] = {
+    "job": job.COMMANDS,
+    "alloc": alloc.COMMANDS,
+    "node": node.COMMANDS,
+}
+
+USAGE = """\
+Usage: nomad-client <command> [args]
+
+Commands:
+    agent          Run the agent
+    job run        Parse, submit and monitor a job
+    job status     List jobs or show one job
+    job stop       Stop (and optionally purge) a job
+    alloc status   Show an allocation
+    alloc logs     Print a task's stdout or stderr
+    alloc fs       List or print files of an allocation
+    node status    List nodes or show one node
+    node meta      Read or apply dynamic node metadata
+
+Global flags for API commands: -address=<addr> (or $NOMAD_ADDR), -token=<token> (or
+$NOMAD_TOKEN). Flags take one dash (-detach) or two (--detach).
+"""
+
+
+def _agent(argv: Sequence[str]) -> int:
+    # Imported lazily: API commands must not pay for (or depend on) the agent's imports.
+    from nomad_client.agent.run import run_agent_command
+
+    return run_agent_command(list(argv))
+
+
+def _dispatch(argv: Sequence[str]) -> int:
+    if not argv or argv[0] in ("-h", "-help", "--help", "help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr, end="")
+        return 0 if argv else 1
+    name, rest = argv[0], argv[1:]
+    if name == "agent":
+        return _agent(rest)
+    group = GROUPS.get(name)
+    if group is None:
+        raise UsageError(f"unknown command {name!r}", USAGE)
+    if not rest or rest[0] in ("-h", "-help", "--help"):
+        subs = ", ".join(sorted(group))
+        text = f"Usage: nomad-client {name} <subcommand> [options]\n\nSubcommands: {subs}\n"
+        if rest:
+            print(text, end="")
+            return 0
+        raise UsageError(f"{name}: expected a subcommand ({subs})", text)
+    command = group.get(rest[0])
+    if command is None:
+        raise UsageError(f"{name}: unknown subcommand {rest[0]!r}",
+                         f"Subcommands: {', '.join(sorted(group))}")
+    return command(rest[1:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 error, 2 job placement failure)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(args)
+    except HelpRequested as exc:
+        print(exc.text, end="")
+        return 0
+    except UsageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        if exc.usage:
+            print(exc.usage.rstrip(), file=sys.stderr)
+        return 1
+    except CommandError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI must never end in a traceback
+        print(f"Error: unexpected failure: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

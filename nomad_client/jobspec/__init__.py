@@ -1,0 +1,21 @@
+"""Nomad HCL2 jobspecs: parse them into API-shaped job dicts and canonicalize those.
+
+Public surface of the package; the modules behind it are pure (no I/O).
+"""
+
+from nomad_client.jobspec.canonical import canonicalize_job
+from nomad_client.jobspec.durations import DurationError, format_duration, parse_duration
+from nomad_client.jobspec.errors import JobspecError, JobValidationError
+from nomad_client.jobspec.parser import parse_jobspec
+from nomad_client.jobspec.variables import parse_var_assignments
+
+__all__ = [
+    "DurationError",
+    "JobValidationError",
+    "JobspecError",
+    "canonicalize_job",
+    "format_duration",
+    "parse_duration",
+    "parse_jobspec",
+    "parse_var_assignments",
+]

@@ -1,0 +1,1 @@
+"""Shared data models and their wire codecs."""

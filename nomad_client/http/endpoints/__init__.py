@@ -1,0 +1,12 @@
+"""HTTP endpoints, one module per resource. ``register_all`` puts them on the router."""
+
+from __future__ import annotations
+
+from nomad_client.http.endpoints import agent, allocs, client, identity, jobs, nodes
+from nomad_client.http.router import Router
+from nomad_client.http.services import Services
+
+
+def register_all(router: Router, services: Services) -> None:
+    for module in (agent, jobs, allocs, nodes, client, identity):
+        module.register(router, services)

@@ -1,0 +1,128 @@
+"""The agent: wires the embedded server, the client, the router and the TCP listener, and
+owns their start and stop.
+
+Start order: data dir -> server state + keyring -> router + endpoints -> TCP listener ->
+client (which restores allocations, recreating their Task API sockets). Stop order is the
+reverse; with ``dev_mode`` tasks are killed and the temporary data dir removed, otherwise
+tasks keep running for the next agent to reattach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nomad_client.agent.config import AgentConfig
+from nomad_client.client.client import Client, ClientSettings
+from nomad_client.client.servers import ServerRPC
+from nomad_client.client.state_db import StateDB
+from nomad_client.http.context import TCP_LISTENER
+from nomad_client.http.endpoints import register_all
+from nomad_client.http.listeners import Listener, tcp_socket
+from nomad_client.http.router import Router
+from nomad_client.http.services import Services
+from nomad_client.server.keyring import Keyring
+from nomad_client.server.rpc import InProcessTransport
+from nomad_client.server.server import Server
+from nomad_client.server.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.data_dir: Path | None = None
+        self._temp_data_dir = False
+        self.server: Server | None = None
+        self.client: Client | None = None
+        self.router: Router | None = None
+        self.http_address: tuple[str, int] | None = None
+        self._listener: Listener | None = None
+        self._dbs: list[StateDB] = []
+
+    @property
+    def http_addr(self) -> str:
+        assert self.http_address is not None
+        return f"{self.http_address[0]}:{self.http_address[1]}"
+
+    async def start(self) -> None:
+        self.data_dir, self._temp_data_dir = await asyncio.to_thread(
+            _prepare_data_dir, self.config.data_dir)
+        try:
+            await self._start_parts()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_parts(self) -> None:
+        cfg, data_dir = self.config, self.data_dir
+        assert data_dir is not None
+        server_db = await self._open_db(data_dir / "server" / "state.db")
+        store = await StateStore.restore(server_db)
+        keyring = await Keyring.load_or_create(data_dir / "server" / "keyring")
+        self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled)
+        self.router = Router(self.server)
+
+        sock = tcp_socket(cfg.bind_addr, cfg.ports.http)
+        self.http_address = sock.getsockname()[:2]
+        client_db = None
+        if cfg.client.enabled or cfg.dev_mode:
+            state_dir = Path(cfg.client.state_dir or data_dir / "client")
+            client_db = await self._open_db(state_dir / "state.db")
+            settings = ClientSettings(
+                data_dir=data_dir, alloc_dir=Path(cfg.client.alloc_dir or data_dir / "alloc"),
+                state_dir=state_dir, name=cfg.name, datacenter=cfg.datacenter,
+                region=cfg.region, http_addr=self.http_addr,
+                static_meta=dict(cfg.client.meta))
+            self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
+                                 client_db, self.router)
+        register_all(self.router, Services(
+            server=self.server, client=self.client, agent_config=cfg.to_api_dict(),
+            member=self._member()))
+        self._listener = Listener(self.router, TCP_LISTENER, sock)
+        await self._listener.start()
+        log.info("HTTP API listening on http://%s", self.http_addr)
+        if self.client is not None:
+            await self.client.start()
+
+    async def _open_db(self, path: Path) -> StateDB:
+        db = await StateDB.open(path)
+        self._dbs.append(db)
+        return db
+
+    def _member(self) -> dict[str, Any]:
+        host, port = self.http_address or ("", 0)
+        return {"Name": f"{self.config.name}.{self.config.region}", "Addr": host, "Port": port,
+                "Tags": {"region": self.config.region, "dc": self.config.datacenter},
+                "Status": "alive"}
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.shutdown(stop_tasks=self.config.dev_mode)
+            self.client = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        for db in reversed(self._dbs):
+            await db.close()
+        self._dbs.clear()
+        if self._temp_data_dir and self.data_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+
+def _prepare_data_dir(configured: str | None) -> tuple[Path, bool]:
+    """The data dir to use and whether it is a temporary one (dev mode) to remove on stop."""
+    if configured:
+        path = Path(configured).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        temporary = False
+    else:
+        path = Path(tempfile.mkdtemp(prefix="nomad-client-dev-"))
+        temporary = True
+    path.chmod(0o755)  # tasks running as other users must traverse into their alloc dirs
+    return path, temporary

@@ -1,0 +1,574 @@
+"""Agent configuration: config files (HCL or JSON), command-line flags and their merge.
+
+This module reads the config files it is given and nothing else; it never creates
+directories or opens sockets.  The result is an immutable :class:`AgentConfig`.
+
+Precedence (lowest first): built-in defaults, the ``-dev`` defaults, config files in the
+order given (later files override earlier ones key by key, maps merge), then flags.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import hcl2
+from hcl2.utils import SerializationOptions, process_escape_sequences
+from lark.exceptions import (
+    LarkError,
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+)
+
+from nomad_client.cli.goflags import GoArgumentParser, HelpRequested, UsageError
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR")
+DEFAULT_HTTP_PORT = 4646
+
+# Each dot-separated part must be an HCL identifier (same rule as dynamic node metadata).
+_META_KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() names the file (and line when known) and the key."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.file:
+            parts.append(f"{self.file}:{self.line}" if self.line else self.file)
+        if self.key:
+            parts.append(self.key)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Value objects
+
+
+def _frozen_map(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    # A sorted plain dict copy: callers cannot mutate the config through their own dict.
+    return dict(sorted((value or {}).items()))
+
+
+@attrs.frozen
+class PortsConfig:
+    http: int = DEFAULT_HTTP_PORT
+
+
+@attrs.frozen
+class ServerConfig:
+    enabled: bool = False
+
+
+@attrs.frozen
+class ClientConfig:
+    enabled: bool = False
+    alloc_dir: str | None = None
+    state_dir: str | None = None
+    meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
+    options: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
+
+
+@attrs.frozen
+class ACLConfig:
+    enabled: bool = False
+
+
+@attrs.frozen
+class AgentConfig:
+    data_dir: str | None = None
+    bind_addr: str = "127.0.0.1"
+    region: str = "global"
+    datacenter: str = "dc1"
+    name: str = attrs.field(factory=socket.gethostname)
+    log_level: str = "INFO"
+    ports: PortsConfig = attrs.field(factory=PortsConfig)
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    client: ClientConfig = attrs.field(factory=ClientConfig)
+    acl: ACLConfig = attrs.field(factory=ACLConfig)
+    dev_mode: bool = False
+
+    def to_api_dict(self) -> dict[str, Any]:
+        """The agent config as reported under "config" by GET /v1/agent/self."""
+        return {
+            "Region": self.region,
+            "Datacenter": self.datacenter,
+            "NodeName": self.name,
+            "DataDir": self.data_dir or "",
+            "BindAddr": self.bind_addr,
+            "LogLevel": self.log_level,
+            "Ports": {"HTTP": self.ports.http},
+            "Server": {"Enabled": self.server.enabled},
+            "Client": {
+                "Enabled": self.client.enabled,
+                "AllocDir": self.client.alloc_dir or "",
+                "StateDir": self.client.state_dir or "",
+                "Meta": dict(self.client.meta),
+                "Options": dict(self.client.options),
+            },
+            "ACL": {"Enabled": self.acl.enabled},
+            "DevMode": self.dev_mode,
+        }
+
+
+@attrs.frozen
+class AgentFlags:
+    dev: bool = False
+    config_files: tuple[str, ...] = ()
+    data_dir: str | None = None
+    bind: str | None = None
+    acl_enabled: bool | None = None
+    log_level: str | None = None
+    meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
+    http_port: int | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Schema.  A field kind is one of: "string", "bool", "port", "bind", "level", "path",
+# "meta", "options", or a nested dict (a block).
+
+_SCHEMA: dict[str, Any] = {
+    "data_dir": "path",
+    "bind_addr": "bind",
+    "region": "string",
+    "datacenter": "string",
+    "name": "string",
+    "log_level": "level",
+    "ports": {"http": "port"},
+    "server": {"enabled": "bool"},
+    "client": {
+        "enabled": "bool",
+        "alloc_dir": "path",
+        "state_dir": "path",
+        "meta": "meta",
+        "options": "options",
+    },
+    "acl": {"enabled": "bool"},
+}
+
+_BLOCK_MAPS = ("meta", "options")  # may be written as a block or as `key = { ... }`
+
+
+class _Expr:
+    """An HCL expression that is not a literal (e.g. ``var.x``); config accepts none."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, _Expr):
+        return f"expression {value.text}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "map"
+    return type(value).__name__
+
+
+class _Source:
+    """One config file's name and text, used to attach lines to semantic errors."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+
+    def line_of(self, key_path: Sequence[str]) -> int | None:
+        """Find the line where key_path is set, by a cheap search for each segment in turn."""
+        pos = 0
+        found: int | None = None
+        for seg in key_path:
+            pattern = re.compile(
+                r'^[ \t{,]*"?' + re.escape(seg) + r'"?[ \t]*(=|:|\{)', re.MULTILINE
+            )
+            m = pattern.search(self.text, pos)
+            if m is None:
+                return found
+            pos = m.start()
+            found = self.text.count("\n", 0, m.start()) + 1
+            pos = m.end()
+        return found
+
+    def error(self, key_path: Sequence[str], message: str) -> ConfigError:
+        return ConfigError(message, file=self.name, line=self.line_of(key_path),
+                           key=".".join(key_path))
+
+
+# --------------------------------------------------------------------------------------
+# Reading files
+
+
+def _hcl_value(value: Any) -> Any:
+    """Turn python-hcl2's representation into plain Python values.
+
+    python-hcl2 8.x keeps the quotes of string literals ('"x"'), renders any other
+    expression as '${...}', marks blocks with ``__is_block__`` and returns each block
+    type as a list of bodies.
+    """
+    if isinstance(value, str):
+        if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
+            return process_escape_sequences(value[1:-1])
+        return _Expr(value)
+    if isinstance(value, list):
+        return [_hcl_value(v) for v in value]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k.startswith("__") and k.endswith("__"):
+                continue
+            key = k[1:-1] if len(k) >= 2 and k.startswith('"') and k.endswith('"') else k
+            out[key] = _hcl_value(v)
+        return out
+    return value
+
+
+def _syntax_message(exc: UnexpectedInput) -> str:
+    column = getattr(exc, "column", None)
+    where = f" at column {column}" if isinstance(column, int) and column > 0 else ""
+    if isinstance(exc, UnexpectedToken):
+        if exc.token.type == "$END":
+            return "syntax error: unexpected end of file"
+        text = str(exc.token).strip().splitlines()
+        return f"syntax error{where}: unexpected {(text[0] if text else exc.token.type)!r}"
+    if isinstance(exc, UnexpectedCharacters):
+        return f"syntax error{where}: unexpected character {exc.char!r}"
+    if isinstance(exc, UnexpectedEOF):
+        return "syntax error: unexpected end of file"
+    return f"syntax error{where}"
+
+
+def _parse_hcl(src: _Source) -> dict[str, Any]:
+    options = SerializationOptions(with_comments=False, preserve_heredocs=False)
+    try:
+        raw = hcl2.loads(src.text, serialization_options=options)
+    except UnexpectedInput as exc:
+        line = getattr(exc, "line", None)
+        raise ConfigError(_syntax_message(exc), file=src.name,
+                          line=line if isinstance(line, int) and line > 0 else None) from exc
+    except (LarkError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"syntax error: {exc}", file=src.name) from exc
+    return _hcl_value(raw)
+
+
+def _parse_json(src: _Source) -> dict[str, Any]:
+    try:
+        raw = json.loads(src.text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"invalid JSON: {exc.msg}", file=src.name, line=exc.lineno) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a JSON object at top level, got {_type_name(raw)}",
+                          file=src.name)
+    return raw
+
+
+def _as_body(value: Any, src: _Source, path: list[str]) -> dict[str, Any]:
+    """A block may come as one body (JSON object) or a list of bodies (repeated blocks)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        merged: dict[str, Any] = {}
+        for body in value:
+            for k, v in body.items():
+                if k in _BLOCK_MAPS and isinstance(v, list):
+                    v = _as_body(v, src, [*path, k])
+                if k in _BLOCK_MAPS and isinstance(v, dict) and isinstance(merged.get(k), dict):
+                    merged[k] = {**merged[k], **v}
+                else:
+                    merged[k] = v
+        return merged
+    raise src.error(path, f"expected a block, got {_type_name(value)}")
+
+
+def _check_path(value: Any, src: _Source, path: list[str]) -> str:
+    s = _check_string(value, src, path)
+    return os.path.abspath(s)
+
+
+def _check_string(value: Any, src: _Source, path: list[str]) -> str:
+    if not isinstance(value, str):
+        raise src.error(path, f"expected a string, got {_type_name(value)}")
+    if value == "":
+        raise src.error(path, "must not be empty")
+    return value
+
+
+def _check_bool(value: Any, src: _Source, path: list[str]) -> bool:
+    if not isinstance(value, bool):
+        raise src.error(path, f"expected a bool (true or false), got {_type_name(value)}")
+    return value
+
+
+def _check_port(value: Any, src: _Source, path: list[str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise src.error(path, f"expected a port number, got {_type_name(value)}")
+    if not 0 <= value <= 65535:
+        raise src.error(path, f"port {value} out of range 0..65535")
+    return value
+
+
+def _check_bind(value: Any, src: _Source, path: list[str]) -> str:
+    s = _check_string(value, src, path)
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        raise src.error(path, f"{s!r} is not a valid IP address") from None
+    return s
+
+
+def _check_level(value: Any, src: _Source, path: list[str]) -> str:
+    s = _check_string(value, src, path)
+    if s.upper() not in LOG_LEVELS:
+        raise src.error(path, f"unknown log level {s!r} (want one of {', '.join(LOG_LEVELS)})")
+    return s.upper()
+
+
+def _check_string_map(value: Any, src: _Source, path: list[str], *,
+                      dotted_keys: bool) -> dict[str, str]:
+    body = _as_body(value, src, path) if isinstance(value, list) else value
+    if not isinstance(body, dict):
+        raise src.error(path, f"expected a map of strings, got {_type_name(body)}")
+    out: dict[str, str] = {}
+    for k, v in body.items():
+        key_path = [*path, k]
+        if dotted_keys:
+            check_meta_key(k, lambda msg, kp=key_path: src.error(kp, msg))
+        elif not k:
+            raise src.error(key_path, "keys must not be empty")
+        if not isinstance(v, str):
+            raise src.error(key_path, f"expected a string, got {_type_name(v)}")
+        out[k] = v
+    return out
+
+
+def check_meta_key(key: str, fail: Any = None) -> None:
+    """Validate a node metadata key: dot-separated HCL identifiers."""
+    def _raise(msg: str) -> None:
+        raise (fail(msg) if fail else ConfigError(msg, key=key))
+
+    if not key:
+        _raise("metadata keys must not be empty")
+    if not all(_META_KEY_PART.match(part) for part in key.split(".")):
+        _raise(f"{key!r} is invalid; metadata keys must be valid dotted identifiers")
+
+
+_CHECKS = {
+    "string": _check_string,
+    "bool": _check_bool,
+    "port": _check_port,
+    "bind": _check_bind,
+    "level": _check_level,
+    "path": _check_path,
+}
+
+
+def _validate(body: dict[str, Any], schema: dict[str, Any], src: _Source,
+              path: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        key_path = [*path, key]
+        kind = schema.get(key)
+        if kind is None:
+            raise src.error(key_path, "unknown configuration key")
+        if isinstance(kind, dict):
+            out[key] = _validate(_as_body(value, src, key_path), kind, src, key_path)
+        elif kind in ("meta", "options"):
+            out[key] = _check_string_map(value, src, key_path, dotted_keys=kind == "meta")
+        else:
+            out[key] = _CHECKS[kind](value, src, key_path)
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read one config file (JSON when it ends in .json, else HCL) into a validated dict.
+
+    The dict uses the config's own key names; blocks become nested dicts, only keys that
+    the file sets are present, paths are made absolute and log levels upper-cased.
+    """
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=name) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory", file=name) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=name) from exc
+    src = _Source(name, text)
+    raw = _parse_json(src) if path.suffix.lower() == ".json" else _parse_hcl(src)
+    return _validate(raw, _SCHEMA, src, [])
+
+
+def _expand(files: Sequence[Path]) -> list[Path]:
+    """A directory stands for the .hcl and .json files directly inside it, by name."""
+    out: list[Path] = []
+    for f in files:
+        p = Path(f)
+        if p.is_dir():
+            out.extend(sorted(c for c in p.iterdir()
+                              if c.is_file() and c.suffix.lower() in (".hcl", ".json")))
+        else:
+            out.append(p)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def _dev_defaults() -> dict[str, Any]:
+    return {
+        "bind_addr": "127.0.0.1",
+        "log_level": "DEBUG",
+        "server": {"enabled": True},
+        "client": {"enabled": True},
+    }
+
+
+def _flag_overrides(flags: AgentFlags) -> dict[str, Any]:
+    src = _Source("command line", "")
+    over: dict[str, Any] = {}
+    if flags.data_dir is not None:
+        over["data_dir"] = _check_path(flags.data_dir, src, ["-data-dir"])
+    if flags.bind is not None:
+        over["bind_addr"] = _check_bind(flags.bind, src, ["-bind"])
+    if flags.log_level is not None:
+        over["log_level"] = _check_level(flags.log_level, src, ["-log-level"])
+    if flags.http_port is not None:
+        over["ports"] = {"http": _check_port(flags.http_port, src, ["-http-port"])}
+    if flags.acl_enabled is not None:
+        over["acl"] = {"enabled": flags.acl_enabled}
+    if flags.meta:
+        over["client"] = {"meta": _check_string_map(dict(flags.meta), src, ["-meta"],
+                                                    dotted_keys=True)}
+    return over
+
+
+def build_agent_config(files: Sequence[Path], flags: AgentFlags) -> AgentConfig:
+    """Merge defaults, dev defaults, the given files (directories expanded) and flags."""
+    merged: dict[str, Any] = _dev_defaults() if flags.dev else {}
+    for path in _expand(files):
+        merged = _merge(merged, load_config_file(path))
+    merged = _merge(merged, _flag_overrides(flags))
+
+    server = ServerConfig(**merged.get("server", {}))
+    client = ClientConfig(**merged.get("client", {}))
+    if not flags.dev:
+        if not (server.enabled or client.enabled):
+            raise ConfigError("must enable at least one of server or client "
+                              "(server { enabled = true } or client { enabled = true }), "
+                              "or run with -dev")
+        if not merged.get("data_dir"):
+            raise ConfigError("data_dir is required unless running with -dev "
+                              "(set data_dir in a config file or pass -data-dir)",
+                              key="data_dir")
+    top = {k: v for k, v in merged.items() if k not in ("ports", "server", "client", "acl")}
+    return AgentConfig(
+        **top,
+        ports=PortsConfig(**merged.get("ports", {})),
+        server=server,
+        client=client,
+        acl=ACLConfig(**merged.get("acl", {})),
+        dev_mode=flags.dev,
+    )
+
+
+def load_agent_config(flags: AgentFlags) -> AgentConfig:
+    """build_agent_config with the files named by the flags' ``-config`` options."""
+    return build_agent_config([Path(p) for p in flags.config_files], flags)
+
+
+# --------------------------------------------------------------------------------------
+# Flags
+
+
+def _agent_parser() -> GoArgumentParser:
+    p = GoArgumentParser("nomad-client agent", description="Run the agent.",
+                         usage="nomad-client agent [options]")
+    p.add_bool_flag("dev", help="run a development agent: server and client, temporary data dir")
+    p.add_flag("config", action="append", default=[], metavar="PATH",
+               help="config file or directory (repeatable; later ones win)")
+    p.add_flag("data-dir", metavar="PATH", help="directory for agent state")
+    p.add_flag("bind", metavar="ADDR", help="IP address to bind the HTTP API to")
+    p.add_bool_flag("acl-enabled", default=None, help="enable ACL enforcement")
+    p.add_flag("log-level", metavar="LEVEL", help="TRACE, DEBUG, INFO, WARN or ERROR")
+    p.add_flag("meta", action="append", default=[], metavar="KEY=VALUE",
+               help="client node metadata (repeatable)")
+    p.add_flag("http-port", metavar="PORT", help="HTTP API port (0 picks a free port)")
+    return p
+
+
+def agent_usage() -> str:
+    """Help text for the agent command."""
+    return _agent_parser().format_help()
+
+
+def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
+    """Parse ``agent`` command-line flags; bad flags raise ConfigError with usage attached.
+
+    ``-h``/``-help`` raises :class:`HelpRequested` (from the CLI flag helpers).
+    """
+    parser = _agent_parser()
+    try:
+        ns = parser.parse(list(argv))
+    except HelpRequested:
+        raise
+    except UsageError as exc:
+        raise ConfigError(f"{exc}\n{exc.usage}".rstrip()) from None
+    meta: dict[str, str] = {}
+    for item in ns.meta:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"-meta {item!r}: expected KEY=VALUE")
+        check_meta_key(key, lambda msg, k=key: ConfigError(msg, key=f"-meta {k}"))
+        meta[key] = value
+    port: int | None = None
+    if ns.http_port is not None:
+        try:
+            port = int(ns.http_port)
+        except ValueError:
+            raise ConfigError(f"-http-port: {ns.http_port!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"-http-port: port {port} out of range 0..65535")
+    return AgentFlags(
+        dev=bool(ns.dev),
+        config_files=tuple(ns.config),
+        data_dir=ns.data_dir,
+        bind=ns.bind,
+        acl_enabled=ns.acl_enabled,
+        log_level=ns.log_level,
+        meta=meta,
+        http_port=port,
+    )

@@ -1,0 +1,58 @@
+"""``nomad-client agent``: parse flags and config files, run the agent until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nomad_client.agent.agent import Agent
+from nomad_client.agent.config import (
+    AgentConfig,
+    ConfigError,
+    build_agent_config,
+    parse_agent_args,
+)
+
+LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
+              "WARN": logging.WARNING, "ERROR": logging.ERROR}
+
+
+def run_agent_command(argv: Sequence[str]) -> int:
+    try:
+        flags = parse_agent_args(argv)
+        config = build_agent_config([Path(f) for f in flags.config_files], flags)
+    except ConfigError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=LOG_LEVELS.get(config.log_level.upper(), logging.INFO),
+                        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(config: AgentConfig) -> int:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+    except OSError as err:
+        print(f"Error starting agent: {err}", file=sys.stderr)
+        return 1
+    mode = "dev mode" if config.dev_mode else "agent"
+    print(f"==> nomad-client {mode} started! HTTP API: http://{agent.http_addr} "
+          f"(data dir {agent.data_dir})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        print("==> shutting down", flush=True)
+        await agent.stop()
+    return 0

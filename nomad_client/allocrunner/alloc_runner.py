@@ -1,0 +1,236 @@
+"""The alloc runner: one per allocation on this node. It runs the alloc-level hooks around
+the allocation's task runners, derives the allocation's client status from its tasks, and
+reports changes through the callbacks the client gave it.
+
+Hook order is fixed here. To add a hook: write one class, add it to ``ALLOC_HOOKS`` or
+``TASK_HOOKS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+
+from nomad_client.allocrunner.alloc_dir_hook import AllocDirHook
+from nomad_client.allocrunner.hooks import (
+    AllocDestroyHook,
+    AllocHookDeps,
+    AllocPostrunHook,
+    AllocPrerunHook,
+    AllocUpdateHook,
+    TaskContext,
+    TaskLifecycleObserver,
+)
+from nomad_client.allocrunner.taskapi_hook import TaskAPIHook
+from nomad_client.allocrunner.taskrunner.identity_hook import IdentityHook
+from nomad_client.allocrunner.taskrunner.task_dir_hook import TaskDirHook
+from nomad_client.allocrunner.taskrunner.task_runner import TaskRunner
+from nomad_client.client.allocdir import AllocDir
+from nomad_client.client.drivers.base import Driver, TaskHandle
+from nomad_client.client.taskenv import NodeView
+from nomad_client.structs import models as m
+from nomad_client.structs.jobs import tasks as job_tasks
+from nomad_client.structs.models import Allocation, AllocUpdate, TaskEvent, TaskState
+
+if False:  # pragma: no cover - typing only
+    pass
+
+log = logging.getLogger(__name__)
+
+
+class AllocHookFactory(Protocol):
+    def __call__(self, deps: AllocHookDeps) -> object: ...
+
+
+# Registration order is run order.
+ALLOC_HOOKS: tuple[AllocHookFactory, ...] = (AllocDirHook, TaskAPIHook)
+TASK_HOOKS: tuple[Callable[[], object], ...] = (TaskDirHook, IdentityHook)
+
+
+@attrs.frozen
+class RestoredTask:
+    state: TaskState
+    handle: TaskHandle | None
+
+
+@attrs.frozen
+class AllocRunnerConfig:
+    alloc_dir_root: Path
+    driver_state_root: Path
+    drivers: Mapping[str, Driver]
+    node_view: Callable[[], NodeView]
+    router: Any  # Router | None; Any avoids an import cycle with the HTTP layer
+    host_env: Mapping[str, str]
+    persist_task: Callable[[str, str, TaskState, TaskHandle | None], Awaitable[None]]
+    report: Callable[[AllocUpdate], None]
+
+
+def client_status(states: Mapping[str, TaskState]) -> str:
+    values = list(states.values())
+    if not values or any(s.state == m.TASK_PENDING for s in values):
+        return m.ALLOC_PENDING
+    if all(s.state == m.TASK_DEAD for s in values):
+        return m.ALLOC_FAILED if any(s.failed for s in values) else m.ALLOC_COMPLETE
+    if any(s.failed for s in values):
+        return m.ALLOC_FAILED
+    return m.ALLOC_RUNNING
+
+
+class AllocRunner:
+    def __init__(self, alloc: Allocation, config: AllocRunnerConfig,
+                 restored: Mapping[str, RestoredTask] | None = None) -> None:
+        self.alloc = alloc
+        self.config = config
+        self.alloc_dir = AllocDir(config.alloc_dir_root, alloc.id)
+        self.log = log.getChild(alloc.id[:8])
+        deps = AllocHookDeps(alloc=alloc, alloc_dir=self.alloc_dir, router=config.router,
+                             log=self.log)
+        self.hooks = [factory(deps) for factory in ALLOC_HOOKS]
+        self._restored = dict(restored or {})
+        self.task_runners: dict[str, TaskRunner] = {}
+        self._main: asyncio.Task[None] | None = None
+        self._destroyed = False
+        self._setup_failure: str | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name=f"alloc-{self.alloc.id[:8]}")
+
+    async def wait(self) -> None:
+        if self._main is not None:
+            await asyncio.shield(self._main)
+
+    @property
+    def done(self) -> bool:
+        return self._main is not None and self._main.done()
+
+    async def _run(self) -> None:
+        self._create_task_runners()
+        if all(tr.finished for tr in self.task_runners.values()):
+            self._report()
+            return
+        try:
+            for hook in self.hooks:
+                if isinstance(hook, AllocPrerunHook):
+                    await hook.prerun()
+        except Exception as exc:
+            self.log.exception("alloc prerun failed")
+            self._fail_all(f"failed to setup alloc: {exc}")
+            return
+        if self.alloc.server_terminal():
+            self.kill("alloc not needed")
+        runners = [asyncio.create_task(self._run_task(tr), name=f"task-{tr.name}")
+                   for tr in self.task_runners.values()]
+        try:
+            await asyncio.gather(*runners)
+        except asyncio.CancelledError:
+            for t in runners:
+                t.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+            raise
+        for hook in self.hooks:
+            if isinstance(hook, AllocPostrunHook):
+                await _logged(self.log, hook.name, hook.postrun())
+        self._report()
+
+    async def _run_task(self, runner: TaskRunner) -> None:
+        await runner.run()
+        if runner.state.failed:
+            for sibling in self.task_runners.values():
+                if sibling is not runner and not sibling.finished:
+                    reason = f"Task's sibling {runner.name!r} failed"
+                    sibling.emit(TaskEvent(type=m.EVENT_SIBLING_FAILED, display_message=reason))
+                    sibling.kill(reason)
+
+    def _create_task_runners(self) -> None:
+        observers = [h for h in self.hooks if isinstance(h, TaskLifecycleObserver)]
+        for task in job_tasks(self.alloc.job, self.alloc.task_group):
+            name = task["Name"]
+            restored = self._restored.get(name)
+            driver = self.config.drivers.get(task["Driver"])
+            ctx = TaskContext(alloc=self.alloc, task=task, alloc_dir=self.alloc_dir,
+                              task_dir=self.alloc_dir.task_dir(name),
+                              node=self.config.node_view(), emit=lambda e: None,
+                              log=self.log)
+            runner = TaskRunner(
+                ctx=ctx, driver=driver, hooks=[h() for h in TASK_HOOKS],  # type: ignore[arg-type]
+                observers=observers, persist=self._persist_task, on_change=self._report,
+                driver_state_dir=self.config.driver_state_root / self.alloc.id / name,
+                host_env=self.config.host_env,
+                state=restored.state if restored else None,
+                handle=restored.handle if restored else None)
+            self.task_runners[name] = runner
+            if driver is None and not runner.finished:
+                runner.state = TaskState(state=m.TASK_DEAD, failed=True).with_event(TaskEvent(
+                    type=m.EVENT_DRIVER_FAILURE, fails_task=True,
+                    driver_error=f"missing driver {task['Driver']}",
+                    display_message=f"missing driver {task['Driver']}"))
+
+    def _fail_all(self, message: str) -> None:
+        self._setup_failure = message
+        for runner in self.task_runners.values():
+            runner.state = attrs.evolve(runner.state, state=m.TASK_DEAD).with_event(TaskEvent(
+                type=m.EVENT_SETUP_FAILURE, fails_task=True, setup_error=message,
+                display_message=message))
+        self._report()
+
+    async def _persist_task(self, runner: TaskRunner) -> None:
+        await self.config.persist_task(self.alloc.id, runner.name, runner.state, runner.handle)
+
+    def _report(self) -> None:
+        states = {name: tr.state for name, tr in self.task_runners.items()}
+        status = client_status(states)
+        self.config.report(AllocUpdate(id=self.alloc.id, client_status=status,
+                                       client_description=self._setup_failure or "",
+                                       task_states=states))
+
+    # ---- server-driven changes ---------------------------------------------------------
+    async def update(self, alloc: Allocation) -> None:
+        self.alloc = alloc
+        if alloc.server_terminal():
+            self.kill(alloc.desired_description or "alloc stopped")
+        for hook in self.hooks:
+            if isinstance(hook, AllocUpdateHook):
+                await _logged(self.log, hook.name, hook.update(alloc))
+        for runner in self.task_runners.values():
+            await runner.update(alloc)
+
+    def kill(self, reason: str) -> None:
+        for runner in self.task_runners.values():
+            runner.kill(reason)
+
+    async def destroy(self) -> None:
+        """Kill everything, wait, and remove the allocation's files."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self.kill("alloc destroyed")
+        if self._main is not None:
+            await asyncio.gather(self._main, return_exceptions=True)
+        for hook in self.hooks:
+            if isinstance(hook, AllocDestroyHook):
+                await _logged(self.log, hook.name, hook.destroy())
+
+    async def shutdown(self) -> None:
+        """Agent shutdown: stop watching, leave tasks running for the next agent."""
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
+        for hook in self.hooks:
+            shutdown = getattr(hook, "shutdown", None)
+            if shutdown is not None:
+                await _logged(self.log, hook.name, shutdown())
+
+
+async def _logged(logger: logging.Logger, name: str, coro: Awaitable[Any]) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("alloc hook %s failed", name)

@@ -1,0 +1,125 @@
+"""Alloc hook ``task_api``: one Task API listener per task of the allocation, at
+``<task>/secrets/api.sock``, feeding the agent's one router with a task-API listener context
+(which makes authentication mandatory and disables the anonymous policy).
+
+Lifecycle, per task:
+* ``task_starting`` (after prestart hooks, before the driver starts the process, on every
+  start): create the socket if the task has none; keep the existing listener across restarts
+  (same listener, no gap) unless the task deleted or replaced ``api.sock``, in which case a
+  fresh socket is put back.
+* ``task_stopped`` (the task is dead for good): close the listener and unlink the socket.
+* ``destroy`` / ``shutdown``: close every listener.
+
+Failures never fail the task or its siblings, but they are never silent either: the task gets
+a ``Task API unavailable: <reason>`` event and the agent logs the path and reason once. How
+the socket is created safely (ownership, mode, symlinks, long paths) lives in
+``nomad_client.client.secretsdir``; this hook only decides when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import attrs
+
+from nomad_client.allocrunner.hooks import AllocHookDeps, TaskContext
+from nomad_client.client.drivers.base import ExitResult
+from nomad_client.client.secretsdir import (
+    BoundSocket,
+    SecretsDirError,
+    create_task_socket,
+    remove_task_socket,
+    socket_owner_for,
+)
+from nomad_client.http.context import ListenerContext
+from nomad_client.http.listeners import Listener
+from nomad_client.structs.models import EVENT_HOOK_MESSAGE, TaskEvent
+
+SOCKET_NAME = "api.sock"
+PRIVATE_DIR = ".taskapi"
+
+
+@attrs.frozen
+class _TaskSocket:
+    listener: Listener
+    bound: BoundSocket
+    task_dir: Path
+
+
+class TaskAPIHook:
+    name = "task_api"
+
+    def __init__(self, deps: AllocHookDeps) -> None:
+        self._deps = deps
+        self._sockets: dict[str, _TaskSocket] = {}
+        self._private_dir = deps.alloc_dir.path / PRIVATE_DIR
+
+    # ---- task lifecycle ----------------------------------------------------------------
+    async def task_starting(self, ctx: TaskContext) -> None:
+        if self._deps.router is None:
+            return
+        current = self._sockets.get(ctx.name)
+        if current is not None:
+            if await asyncio.to_thread(_still_in_place, current):
+                return
+            await self._close(ctx.name)
+        try:
+            owner = socket_owner_for(ctx.user)
+            bound = await asyncio.to_thread(create_task_socket, ctx.task_dir.path,
+                                            private_dir=self._private_dir, owner=owner,
+                                            name=SOCKET_NAME)
+        except (SecretsDirError, OSError) as err:
+            reason = str(err) or type(err).__name__
+            path = ctx.task_dir.secrets_dir / SOCKET_NAME
+            self._deps.log.warning("Task API unavailable for task %s at %s: %s",
+                                   ctx.name, path, reason)
+            ctx.emit(TaskEvent(type=EVENT_HOOK_MESSAGE,
+                               message=f"Task API unavailable: {reason}",
+                               display_message=f"Task API unavailable: {reason}"))
+            return
+        listener_ctx = ListenerContext(name="task-api", task_api=True,
+                                       alloc_id=self._deps.alloc.id, task=ctx.name)
+        listener = Listener(self._deps.router, listener_ctx, bound.sock)
+        await listener.start()
+        self._sockets[ctx.name] = _TaskSocket(listener, bound, ctx.task_dir.path)
+
+    async def task_exited(self, ctx: TaskContext, result: ExitResult, will_restart: bool
+                          ) -> None:
+        return None  # the socket outlives restarts; task_stopped closes it
+
+    async def task_stopped(self, ctx: TaskContext) -> None:
+        await self._close(ctx.name)
+
+    # ---- alloc lifecycle ---------------------------------------------------------------
+    async def destroy(self) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for task in list(self._sockets):
+            await self._close(task)
+
+    def socket_path(self, task: str) -> str | None:
+        held = self._sockets.get(task)
+        return None if held is None else str(held.task_dir / "secrets" / SOCKET_NAME)
+
+    async def _close(self, task: str) -> None:
+        held = self._sockets.pop(task, None)
+        if held is None:
+            return
+        await held.listener.close()
+        try:
+            await asyncio.to_thread(remove_task_socket, held.task_dir, held.bound,
+                                    SOCKET_NAME)
+        except (SecretsDirError, OSError) as err:
+            self._deps.log.warning("could not remove Task API socket of %s: %s", task, err)
+
+
+def _still_in_place(held: _TaskSocket) -> bool:
+    """Is our socket inode still at secrets/api.sock (never following a planted link)?"""
+    try:
+        st = os.stat(held.task_dir / "secrets" / SOCKET_NAME, follow_symlinks=False)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (held.bound.st_dev, held.bound.st_ino)

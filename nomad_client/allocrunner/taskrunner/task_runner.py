@@ -1,0 +1,296 @@
+"""The task runner: drives one task through prestart -> start -> wait -> exited -> restart
+decision -> ... -> stop, recording task state and events, and persisting what an agent
+restart needs (state + driver handle).
+
+It owns ordering and error handling for its task hooks and calls the alloc-level lifecycle
+observers. It touches its driver, its hooks and the callbacks it was given — nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from nomad_client.allocrunner.hooks import (
+    HookError,
+    TaskContext,
+    TaskExitedHook,
+    TaskLifecycleObserver,
+    TaskPoststartHook,
+    TaskPreKillHook,
+    TaskPrestartHook,
+    TaskStopHook,
+    TaskUpdateHook,
+)
+from nomad_client.allocrunner.taskrunner.restarts import RestartDecision, RestartTracker
+from nomad_client.client.drivers.base import (
+    Driver,
+    DriverError,
+    ExitResult,
+    TaskConfig,
+    TaskHandle,
+)
+from nomad_client.client.taskenv import TaskEnvInput, build_task_env, interpolate_config
+from nomad_client.structs import models as m
+from nomad_client.structs.jobs import is_batch, task_group
+from nomad_client.structs.models import Allocation, TaskEvent, TaskState, rfc3339
+
+NS = 1_000_000_000
+
+Persist = Callable[["TaskRunner"], Awaitable[None]]
+
+
+class TaskRunner:
+    def __init__(self, *, ctx: TaskContext, driver: Driver, hooks: Sequence[object],
+                 observers: Sequence[TaskLifecycleObserver], persist: Persist,
+                 on_change: Callable[[], None], driver_state_dir: Path,
+                 host_env: Mapping[str, str], state: TaskState | None = None,
+                 handle: TaskHandle | None = None) -> None:
+        self.ctx = ctx
+        self.driver = driver
+        self.hooks = list(hooks)
+        self.observers = list(observers)
+        self.state = state or TaskState()
+        self.handle = handle
+        self._persist = persist
+        self._on_change = on_change
+        self._driver_state_dir = driver_state_dir
+        self._host_env = host_env
+        self._kill = asyncio.Event()
+        self._kill_reason = ""
+        group = task_group(ctx.alloc.job, ctx.alloc.task_group)
+        policy = ctx.task.get("RestartPolicy") or group.get("RestartPolicy") or {}
+        self.restarts = RestartTracker.from_policy(policy, batch=is_batch(ctx.alloc.job))
+        self.log = ctx.log
+        ctx.emit = self.emit
+
+    @property
+    def name(self) -> str:
+        return self.ctx.name
+
+    @property
+    def finished(self) -> bool:
+        return self.state.state == m.TASK_DEAD
+
+    # ---- state -------------------------------------------------------------------------
+    def emit(self, event: TaskEvent) -> None:
+        self.state = self.state.with_event(event)
+        self._on_change()
+
+    def _set_state(self, state: str, event: TaskEvent | None = None) -> None:
+        changes: dict[str, Any] = {"state": state}
+        if state == m.TASK_RUNNING and self.state.state != m.TASK_RUNNING:
+            changes["started_at"] = rfc3339()
+        if state == m.TASK_DEAD:
+            changes["finished_at"] = rfc3339()
+        self.state = attrs.evolve(self.state, **changes)
+        if event is not None:
+            self.state = self.state.with_event(event)
+        self._on_change()
+
+    def kill(self, reason: str = "") -> None:
+        self._kill_reason = reason
+        self._kill.set()
+
+    # ---- the run loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.finished:
+            return  # restored from state: this task already ran to completion
+        restoring = self.handle is not None
+        if not self.state.events:
+            self.emit(TaskEvent(type=m.EVENT_RECEIVED,
+                                display_message="Task received by client"))
+        while not self._kill.is_set():
+            decision = await self._run_once(restoring)
+            restoring = False
+            if decision is None:  # killed
+                break
+            if not decision.restart:
+                if decision.event_type == m.EVENT_NOT_RESTARTING:
+                    self.emit(TaskEvent(type=m.EVENT_NOT_RESTARTING, fails_task=decision.fails_task,
+                                        message=decision.reason,
+                                        display_message=decision.reason))
+                break
+            self.state = attrs.evolve(self.state, restarts=self.state.restarts + 1,
+                                      last_restart=rfc3339())
+            self._set_state(m.TASK_PENDING, TaskEvent(
+                type=m.EVENT_RESTARTING, restart_reason=decision.reason,
+                start_delay=int(decision.delay * NS),
+                display_message=f"Task restarting in {decision.delay:.3f}s"))
+            await self._persist(self)
+            if await self._wait_killed(decision.delay):
+                break
+        await self._finish()
+
+    async def _run_once(self, restoring: bool) -> RestartDecision | None:
+        try:
+            extra_env = await self._prestart()
+        except HookError as err:
+            self.emit(TaskEvent(type=m.EVENT_HOOK_FAILED, message=str(err),
+                                display_message=str(err), setup_error=str(err)))
+            return self.restarts.next(exit_ok=False, start_failed=True)
+        env = self._build_env(extra_env)
+        await self._notify("task_starting", self.ctx)
+        if restoring and self.handle is not None:
+            if not await self.driver.recover_task(self.handle):
+                self.emit(TaskEvent(type=m.EVENT_FAILED_RESTORING,
+                                    display_message="failed to restore task; restarting it"))
+                self.handle = None
+        if self.handle is None:
+            try:
+                self.handle = await self.driver.start_task(self._task_config(env))
+            except DriverError as err:
+                self.emit(TaskEvent(type=m.EVENT_DRIVER_FAILURE, driver_error=str(err),
+                                    display_message=f"Failed to start task: {err}"))
+                return self.restarts.next(exit_ok=False, start_failed=True,
+                                          recoverable=err.recoverable)
+            self._set_state(m.TASK_RUNNING, TaskEvent(type=m.EVENT_STARTED,
+                                                      display_message="Task started by client"))
+        else:
+            self._set_state(m.TASK_RUNNING)
+        await self._persist(self)
+        await self._run_hooks(TaskPoststartHook, "poststart", self.handle)
+
+        result = await self._wait_or_kill(self.handle)
+        if result is None:
+            await self._kill_task(self.handle)
+            return None
+        self.handle = None
+        self.emit(TaskEvent(type=m.EVENT_TERMINATED, exit_code=result.exit_code,
+                            signal=result.signal, message=result.err or "",
+                            display_message=_exit_message(result)))
+        await self._persist(self)
+        await self._run_hooks(TaskExitedHook, "exited", result)
+        decision = self.restarts.next(exit_ok=result.successful)
+        await self._notify("task_exited", self.ctx, result, decision.restart)
+        return decision
+
+    async def _prestart(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for hook in self.hooks:
+            if isinstance(hook, TaskPrestartHook):
+                try:
+                    env.update(await hook.prestart(self.ctx))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    raise HookError(hook.name, exc) from exc
+        return env
+
+    async def _wait_or_kill(self, handle: TaskHandle) -> ExitResult | None:
+        waiter = asyncio.ensure_future(self.driver.wait_task(handle))
+        killer = asyncio.ensure_future(self._kill.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, killer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (waiter, killer):
+                if not fut.done():
+                    fut.cancel()
+            await asyncio.gather(waiter, killer, return_exceptions=True)
+        if waiter in done and not waiter.cancelled() and waiter.exception() is None:
+            return waiter.result()
+        if waiter in done and waiter.exception() is not None:
+            return ExitResult(exit_code=-1, err=str(waiter.exception()))
+        return None
+
+    async def _wait_killed(self, delay: float) -> bool:
+        try:
+            await asyncio.wait_for(self._kill.wait(), delay)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _kill_task(self, handle: TaskHandle) -> None:
+        await self._run_hooks(TaskPreKillHook, "prekill")
+        timeout = self.ctx.task.get("KillTimeout", 5 * NS) / NS
+        self.emit(TaskEvent(type=m.EVENT_KILLING, kill_timeout=int(timeout * NS),
+                            kill_reason=self._kill_reason,
+                            display_message=self._kill_reason or
+                            f"Sent interrupt. Waiting {timeout:g}s before force killing"))
+        try:
+            await self.driver.stop_task(handle, timeout)
+        except DriverError as err:
+            self.log.warning("task %s: stop failed: %s", self.name, err)
+        await self.driver.destroy_task(handle)
+        self.handle = None
+        self.emit(TaskEvent(type=m.EVENT_KILLED, display_message="Task successfully killed"))
+
+    async def _finish(self) -> None:
+        self._set_state(m.TASK_DEAD)
+        await self._persist(self)
+        await self._run_hooks(TaskStopHook, "stop")
+        await self._notify("task_stopped", self.ctx)
+
+    async def update(self, alloc: Allocation) -> None:
+        self.ctx.alloc = alloc
+        await self._run_hooks(TaskUpdateHook, "update", alloc)
+
+    # ---- helpers -----------------------------------------------------------------------
+    async def _run_hooks(self, kind: type, method: str, *args: Any) -> None:
+        """Non-prestart phases: every hook runs; failures are logged, not fatal."""
+        for hook in self.hooks:
+            if isinstance(hook, kind):
+                try:
+                    await getattr(hook, method)(self.ctx, *args)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.log.exception("task %s: %s hook %s failed", self.name, method,
+                                       getattr(hook, "name", hook))
+
+    async def _notify(self, method: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                await getattr(observer, method)(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("task %s: observer %s.%s failed", self.name,
+                                   observer.name, method)
+
+    def _build_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
+        alloc, task, td = self.ctx.alloc, self.ctx.task, self.ctx.task_dir
+        job = alloc.job
+        group = task_group(job, alloc.task_group)
+        resources = task.get("Resources") or {}
+        inp = TaskEnvInput(
+            alloc_id=alloc.id, alloc_name=alloc.name, alloc_index=alloc.index,
+            job_id=alloc.job_id, job_name=job.get("Name") or alloc.job_id,
+            group=alloc.task_group, task=self.name, namespace=alloc.namespace,
+            region=job.get("Region") or "global", datacenter=self.ctx.node.datacenter,
+            alloc_dir=str(self.ctx.alloc_dir.shared_dir), task_dir=str(td.local_dir),
+            secrets_dir=str(td.secrets_dir), job_meta=job.get("Meta") or {},
+            group_meta=group.get("Meta") or {}, task_meta=task.get("Meta") or {},
+            task_env=task.get("Env") or {}, cpu_mhz=int(resources.get("CPU") or 0),
+            memory_mb=int(resources.get("MemoryMB") or 0), extra_env=extra_env)
+        return build_task_env(inp, self.ctx.node, self._host_env)
+
+    def _task_config(self, env: Mapping[str, str]) -> TaskConfig:
+        td, task = self.ctx.task_dir, self.ctx.task
+        logs = self.ctx.alloc_dir.logs_dir
+        return TaskConfig(
+            alloc_id=self.ctx.alloc.id, task=self.name,
+            driver_config=interpolate_config(task.get("Config") or {}, env, self.ctx.node),
+            env=env, task_dir=td.path, user=self.ctx.user,
+            stdout_path=logs / f"{self.name}.stdout.0",
+            stderr_path=logs / f"{self.name}.stderr.0",
+            kill_timeout=task.get("KillTimeout", 5 * NS) / NS,
+            state_dir=self._driver_state_dir)
+
+
+def _exit_message(result: ExitResult) -> str:
+    text = f"Exit Code: {result.exit_code}"
+    if result.signal:
+        text += f", Signal: {result.signal}"
+    if result.err:
+        text += f', Exit Message: "{result.err}"'
+    return text
+
+
+def host_environment() -> dict[str, str]:
+    return dict(os.environ)

@@ -1,0 +1,330 @@
+"""The project's own asynchronous HTTP API client (aiohttp), for http:// and unix:// agents.
+
+It talks to one agent address and touches nothing else, except that for a Unix socket
+whose path is too long for ``sun_path`` it holds an ``O_PATH`` descriptor on the socket's
+directory (closed by :meth:`ApiClient.close`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json as jsonlib
+import os
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import attrs
+
+DEFAULT_ADDRESS = "http://127.0.0.1:4646"
+# sun_path holds 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
+
+
+class ApiError(Exception):
+    """The agent answered with an HTTP status >= 400."""
+
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        self.body = body
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"Unexpected response code: {self.status} ({self.body})"
+
+
+class ApiConnectionError(Exception):
+    """The agent could not be reached; str() names the method, URL and dial target."""
+
+    def __init__(self, method: str, url: str, target: str, reason: str) -> None:
+        self.method = method
+        self.url = url
+        self.target = target
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f'{self.method.capitalize()} "{self.url}": dial {self.target}: {self.reason}'
+
+
+@attrs.frozen
+class ApiResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body decoded as JSON (None for an empty body)."""
+        if not self.body:
+            return None
+        return jsonlib.loads(self.body)
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    @property
+    def index(self) -> int:
+        """X-Nomad-Index as an int (0 when absent or malformed)."""
+        try:
+            return int(self.headers.get("X-Nomad-Index", "0"))
+        except ValueError:
+            return 0
+
+
+def _seg(value: str) -> str:
+    """Escape one path segment (IDs may contain '/', which must not split the path)."""
+    return quote(value, safe="")
+
+
+def _encode_params(params: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            out.append((key, ("true" if v else "false") if isinstance(v, bool) else str(v)))
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    """A Go-like reason text for a connection failure."""
+    err = exc
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    if isinstance(err, OSError) and err.errno is not None:
+        text = os.strerror(err.errno).lower()
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EACCES):
+            return f"connect: {text}"
+        return text
+    return str(exc) or type(exc).__name__
+
+
+class ApiClient:
+    """An async client for one agent.
+
+    ``address``: argument, else ``$NOMAD_ADDR``, else ``http://127.0.0.1:4646``; accepts
+    ``http://host:port``, ``https://host:port`` and ``unix:///abs/path/api.sock``.
+    ``token``: argument, else ``$NOMAD_TOKEN``; sent as ``X-Nomad-Token``.
+    """
+
+    def __init__(self, address: str | None = None, token: str | None = None, *,
+                 timeout: float = 60.0) -> None:
+        address = address or os.environ.get("NOMAD_ADDR") or DEFAULT_ADDRESS
+        token = token if token is not None else os.environ.get("NOMAD_TOKEN")
+        self.address = address.rstrip("/")
+        self.token = token or None
+        self.timeout = timeout
+        self._socket_path: str | None = None
+        if self.address.startswith("unix://"):
+            path = self.address[len("unix://"):]
+            if not path.startswith("/"):
+                raise ValueError(f"unix address must name an absolute path: {address!r}")
+            self._socket_path = path
+            # The Host header a Unix-socket agent sees.
+            self._base = "http://localhost"
+        else:
+            if "://" not in self.address:
+                self.address = "http://" + self.address
+            parts = urlsplit(self.address)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"unsupported agent address {address!r} "
+                                 "(want http://host:port or unix:///path)")
+            self._base = self.address
+        self._session: aiohttp.ClientSession | None = None
+        self._dir_fd: int | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session and any directory descriptor held for a long socket path."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def _dial_target(self) -> str:
+        if self._socket_path is not None:
+            return f"unix {self._socket_path}"
+        parts = urlsplit(self.address)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"tcp {parts.hostname}:{port}"
+
+    def _connect_path(self) -> str:
+        """The path to connect to; long paths go through /proc/self/fd/<dirfd>/<name>."""
+        assert self._socket_path is not None
+        if len(os.fsencode(self._socket_path)) <= _SUN_PATH_MAX:
+            return self._socket_path
+        directory, name = os.path.split(self._socket_path)
+        if self._dir_fd is None:
+            # O_PATH: we only need a handle to name the directory, not to read it.
+            self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        short = f"/proc/self/fd/{self._dir_fd}/{name}"
+        if len(os.fsencode(short)) > _SUN_PATH_MAX:
+            raise ValueError(f"socket file name too long: {name!r}")
+        return short
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector: aiohttp.BaseConnector
+            if self._socket_path is not None:
+                connector = aiohttp.UnixConnector(path=self._connect_path())
+            else:
+                connector = aiohttp.TCPConnector()
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                auto_decompress=True,
+            )
+        return self._session
+
+    # -- raw requests -----------------------------------------------------------------
+
+    async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                      json: Any = None, data: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> ApiResponse:
+        """Send one request; never raises for an HTTP status (see ApiResponse.status).
+
+        Raises ApiConnectionError when the agent cannot be reached or the request times out.
+        """
+        if not path.startswith("/"):
+            path = "/" + path
+        url = self._base + path
+        hdrs: dict[str, str] = {}
+        if self.token:
+            hdrs["X-Nomad-Token"] = self.token
+        body: bytes | None = data
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        try:
+            session = self._get_session()
+            async with session.request(method, url, params=_encode_params(params),
+                                       data=body, headers=hdrs) as resp:
+                payload = await resp.read()
+                return ApiResponse(status=resp.status, headers=dict(resp.headers),
+                                   body=payload)
+        except TimeoutError as exc:
+            raise ApiConnectionError(method, url, self._dial_target(),
+                                     "i/o timeout") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiConnectionError(method, url, self._dial_target(), _reason(exc)) from exc
+
+    async def _checked(self, method: str, path: str, **kwargs: Any) -> ApiResponse:
+        resp = await self.request(method, path, **kwargs)
+        if resp.status >= 400:
+            raise ApiError(resp.status, resp.text())
+        return resp
+
+    async def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        return (await self._checked("GET", path, params=params)).json()
+
+    async def put(self, path: str, json: Any = None,
+                  params: Mapping[str, Any] | None = None) -> Any:
+        return (await self._checked("PUT", path, json=json, params=params)).json()
+
+    async def post(self, path: str, json: Any = None,
+                   params: Mapping[str, Any] | None = None) -> Any:
+        return (await self._checked("POST", path, json=json, params=params)).json()
+
+    async def delete(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        return (await self._checked("DELETE", path, params=params)).json()
+
+    async def get_bytes(self, path: str, params: Mapping[str, Any] | None = None) -> bytes:
+        return (await self._checked("GET", path, params=params)).body
+
+    async def get_blocking(self, path: str, index: int, wait: str = "5s",
+                           params: Mapping[str, Any] | None = None) -> tuple[Any, int]:
+        """A blocking query: returns (body, X-Nomad-Index) once the index passes ``index``
+        or the wait runs out."""
+        query = dict(params or {})
+        if index > 0:
+            query.update(index=index, wait=wait)
+        resp = await self._checked("GET", path, params=query)
+        return resp.json(), resp.index
+
+    # -- convenience ------------------------------------------------------------------
+
+    async def agent_self(self) -> Any:
+        return await self.get("/v1/agent/self")
+
+    async def agent_health(self) -> Any:
+        return await self.get("/v1/agent/health")
+
+    async def status_leader(self) -> Any:
+        return await self.get("/v1/status/leader")
+
+    async def jobs_list(self, prefix: str | None = None) -> Any:
+        return await self.get("/v1/jobs", {"prefix": prefix})
+
+    async def job_get(self, job_id: str) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}")
+
+    async def job_summary(self, job_id: str) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/summary")
+
+    async def job_register(self, job: Mapping[str, Any]) -> Any:
+        return await self.post("/v1/jobs", {"Job": job})
+
+    async def job_deregister(self, job_id: str, purge: bool = False) -> Any:
+        return await self.delete(f"/v1/job/{_seg(job_id)}", {"purge": purge or None})
+
+    async def jobs_parse(self, hcl: str, variables: str = "", canonicalize: bool = True) -> Any:
+        return await self.post("/v1/jobs/parse", {"JobHCL": hcl, "Variables": variables,
+                                                  "Canonicalize": canonicalize})
+
+    async def job_allocations(self, job_id: str) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/allocations")
+
+    async def job_evaluations(self, job_id: str) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/evaluations")
+
+    async def evaluation_get(self, eval_id: str) -> Any:
+        return await self.get(f"/v1/evaluation/{_seg(eval_id)}")
+
+    async def allocations_list(self, prefix: str | None = None) -> Any:
+        return await self.get("/v1/allocations", {"prefix": prefix})
+
+    async def allocation_get(self, alloc_id: str) -> Any:
+        return await self.get(f"/v1/allocation/{_seg(alloc_id)}")
+
+    async def nodes_list(self, prefix: str | None = None, filter: str | None = None) -> Any:
+        return await self.get("/v1/nodes", {"prefix": prefix, "filter": filter})
+
+    async def node_get(self, node_id: str) -> Any:
+        return await self.get(f"/v1/node/{_seg(node_id)}")
+
+    async def client_metadata_read(self, node_id: str | None = None) -> Any:
+        return await self.get("/v1/client/metadata", {"node_id": node_id or None})
+
+    async def client_metadata_apply(self, meta: Mapping[str, str | None],
+                                    node_id: str | None = None) -> Any:
+        return await self.post("/v1/client/metadata", {"Meta": dict(meta)},
+                               {"node_id": node_id or None})
+
+    async def fs_ls(self, alloc_id: str, path: str = "/") -> Any:
+        return await self.get(f"/v1/client/fs/ls/{_seg(alloc_id)}", {"path": path})
+
+    async def fs_stat(self, alloc_id: str, path: str) -> Any:
+        return await self.get(f"/v1/client/fs/stat/{_seg(alloc_id)}", {"path": path})
+
+    async def fs_cat(self, alloc_id: str, path: str) -> bytes:
+        return await self.get_bytes(f"/v1/client/fs/cat/{_seg(alloc_id)}", {"path": path})
+
+    async def alloc_logs(self, alloc_id: str, task: str, stderr: bool = False) -> bytes:
+        return await self.get_bytes(
+            f"/v1/client/fs/logs/{_seg(alloc_id)}",
+            {"task": task, "type": "stderr" if stderr else "stdout", "plain": "true"},
+        )

@@ -1,0 +1,100 @@
+"""Plumbing shared by CLI commands: global API flags, running a command against the agent,
+turning API failures into one-line errors, and resolving ID prefixes.
+
+Commands write to stdout/stderr; this module only adds the connection handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from nomad_client.api import ApiClient, ApiConnectionError, ApiError
+from nomad_client.cli import format as fmt
+from nomad_client.cli.goflags import GoArgumentParser
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr with exit code 1."""
+
+
+def command_parser(prog: str, usage: str, description: str) -> GoArgumentParser:
+    """A parser for one command, with the global -address/-token flags already added."""
+    p = GoArgumentParser(f"nomad-client {prog}", description=description,
+                         usage=f"nomad-client {usage}")
+    p.add_flag("address", metavar="ADDR",
+               help="agent address (default: $NOMAD_ADDR or http://127.0.0.1:4646)")
+    p.add_flag("token", metavar="TOKEN", help="ACL token (default: $NOMAD_TOKEN)")
+    return p
+
+
+def make_client(ns: argparse.Namespace) -> ApiClient:
+    try:
+        return ApiClient(ns.address or None, ns.token)
+    except ValueError as exc:
+        raise CommandError(f"Error initializing client: {exc}") from None
+
+
+def run_with_client(ns: argparse.Namespace,
+                    body: Callable[[ApiClient], Awaitable[int]]) -> int:
+    """Run ``body(client)`` on a fresh event loop; the client is always closed."""
+    client = make_client(ns)
+
+    async def _go() -> int:
+        async with client:
+            return await body(client)
+
+    return asyncio.run(_go())
+
+
+@contextmanager
+def reporting(what: str) -> Iterator[None]:
+    """Turn API and connection failures into ``CommandError("<what>: <reason>")``."""
+    try:
+        yield
+    except (ApiError, ApiConnectionError) as exc:
+        raise CommandError(f"{what}: {exc}") from None
+
+
+def out(text: str = "") -> None:
+    print(text, file=sys.stdout)
+
+
+def write_bytes(data: bytes) -> None:
+    """Raw bytes to stdout (file contents and logs are not necessarily text)."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(data.decode("utf-8", errors="replace"))
+    else:
+        buffer.write(data)
+        buffer.flush()
+
+
+def require_args(ns_args: Sequence[str], low: int, high: int, usage: str) -> None:
+    if not low <= len(ns_args) <= high:
+        want = f"{low}" if low == high else f"{low} to {high}"
+        raise CommandError(f"This command takes {want} argument(s): {usage}")
+
+
+async def resolve_prefix(list_call: Awaitable[Any], ident: str, kind: str, plural: str,
+                         render_many: Callable[[list[dict[str, Any]]], str]) -> str:
+    """Resolve an ID prefix with a ``?prefix=`` list call to exactly one full ID."""
+    items = await list_call
+    items = items or []
+    for item in items:
+        if item.get("ID") == ident:
+            return ident
+    if not items:
+        raise CommandError(f'No {kind}(s) with prefix or id "{ident}" found')
+    if len(items) > 1:
+        raise CommandError(f"Prefix matched multiple {plural}\n\n{render_many(items)}")
+    return str(items[0]["ID"])
+
+
+def short(value: str | None, verbose: bool) -> str:
+    return fmt.short_id(value, verbose)

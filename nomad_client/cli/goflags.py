@@ -1,0 +1,98 @@
+"""Go-style command-line flags on top of argparse.
+
+Nomad's tools take long flags with a single dash (``-address=X``, ``-detach``) and boolean
+flags that may carry an explicit value (``-purge=false``).  This module adapts argparse to
+that convention (a double dash is accepted too) and turns every parse failure into a
+:class:`UsageError` instead of printing and exiting, so callers decide how to report it.
+It touches nothing outside the arguments it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+_TRUE = {"1", "t", "true", "TRUE", "True"}
+_FALSE = {"0", "f", "false", "FALSE", "False"}
+
+
+class UsageError(Exception):
+    """Bad command-line usage; str() is the message, ``usage`` the command's usage text."""
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class HelpRequested(Exception):
+    """Raised when ``-h``/``-help`` is given; carries the full help text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def parse_bool(value: str) -> bool:
+    """Parse a boolean the way Go's strconv.ParseBool does."""
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
+
+
+class _GoHelpFormatter(argparse.HelpFormatter):
+    """Shows each flag once, single-dash, and boolean flags without a value placeholder."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        name = action.option_strings[0] if action.option_strings[0] != "-h" else "-help"
+        if action.nargs in (0, "?"):
+            return name
+        return f"{name}={self._metavar_formatter(action, action.dest.upper())(1)[0]}"
+
+
+class GoArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that speaks Go-style flags and raises instead of exiting."""
+
+    def __init__(self, prog: str, description: str = "", **kwargs: Any) -> None:
+        # Abbreviations would let "-d" silently mean "-detach"; Go never does that.
+        super().__init__(
+            prog=prog, description=description, add_help=False, allow_abbrev=False,
+            formatter_class=_GoHelpFormatter, **kwargs
+        )
+        self._bool_flags: set[str] = set()
+        super().add_argument("-h", "-help", "--help", action="store_true", dest="_help",
+                             help="show this help")
+
+    def add_flag(self, name: str, **kwargs: Any) -> argparse.Action:
+        """Add ``-name`` (also ``--name``); dest defaults to name with dashes as underscores."""
+        kwargs.setdefault("dest", name.replace("-", "_"))
+        return super().add_argument(f"-{name}", f"--{name}", **kwargs)
+
+    def add_bool_flag(self, name: str, *, default: bool | None = False, help: str = "",
+                      dest: str | None = None) -> argparse.Action:
+        """Add a boolean flag usable as ``-name``, ``-name=true`` or ``-name=false``."""
+        self._bool_flags.update({f"-{name}", f"--{name}"})
+        return super().add_argument(
+            f"-{name}", f"--{name}", dest=dest or name.replace("-", "_"), nargs="?",
+            const=True, default=default, type=parse_bool, help=help,
+        )
+
+    def parse(self, argv: Sequence[str]) -> argparse.Namespace:
+        """Parse argv; raise HelpRequested or UsageError rather than exiting."""
+        # A bare boolean flag must never swallow the next word as its value.
+        normalized = [f"{arg}=true" if arg in self._bool_flags else arg for arg in argv]
+        ns = self.parse_args(normalized)
+        if ns._help:
+            raise HelpRequested(self.format_help())
+        del ns._help
+        return ns
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.format_usage())
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError(message or f"exit status {status}", self.format_usage())

@@ -1,0 +1,301 @@
+"""The client: fingerprints and registers this node, watches the server for the node's
+allocations, runs one alloc runner per allocation, reports their state back, and keeps the
+node's dynamic metadata.
+
+It reaches the server only through ``ServerRPC``; it persists what an agent restart needs
+(node identity, dynamic metadata, allocations, task states and driver handles) in its own
+``StateDB``. Every background task it starts is owned here and cancelled on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from nomad_client.allocrunner.alloc_runner import AllocRunner, AllocRunnerConfig, RestoredTask
+from nomad_client.client.allocdir import AllocDir
+from nomad_client.client.drivers import builtin_drivers
+from nomad_client.client.drivers.base import Driver, TaskHandle
+from nomad_client.client.fingerprint import fingerprint_node
+from nomad_client.client.servers import ServerRPC
+from nomad_client.client.state_db import StateDB
+from nomad_client.client.taskenv import NodeView
+from nomad_client.structs.codec import from_rpc, to_rpc
+from nomad_client.structs.models import (
+    NODE_READY,
+    Allocation,
+    AllocUpdate,
+    DriverInfo,
+    Node,
+    TaskState,
+    rfc3339,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 10.0
+WATCH_WAIT = 30.0
+NODE_UPDATE_COALESCE = 0.1  # dynamic metadata reaches the servers well within a second
+REPORT_COALESCE = 0.05
+
+B_NODE, B_META, B_ALLOCS, B_TASKS = "node", "nodemeta", "allocs", "tasks"
+
+
+@attrs.frozen
+class ClientSettings:
+    data_dir: Path
+    alloc_dir: Path
+    state_dir: Path
+    name: str
+    datacenter: str
+    region: str
+    http_addr: str
+    static_meta: Mapping[str, str]
+    node_class: str = ""
+
+
+class Client:
+    def __init__(self, settings: ClientSettings, rpc: ServerRPC, db: StateDB,
+                 router: Any, drivers: Mapping[str, Driver] | None = None) -> None:
+        self.settings = settings
+        self.rpc = rpc
+        self.db = db
+        self.router = router
+        self.drivers = dict(drivers or builtin_drivers())
+        self.node_id = ""
+        self._secret_id = ""
+        self._node: Node | None = None
+        self._dynamic: dict[str, str | None] = {}
+        self._meta_lock = asyncio.Lock()
+        self.runners: dict[str, AllocRunner] = {}
+        self._pending_reports: dict[str, AllocUpdate] = {}
+        self._report_wakeup = asyncio.Event()
+        self._node_dirty = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self._registered = False
+
+    # ---- startup -----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._load_identity()
+        self._dynamic = dict(await self.db.get(B_META, "meta") or {})
+        self._dynamic = {k: v for k, v in self._dynamic.items()
+                         if v is not None or k in self.settings.static_meta}
+        await self.db.put(B_META, "meta", self._dynamic)
+        self._node = await self._build_node()
+        await self.rpc.node_register(self._node)
+        self._registered = True
+        await self._restore_allocs()
+        for name, coro in (("watch-allocs", self._watch_allocs()),
+                           ("heartbeat", self._heartbeat()),
+                           ("node-updates", self._node_updates()),
+                           ("alloc-reports", self._alloc_reports())):
+            self._background.append(asyncio.create_task(coro, name=name))
+
+    async def _load_identity(self) -> None:
+        ident = await self.db.get(B_NODE, "identity")
+        if not ident:
+            ident = {"id": str(uuid.uuid4()), "secret": str(uuid.uuid4())}
+            await self.db.put(B_NODE, "identity", ident)
+        self.node_id, self._secret_id = ident["id"], ident["secret"]
+
+    async def _build_node(self) -> Node:
+        s = self.settings
+        fp = await asyncio.to_thread(fingerprint_node, self.drivers, name=s.name,
+                                     datacenter=s.datacenter, region=s.region)
+        drivers = {name: DriverInfo(detected=d["Detected"], healthy=d["Healthy"],
+                                    health_description=d.get("HealthDescription", ""),
+                                    attributes=dict(d.get("Attributes") or {}),
+                                    update_time=rfc3339())
+                   for name, d in fp["Drivers"].items()}
+        return Node(id=self.node_id, secret_id=self._secret_id, name=s.name,
+                    datacenter=s.datacenter, http_addr=s.http_addr, node_class=s.node_class,
+                    attributes=dict(fp["Attributes"]), meta=self._merged_meta(),
+                    drivers=drivers, node_resources=dict(fp.get("NodeResources") or {}),
+                    status=NODE_READY)
+
+    # ---- metadata ----------------------------------------------------------------------
+    def _merged_meta(self) -> dict[str, str]:
+        meta = dict(self.settings.static_meta)
+        for key, value in self._dynamic.items():
+            if value is None:
+                meta.pop(key, None)
+            else:
+                meta[key] = value
+        return meta
+
+    def metadata(self) -> dict[str, Any]:
+        return {"Meta": self._merged_meta(), "Dynamic": dict(self._dynamic),
+                "Static": dict(self.settings.static_meta)}
+
+    async def apply_metadata(self, meta: Mapping[str, str | None]) -> dict[str, Any]:
+        async with self._meta_lock:
+            dynamic = {**self._dynamic, **meta}
+            for key, value in meta.items():
+                if value is None and key not in self.settings.static_meta:
+                    dynamic.pop(key, None)  # unsetting a purely dynamic key forgets it
+            # Persist first: if the write fails nothing in memory has changed.
+            await self.db.put(B_META, "meta", dynamic)
+            self._dynamic = dynamic
+            assert self._node is not None
+            self._node = attrs.evolve(self._node, meta=self._merged_meta())
+            self._node_dirty.set()
+            return self.metadata()
+
+    def node_view(self) -> NodeView:
+        node = self._node
+        assert node is not None
+        return NodeView(id=node.id, name=node.name, datacenter=node.datacenter,
+                        region=self.settings.region, node_class=node.node_class,
+                        pool=node.node_pool, attributes=node.attributes, meta=node.meta)
+
+    def healthy(self) -> tuple[bool, str]:
+        return (True, "ok") if self._registered else (False, "no known servers")
+
+    def alloc_dir_for(self, alloc_id: str) -> AllocDir | None:
+        runner = self.runners.get(alloc_id)
+        return runner.alloc_dir if runner is not None else None
+
+    # ---- allocations -------------------------------------------------------------------
+    def _runner_config(self) -> AllocRunnerConfig:
+        return AllocRunnerConfig(
+            alloc_dir_root=self.settings.alloc_dir,
+            driver_state_root=self.settings.state_dir / "tasks",
+            drivers=self.drivers, node_view=self.node_view, router=self.router,
+            host_env=dict(os.environ), persist_task=self._persist_task,
+            report=self._queue_report)
+
+    async def _persist_task(self, alloc_id: str, task: str, state: TaskState,
+                            handle: TaskHandle | None) -> None:
+        await self.db.put(B_TASKS, f"{alloc_id}/{task}", {
+            "state": to_rpc(state), "handle": handle.to_dict() if handle else None})
+
+    async def _restore_allocs(self) -> None:
+        tasks: dict[str, dict[str, RestoredTask]] = {}
+        for key, raw in await self.db.items(B_TASKS):
+            alloc_id, _, task = key.partition("/")
+            handle = TaskHandle.from_dict(raw["handle"]) if raw.get("handle") else None
+            tasks.setdefault(alloc_id, {})[task] = RestoredTask(
+                from_rpc(raw["state"], TaskState), handle)
+        for alloc_id, raw in await self.db.items(B_ALLOCS):
+            alloc = from_rpc(raw, Allocation)
+            log.info("restoring allocation %s", alloc_id)
+            self._start_runner(alloc, tasks.get(alloc_id, {}))
+
+    def _start_runner(self, alloc: Allocation,
+                      restored: Mapping[str, RestoredTask] | None = None) -> None:
+        runner = AllocRunner(alloc, self._runner_config(), restored)
+        self.runners[alloc.id] = runner
+        runner.start()
+
+    async def _watch_allocs(self) -> None:
+        index = 0
+        known: dict[str, int] = {}
+        while True:
+            try:
+                allocs, index = await self.rpc.node_get_client_allocs(self.node_id, index,
+                                                                      WATCH_WAIT)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("watching allocations failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            changed = [a for a, idx in allocs.items() if known.get(a) != idx]
+            for alloc in await self.rpc.alloc_get_allocs(changed) if changed else []:
+                await self._apply_alloc(alloc)
+            for gone in set(self.runners) - set(allocs):
+                await self._gc(gone)
+            known = allocs
+
+    async def _apply_alloc(self, alloc: Allocation) -> None:
+        runner = self.runners.get(alloc.id)
+        await self.db.put(B_ALLOCS, alloc.id, to_rpc(alloc))
+        if runner is None:
+            if alloc.terminal():
+                return
+            self._start_runner(alloc)
+        else:
+            await runner.update(alloc)
+
+    async def _gc(self, alloc_id: str) -> None:
+        runner = self.runners.pop(alloc_id)
+        await runner.destroy()
+        await self.db.delete(B_ALLOCS, alloc_id)
+        await self.db.delete_prefix(B_TASKS, f"{alloc_id}/")
+
+    def _queue_report(self, update: AllocUpdate) -> None:
+        self._pending_reports[update.id] = update
+        self._report_wakeup.set()
+
+    async def _alloc_reports(self) -> None:
+        while True:
+            await self._report_wakeup.wait()
+            await asyncio.sleep(REPORT_COALESCE)
+            self._report_wakeup.clear()
+            batch, self._pending_reports = list(self._pending_reports.values()), {}
+            try:
+                await self.rpc.node_update_alloc(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reporting allocation state failed; will retry")
+                for update in batch:
+                    self._pending_reports.setdefault(update.id, update)
+                self._report_wakeup.set()
+                await asyncio.sleep(1)
+
+    async def flush_reports(self) -> None:
+        if self._pending_reports:
+            batch, self._pending_reports = list(self._pending_reports.values()), {}
+            await self.rpc.node_update_alloc(batch)
+
+    # ---- node ---------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self.rpc.node_update_status(self.node_id, NODE_READY)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat failed")
+
+    async def _node_updates(self) -> None:
+        while True:
+            await self._node_dirty.wait()
+            await asyncio.sleep(NODE_UPDATE_COALESCE)
+            self._node_dirty.clear()
+            assert self._node is not None
+            try:
+                await self.rpc.node_register(self._node)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("node update failed; will retry")
+                self._node_dirty.set()
+                await asyncio.sleep(1)
+
+    # ---- shutdown -----------------------------------------------------------------------
+    async def shutdown(self, *, stop_tasks: bool) -> None:
+        """Stop the client. With ``stop_tasks`` (dev mode) every task is killed and its
+        files removed; otherwise tasks keep running for the next agent to reattach."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        runners = list(self.runners.values())
+        if stop_tasks:
+            await asyncio.gather(*(r.destroy() for r in runners), return_exceptions=True)
+        else:
+            await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        try:
+            await self.flush_reports()
+        except Exception:
+            log.debug("final report failed", exc_info=True)

@@ -1,0 +1,291 @@
+"""The raw_exec executor: a tiny process that runs one task and records how it ended.
+
+Run as ``python -m nomad_client.client.drivers.executor`` in its own session, so the agent
+can die (even by SIGKILL) without taking the task with it, and a restarted agent can still
+learn the exit status. Standard library only, to start fast and stay small.
+
+Protocol:
+  * stdin: one JSON object (the launch spec, see ``_launch``), then EOF. The spec carries
+    the task env, which may hold secrets, so it is never written to disk.
+  * stdout: exactly one JSON line, ``{"ok": true, "pid": <task pid>}`` or
+    ``{"ok": false, "error": "..."}``; then stdin/stdout are detached (``/dev/null``).
+  * stderr: the executor's own diagnostics (the driver points it at a log file).
+  * on task exit: ``exit.json`` is written atomically at ``spec["exit_path"]`` with
+    ``executor_pid``, ``task_pid``, ``exit_code`` (128+N when killed by signal N),
+    ``signal`` and ``finished_at``.
+
+It touches: the task's two log files (opened append, never through a symlink), the exit
+file, and the processes it starts. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2
+sent to the executor are forwarded to the task's process group. It makes itself a child
+subreaper, so processes the task orphans stay its descendants; when the task's main
+process exits, whatever it left behind is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from typing import Any
+
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class LaunchError(Exception):
+    """The task could not be started; the message goes back to the agent."""
+
+
+def find_command(command: str, cwd: str, env: dict[str, str]) -> str:
+    """Resolve ``command`` the way raw_exec promises; raise ``LaunchError`` if unusable.
+
+    A name with a ``/`` is taken as is (relative to the task dir); a bare name is looked
+    for in ``<task>/local``, ``<task>``, then the task env's ``PATH`` (or the system
+    default path when the env has none).
+    """
+    if not command:
+        raise LaunchError("command is empty")
+    if "/" in command:
+        candidates = [os.path.join(cwd, command)]
+    else:
+        search = [os.path.join(cwd, "local"), cwd]
+        search += [d for d in env.get("PATH", os.defpath).split(os.pathsep) if d]
+        candidates = [os.path.join(d, command) for d in search]
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            if "/" in command:
+                raise LaunchError(f"command {command!r} is not a regular file")
+            continue
+        if not st.st_mode & 0o111:
+            if "/" in command:
+                raise LaunchError(f"command {command!r} is not executable")
+            continue
+        return path
+    if "/" in command:
+        raise LaunchError(f"command {command!r} not found")
+    raise LaunchError(f"command {command!r} not found in the task directory or PATH")
+
+
+def _open_log(path: str) -> int:
+    # O_NOFOLLOW: the logs dir is world-writable, and a task must not be able to point its
+    # log at some other file that this (possibly root) process would then append to.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise LaunchError(f"cannot open log file {path}: {exc.strerror}") from exc
+
+
+def _become_subreaper() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: leftovers that left the process group are not tracked
+
+
+def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
+    cwd = str(spec["cwd"])
+    env = {str(k): str(v) for k, v in dict(spec["env"]).items()}
+    command = str(spec["command"])
+    args = [str(a) for a in spec.get("args") or []]
+    path = find_command(command, cwd, env)
+    out_fd = _open_log(str(spec["stdout_path"]))
+    err_fd = _open_log(str(spec["stderr_path"]))
+    uid = spec.get("uid")
+    gid = spec.get("gid")
+    try:
+        return subprocess.Popen(
+            [command, *args],
+            executable=path,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out_fd,
+            stderr=err_fd,
+            close_fds=True,
+            process_group=0,  # its own group, so signals reach all of it and not us
+            user=uid,
+            group=gid,
+            extra_groups=[] if uid is not None else None,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise LaunchError(f"cannot run {command!r}: {reason}") from exc
+    finally:
+        os.close(out_fd)
+        os.close(err_fd)
+
+
+def _write_exit(path: str, record: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _direct_children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
+        fields = data[data.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            found.append(int(entry))
+    return found
+
+
+def _kill_leftovers(deadline: float) -> None:
+    """SIGKILL and reap every remaining descendant (all of them become our children)."""
+    while time.monotonic() < deadline:
+        for pid in _direct_children():
+            try:
+                os.kill(pid, signal.SIGKILL)  # unreaped child: the pid cannot be reused
+            except ProcessLookupError:
+                pass
+        try:
+            while True:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
+
+
+def _report(line: dict[str, Any]) -> None:
+    os.write(1, (json.dumps(line) + "\n").encode())
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def main() -> int:
+    try:
+        spec = json.loads(sys.stdin.buffer.read())
+        if not isinstance(spec, dict):
+            raise ValueError("spec is not an object")
+    except ValueError as exc:
+        _report({"ok": False, "error": f"executor received a bad launch spec: {exc}"})
+        return 2
+
+    task_pid: int | None = None
+    reaped = False
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if task_pid is None:
+            pending.append(signum)
+        elif not reaped:
+            # The task is unreaped (maybe a zombie), so its pid still names its group.
+            try:
+                os.killpg(task_pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for forwarded in FORWARDED_SIGNALS:
+        signal.signal(forwarded, forward)
+    _become_subreaper()
+
+    try:
+        proc = _launch(spec)
+    except LaunchError as exc:
+        _report({"ok": False, "error": str(exc)})
+        return 1
+    except Exception as exc:  # a malformed spec; tell the agent rather than just dying
+        _report({"ok": False, "error": f"executor failed: {exc!r}"})
+        return 2
+    # Popen must not reap the task behind our back; we wait for it ourselves below.
+    task_pid = proc.pid
+    proc.returncode = 0  # silence Popen's "still running" bookkeeping; we own reaping
+    _report({"ok": True, "pid": task_pid})
+    _detach_stdio()
+    for signum in pending:
+        forward(signum, None)
+
+    status = 0
+    mask = set(FORWARDED_SIGNALS)
+    while True:
+        # Wait without reaping, then reap with forwarding blocked, so a signal handler
+        # never targets a pid that has just been released.
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        if info is None:
+            continue
+        signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+        try:
+            if info.si_pid == task_pid:
+                # Kill what the task left in its group while its zombie still holds the pid.
+                try:
+                    os.killpg(task_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            pid, wstatus = os.waitpid(info.si_pid, 0)
+            if pid == task_pid:
+                status = wstatus
+                reaped = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+        if reaped:
+            break
+
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        exit_code = 128 + sig
+    else:
+        sig = 0
+        exit_code = os.WEXITSTATUS(status)
+    _kill_leftovers(time.monotonic() + 5.0)
+    _write_exit(
+        str(spec["exit_path"]),
+        {
+            "executor_pid": os.getpid(),
+            "task_pid": task_pid,
+            "exit_code": exit_code,
+            "signal": sig,
+            "finished_at": time.time(),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

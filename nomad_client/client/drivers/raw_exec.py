@@ -1,0 +1,371 @@
+"""The ``raw_exec`` driver: runs a host command, unisolated, through a detached executor.
+
+Touches: the processes it starts (the executor and, through it, the task tree), the
+task's ``state_dir`` (``exit.json``, ``executor.log``) and, via the executor, the task's log
+files. Never blocks the event loop: process inspection runs in worker threads.
+
+Each task gets an executor process (``nomad_client.client.drivers.executor``) started in a
+new session. The handle's ``pid``/``create_time`` name the executor; ``driver_state``
+records the task's own pid. Because the executor, not the agent, is the task's parent and
+writes the exit status to ``exit.json``, the agent may die and a new agent can reattach
+with ``recover_task`` and still learn the exit code.
+
+Exit reporting: a task killed by signal N gives ``ExitResult(128+N, signal=N)``. If the
+executor vanished without writing ``exit.json`` (e.g. it was SIGKILLed), the result is
+``ExitResult(exit_code=-1, err="executor died ...")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from signal import SIGKILL
+from typing import Any
+
+import psutil
+
+import nomad_client
+
+from . import proctree
+from .base import DriverError, DriverInfo, ExitResult, TaskConfig, TaskHandle
+from .executor import FORWARDED_SIGNALS
+
+__all__ = ["RawExecDriver"]
+
+EXECUTOR_MODULE = "nomad_client.client.drivers.executor"
+EXIT_FILE = "exit.json"
+EXECUTOR_LOG = "executor.log"
+_CONFIG_KEYS = frozenset({"command", "args"})
+_START_TIMEOUT = 30.0
+_POLL_INTERVAL = 0.1
+_FORWARDED = frozenset(int(s) for s in FORWARDED_SIGNALS)
+_SIGKILL = int(SIGKILL)
+
+
+def _parse_config(config: Mapping[str, Any]) -> tuple[str, list[str]]:
+    if not isinstance(config, Mapping):
+        raise DriverError("raw_exec: config must be a map", recoverable=False)
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise DriverError(
+            f"raw_exec: unknown config key(s) {', '.join(map(repr, unknown))} "
+            "(allowed: command, args)",
+            recoverable=False,
+        )
+    command = config.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise DriverError(
+            "raw_exec: config key 'command' is required and must be a non-empty string",
+            recoverable=False,
+        )
+    args = config.get("args", [])
+    if args is None:
+        args = []
+    if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
+        raise DriverError(
+            "raw_exec: config key 'args' must be a list of strings", recoverable=False
+        )
+    return command, list(args)
+
+
+def _resolve_user(user: str | None) -> tuple[int | None, int | None]:
+    if not user:
+        return None, None
+    if os.geteuid() != 0:
+        raise DriverError(f"cannot run task as user {user}: agent is not root", recoverable=False)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise DriverError(
+            f"cannot run task as user {user}: no such user", recoverable=False
+        ) from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _prepare_state_dir(state_dir: Path) -> Any:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    # A previous run of the same task must not be mistaken for this one.
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / EXIT_FILE).unlink()
+    return open(state_dir / EXECUTOR_LOG, "ab")  # noqa: SIM115 - handed to the child
+
+
+def _executor_env() -> dict[str, str]:
+    # The executor only needs to import this package; the task env is passed separately.
+    package_root = str(Path(nomad_client.__file__).resolve().parent.parent)
+    existing = os.environ.get("PYTHONPATH")
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "PYTHONPATH": package_root + (os.pathsep + existing if existing else ""),
+    }
+
+
+def _read_exit(exit_path: Path, executor_pid: int, returncode: int | None) -> ExitResult:
+    try:
+        record = json.loads(exit_path.read_text())
+        if int(record.get("executor_pid", -1)) != executor_pid:
+            raise ValueError("exit file belongs to another run")
+        return ExitResult(exit_code=int(record["exit_code"]), signal=int(record.get("signal", 0)))
+    except (OSError, ValueError, KeyError, TypeError):
+        detail = "" if returncode is None else f" (executor exit status {returncode})"
+        return ExitResult(exit_code=-1, err=f"executor died{detail}")
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace").strip()
+
+
+class RawExecDriver:
+    """Runs tasks as plain host processes (optionally as another user when root)."""
+
+    name = "raw_exec"
+
+    def __init__(self) -> None:
+        # Executors this driver instance spawned; after an agent restart there are none and
+        # the driver falls back to polling by pid + start time.
+        self._children: dict[tuple[str, str, int], asyncio.subprocess.Process] = {}
+
+    def fingerprint(self) -> DriverInfo:
+        if os.name != "posix" or not sys.executable:
+            return DriverInfo(False, False, "raw_exec needs a POSIX host and a Python executable")
+        return DriverInfo(True, True, "Healthy", {})
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def start_task(self, cfg: TaskConfig) -> TaskHandle:
+        command, args = _parse_config(cfg.driver_config)
+        uid, gid = _resolve_user(cfg.user)
+        exit_path = cfg.state_dir / EXIT_FILE
+        try:
+            log = await asyncio.to_thread(_prepare_state_dir, cfg.state_dir)
+        except OSError as exc:
+            raise DriverError(f"raw_exec: cannot prepare state dir {cfg.state_dir}: {exc}") from exc
+
+        spec = {
+            "command": command,
+            "args": args,
+            "cwd": str(cfg.task_dir),
+            "env": dict(cfg.env),
+            "stdout_path": str(cfg.stdout_path),
+            "stderr_path": str(cfg.stderr_path),
+            "uid": uid,
+            "gid": gid,
+            "exit_path": str(exit_path),
+        }
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",
+                "-m",
+                EXECUTOR_MODULE,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                cwd=str(cfg.state_dir),
+                env=_executor_env(),
+            )
+        except OSError as exc:
+            raise DriverError(f"raw_exec: cannot start executor: {exc}") from exc
+        finally:
+            log.close()
+
+        executor_ct: float | None = None
+        try:
+            # The executor is blocked reading its spec, so it is certainly alive here.
+            executor_ct = await asyncio.to_thread(proctree.create_time, proc.pid)
+            reply = await asyncio.wait_for(self._handshake(proc, spec), timeout=_START_TIMEOUT)
+        except BaseException as exc:
+            # Cancelled or timed out mid-start: the task may already run; take it all down.
+            await asyncio.shield(self._abort_start(proc, executor_ct))
+            if isinstance(exc, TimeoutError):
+                raise DriverError(
+                    f"raw_exec: executor did not report within {_START_TIMEOUT:.0f}s"
+                ) from None
+            raise
+
+        if not reply.get("ok"):
+            await proc.wait()
+            error = reply.get("error") or "executor exited without reporting"
+            log_tail = _tail(cfg.state_dir / EXECUTOR_LOG) if "error" not in reply else ""
+            raise DriverError(f"raw_exec: {error}" + (f": {log_tail}" if log_tail else ""))
+        if executor_ct is None:
+            raise DriverError("raw_exec: executor vanished during start")
+
+        task_pid = int(reply["pid"])
+        task_ct = await asyncio.to_thread(proctree.create_time, task_pid)
+        self._children[(cfg.alloc_id, cfg.task, proc.pid)] = proc
+        return TaskHandle(
+            driver=self.name,
+            alloc_id=cfg.alloc_id,
+            task=cfg.task,
+            pid=proc.pid,
+            create_time=executor_ct,
+            started_at=time.time(),
+            driver_state={
+                "task_pid": task_pid,
+                "task_create_time": task_ct if task_ct is not None else 0.0,
+                "state_dir": str(cfg.state_dir),
+                "exit_path": str(exit_path),
+            },
+        )
+
+    @staticmethod
+    async def _abort_start(proc: asyncio.subprocess.Process, executor_ct: float | None) -> None:
+        if executor_ct is not None:
+            await asyncio.to_thread(proctree.kill_tree, proc.pid, executor_ct, include_root=True)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+
+    @staticmethod
+    async def _handshake(
+        proc: asyncio.subprocess.Process, spec: dict[str, Any]
+    ) -> dict[str, Any]:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(spec).encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+        line = await proc.stdout.readline()
+        if not line:
+            return {"ok": False}
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": f"executor said {line[:200]!r}"}
+        return reply if isinstance(reply, dict) else {"ok": False}
+
+    # -- wait / stop ------------------------------------------------------------------------
+
+    async def _wait_gone(self, handle: TaskHandle, limit: float | None) -> bool:
+        """Wait until the executor is gone; False if ``limit`` seconds passed first."""
+        proc = self._children.get(_key(handle))
+        if proc is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), limit)
+            except TimeoutError:
+                return False
+            return True
+        deadline = None if limit is None else time.monotonic() + limit
+        while await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_INTERVAL)
+        return True
+
+    async def wait_task(self, handle: TaskHandle) -> ExitResult:
+        await self._wait_gone(handle, None)
+        proc = self._children.pop(_key(handle), None)
+        returncode = proc.returncode if proc is not None else None
+        return await asyncio.to_thread(
+            _read_exit, _exit_path(handle), handle.pid, returncode
+        )
+
+    async def stop_task(
+        self,
+        handle: TaskHandle,
+        timeout: float,  # noqa: ASYNC109 - the task's kill_timeout, by contract
+        signal: str = "SIGINT",
+    ) -> None:
+        try:
+            signum = proctree.parse_signal(signal)
+        except ValueError as exc:
+            raise DriverError(f"raw_exec: {exc}", recoverable=False) from None
+        if not await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
+            return
+        if signum == _SIGKILL:
+            await self._kill(handle)
+            return
+        if signum in _FORWARDED:
+            # The executor relays it to the task's whole process group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(handle.pid, signum)
+        else:
+            await asyncio.to_thread(_signal_task_group, handle, signum)
+        if not await self._wait_gone(handle, max(0.0, timeout)):
+            await self._kill(handle)
+
+    async def _kill(self, handle: TaskHandle) -> None:
+        # Kill the task tree first so the executor still records the exit; then, if it
+        # does not finish promptly, the executor itself.
+        task_pid = int(handle.driver_state.get("task_pid", 0))
+        task_ct = float(handle.driver_state.get("task_create_time", 0.0))
+        task_alive = await asyncio.to_thread(proctree.same_process, task_pid, task_ct)
+        await asyncio.to_thread(
+            proctree.kill_tree,
+            handle.pid,
+            handle.create_time,
+            include_root=False,
+            extra_pgid=task_pid if task_alive else None,
+        )
+        if await self._wait_gone(handle, 5.0):
+            return
+        await asyncio.to_thread(
+            proctree.kill_tree, handle.pid, handle.create_time, include_root=True
+        )
+        await self._wait_gone(handle, 5.0)
+
+    # -- restart / cleanup ------------------------------------------------------------------
+
+    async def recover_task(self, handle: TaskHandle) -> bool:
+        if handle.driver != self.name:
+            return False
+        return await asyncio.to_thread(_is_our_executor, handle.pid, handle.create_time)
+
+    async def destroy_task(self, handle: TaskHandle) -> None:
+        if await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
+            await self._kill(handle)
+        self._children.pop(_key(handle), None)
+        state_dir = handle.driver_state.get("state_dir")
+        if state_dir:
+            await asyncio.to_thread(_clean_state_dir, Path(state_dir))
+
+
+def _key(handle: TaskHandle) -> tuple[str, str, int]:
+    return (handle.alloc_id, handle.task, handle.pid)
+
+
+def _exit_path(handle: TaskHandle) -> Path:
+    path = handle.driver_state.get("exit_path")
+    if not path:
+        raise DriverError("raw_exec: task handle has no exit_path in its driver state")
+    return Path(path)
+
+
+def _signal_task_group(handle: TaskHandle, signum: int) -> None:
+    task_pid = int(handle.driver_state.get("task_pid", 0))
+    task_ct = float(handle.driver_state.get("task_create_time", 0.0))
+    if proctree.same_process(task_pid, task_ct):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(task_pid, signum)
+
+
+def _is_our_executor(pid: int, create_time: float) -> bool:
+    if not proctree.same_process(pid, create_time):
+        return False
+    try:
+        return EXECUTOR_MODULE in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _clean_state_dir(state_dir: Path) -> None:
+    for name in (EXIT_FILE, EXECUTOR_LOG):
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        state_dir.rmdir()  # only if empty: the directory itself belongs to the caller

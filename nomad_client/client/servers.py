@@ -1,0 +1,46 @@
+"""The client's only way to the servers: typed calls over an RPC transport.
+
+The transport is anything with ``async call(method, args)`` taking and returning plain
+msgpack-able values (the embedded server's ``InProcessTransport`` today, a network one later).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from nomad_client.structs.codec import from_rpc, to_rpc
+from nomad_client.structs.models import Allocation, AllocUpdate, Node
+
+
+class RPCTransport(Protocol):
+    async def call(self, method: str, args: dict[str, Any]) -> Any: ...
+
+
+class ServerRPC:
+    def __init__(self, transport: RPCTransport) -> None:
+        self._transport = transport
+
+    async def node_register(self, node: Node) -> int:
+        reply = await self._transport.call("Node.Register", {"Node": to_rpc(node)})
+        return int(reply["Index"])
+
+    async def node_update_status(self, node_id: str, status: str) -> int:
+        reply = await self._transport.call("Node.UpdateStatus",
+                                           {"NodeID": node_id, "Status": status})
+        return int(reply["Index"])
+
+    async def node_get_client_allocs(self, node_id: str, min_index: int, wait: float
+                                     ) -> tuple[dict[str, int], int]:
+        reply = await self._transport.call("Node.GetClientAllocs", {
+            "NodeID": node_id, "MinQueryIndex": min_index, "MaxQueryTime": wait})
+        return dict(reply["Allocs"]), int(reply["Index"])
+
+    async def alloc_get_allocs(self, alloc_ids: Sequence[str]) -> list[Allocation]:
+        reply = await self._transport.call("Alloc.GetAllocs", {"AllocIDs": list(alloc_ids)})
+        return [from_rpc(a, Allocation) for a in reply["Allocs"]]
+
+    async def node_update_alloc(self, updates: Sequence[AllocUpdate]) -> int:
+        reply = await self._transport.call("Node.UpdateAlloc",
+                                           {"Alloc": [to_rpc(u) for u in updates]})
+        return int(reply["Index"])

@@ -1,0 +1,196 @@
+"""The client's persistent state: a small bucket/key/value store in one sqlite file.
+
+Values are msgpack-encoded. Every sqlite call runs on a single worker thread owned by the
+:class:`StateDB` (so the event loop never blocks and calls are naturally serialized). This
+module touches only the database file given to :meth:`StateDB.open`, its sqlite side files
+(``-wal``, ``-shm``) and, when missing, the directory that holds it.
+
+Round-trip notes: msgpack returns tuples as lists and bytes as bytes; map keys may be any
+msgpack scalar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgpack
+
+__all__ = ["StateDB", "StateDBError"]
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    bucket TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    value  BLOB NOT NULL,
+    PRIMARY KEY (bucket, key)
+)
+"""
+
+
+class StateDBError(Exception):
+    """The state database cannot be opened or read, or is already closed."""
+
+
+def _encode(bucket: str, key: str, value: Any) -> bytes:
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"cannot store value at {bucket}/{key}: {exc}") from None
+
+
+def _decode(bucket: str, key: str, blob: bytes) -> Any:
+    try:
+        return msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise StateDBError(f"stored value at {bucket}/{key} is not valid msgpack: {exc}") from None
+
+
+def _check_names(bucket: str, key: str, what: str = "key") -> None:
+    if not isinstance(bucket, str):
+        raise TypeError(f"bucket must be a str, not {type(bucket).__name__}")
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be a str, not {type(key).__name__}")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Create the directory and file with private modes, then open and prepare the schema."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise StateDBError(f"cannot open state database {path}: {exc}") from exc
+
+    # Autocommit mode: each statement is its own durable transaction.
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(kv)")}
+        if not {"bucket", "key", "value"} <= columns:
+            raise StateDBError(f"state database {path} has an unexpected kv table layout")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StateDBError(
+            f"state database {path} is corrupt or not an sqlite database: {exc}"
+        ) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class StateDB:
+    """Async facade over one sqlite file; create it with :meth:`open`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._path = path
+        self._conn = conn
+        self._executor = executor
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @classmethod
+    async def open(cls, path: Path) -> StateDB:
+        path = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-db")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, conn, executor)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise StateDBError(f"state database {self._path} is closed")
+        conn = self._conn
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+        except sqlite3.Error as exc:
+            raise StateDBError(f"state database {self._path}: {exc}") from exc
+
+    async def put(self, bucket: str, key: str, value: Any) -> None:
+        _check_names(bucket, key)
+        blob = _encode(bucket, key, value)  # before any I/O so a bad value writes nothing
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO kv (bucket, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value",
+                (bucket, key, blob),
+            )
+        )
+
+    async def get(self, bucket: str, key: str) -> Any | None:
+        _check_names(bucket, key)
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT value FROM kv WHERE bucket = ? AND key = ?", (bucket, key)
+            ).fetchone()
+        )
+        return None if row is None else _decode(bucket, key, row[0])
+
+    async def delete(self, bucket: str, key: str) -> None:
+        _check_names(bucket, key)
+        await self._run(
+            lambda conn: conn.execute("DELETE FROM kv WHERE bucket = ? AND key = ?", (bucket, key))
+        )
+
+    async def delete_prefix(self, bucket: str, key_prefix: str) -> None:
+        _check_names(bucket, key_prefix, "key_prefix")
+        # substr() rather than LIKE so that '%' and '_' in keys are not wildcards.
+        await self._run(
+            lambda conn: conn.execute(
+                "DELETE FROM kv WHERE bucket = ? AND substr(key, 1, ?) = ?",
+                (bucket, len(key_prefix), key_prefix),
+            )
+        )
+
+    async def items(self, bucket: str) -> list[tuple[str, Any]]:
+        _check_names(bucket, "")
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT key, value FROM kv WHERE bucket = ? ORDER BY key", (bucket,)
+            ).fetchall()
+        )
+        return [(key, _decode(bucket, key, blob)) for key, blob in rows]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            # Queued behind any calls already submitted, so they finish first.
+            await loop.run_in_executor(self._executor, self._conn.close)
+        finally:
+            # The worker is idle now; joining it off-loop keeps the event loop free.
+            await asyncio.to_thread(self._executor.shutdown, True)
+
+    async def __aenter__(self) -> StateDB:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,96 @@
+"""Authentication and authorization for every HTTP request: the one place token checks live.
+
+Rules by listener:
+* Task API (a task's ``api.sock``): a credential is always required, whether ACLs are on or
+  off. No token -> 401 ``Unauthorized``. Anything that is not a real credential (unknown,
+  expired, malformed, badly signed, or the identity of an allocation that is no longer
+  running) -> 403 ``Forbidden``. The anonymous policy never applies. Unlike Nomad, a random
+  string is NOT accepted when ACLs are disabled.
+* TCP API: with ACLs disabled everyone is allowed; with ACLs enabled a missing token means
+  the anonymous identity and an invalid one is 403.
+
+Authorization: with ACLs disabled every check passes. With ACLs enabled, management tokens
+pass; policy evaluation for other identities is not implemented yet, so they fail closed
+(403) except on endpoints that need no permission.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from nomad_client.http.context import (
+    ACLS_DISABLED,
+    ANONYMOUS,
+    IDENTITY_ACL_TOKEN,
+    IDENTITY_WORKLOAD,
+    Identity,
+    ListenerContext,
+)
+from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
+from nomad_client.server.keyring import IdentityError
+from nomad_client.server.server import Server
+
+log = logging.getLogger(__name__)
+
+UNAUTHORIZED = HTTPError(401, "Unauthorized")
+FORBIDDEN = HTTPError(403, "Forbidden")
+
+
+def request_token(headers: Mapping[str, str]) -> str:
+    """The caller's secret: ``X-Nomad-Token`` first, else ``Authorization: Bearer <t>``."""
+    token = headers.get("X-Nomad-Token", "").strip()
+    if token:
+        return token
+    scheme, _, rest = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        parts = rest.split()
+        return parts[0] if parts else ""
+    return ""
+
+
+def _looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2
+
+
+def resolve_credential(server: Server, token: str) -> Identity | None:
+    """A real credential's identity, or None. Never raises for bad input."""
+    if _looks_like_jwt(token):
+        try:
+            claims = server.verify_workload_identity(token)
+        except IdentityError:
+            return None
+        return Identity(kind=IDENTITY_WORKLOAD, claims=claims)
+    acl_token = server.token_by_secret(token)
+    if acl_token is None or acl_token.expired(time.time()):
+        return None
+    return Identity(kind=IDENTITY_ACL_TOKEN, token=acl_token)
+
+
+def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext) -> Identity:
+    token = request_token(headers)
+    if ctx.task_api:
+        if not token:
+            raise UNAUTHORIZED
+        identity = resolve_credential(server, token)
+        if identity is None:
+            raise FORBIDDEN
+        return identity
+    if not server.acl_enabled:
+        return ACLS_DISABLED
+    if not token:
+        return ANONYMOUS
+    identity = resolve_credential(server, token)
+    if identity is None:
+        raise HTTPError(403, "ACL token not found")
+    return identity
+
+
+def authorize(server: Server, identity: Identity, capability: str | None) -> None:
+    """Raise 403 unless ``identity`` holds ``capability`` (None = no permission needed)."""
+    if capability is None or not server.acl_enabled:
+        return
+    if identity.is_management:
+        return
+    raise HTTPError(403, PERMISSION_DENIED)

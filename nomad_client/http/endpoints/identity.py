@@ -1,0 +1,30 @@
+"""Workload identity discovery: JWKS and OIDC configuration (no /v1 prefix, as Nomad)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.services import Services
+
+
+def register(router: Router, services: Services) -> None:
+    keyring = services.server.keyring
+
+    async def jwks(req: ApiRequest) -> Any:
+        return web.json_response(keyring.jwks(), headers={"Cache-Control": "max-age=900"})
+
+    async def openid_configuration(req: ApiRequest) -> Any:
+        issuer = f"http://{req.raw.host}"
+        return {
+            "issuer": issuer,
+            "jwks_uri": f"{issuer}/.well-known/jwks.json",
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+        }
+
+    router.add(("GET",), "/.well-known/jwks.json", jwks)
+    router.add(("GET",), "/.well-known/openid-configuration", openid_configuration)

@@ -1,0 +1,142 @@
+"""/v1/jobs, /v1/jobs/parse, /v1/job/:id[/allocations|/evaluations], /v1/evaluation/:id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nomad_client.http.errors import bad_request, not_found
+from nomad_client.http.query import block, query_bool
+from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.services import Services
+from nomad_client.jobspec import (
+    JobspecError,
+    JobValidationError,
+    canonicalize_job,
+    parse_jobspec,
+)
+from nomad_client.server.state import JOBS
+from nomad_client.structs.codec import to_api
+from nomad_client.structs.models import Allocation
+
+REGISTER_KEYS = {"Job", "EnforceIndex", "JobModifyIndex", "PolicyOverride", "PreserveCounts",
+                 "PreserveResources", "EvalPriority", "Submission", "Region", "Namespace",
+                 "SecretID"}
+PARSE_KEYS = {"JobHCL", "Variables", "Canonicalize"}
+
+
+def alloc_stub(alloc: Allocation) -> dict[str, Any]:
+    full = to_api(alloc)
+    job = full.pop("Job")
+    full["JobType"] = job.get("Type")
+    full["JobVersion"] = job.get("Version", 0)
+    return full
+
+
+def _object_body(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(f"Unknown field(s) in request body: {', '.join(unknown)}")
+    return body
+
+
+def register(router: Router, services: Services) -> None:
+    server = services.server
+    store = server.store
+
+    def job_view(job: dict[str, Any]) -> dict[str, Any]:
+        return {**job, "Status": server.job_status(job)}
+
+    async def list_jobs(req: ApiRequest) -> Any:
+        index = await block(store, req.query, (JOBS, "allocs"))
+        prefix = req.query.get("prefix", "")
+        stubs = []
+        for job in store.list(JOBS):
+            if not job["ID"].startswith(prefix):
+                continue
+            stubs.append({k: job.get(k) for k in (
+                "ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool", "Type",
+                "Priority", "Stop", "StatusDescription", "CreateIndex", "ModifyIndex",
+                "SubmitTime")} | {"Status": server.job_status(job),
+                                   "JobModifyIndex": job.get("ModifyIndex")})
+        return Reply(stubs, index)
+
+    async def register_job(req: ApiRequest) -> Any:
+        body = _object_body(await req.json(), REGISTER_KEYS)
+        job = body.get("Job")
+        if not isinstance(job, dict):
+            raise bad_request("Job must be specified")
+        if not job.get("ID"):
+            raise bad_request("Job ID hasn't been provided")
+        path_id = req.params.get("job_id")
+        if path_id is not None and path_id != job["ID"]:
+            raise bad_request("Job ID does not match name")
+        try:
+            job = canonicalize_job(job)
+        except JobValidationError as err:
+            raise bad_request(str(err)) from None
+        eval_id, index = await server.register_job(job)
+        return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
+                      "Warnings": "", "Index": index, "LastContact": 0,
+                      "KnownLeader": True, "NextToken": ""}, index)
+
+    async def parse(req: ApiRequest) -> Any:
+        body = _object_body(await req.json(), PARSE_KEYS)
+        hcl = body.get("JobHCL")
+        if not isinstance(hcl, str) or not hcl.strip():
+            raise bad_request("Job spec is empty")
+        variables = body.get("Variables") or None
+        try:
+            job = parse_jobspec(hcl, "<request>", var_files_text=variables)
+            if body.get("Canonicalize"):
+                job = canonicalize_job(job)
+        except (JobspecError, JobValidationError) as err:
+            raise bad_request(f"Failed to parse job: {err}") from None
+        return job
+
+    async def get_job(req: ApiRequest) -> Any:
+        index = await block(store, req.query, (JOBS, "allocs"))
+        job = store.get(JOBS, req.params["job_id"])
+        if job is None:
+            raise not_found("job not found")
+        return Reply(job_view(job), index)
+
+    async def delete_job(req: ApiRequest) -> Any:
+        purge = query_bool(req.query, "purge")
+        eval_id, index = await server.deregister_job(req.params["job_id"], purge=purge)
+        return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
+                      "Index": index, "LastContact": 0, "KnownLeader": True,
+                      "NextToken": ""}, index)
+
+    async def job_allocations(req: ApiRequest) -> Any:
+        index = await block(store, req.query, ("allocs",))
+        allocs = server.job_allocs(req.params["job_id"])
+        return Reply([alloc_stub(a) for a in allocs], index)
+
+    async def job_evaluations(req: ApiRequest) -> Any:
+        index = await block(store, req.query, ("evals",))
+        evals = [to_api(e) for e in store.list("evals") if e.job_id == req.params["job_id"]]
+        return Reply(evals, index)
+
+    async def get_evaluation(req: ApiRequest) -> Any:
+        index = await block(store, req.query, ("evals",))
+        ev = store.get("evals", req.params["eval_id"])
+        if ev is None:
+            raise not_found("eval not found")
+        return Reply(to_api(ev), index)
+
+    async def job_with_id_post(req: ApiRequest) -> Any:
+        return await register_job(req)
+
+    router.add(("GET",), "/v1/jobs", list_jobs, "namespace:list-jobs")
+    router.add(("PUT", "POST"), "/v1/jobs", register_job, "namespace:submit-job")
+    router.add(("PUT", "POST"), "/v1/jobs/parse", parse, "namespace:parse-job")
+    router.add(("GET",), "/v1/job/{job_id}", get_job, "namespace:read-job")
+    router.add(("PUT", "POST"), "/v1/job/{job_id}", job_with_id_post, "namespace:submit-job")
+    router.add(("DELETE",), "/v1/job/{job_id}", delete_job, "namespace:submit-job")
+    router.add(("GET",), "/v1/job/{job_id}/allocations", job_allocations, "namespace:read-job")
+    router.add(("GET",), "/v1/job/{job_id}/evaluations", job_evaluations, "namespace:read-job")
+    router.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, "namespace:read-job")
+
+

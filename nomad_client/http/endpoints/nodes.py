@@ -1,0 +1,74 @@
+"""/v1/nodes (with go-bexpr ``filter`` over the full node) and /v1/node/:id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nomad_client.http.endpoints.jobs import alloc_stub
+from nomad_client.http.errors import bad_request, not_found
+from nomad_client.http.query import block
+from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.services import Services
+from nomad_client.server.bexpr import FilterError, FilterSyntaxError, compile_filter
+from nomad_client.structs.codec import to_api
+from nomad_client.structs.models import Node
+
+STUB_KEYS = ("ID", "Datacenter", "Name", "NodeClass", "NodePool", "Drain",
+             "SchedulingEligibility", "Status", "StatusDescription", "Drivers",
+             "CreateIndex", "ModifyIndex")
+
+
+def node_api(node: Node) -> dict[str, Any]:
+    return to_api(node) | {"SecretID": ""}
+
+
+def node_stub(full: dict[str, Any]) -> dict[str, Any]:
+    stub = {k: full[k] for k in STUB_KEYS}
+    stub["Address"] = full["HTTPAddr"].rsplit(":", 1)[0]
+    stub["Version"] = full["Attributes"].get("nomad.version", "")
+    return stub
+
+
+def register(router: Router, services: Services) -> None:
+    store = services.server.store
+
+    async def list_nodes(req: ApiRequest) -> Any:
+        expression = req.query.get("filter")
+        node_filter = None
+        if expression:
+            try:
+                node_filter = compile_filter(expression)
+            except FilterSyntaxError as err:
+                raise bad_request(f"failed to read filter expression: {err}") from None
+        index = await block(store, req.query, ("nodes",))
+        prefix = req.query.get("prefix", "")
+        out = []
+        for node in store.list("nodes"):
+            if not node.id.startswith(prefix):
+                continue
+            full = node_api(node)
+            if node_filter is not None:
+                try:
+                    if not node_filter.matches(full):
+                        continue
+                except FilterError as err:
+                    raise bad_request(f"failed to read result page: {err}") from None
+            out.append(node_stub(full))
+        return Reply(out, index)
+
+    async def get_node(req: ApiRequest) -> Any:
+        index = await block(store, req.query, ("nodes",))
+        node = store.get("nodes", req.params["node_id"])
+        if node is None:
+            raise not_found("node not found")
+        return Reply(node_api(node), index)
+
+    async def node_allocs(req: ApiRequest) -> Any:
+        index = await block(store, req.query, ("allocs",))
+        allocs = [alloc_stub(a) for a in store.list("allocs")
+                  if a.node_id == req.params["node_id"]]
+        return Reply(allocs, index)
+
+    router.add(("GET",), "/v1/nodes", list_nodes, "node:read")
+    router.add(("GET",), "/v1/node/{node_id}", get_node, "node:read")
+    router.add(("GET",), "/v1/node/{node_id}/allocations", node_allocs, "node:read")

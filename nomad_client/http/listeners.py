@@ -1,0 +1,76 @@
+"""Listeners: sockets that feed requests into the router with their ``ListenerContext``.
+
+Built on aiohttp's low-level server (one ``web.Server`` protocol factory per listener, no
+per-listener application), so a task's socket costs one listening fd and two small objects.
+Timeouts bound what a misbehaving client can hold: a connection that sends no complete
+request head within ``IDLE_TIMEOUT`` is closed; bodies are bounded by the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from nomad_client.http.context import ListenerContext
+from nomad_client.http.router import Router
+
+IDLE_TIMEOUT = 10.0
+MAX_HEADER_LINE = 8190
+MAX_HEADER_FIELD = 8190
+
+
+class Listener:
+    """One serving socket. ``start`` begins accepting; ``close`` stops accepting and drops
+    its open connections."""
+
+    def __init__(self, router: Router, ctx: ListenerContext, sock: socket.socket) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self._router = router
+        self._server: asyncio.Server | None = None
+        self._protocol_factory: web.Server | None = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await self._router.dispatch(request, self.ctx)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._protocol_factory = web.Server(
+            self._handle, keepalive_timeout=IDLE_TIMEOUT, max_line_size=MAX_HEADER_LINE,
+            max_field_size=MAX_HEADER_FIELD, access_log=None)
+        if self.sock.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(self._protocol_factory, sock=self.sock)
+        else:
+            self._server = await loop.create_server(self._protocol_factory, sock=self.sock)
+
+    async def close(self) -> None:
+        if self._server is None:
+            self.sock.close()
+            return
+        server, factory = self._server, self._protocol_factory
+        self._server = None
+        server.close()
+        if factory is not None:
+            await factory.shutdown(1.0)
+        await server.wait_closed()
+
+
+def tcp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def bound_address(sock: socket.socket) -> Any:
+    return sock.getsockname()

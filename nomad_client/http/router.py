@@ -1,0 +1,185 @@
+"""The one in-process HTTP router. Every listener (the TCP address, each task's socket) calls
+``Router.dispatch(request, listener_context)``; no endpoint exists twice.
+
+Dispatch order: authenticate (Task API: before routing, so even unknown paths need a
+credential) -> match route (404 / 405) -> authorize the route's capability -> call the
+handler -> encode. Handlers return a JSON-able value, a ``Reply`` (value + index headers) or
+a ready ``web.StreamResponse``; they raise ``HTTPError`` for anything the caller got wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import attrs
+from aiohttp import web
+from multidict import MultiMapping
+
+from nomad_client.http.auth import authenticate, authorize
+from nomad_client.http.context import Identity, ListenerContext
+from nomad_client.http.errors import HTTPError
+from nomad_client.server.server import Server
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+BODY_READ_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class Reply:
+    body: Any
+    index: int | None = None
+    status: int = 200
+
+
+@attrs.frozen
+class ApiRequest:
+    raw: web.BaseRequest
+    ctx: ListenerContext
+    identity: Identity
+    params: dict[str, str]
+
+    @property
+    def method(self) -> str:
+        return self.raw.method
+
+    @property
+    def query(self) -> MultiMapping[str]:
+        return self.raw.query
+
+    async def body(self) -> bytes:
+        return await read_body(self.raw)
+
+    async def json(self) -> Any:
+        data = await self.body()
+        if not data.strip():
+            raise HTTPError(400, "Request body is empty")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"Failed to decode request body: {exc}") from None
+
+
+Handler = Callable[[ApiRequest], Awaitable[Any]]
+
+
+@attrs.frozen
+class Route:
+    methods: frozenset[str]
+    segments: tuple[str, ...]  # "{name}" captures one segment, "{name*}" the rest
+    handler: Handler
+    capability: str | None
+
+
+class Router:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._static: dict[str, list[Route]] = {}
+        self._dynamic: list[Route] = []
+
+    def add(self, methods: Iterable[str], path: str, handler: Handler,
+            capability: str | None = None) -> None:
+        segments = tuple(path.strip("/").split("/"))
+        route = Route(frozenset(methods), segments, handler, capability)
+        if any(s.startswith("{") for s in segments):
+            self._dynamic.append(route)
+        else:
+            self._static.setdefault(path, []).append(route)
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        candidates = [(r, {}) for r in self._static.get(path, ())]
+        if not candidates:
+            parts = path.strip("/").split("/")
+            candidates = [(r, p) for r in self._dynamic
+                          if (p := _match_segments(r.segments, parts)) is not None]
+        if not candidates:
+            raise HTTPError(404, "Not Found")
+        for route, params in candidates:
+            if method in route.methods:
+                return route, params
+        raise HTTPError(405, "Invalid method")
+
+    async def dispatch(self, request: web.BaseRequest, ctx: ListenerContext
+                       ) -> web.StreamResponse:
+        try:
+            identity = authenticate(self.server, request.headers, ctx)
+            route, params = self.match(request.method, request.path)
+            authorize(self.server, identity, route.capability)
+            result = await route.handler(ApiRequest(request, ctx, identity, params))
+        except HTTPError as err:
+            response = error_response(err.status, err.message)
+            if err.status in (408, 413):
+                response.force_close()  # don't keep reading what we refused
+            return response
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error serving %s %s", request.method, request.path)
+            return error_response(500, "Internal server error")
+        if isinstance(result, web.StreamResponse):
+            return result
+        reply = result if isinstance(result, Reply) else Reply(result)
+        return json_response(reply, pretty="pretty" in request.query
+                             and request.query["pretty"] != "0")
+
+
+def _match_segments(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
+    params: dict[str, str] = {}
+    for i, seg in enumerate(pattern):
+        if seg.startswith("{") and seg.endswith("*}"):
+            rest = "/".join(parts[i:])
+            if not rest:
+                return None
+            params[seg[1:-2]] = rest
+            return params
+        if i >= len(parts):
+            return None
+        if seg.startswith("{"):
+            if not parts[i]:
+                return None
+            params[seg[1:-1]] = parts[i]
+        elif seg != parts[i]:
+            return None
+    return params if len(parts) == len(pattern) else None
+
+
+def json_response(reply: Reply, *, pretty: bool = False) -> web.Response:
+    if pretty:
+        text = json.dumps(reply.body, indent=4) + "\n"
+    else:
+        text = json.dumps(reply.body, separators=(",", ":"))
+    headers = {}
+    if reply.index is not None:
+        headers = {"X-Nomad-Index": str(reply.index), "X-Nomad-KnownLeader": "true",
+                   "X-Nomad-LastContact": "0"}
+    return web.Response(status=reply.status, text=text, content_type="application/json",
+                        headers=headers)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message, content_type="text/plain")
+
+
+async def read_body(request: web.BaseRequest) -> bytes:
+    """The request body, bounded in size and in time so a slow or huge upload cannot pin
+    a connection or the agent's memory."""
+    length = request.content_length
+    if length is not None and length > MAX_BODY_BYTES:
+        raise HTTPError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT):
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+                if total > MAX_BODY_BYTES:
+                    raise HTTPError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPError(408, "Timed out reading request body") from None
+    return b"".join(chunks)

@@ -1,0 +1,471 @@
+"""Evaluate HCL2 expressions from a jobspec at parse time.
+
+Only ``var.*`` and ``local.*`` references (plus literals, operators and a small
+function library) are evaluated here. Any other name - ``NOMAD_SECRETS_DIR``,
+``attr.kernel.name``, ``node.unique.name``, ``meta.x``, ``env.X`` - is a
+runtime reference that the client interpolates at task start, so the smallest
+enclosing ``${...}`` (or bare value) is kept verbatim as source text.
+Pure computation: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from lark import Token, Tree
+
+from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.functions import FUNCTIONS, FunctionError
+from nomad_client.jobspec.syntax import Source, decode_escapes, parse_expression
+
+
+class Unresolved(Exception):
+    """Internal signal: the expression needs runtime values, keep it verbatim."""
+
+
+@attrs.frozen
+class _Namespace:
+    """The value of a bare ``var`` or ``local`` before ``.name`` is applied."""
+
+    kind: str
+
+
+@attrs.define
+class Scope:
+    """The names expressions may refer to at parse time.
+
+    ``variables`` holds final variable values. Locals are evaluated lazily on
+    first use, so they may refer to each other in any order; cycles are errors.
+    """
+
+    variables: Mapping[str, Any]
+    local_exprs: dict[str, tuple[Tree, Source]] = attrs.field(factory=dict)
+    _local_values: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _resolving: list[str] = attrs.field(factory=list, init=False)
+
+    def lookup(self, kind: str, name: str, source: Source, node: Tree | Token) -> Any:
+        if kind == "var":
+            if name not in self.variables:
+                raise source.error(node, f"reference to undeclared variable var.{name}")
+            return self.variables[name]
+        if name in self._local_values:
+            return self._local_values[name]
+        if name not in self.local_exprs:
+            raise source.error(node, f"reference to undefined local value local.{name}")
+        if name in self._resolving:
+            cycle = " -> ".join(f"local.{n}" for n in [*self._resolving, name])
+            raise source.error(node, f"local values refer to each other in a cycle: {cycle}")
+        expr, expr_source = self.local_exprs[name]
+        self._resolving.append(name)
+        try:
+            value = Evaluator(expr_source, self).value(expr)
+        finally:
+            self._resolving.pop()
+        self._local_values[name] = value
+        return value
+
+
+def _trees(node: Tree) -> list[Tree]:
+    return [c for c in node.children if isinstance(c, Tree) and c.data != "new_line_or_comment"]
+
+
+def type_name(value: Any) -> str:
+    """The HCL name of a Python value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def number_to_string(value: int | float) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+_HEREDOC_HEAD = re.compile(r"<<-?([A-Za-z][A-Za-z0-9._-]*)\r?\n")
+_TEMPLATE_MARK = re.compile(r"\$\$\{|%%\{|\$\{|%\{")
+
+
+def _dedent(body: str) -> str:
+    """Strip the indentation common to all non-blank lines (the ``<<-`` form)."""
+    lines = body.split("\n")
+    widths = [len(ln) - len(ln.lstrip(" \t")) for ln in lines if ln.strip()]
+    cut = min(widths, default=0)
+    return "\n".join(ln[cut:] if ln.strip() else ln.lstrip(" \t") for ln in lines)
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the ``}`` closing an interpolation whose body begins at ``start``."""
+    depth = 0
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < len(text) and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            if depth == 0:
+                return i
+            depth -= 1
+        i += 1
+    return None
+
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "*": lambda a, b: a * b,
+    "%": lambda a, b: a % b,
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+class Evaluator:
+    """Evaluates expression trees from one ``Source`` within a ``Scope``."""
+
+    def __init__(self, source: Source, scope: Scope) -> None:
+        self.source = source
+        self.scope = scope
+
+    # -- entry points -------------------------------------------------------
+
+    def value(self, node: Tree) -> Any:
+        """Evaluate ``node``; a runtime reference yields its source as ``"${...}"``."""
+        try:
+            result = self._eval(node)
+        except Unresolved:
+            return "${" + self.source.snippet(node).strip() + "}"
+        return self._plain(result, node)
+
+    def _plain(self, value: Any, node: Tree | Token) -> Any:
+        if isinstance(value, _Namespace):
+            raise self.source.error(
+                node, f"{value.kind!r} must be followed by an attribute, e.g. {value.kind}.name"
+            )
+        return value
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _eval(self, node: Tree | Token) -> Any:
+        if isinstance(node, Token):
+            raise self.source.error(node, f"unexpected token {str(node)!r}")
+        handler = getattr(self, "_x_" + node.data, None)
+        if handler is None:
+            raise self.source.error(
+                node,
+                f"expression {self.source.snippet(node).strip()!r} is not supported here "
+                f"({node.data.replace('_', ' ')})",
+            )
+        return handler(node)
+
+    def _x_expr_term(self, node: Tree) -> Any:
+        inner = _trees(node)
+        if inner:
+            return self._eval(inner[0])
+        # A lone token child: heredocs are terminals under expr_term in some trees.
+        return self._eval(node.children[0])
+
+    def _x_int_lit(self, node: Tree) -> int:
+        return int(str(node.children[0]))
+
+    def _x_float_lit(self, node: Tree) -> float:
+        return float(str(node.children[0]))
+
+    def _x_literal_value(self, node: Tree) -> Any:
+        return {"true": True, "false": False, "null": None}[str(node.children[0])]
+
+    def _x_identifier(self, node: Tree) -> Any:
+        name = str(node.children[0])
+        if name in ("var", "local"):
+            return _Namespace(name)
+        raise Unresolved(name)
+
+    def _x_get_attr_expr_term(self, node: Tree) -> Any:
+        base_node, get_attr = _trees(node)
+        base = self._eval(base_node)
+        key_node = _trees(get_attr)[0]
+        key = str(key_node.children[0])
+        return self._index(base, key, node)
+
+    def _x_index_expr_term(self, node: Tree) -> Any:
+        base_node, index = _trees(node)
+        base = self._eval(base_node)
+        if index.data == "short_index":
+            key: Any = int(str(index.children[-1]))
+        else:
+            key = self._plain(self._eval(_trees(index)[0]), index)
+        return self._index(base, key, node)
+
+    def _index(self, base: Any, key: Any, node: Tree) -> Any:
+        if isinstance(base, _Namespace):
+            if not isinstance(key, str):
+                raise self.source.error(node, f"{base.kind}[...] needs a string name")
+            return self.scope.lookup(base.kind, key, self.source, node)
+        what = self.source.snippet(node).strip()
+        if isinstance(base, dict):
+            if not isinstance(key, str):
+                key = number_to_string(key) if isinstance(key, int | float) else key
+            if key not in base:
+                raise self.source.error(node, f"{what}: object has no attribute {key!r}")
+            return base[key]
+        if isinstance(base, list):
+            if isinstance(key, str) and key.lstrip("-").isdigit():
+                key = int(key)
+            if not isinstance(key, int) or isinstance(key, bool):
+                raise self.source.error(node, f"{what}: a list index must be a number")
+            if not 0 <= key < len(base):
+                raise self.source.error(
+                    node, f"{what}: index {key} out of range for list of length {len(base)}"
+                )
+            return base[key]
+        raise self.source.error(node, f"{what}: cannot index a {type_name(base)}")
+
+    def _x_tuple(self, node: Tree) -> list[Any]:
+        return [self.value(e) for e in _trees(node)]
+
+    def _x_object(self, node: Tree) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for elem in _trees(node):
+            key_node, value_node = _trees(elem)
+            key = self._object_key(key_node)
+            if key in out:
+                raise self.source.error(elem, f"duplicate object key {key!r}")
+            out[key] = self.value(value_node)
+        return out
+
+    def _object_key(self, node: Tree) -> str:
+        inner = _trees(node)[0] if _trees(node) else node
+        if inner.data == "keyword":
+            return str(inner.children[0])
+        # A bare identifier key is a literal name, not a reference.
+        sub = _trees(inner)
+        if (
+            inner.data == "expr_term"
+            and len(sub) == 1
+            and sub[0].data == "identifier"
+            and len(inner.children) == 1
+        ):
+            return str(sub[0].children[0])
+        key = self._plain(self._eval(inner), node)
+        if isinstance(key, bool) or not isinstance(key, str | int | float):
+            raise self.source.error(node, f"object key must be a string, got {type_name(key)}")
+        return key if isinstance(key, str) else number_to_string(key)
+
+    # -- strings ------------------------------------------------------------
+
+    def _x_string(self, node: Tree) -> Any:
+        parts = [p for p in node.children if isinstance(p, Tree)]
+        # A template that is exactly one interpolation yields the raw value.
+        if len(parts) == 1 and isinstance(parts[0].children[0], Tree):
+            only = parts[0].children[0]
+            if only.data == "interpolation":
+                try:
+                    return self._plain(self._eval(_trees(only)[0]), only)
+                except Unresolved:
+                    return self.source.snippet(only)
+        out: list[str] = []
+        for part in parts:
+            content = part.children[0]
+            if isinstance(content, Token):
+                if content.type == "STRING_CHARS":
+                    try:
+                        out.append(decode_escapes(str(content)))
+                    except ValueError as err:
+                        raise self.source.error(part, str(err)) from None
+                else:  # $${ and %%{ escapes
+                    out.append(str(content)[1:])
+            elif content.data == "interpolation":
+                out.append(self._interpolate(content))
+            else:
+                raise self.source.error(
+                    part,
+                    "template directives (%{ ... }) are not supported; write %%{ for a literal %{",
+                )
+        return "".join(out)
+
+    def _interpolate(self, node: Tree) -> str:
+        expr = _trees(node)[0]
+        try:
+            value = self._eval(expr)
+        except Unresolved:
+            return self.source.snippet(node)
+        return self.to_string(self._plain(value, expr), expr)
+
+    def to_string(self, value: Any, node: Tree | Token) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return number_to_string(value)
+        raise self.source.error(
+            node,
+            f"cannot insert a {type_name(value)} value into a string: "
+            f"{self.source.snippet(node).strip()!r}",
+        )
+
+    def _x_heredoc_template(self, node: Tree) -> str:
+        return self._heredoc(node.children[0], trim=False)
+
+    def _x_heredoc_template_trim(self, node: Tree) -> str:
+        return self._heredoc(node.children[0], trim=True)
+
+    def _heredoc(self, token: Token, trim: bool) -> str:
+        raw = str(token)
+        head = _HEREDOC_HEAD.match(raw)
+        if head is None:  # the grammar guarantees the form; be defensive anyway
+            raise self.source.error(token, "malformed heredoc")
+        marker = head.group(1)
+        body = re.sub(r"[ \t]*" + re.escape(marker) + r"\r?\n\Z", "", raw[head.end() :])
+        if trim:
+            body = _dedent(body)
+        first_line = (self.source.line_of(token) or 1) + 1
+        return self._template(body, first_line)
+
+    def _template(self, text: str, first_line: int) -> str:
+        """Process ``${...}`` in a heredoc body (the grammar leaves it as raw text)."""
+        out: list[str] = []
+        pos = 0
+        for m in _TEMPLATE_MARK.finditer(text):
+            if m.start() < pos:
+                continue
+            out.append(text[pos : m.start()])
+            mark = m.group()
+            line = first_line + text.count("\n", 0, m.start())
+            if mark in ("$${", "%%{"):
+                out.append(mark[1:])
+                pos = m.end()
+                continue
+            if mark == "%{":
+                raise JobspecError(
+                    self.source.filename,
+                    line,
+                    "template directives (%{ ... }) are not supported; write %%{ for a literal %{",
+                )
+            end = _closing_brace(text, m.end())
+            if end is None:
+                raise JobspecError(self.source.filename, line, "unterminated ${ in heredoc")
+            inner = text[m.end() : end]
+            expr, sub_source = parse_expression(inner, self.source.filename, line - 1)
+            sub = Evaluator(sub_source, self.scope)
+            try:
+                out.append(sub.to_string(sub._plain(sub._eval(expr), expr), expr))
+            except Unresolved:
+                out.append(text[m.start() : end + 1])
+            pos = end + 1
+        out.append(text[pos:])
+        return "".join(out)
+
+    def _x_template_string(self, node: Tree) -> str:
+        raise self.source.error(node, "template directives are not supported")
+
+    # -- operators ----------------------------------------------------------
+
+    def _number(self, value: Any, node: Tree) -> int | float:
+        if isinstance(value, bool) or value is None:
+            raise self.source.error(node, f"expected a number, got {type_name(value)}")
+        if isinstance(value, int | float):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        raise self.source.error(node, f"expected a number, got {type_name(value)} {value!r}")
+
+    def _bool(self, value: Any, node: Tree) -> bool:
+        if isinstance(value, bool):
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+        raise self.source.error(node, f"expected a bool, got {type_name(value)} {value!r}")
+
+    def _x_binary_op(self, node: Tree) -> Any:
+        lhs_node, term = _trees(node)
+        op_node, rhs_node = _trees(term)
+        op = str(op_node.children[0]).strip()
+        lhs = self._plain(self._eval(lhs_node), lhs_node)
+        if op in ("&&", "||"):
+            left = self._bool(lhs, lhs_node)
+            if (op == "&&" and not left) or (op == "||" and left):
+                return left
+            return self._bool(self._plain(self._eval(rhs_node), rhs_node), rhs_node)
+        rhs = self._plain(self._eval(rhs_node), rhs_node)
+        if op in ("==", "!="):
+            same = type_name(lhs) == type_name(rhs) and lhs == rhs
+            return same if op == "==" else not same
+        a, b = self._number(lhs, lhs_node), self._number(rhs, rhs_node)
+        if op == "/":
+            if b == 0:
+                raise self.source.error(node, "division by zero")
+            q = a / b
+            return int(q) if q.is_integer() and isinstance(a, int) and isinstance(b, int) else q
+        if op == "%" and b == 0:
+            raise self.source.error(node, "division by zero")
+        return _BINARY[op](a, b)
+
+    def _x_unary_op(self, node: Tree) -> Any:
+        op = str(node.children[0])
+        operand_node = _trees(node)[0]
+        value = self._plain(self._eval(operand_node), operand_node)
+        if op == "!":
+            return not self._bool(value, operand_node)
+        return -self._number(value, operand_node)
+
+    def _x_conditional(self, node: Tree) -> Any:
+        cond_node, yes, no = _trees(node)
+        cond = self._bool(self._plain(self._eval(cond_node), cond_node), cond_node)
+        return self._eval(yes if cond else no)
+
+    def _x_function_call(self, node: Tree) -> Any:
+        parts = _trees(node)
+        names = [p for p in parts if p.data == "identifier"]
+        if len(names) != 1:
+            raise self.source.error(node, "namespaced (provider::) functions are not supported")
+        name = str(names[0].children[0])
+        args: list[Any] = []
+        arg_tree = next((p for p in parts if p.data == "arguments"), None)
+        expand = False
+        if arg_tree is not None:
+            arg_nodes = _trees(arg_tree)
+            args = [self._plain(self._eval(a), a) for a in arg_nodes]
+            expand = any(isinstance(t, Token) and t.type == "ELLIPSIS" for t in arg_tree.children)
+        if expand:
+            if not args or not isinstance(args[-1], list):
+                raise self.source.error(
+                    node, f"{name}(...): the argument before ... must be a list"
+                )
+            args = args[:-1] + args[-1]
+        func = FUNCTIONS.get(name)
+        if func is None:
+            raise self.source.error(
+                node, f"unknown function {name!r} (available: {', '.join(sorted(FUNCTIONS))})"
+            )
+        try:
+            return func(*args)
+        except FunctionError as err:
+            raise self.source.error(node, f"{name}(): {err}") from None
+        except (TypeError, ValueError):
+            raise self.source.error(node, f"{name}(): wrong number or kind of arguments") from None

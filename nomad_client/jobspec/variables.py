@@ -1,0 +1,221 @@
+"""Input variables of a jobspec: ``variable`` blocks, var files and ``-var`` flags.
+
+Decides the final value of every declared variable (default < var file <
+command line), converting supplied values to the declared type. Pure
+computation: the var file arrives as text, never read from disk here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.evaluate import Evaluator, Scope, number_to_string, type_name
+from nomad_client.jobspec.syntax import Block, Source, parse_body, parse_expression
+
+VAR_FILE_NAME = "<var-file>"
+CLI_NAME = "-var"
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_TYPE_RE = re.compile(r"^(string|number|bool|any|list|set|map|object|tuple)(\(.*\))?$", re.S)
+_VARIABLE_ATTRS = {"default", "type", "description", "sensitive", "nullable"}
+
+
+@attrs.frozen
+class VariableDecl:
+    """One ``variable "name" {}`` block."""
+
+    name: str
+    type: str | None
+    default: Any
+    has_default: bool
+    line: int | None
+
+
+def parse_var_assignments(pairs: Sequence[str]) -> dict[str, str]:
+    """Turn command-line ``-var NAME=VALUE`` strings into a dict (later ones win)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep:
+            raise JobspecError(CLI_NAME, None, f"invalid assignment {pair!r}: expected NAME=VALUE")
+        if not _NAME_RE.match(name):
+            raise JobspecError(
+                CLI_NAME, None, f"invalid assignment {pair!r}: {name!r} is not a valid name"
+            )
+        out[name] = value
+    return out
+
+
+def declare_variables(blocks: Sequence[Block], source: Source) -> dict[str, VariableDecl]:
+    """Read every top-level ``variable`` block."""
+    decls: dict[str, VariableDecl] = {}
+    empty = Evaluator(source, Scope({}))
+    for block in blocks:
+        where = f'variable "{block.labels[0]}"' if block.labels else "variable"
+        if len(block.labels) != 1:
+            raise JobspecError(
+                source.filename, block.line, f"{where}: a variable block needs exactly one label"
+            )
+        name = block.labels[0]
+        if not _NAME_RE.match(name):
+            raise JobspecError(source.filename, block.line, f"{where}: invalid variable name")
+        if name in decls:
+            raise JobspecError(
+                source.filename,
+                block.line,
+                f"{where}: declared more than once (first at line {decls[name].line})",
+            )
+        if block.body.blocks:
+            inner = block.body.blocks[0]
+            raise JobspecError(
+                source.filename, inner.line, f"{where}: block {inner.type!r} is not supported"
+            )
+        attrs_by_name = {a.name: a for a in block.body.attributes}
+        for attr in block.body.attributes:
+            if attr.name not in _VARIABLE_ATTRS:
+                raise JobspecError(
+                    source.filename,
+                    attr.line,
+                    f"{where}: unknown attribute {attr.name!r} "
+                    f"(expected one of {', '.join(sorted(_VARIABLE_ATTRS))})",
+                )
+        var_type = None
+        if "type" in attrs_by_name:
+            t_attr = attrs_by_name["type"]
+            var_type = re.sub(r"\s+", "", source.snippet(t_attr.expr))
+            if not _TYPE_RE.match(var_type):
+                raise JobspecError(
+                    source.filename, t_attr.line, f"{where}: unknown type {var_type!r}"
+                )
+        default: Any = None
+        has_default = "default" in attrs_by_name
+        if has_default:
+            d_attr = attrs_by_name["default"]
+            default = _convert(
+                empty.value(d_attr.expr),
+                var_type,
+                source.filename,
+                d_attr.line,
+                f"{where}: default",
+            )
+        decls[name] = VariableDecl(name, var_type, default, has_default, block.line)
+    return decls
+
+
+def resolve_variables(
+    decls: Mapping[str, VariableDecl],
+    filename: str,
+    variables: Mapping[str, str] | None,
+    var_files_text: str | None,
+) -> dict[str, Any]:
+    """Final variable values: defaults, overridden by the var file, then by ``variables``."""
+    values: dict[str, Any] = {d.name: d.default for d in decls.values() if d.has_default}
+    if var_files_text is not None and var_files_text.strip():
+        body, vsource = parse_body(var_files_text, VAR_FILE_NAME)
+        if body.blocks:
+            raise JobspecError(
+                VAR_FILE_NAME,
+                body.blocks[0].line,
+                f"a variables file may only contain NAME = value assignments, "
+                f"found block {body.blocks[0].type!r}",
+            )
+        evaluator = Evaluator(vsource, Scope({}))
+        for attr in body.attributes:
+            decl = decls.get(attr.name)
+            if decl is None:
+                raise JobspecError(
+                    VAR_FILE_NAME,
+                    attr.line,
+                    f"value for undeclared variable {attr.name!r} "
+                    f'(the jobspec {filename} has no variable "{attr.name}" block)',
+                )
+            values[attr.name] = _convert(
+                evaluator.value(attr.expr), decl.type, VAR_FILE_NAME, attr.line, attr.name
+            )
+    for name, raw in (variables or {}).items():
+        decl = decls.get(name)
+        if decl is None:
+            raise JobspecError(
+                filename,
+                None,
+                f"value supplied for undeclared variable {name!r} "
+                f'(declare it with a variable "{name}" block)',
+            )
+        values[name] = _from_cli(name, raw, decl)
+    for decl in decls.values():
+        if decl.name not in values:
+            raise JobspecError(
+                filename,
+                decl.line,
+                f"variable {decl.name!r} has no default and no value was supplied "
+                f"(use -var {decl.name}=VALUE or a variables file)",
+            )
+    return values
+
+
+def _from_cli(name: str, raw: str, decl: VariableDecl) -> Any:
+    # Like Nomad, a command-line value is a plain string unless the declared
+    # type asks for something else, in which case it is read as HCL.
+    if decl.type in (None, "string"):
+        return raw
+    if not isinstance(raw, str):
+        raise JobspecError(CLI_NAME, None, f"{name}: value must be a string, got {raw!r}")
+    expr, source = parse_expression(raw, f"{CLI_NAME} {name}")
+    value = Evaluator(source, Scope({})).value(expr)
+    return _convert(value, decl.type, CLI_NAME, None, name)
+
+
+def _convert(value: Any, var_type: str | None, filename: str, line: int | None, where: str) -> Any:
+    try:
+        return convert_to_type(value, var_type)
+    except ValueError as err:
+        raise JobspecError(filename, line, f"{where}: {err}") from None
+
+
+def _element_type(var_type: str) -> str | None:
+    m = re.match(r"^\w+\((.*)\)$", var_type, re.S)
+    return m.group(1) if m else None
+
+
+def convert_to_type(value: Any, var_type: str | None) -> Any:
+    """Convert ``value`` to the HCL type constraint ``var_type`` (a normalized string)."""
+    if value is None or var_type in (None, "any"):
+        return value
+    assert var_type is not None
+    kind = var_type.split("(", 1)[0]
+    if kind == "string":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return number_to_string(value)
+        if isinstance(value, str):
+            return value
+    elif kind == "number":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            for cast in (int, float):
+                try:
+                    return cast(value)
+                except ValueError:
+                    pass
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+    elif kind in ("list", "set", "tuple"):
+        if isinstance(value, list):
+            inner = _element_type(var_type) if kind != "tuple" else None
+            return [convert_to_type(v, inner) for v in value]
+    elif kind in ("map", "object"):
+        if isinstance(value, dict):
+            inner = _element_type(var_type) if kind == "map" else None
+            return {k: convert_to_type(v, inner) for k, v in value.items()}
+    raise ValueError(f"expected a value of type {var_type}, got {type_name(value)} {value!r}")

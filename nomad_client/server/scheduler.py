@@ -1,0 +1,118 @@
+"""Placement: turn a job's desired counts into allocations on feasible nodes.
+
+Pure functions over the records the server hands in; the server applies the result. A node
+is feasible for a group when it is ready and eligible, in one of the job's datacenters and
+its node pool, has every driver the group's tasks use (detected and healthy), and meets the
+job's, group's and tasks' constraints. Placement spreads by picking the node with the fewest
+live allocations.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from nomad_client.server.constraints import check_constraints
+from nomad_client.structs.codec import to_api
+from nomad_client.structs.jobs import iter_groups
+from nomad_client.structs.models import (
+    DESIRED_RUN,
+    NODE_READY,
+    Allocation,
+    AllocMetric,
+    Node,
+)
+
+
+@attrs.frozen
+class PlacementPlan:
+    new_allocs: tuple[Allocation, ...]
+    stopped_allocs: tuple[Allocation, ...]
+    failed_groups: Mapping[str, AllocMetric]
+    queued: Mapping[str, int]
+
+
+def node_feasibility(job: Mapping[str, Any], group: Mapping[str, Any], node: Node,
+                     node_view: Mapping[str, Any]) -> str | None:
+    """None if the group may run on the node, else the reason it may not."""
+    if node.status != NODE_READY or node.scheduling_eligibility != "eligible" or node.drain:
+        return "node not ready"
+    dcs = job.get("Datacenters") or ["*"]
+    if not any(fnmatch.fnmatchcase(node.datacenter, dc) for dc in dcs):
+        return "datacenter"
+    if (job.get("NodePool") or "default") not in ("all", node.node_pool):
+        return "node pool"
+    for task in group.get("Tasks") or ():
+        driver = node.drivers.get(task["Driver"])
+        if driver is None or not driver.detected or not driver.healthy:
+            return f"missing driver {task['Driver']}"
+    constraints = [
+        *(job.get("Constraints") or ()),
+        *(group.get("Constraints") or ()),
+        *(c for task in group.get("Tasks") or () for c in task.get("Constraints") or ()),
+    ]
+    result = check_constraints(constraints, node_view)
+    return None if result.ok else result.reason
+
+
+def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
+             existing: Sequence[Allocation]) -> PlacementPlan:
+    live = [a for a in existing if a.desired_status == DESIRED_RUN and not a.client_terminal()]
+    if job.get("Stop"):
+        stopped = tuple(attrs.evolve(a, desired_status="stop",
+                                     desired_description="alloc not needed due to job update")
+                        for a in live)
+        return PlacementPlan((), stopped, {}, {})
+
+    batch = job.get("Type") in ("batch", "sysbatch")
+    load: dict[str, int] = {n.id: 0 for n in nodes}
+    for alloc in live:
+        load[alloc.node_id] = load.get(alloc.node_id, 0) + 1
+    node_views = {n.id: to_api(n) for n in nodes}
+
+    new: list[Allocation] = []
+    failed: dict[str, AllocMetric] = {}
+    queued: dict[str, int] = {}
+    for group in iter_groups(job):
+        name = group["Name"]
+        # A batch alloc that finished successfully still counts: batch work is not redone.
+        taken = {a.index for a in existing
+                 if a.task_group == name and a.desired_status == DESIRED_RUN
+                 and (not a.client_terminal() or (batch and a.client_status == "complete"))}
+        missing = [i for i in range(int(group.get("Count", 1))) if i not in taken]
+        if not missing:
+            continue
+        filtered: dict[str, int] = {}
+        feasible: list[Node] = []
+        for node in nodes:
+            reason = node_feasibility(job, group, node, node_views[node.id])
+            if reason is None:
+                feasible.append(node)
+            else:
+                filtered[reason] = filtered.get(reason, 0) + 1
+        if not feasible:
+            failed[name] = AllocMetric(
+                nodes_evaluated=len(nodes), nodes_filtered=len(nodes) - len(feasible),
+                constraint_filtered=filtered,
+                nodes_available=_count_by_dc(nodes))
+            queued[name] = len(missing)
+            continue
+        for index in missing:
+            node = min(feasible, key=lambda n: (load[n.id], n.id))
+            load[node.id] += 1
+            new.append(Allocation(
+                id=str(uuid.uuid4()), namespace=job.get("Namespace") or "default",
+                eval_id=eval_id, name=f"{job['ID']}.{name}[{index}]", node_id=node.id,
+                node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name))
+    return PlacementPlan(tuple(new), (), failed, queued)
+
+
+def _count_by_dc(nodes: Sequence[Node]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.datacenter] = counts.get(node.datacenter, 0) + 1
+    return counts

@@ -1,0 +1,230 @@
+"""The records the server stores and the client reports: allocations, task states and events,
+nodes, evaluations, ACL tokens.
+
+Jobs are kept as their canonical API dict (see ``nomad_client.jobspec.canonicalize_job``):
+they arrive as JSON, are stored and served as JSON, and the runners only read a handful of
+fields through the accessors in ``jobs.py``. Everything here is a frozen value; a change is
+a new value (``attrs.evolve``) written back to the state store.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from nomad_client.structs.codec import hidden_from_api
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def rfc3339(ts: float | None = None) -> str:
+    """Go's time.Time JSON form, with nanoseconds."""
+    when = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+
+
+# Task event types (the vocabulary Nomad's clients use).
+EVENT_RECEIVED = "Received"
+EVENT_TASK_SETUP = "Task Setup"
+EVENT_SETUP_FAILURE = "Setup Failure"
+EVENT_DRIVER_FAILURE = "Driver Failure"
+EVENT_FAILED_VALIDATION = "Failed Validation"
+EVENT_STARTED = "Started"
+EVENT_TERMINATED = "Terminated"
+EVENT_KILLING = "Killing"
+EVENT_KILLED = "Killed"
+EVENT_RESTARTING = "Restarting"
+EVENT_NOT_RESTARTING = "Not Restarting"
+EVENT_HOOK_FAILED = "Task hook failed"
+EVENT_HOOK_MESSAGE = "Task hook message"
+EVENT_FAILED_RESTORING = "Failed Restoring Task"
+EVENT_SIBLING_FAILED = "Sibling Task Failed"
+
+TASK_PENDING = "pending"
+TASK_RUNNING = "running"
+TASK_DEAD = "dead"
+
+ALLOC_PENDING = "pending"
+ALLOC_RUNNING = "running"
+ALLOC_COMPLETE = "complete"
+ALLOC_FAILED = "failed"
+ALLOC_LOST = "lost"
+CLIENT_TERMINAL = frozenset({ALLOC_COMPLETE, ALLOC_FAILED, ALLOC_LOST})
+
+DESIRED_RUN = "run"
+DESIRED_STOP = "stop"
+
+MAX_TASK_EVENTS = 10
+
+
+@attrs.frozen
+class TaskEvent:
+    type: str
+    time: int = attrs.field(factory=now_ns)
+    message: str = ""
+    display_message: str = ""
+    details: dict[str, str] = attrs.field(factory=dict)
+    fails_task: bool = False
+    restart_reason: str = ""
+    setup_error: str = ""
+    driver_error: str = ""
+    exit_code: int = 0
+    signal: int = 0
+    kill_reason: str = ""
+    kill_timeout: int = 0
+    start_delay: int = 0
+
+
+@attrs.frozen
+class TaskState:
+    state: str = TASK_PENDING
+    failed: bool = False
+    restarts: int = 0
+    last_restart: str = ZERO_TIME
+    started_at: str = ZERO_TIME
+    finished_at: str = ZERO_TIME
+    events: tuple[TaskEvent, ...] = ()
+
+    def with_event(self, event: TaskEvent) -> TaskState:
+        events = (*self.events, event)[-MAX_TASK_EVENTS:]
+        return attrs.evolve(self, events=events, failed=self.failed or event.fails_task)
+
+
+@attrs.frozen
+class Allocation:
+    id: str
+    namespace: str
+    eval_id: str
+    name: str
+    node_id: str
+    node_name: str
+    job_id: str
+    job: dict[str, Any]
+    task_group: str
+    desired_status: str = DESIRED_RUN
+    desired_description: str = ""
+    client_status: str = ALLOC_PENDING
+    client_description: str = ""
+    task_states: dict[str, TaskState] = attrs.field(factory=dict)
+    create_index: int = 0
+    modify_index: int = 0
+    alloc_modify_index: int = 0
+    create_time: int = attrs.field(factory=now_ns)
+    modify_time: int = attrs.field(factory=now_ns)
+    # task name -> signed default workload identity; never shown by the HTTP API.
+    signed_identities: dict[str, str] = hidden_from_api(factory=dict)
+
+    @property
+    def index(self) -> int:
+        """``web.api[2]`` -> 2."""
+        return int(self.name.rsplit("[", 1)[1].rstrip("]"))
+
+    def client_terminal(self) -> bool:
+        return self.client_status in CLIENT_TERMINAL
+
+    def server_terminal(self) -> bool:
+        return self.desired_status != DESIRED_RUN
+
+    def terminal(self) -> bool:
+        return self.client_terminal() or self.server_terminal()
+
+
+@attrs.frozen
+class DriverInfo:
+    detected: bool
+    healthy: bool
+    health_description: str = ""
+    attributes: dict[str, str] = attrs.field(factory=dict)
+    update_time: str = ZERO_TIME
+
+
+NODE_READY = "ready"
+NODE_DOWN = "down"
+NODE_INIT = "initializing"
+
+
+@attrs.frozen
+class Node:
+    id: str
+    name: str
+    datacenter: str
+    http_addr: str
+    secret_id: str = hidden_from_api(default="")
+    node_class: str = ""
+    node_pool: str = "default"
+    attributes: dict[str, str] = attrs.field(factory=dict)
+    meta: dict[str, str] = attrs.field(factory=dict)
+    drivers: dict[str, DriverInfo] = attrs.field(factory=dict)
+    node_resources: dict[str, Any] = attrs.field(factory=dict)
+    status: str = NODE_INIT
+    status_description: str = ""
+    status_updated_at: int = 0
+    scheduling_eligibility: str = "eligible"
+    drain: bool = False
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@attrs.frozen
+class AllocMetric:
+    nodes_evaluated: int = 0
+    nodes_filtered: int = 0
+    nodes_available: dict[str, int] = attrs.field(factory=dict)
+    constraint_filtered: dict[str, int] = attrs.field(factory=dict)
+    nodes_exhausted: int = 0
+
+
+EVAL_PENDING = "pending"
+EVAL_COMPLETE = "complete"
+EVAL_BLOCKED = "blocked"
+
+
+@attrs.frozen
+class Evaluation:
+    id: str
+    namespace: str
+    job_id: str
+    type: str
+    triggered_by: str
+    priority: int = 50
+    status: str = EVAL_PENDING
+    status_description: str = ""
+    failed_tg_allocs: dict[str, AllocMetric] = attrs.field(factory=dict)
+    queued_allocations: dict[str, int] = attrs.field(factory=dict)
+    create_index: int = 0
+    modify_index: int = 0
+    create_time: int = attrs.field(factory=now_ns)
+    modify_time: int = attrs.field(factory=now_ns)
+
+
+@attrs.frozen
+class ACLToken:
+    accessor_id: str
+    secret_id: str
+    name: str
+    type: str  # "client" | "management"
+    policies: tuple[str, ...] = ()
+    global_: bool = False
+    expiration_time: float | None = None  # unix seconds; None = never
+    create_index: int = 0
+    modify_index: int = 0
+
+    def expired(self, now: float) -> bool:
+        return self.expiration_time is not None and now >= self.expiration_time
+
+
+@attrs.frozen
+class AllocUpdate:
+    """What a client reports about one of its allocations (Node.UpdateAlloc)."""
+
+    id: str
+    client_status: str
+    client_description: str
+    task_states: dict[str, TaskState]

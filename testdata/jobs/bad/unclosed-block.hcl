@@ -1,0 +1,5 @@
+job "unclosed" {
+  group "g" {
+    task "t" {
+      driver = "raw_exec"
+    }

@@ -1,0 +1,10 @@
+job "unknown" {
+  group "g" {
+    task "t" {
+      driver = "raw_exec"
+      frobnicate {
+        level = 11
+      }
+    }
+  }
+}
