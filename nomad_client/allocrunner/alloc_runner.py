@@ -22,6 +22,7 @@ from nomad_client.allocrunner.hooks import (
     AllocHookDeps,
     AllocPostrunHook,
     AllocPrerunHook,
+    AllocShutdownHook,
     AllocUpdateHook,
     TaskContext,
     TaskLifecycleObserver,
@@ -222,9 +223,8 @@ class AllocRunner:
             self._main.cancel()
             await asyncio.gather(self._main, return_exceptions=True)
         for hook in self.hooks:
-            shutdown = getattr(hook, "shutdown", None)
-            if shutdown is not None:
-                await _logged(self.log, hook.name, shutdown())
+            if isinstance(hook, AllocShutdownHook):
+                await _logged(self.log, hook.name, hook.shutdown())
 
 
 async def _logged(logger: logging.Logger, name: str, coro: Awaitable[Any]) -> None:

@@ -142,6 +142,15 @@ class AllocDestroyHook(Protocol):
 
 
 @runtime_checkable
+class AllocShutdownHook(Protocol):
+    """The agent is shutting down and leaves the allocation's tasks running."""
+
+    name: str
+
+    async def shutdown(self) -> None: ...
+
+
+@runtime_checkable
 class TaskLifecycleObserver(Protocol):
     """Alloc-level view of each task's lifecycle. Errors here never fail a task."""
 

@@ -306,7 +306,7 @@ class _JobChecker:
         if not isinstance(idents, list):
             self.add(where, "Identities must be a list")
             return
-        seen = {"default"}
+        seen: set[Any] = {"default"}
         for ident in idents:
             if not isinstance(ident, dict):
                 self.add(where, "each identity must be an object")
@@ -341,10 +341,9 @@ class _JobChecker:
             self.add(iwhere, 'change_signal is required when change_mode is "signal"')
         if ident.get("Filepath") and not ident.get("File"):
             self.add(iwhere, "filepath requires file = true")
+        # Unlike Nomad, the default identity may have a ttl: it then carries an exp claim.
         ttl = ident.get("TTL")
-        if default and ttl:
-            self.add(iwhere, "ttl for default identity not yet supported")
-        elif ttl is not None and (not _is_int(ttl) or ttl < 0):
+        if ttl is not None and (not _is_int(ttl) or ttl < 0):
             self.add(iwhere, f"TTL must be a non-negative number of nanoseconds, got {ttl!r}")
 
     def _restart(self, where: str, policy: dict[str, Any]) -> None:

@@ -167,14 +167,14 @@ class _Reader:
             return
         where = f"{self.path}.{block.type}"
         if count == 0:
-            raise self.dec.error(block.line, where, f"a {block.type} block takes no label")
+            raise self.dec.error(block.line, where, f"the {block.type} block takes no label")
         if not block.labels:
             raise self.dec.error(
                 block.line,
                 where,
                 f'missing label: write {block.type} "<name>" {{ ... }}',
             )
-        raise self.dec.error(block.line, where, f"a {block.type} block takes exactly one label")
+        raise self.dec.error(block.line, where, f"the {block.type} block takes exactly one label")
 
     def string_map(self, name: str) -> dict[str, str] | None:
         """``meta``/``env``: either ``name { k = v }`` or ``name = { k = v }``."""

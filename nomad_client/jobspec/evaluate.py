@@ -156,6 +156,18 @@ class Evaluator:
             return "${" + self.source.snippet(node).strip() + "}"
         return self._plain(result, node)
 
+    def constant(self, node: Tree, what: str) -> Any:
+        """Evaluate ``node`` where no runtime reference may appear (defaults, var files)."""
+        try:
+            result = self._eval(node)
+        except Unresolved as unresolved:
+            raise self.source.error(
+                node,
+                f"{what}: {self.source.snippet(node).strip()!r} refers to {unresolved}, "
+                "which is not known when the jobspec is parsed",
+            ) from None
+        return self._plain(result, node)
+
     def _plain(self, value: Any, node: Tree | Token) -> Any:
         if isinstance(value, _Namespace):
             raise self.source.error(
@@ -329,7 +341,7 @@ class Evaluator:
     def _x_heredoc_template_trim(self, node: Tree) -> str:
         return self._heredoc(node.children[0], trim=True)
 
-    def _heredoc(self, token: Token, trim: bool) -> str:
+    def _heredoc(self, token: Token | Tree, trim: bool) -> str:
         raw = str(token)
         head = _HEREDOC_HEAD.match(raw)
         if head is None:  # the grammar guarantees the form; be defensive anyway

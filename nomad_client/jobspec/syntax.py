@@ -116,36 +116,40 @@ def _describe_expected(expected: set[str]) -> str:
     return " or ".join(names)
 
 
-def _syntax_error(err: UnexpectedInput, filename: str, line_offset: int) -> JobspecError:
+def _syntax_error(
+    err: UnexpectedInput, filename: str, line_offset: int, fragment: bool
+) -> JobspecError:
     line = err.line + line_offset if isinstance(err.line, int) and err.line > 0 else None
     column = err.column if isinstance(err.column, int) and err.column > 0 else None
-    where = f"column {column}: " if column else ""
+    if fragment:
+        column = None  # columns inside a wrapped fragment would mislead
+    where = f" at column {column}" if column else ""
     if isinstance(err, UnexpectedToken):
         got = _describe_token(err.token)
-        msg = (
-            f"syntax error at {where}unexpected {got}; expected {_describe_expected(err.expected)}"
-        )
+        msg = f"syntax error{where}: unexpected {got}; expected {_describe_expected(err.expected)}"
         if err.token.type == "$END" and "RBRACE" in err.expected:
             msg += " (a block is not closed)"
     elif isinstance(err, UnexpectedCharacters):
-        msg = f"syntax error at {where}unexpected character {err.char!r}"
+        msg = f"syntax error{where}: unexpected character {err.char!r}"
     elif isinstance(err, UnexpectedEOF):
         msg = "syntax error: unexpected end of file"
     else:  # pragma: no cover - Lark has no other subclasses today
-        msg = f"syntax error at {where}{err}"
+        msg = f"syntax error{where}: {err}"
     return JobspecError(filename, line, msg)
 
 
-def parse_tree(text: str, filename: str, line_offset: int = 0) -> Tree:
+def parse_tree(text: str, filename: str, line_offset: int = 0, fragment: bool = False) -> Tree:
     """Run python-hcl2's parser, converting syntax errors to ``JobspecError``."""
     try:
         return hcl2.parses_to_tree(text)
     except UnexpectedInput as err:
-        raise _syntax_error(err, filename, line_offset) from None
+        raise _syntax_error(err, filename, line_offset, fragment) from None
 
 
 def parse_body(text: str, filename: str) -> tuple[Body, Source]:
     """Parse a whole HCL2 file into a ``Body`` plus the ``Source`` for its expressions."""
+    # CRLF files must give the same values (heredoc bodies, positions) as LF ones.
+    text = text.replace("\r\n", "\n")
     tree = parse_tree(text, filename)
     # python-hcl2 parses ``text + "\n"``; positions index into the same prefix.
     source = Source(text + "\n", filename)
@@ -156,7 +160,7 @@ def parse_body(text: str, filename: str) -> tuple[Body, Source]:
 def parse_expression(text: str, filename: str, line_offset: int = 0) -> tuple[Tree, Source]:
     """Parse one expression (a heredoc interpolation, a ``-var`` value)."""
     wrapped = f"__value = {text}"
-    tree = parse_tree(wrapped, filename, line_offset)
+    tree = parse_tree(wrapped, filename, line_offset, fragment=True)
     source = Source(wrapped + "\n", filename, line_offset)
     body = _body(tree.children[0], source)
     if len(body.attributes) != 1 or body.blocks:

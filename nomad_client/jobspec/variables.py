@@ -98,7 +98,7 @@ def declare_variables(blocks: Sequence[Block], source: Source) -> dict[str, Vari
         if has_default:
             d_attr = attrs_by_name["default"]
             default = _convert(
-                empty.value(d_attr.expr),
+                empty.constant(d_attr.expr, f"{where}: default"),
                 var_type,
                 source.filename,
                 d_attr.line,
@@ -136,7 +136,11 @@ def resolve_variables(
                     f'(the jobspec {filename} has no variable "{attr.name}" block)',
                 )
             values[attr.name] = _convert(
-                evaluator.value(attr.expr), decl.type, VAR_FILE_NAME, attr.line, attr.name
+                evaluator.constant(attr.expr, attr.name),
+                decl.type,
+                VAR_FILE_NAME,
+                attr.line,
+                attr.name,
             )
     for name, raw in (variables or {}).items():
         decl = decls.get(name)
@@ -166,8 +170,13 @@ def _from_cli(name: str, raw: str, decl: VariableDecl) -> Any:
         return raw
     if not isinstance(raw, str):
         raise JobspecError(CLI_NAME, None, f"{name}: value must be a string, got {raw!r}")
-    expr, source = parse_expression(raw, f"{CLI_NAME} {name}")
-    value = Evaluator(source, Scope({})).value(expr)
+    try:
+        expr, source = parse_expression(raw, CLI_NAME)
+        value = Evaluator(source, Scope({})).constant(expr, name)
+    except JobspecError as err:
+        raise JobspecError(
+            CLI_NAME, None, f"{name}={raw!r} is not a valid {decl.type} value ({err.message})"
+        ) from None
     return _convert(value, decl.type, CLI_NAME, None, name)
 
 

@@ -105,12 +105,14 @@ class Server:
 
     def _with_identities(self, alloc: Allocation) -> Allocation:
         group = next(g for g in alloc.job["TaskGroups"] if g["Name"] == alloc.task_group)
-        tokens = {
-            task["Name"]: self.keyring.sign_identity(
+        tokens = {}
+        for task in group.get("Tasks") or ():
+            ttl_ns = (task.get("Identity") or {}).get("TTL") or 0
+            tokens[task["Name"]] = self.keyring.sign_identity(
                 namespace=alloc.namespace, job_id=alloc.job_id, alloc_id=alloc.id,
-                task=task["Name"], group=alloc.task_group, region=self.region)
-            for task in group.get("Tasks") or ()
-        }
+                task=task["Name"], group=alloc.task_group, region=self.region,
+                # Unlike Nomad, the default identity may carry a ttl (and so an exp claim).
+                ttl_seconds=ttl_ns / 1e9 if ttl_ns else None)
         return attrs.evolve(alloc, signed_identities=tokens)
 
     async def _reevaluate_queued(self) -> None:

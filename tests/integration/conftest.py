@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import AgentProcess
+
+
+@pytest.fixture
+async def agent_factory(tmp_path: Path) -> AsyncIterator[Callable[..., AgentProcess]]:
+    """Make agents whose processes (and tasks) are cleaned up after the test."""
+    made: list[AgentProcess] = []
+
+    def make(name: str = "agent", **kwargs: object) -> AgentProcess:
+        agent = AgentProcess(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        await agent.kill()
+    _kill_leftover_tasks(tmp_path)
+
+
+def _kill_leftover_tasks(root: Path) -> None:
+    """Tasks outlive a killed agent by design; end every process still working in root."""
+    import psutil
+
+    for proc in psutil.process_iter(["cwd", "cmdline"]):
+        try:
+            cwd = proc.info.get("cwd") or ""
+            cmdline = " ".join(proc.info.get("cmdline") or ())
+            if cwd.startswith(str(root)) or str(root) in cmdline:
+                proc.kill()
+        except (psutil.Error, OSError):
+            continue
+
+
+@pytest.fixture
+async def agent(agent_factory: Callable[..., AgentProcess]) -> AsyncIterator[AgentProcess]:
+    a = agent_factory()
+    await a.start()
+    yield a
+    await a.stop()

@@ -1,0 +1,185 @@
+"""Real agents for integration tests: each runs as its own process (``python -m nomad_client
+agent``) on a random port with its own data dir, and is stopped (or killed) by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from nomad_client.api.client import ApiClient
+from nomad_client.jobspec import canonicalize_job, parse_jobspec
+
+_STARTED = re.compile(r"HTTP API: (http://[0-9.]+:\d+)")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class AgentProcess:
+    def __init__(self, data_dir: Path, *, acl: bool = False, meta: Mapping[str, str] | None = None,
+                 extra_config: str = "") -> None:
+        self.data_dir = data_dir
+        self.acl = acl
+        self.meta = dict(meta or {})
+        self.extra_config = extra_config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.address = ""
+        self._output: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.agent.json"
+
+    def write_config(self) -> None:
+        config = {
+            "data_dir": str(self.data_dir), "bind_addr": "127.0.0.1", "log_level": "DEBUG",
+            "ports": {"http": 0}, "server": {"enabled": True},
+            "client": {"enabled": True, "meta": self.meta}, "acl": {"enabled": self.acl},
+        }
+        self.config_path.write_text(json.dumps(config))
+
+    async def start(self, timeout: float = 20.0) -> None:
+        self.write_config()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NOMAD_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nomad_client", "agent", "-config", str(self.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            cwd=str(REPO))
+        started = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read_output(started))
+        try:
+            self.address = await asyncio.wait_for(started, timeout)
+        except (TimeoutError, RuntimeError) as exc:
+            await self.kill()
+            raise RuntimeError("agent did not start:\n" + self.output) from exc
+
+    async def _read_output(self, started: asyncio.Future[str]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self._output.append(line)
+            match = _STARTED.search(line)
+            if match and not started.done():
+                started.set_result(match.group(1))
+        if not started.done():
+            started.set_exception(RuntimeError("agent exited"))
+
+    @property
+    def output(self) -> str:
+        return "".join(self._output)
+
+    def api(self, token: str | None = None) -> ApiClient:
+        return ApiClient(self.address, token=token or "")
+
+    async def stop(self) -> int:
+        """SIGTERM and wait (tasks are left running in non-dev mode)."""
+        return await self._end(signal.SIGTERM)
+
+    async def kill(self) -> int:
+        """SIGKILL: the agent dies without any cleanup."""
+        return await self._end(signal.SIGKILL)
+
+    async def _end(self, sig: int) -> int:
+        if self.proc is None:
+            return 0
+        proc, self.proc = self.proc, None
+        if proc.returncode is None:
+            proc.send_signal(sig)
+        try:
+            code = await asyncio.wait_for(proc.wait(), 30)
+        finally:
+            if self._reader is not None:
+                await asyncio.gather(self._reader, return_exceptions=True)
+                self._reader = None
+        return code
+
+
+def load_job(name: str, **variables: str) -> dict[str, Any]:
+    path = REPO / "testdata" / "jobs" / name
+    return canonicalize_job(parse_jobspec(path.read_text(), str(path), variables or None))
+
+
+def raw_exec_job(job_id: str, script: str, *, job_type: str = "service", count: int = 1,
+                 restart: Mapping[str, Any] | None = None, identity: Mapping[str, Any] | None
+                 = None, user: str | None = None, tasks: int = 1, kill_timeout_s: float = 5,
+                 extra_task: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A canonical job whose task(s) run ``/bin/sh -c script`` with raw_exec."""
+    task_list = []
+    for i in range(tasks):
+        task: dict[str, Any] = {
+            "Name": "t" if tasks == 1 else f"t{i}", "Driver": "raw_exec",
+            "Config": {"command": "/bin/sh", "args": ["-c", script]},
+            "KillTimeout": int(kill_timeout_s * 1e9),
+        }
+        if identity is not None:
+            task["Identity"] = dict(identity)
+        if user is not None:
+            task["User"] = user
+        task.update(extra_task or {})
+        task_list.append(task)
+    group: dict[str, Any] = {"Name": "g", "Count": count, "Tasks": task_list}
+    if restart is not None:
+        group["RestartPolicy"] = dict(restart)
+    return canonicalize_job({"ID": job_id, "Type": job_type, "TaskGroups": [group]})
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1,
+                     message: str = "condition") -> Any:
+    """Poll an async or sync check until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message}; last value: {last!r}")
+
+
+async def run_job(api: ApiClient, job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Register a job and return its allocation stubs once they exist."""
+    await api.job_register(dict(job))
+
+    async def allocs() -> list[dict[str, Any]]:
+        found = await api.job_allocations(job["ID"])
+        return found if len(found) >= _count(job) else []
+    return await eventually(allocs, message=f"allocations of {job['ID']}")
+
+
+def _count(job: Mapping[str, Any]) -> int:
+    return sum(int(g.get("Count", 1)) for g in job["TaskGroups"])
+
+
+async def alloc_status(api: ApiClient, alloc_id: str) -> dict[str, Any]:
+    return await api.allocation_get(alloc_id)
+
+
+async def wait_task_state(api: ApiClient, alloc_id: str, task: str, state: str,
+                          timeout: float = 15.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        alloc = await api.allocation_get(alloc_id)
+        ts = (alloc.get("TaskStates") or {}).get(task)
+        return alloc if ts and ts["State"] == state else None
+    return await eventually(check, timeout=timeout, message=f"task {task} {state}")
+
+
+async def wait_client_status(api: ApiClient, alloc_id: str, *statuses: str,
+                             timeout: float = 15.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        alloc = await api.allocation_get(alloc_id)
+        return alloc if alloc["ClientStatus"] in statuses else None
+    return await eventually(check, timeout=timeout, message=f"alloc status in {statuses}")
+
+
+def task_dir(agent: AgentProcess, alloc_id: str, task: str) -> Path:
+    return agent.data_dir / "alloc" / alloc_id / task
