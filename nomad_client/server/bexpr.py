@@ -343,6 +343,7 @@ def _op_collection(
     body: _Pred,
 ) -> _Pred:
     def bindings(key: Any, item: Any, is_map: bool) -> dict[str, Any]:
+        pairs: tuple[tuple[str | None, Any], ...]
         if two_names:
             pairs = ((first, key), (second, item))
         else:

@@ -446,7 +446,7 @@ def _go_quote(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=30)
 
 
 @settings(max_examples=200, deadline=None)
