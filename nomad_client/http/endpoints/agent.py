@@ -12,7 +12,9 @@ GET = ("GET",)
 
 def register(router: Router, services: Services) -> None:
     async def health(req: ApiRequest) -> Any:
-        wanted = set(req.query.getall("type", [])) or {"client", "server"}
+        asked = set(req.query.getall("type", []))
+        # Without ?type, report only the parts this agent runs (as Nomad does).
+        wanted = asked or {"server"} | ({"client"} if services.client is not None else set())
         body: dict[str, Any] = {}
         ok = True
         if "client" in wanted:
