@@ -5,12 +5,14 @@ Pure functions over plain values; nothing here performs I/O.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 EMPTY = "<none>"
+_FRACTION = re.compile(r"\.(\d+)")
 SHORT_ID = 8
 
 
@@ -68,11 +70,9 @@ def from_rfc3339(value: Any) -> datetime | None:
         return None
     text = value.replace("Z", "+00:00")
     # Python accepts at most microseconds: cut longer fractions.
-    if "." in text:
-        head, rest = text.split(".", 1)
-        digits = "".join(ch for ch in rest if ch.isdigit())
-        zone = rest[len(digits):]
-        text = f"{head}.{digits[:6]}{zone}"
+    m = _FRACTION.search(text)
+    if m:
+        text = text[:m.start()] + "." + m.group(1)[:6] + text[m.end():]
     try:
         return datetime.fromisoformat(text)
     except ValueError:
@@ -90,7 +90,7 @@ def pretty_time_diff(ns: Any, now: float | None = None) -> str:
     seconds = int(round((now if now is not None else time.time()) - ns / 1e9))
     suffix = " ago" if seconds >= 0 else " from now"
     seconds = abs(seconds)
-    parts = []
+    parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         amount, seconds = divmod(seconds, size)
         if amount or parts:

@@ -110,11 +110,12 @@ async def monitor_evaluation(client: ApiClient, eval_id: str, *, verbose: bool =
             if not status:
                 _line(f'Evaluation triggered by job "{evaluation.get("JobID", "")}"')
                 status = "pending"
+            # Allocations first: they are placed before the evaluation is marked complete.
+            allocs = await client.job_allocations(evaluation.get("JobID", ""))
+            tracker.update(allocs or [])
             if new_status != status:
                 _line(f'Evaluation status changed: "{status}" -> "{new_status}"')
                 status = new_status
-            allocs = await client.job_allocations(evaluation.get("JobID", ""))
-            tracker.update(allocs or [])
             if status in TERMINAL_EVAL:
                 break
             if loop.time() >= deadline:

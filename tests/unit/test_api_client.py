@@ -213,10 +213,11 @@ async def test_unix_socket_path_longer_than_sun_path(agent: FakeAgent, tmp_path:
         async with client:
             assert await client.status_leader() == "127.0.0.1:4647"
             held = client._dir_fd
-            assert held is not None and os.path.exists(f"/proc/self/fd/{held}")
+            assert held is not None
+            assert os.readlink(f"/proc/self/fd/{held}") == str(deep)
         assert client._dir_fd is None
-        assert not os.path.exists(f"/proc/self/fd/{held}") or os.readlink(
-            f"/proc/self/fd/{held}") != str(deep)
+        with pytest.raises(OSError):
+            os.fstat(held)  # closed by close()
     finally:
         await runner.cleanup()
 

@@ -1,0 +1,191 @@
+"""Agent configuration: files (HCL/JSON), validation errors, merging, flags."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from nomad_client.agent.config import (
+    AgentConfig,
+    AgentFlags,
+    ConfigError,
+    build_agent_config,
+    load_config_file,
+    parse_agent_args,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "testdata" / "configs"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_sample_dev_config() -> None:
+    raw = load_config_file(CONFIGS / "dev.hcl")
+    assert raw == {"data_dir": "/var/lib/nomad-client", "bind_addr": "127.0.0.1",
+                   "log_level": "DEBUG", "ports": {"http": 4646},
+                   "server": {"enabled": True}, "client": {"enabled": True}}
+
+
+def test_sample_meta_and_acl_merge() -> None:
+    cfg = build_agent_config([CONFIGS / "meta.hcl", CONFIGS / "acl.hcl"], AgentFlags())
+    assert cfg.client.meta == {"rack": "r1", "tier": "gold"}
+    assert cfg.client.options == {"driver.raw_exec.enable": "1"}
+    assert (cfg.datacenter, cfg.name, cfg.acl.enabled) == ("dc2", "client-meta", True)
+    assert (cfg.server.enabled, cfg.client.enabled) == (False, True)
+
+
+def test_json_config() -> None:
+    cfg = build_agent_config([CONFIGS / "client.json"], AgentFlags())
+    assert (cfg.region, cfg.ports.http, cfg.client.meta) == ("europe", 0, {"zone.name": "z1"})
+
+
+def test_defaults_and_api_dict(tmp_path: Path) -> None:
+    f = write(tmp_path, "a.hcl", 'data_dir = "/d"\nclient { enabled = true }\n')
+    cfg = build_agent_config([f], AgentFlags())
+    assert cfg == AgentConfig(data_dir="/d", name=socket.gethostname(),
+                              client=cfg.client, dev_mode=False)
+    api = cfg.to_api_dict()
+    assert api["Region"] == "global" and api["Datacenter"] == "dc1"
+    assert api["Ports"] == {"HTTP": 4646} and api["ACL"] == {"Enabled": False}
+    assert api["Client"]["Enabled"] is True and api["Server"] == {"Enabled": False}
+    assert api["NodeName"] == socket.gethostname() and api["DevMode"] is False
+
+
+def test_later_files_override_and_maps_merge(tmp_path: Path) -> None:
+    a = write(tmp_path, "a.hcl", 'data_dir = "/a"\nregion = "r1"\n'
+              'client {\n  enabled = true\n  meta {\n    rack = "r1"\n    x = "1"\n  }\n}\n')
+    b = write(tmp_path, "b.json", '{"region": "r2", "client": {"meta": {"rack": "r2"}}}')
+    cfg = build_agent_config([a, b], AgentFlags())
+    assert cfg.region == "r2" and cfg.data_dir == "/a"
+    assert cfg.client.meta == {"rack": "r2", "x": "1"}
+    assert cfg.client.enabled is True
+
+
+def test_directory_expands_to_its_config_files(tmp_path: Path) -> None:
+    write(tmp_path, "10-base.hcl", 'data_dir = "/a"\nserver { enabled = true }\n')
+    write(tmp_path, "20-over.json", '{"data_dir": "/b"}')
+    write(tmp_path, "README", "not a config")
+    cfg = build_agent_config([tmp_path], AgentFlags())
+    assert cfg.data_dir == "/b" and cfg.server.enabled
+
+
+def test_flags_override_files(tmp_path: Path) -> None:
+    f = write(tmp_path, "a.hcl", 'data_dir = "/a"\nbind_addr = "10.0.0.1"\n'
+              'client {\n  enabled = true\n  meta = { rack = "r1" }\n}\n')
+    flags = parse_agent_args(["-data-dir", "/flag", "-bind=0.0.0.0", "-acl-enabled",
+                              "-log-level", "warn", "-meta", "rack=r9", "--meta=zone=z",
+                              "-http-port", "0"])
+    cfg = build_agent_config([f], flags)
+    assert (cfg.data_dir, cfg.bind_addr, cfg.log_level) == ("/flag", "0.0.0.0", "WARN")
+    assert cfg.acl.enabled and cfg.ports.http == 0
+    assert cfg.client.meta == {"rack": "r9", "zone": "z"}
+
+
+def test_dev_mode() -> None:
+    cfg = build_agent_config([], parse_agent_args(["-dev"]))
+    assert cfg.dev_mode and cfg.server.enabled and cfg.client.enabled
+    assert cfg.data_dir is None and cfg.bind_addr == "127.0.0.1" and cfg.ports.http == 4646
+    cfg = build_agent_config([], parse_agent_args(["-dev", "-http-port=0"]))
+    assert cfg.ports.http == 0
+
+
+def test_non_dev_requirements(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least one of server or client"):
+        build_agent_config([], AgentFlags(data_dir="/x"))
+    f = write(tmp_path, "c.hcl", "client { enabled = true }\n")
+    with pytest.raises(ConfigError, match="data_dir is required"):
+        build_agent_config([f], AgentFlags())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('client {\n  enabled = true\n  meta {\n    rack = ["a"]\n  }\n}\n',
+         "{f}:4: client.meta.rack: expected a string, got list"),
+        ("client {\n  enabled = true\n  bogus = 1\n}\n",
+         "{f}:3: client.bogus: unknown configuration key"),
+        ("# c\nservers {\n}\n", "{f}:2: servers: unknown configuration key"),
+        ('acl {\n  enabled = "true"\n}\n', "{f}:2: acl.enabled: expected a bool"),
+        ("ports {\n  http = 70000\n}\n", "{f}:2: ports.http: port 70000 out of range"),
+        ('ports {\n  http = "80"\n}\n', "{f}:2: ports.http: expected a port number, got string"),
+        ('bind_addr = "localhost"\n', "{f}:1: bind_addr: 'localhost' is not a valid IP"),
+        ('log_level = "loud"\n', "{f}:1: log_level: unknown log level 'loud'"),
+        ('client {\n  meta = { "9lives" = "x" }\n}\n',
+         "{f}:2: client.meta.9lives: '9lives' is invalid"),
+        ("data_dir = var.dir\n", "{f}:1: data_dir: expected a string, got expression"),
+        ('data_dir = ""\n', "{f}:1: data_dir: must not be empty"),
+        ("x = 1\ny = = 2\n", "{f}:2: syntax error"),
+        ("client {\n", "{f}:2: syntax error: unexpected end of file"),
+    ],
+)
+def test_hcl_errors_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    f = write(tmp_path, "agent.hcl", text)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(f)
+    assert str(info.value).startswith(expected.format(f=f))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"client": {"meta": {"rack": 1}}}', "client.meta.rack: expected a string, got number"),
+        ('{"acl": {"enabled": 1}}', "acl.enabled: expected a bool"),
+        ('{"nope": 1}', "nope: unknown configuration key"),
+        ("[1]", "expected a JSON object"),
+    ],
+)
+def test_json_errors(tmp_path: Path, text: str, expected: str) -> None:
+    f = write(tmp_path, "agent.json", text)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(f)
+    assert str(info.value).startswith(f"{f}")
+    assert expected in str(info.value)
+
+
+def test_json_syntax_error_has_line(tmp_path: Path) -> None:
+    f = write(tmp_path, "agent.json", '{\n  "region": "x",\n  oops\n}')
+    with pytest.raises(ConfigError, match=rf"^{f}:3: invalid JSON"):
+        load_config_file(f)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.hcl: no such file"):
+        build_agent_config([tmp_path / "nope.hcl"], AgentFlags())
+
+
+def test_parse_agent_args() -> None:
+    flags = parse_agent_args(["-dev", "-config", "a.hcl", "--config=b.hcl",
+                              "-acl-enabled=false", "-meta", "a.b=c"])
+    assert flags == AgentFlags(dev=True, config_files=("a.hcl", "b.hcl"), acl_enabled=False,
+                               meta={"a.b": "c"})
+    assert parse_agent_args([]) == AgentFlags()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["-nope"], "unrecognized arguments: -nope"),
+        (["-dev", "extra"], "unrecognized arguments: extra"),
+        (["-http-port", "x"], "-http-port: 'x' is not a number"),
+        (["-http-port", "65536"], "out of range"),
+        (["-meta", "novalue"], "expected KEY=VALUE"),
+        (["-meta=-bad=x"], "is invalid"),
+        (["-acl-enabled=maybe"], "invalid boolean value 'maybe'"),
+    ],
+)
+def test_bad_agent_flags(argv: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_agent_args(argv)
+
+
+def test_bad_flag_values_rejected_at_build() -> None:
+    with pytest.raises(ConfigError, match="-bind: 'nowhere' is not a valid IP"):
+        build_agent_config([], AgentFlags(dev=True, bind="nowhere"))
+    with pytest.raises(ConfigError, match="-log-level: unknown log level"):
+        build_agent_config([], AgentFlags(dev=True, log_level="chatty"))
