@@ -66,10 +66,7 @@ class TaskAPIHook:
                 return
             await self._close(ctx.name)
         try:
-            owner = socket_owner_for(ctx.user)
-            bound = await asyncio.to_thread(create_task_socket, ctx.task_dir.path,
-                                            private_dir=self._private_dir, owner=owner,
-                                            name=SOCKET_NAME)
+            bound = await asyncio.to_thread(self._create_socket, ctx.task_dir.path, ctx.user)
         except (SecretsDirError, OSError) as err:
             reason = str(err) or type(err).__name__
             path = ctx.task_dir.secrets_dir / SOCKET_NAME
@@ -84,6 +81,11 @@ class TaskAPIHook:
         listener = Listener(self._deps.router, listener_ctx, bound.sock)
         await listener.start()
         self._sockets[ctx.name] = _TaskSocket(listener, bound, ctx.task_dir.path)
+
+    def _create_socket(self, task_dir: Path, user: str | None) -> BoundSocket:
+        # Runs in a worker thread: the user lookup and the file work may block.
+        return create_task_socket(task_dir, private_dir=self._private_dir,
+                                  owner=socket_owner_for(user), name=SOCKET_NAME)
 
     async def task_exited(self, ctx: TaskContext, result: ExitResult, will_restart: bool
                           ) -> None:

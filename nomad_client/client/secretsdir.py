@@ -81,7 +81,7 @@ class BoundSocket:
 # ---------------------------------------------------------------------- owners
 
 
-def _uid_for(user: str) -> int:
+def _uid_for(user: str, what: str) -> int:
     """The uid files for ``user`` are handed to; never silently falls back."""
     try:
         uid = pwd.getpwnam(user).pw_uid
@@ -89,7 +89,7 @@ def _uid_for(user: str) -> int:
         raise SecretsDirError(f"user {user!r} does not exist") from None
     # Only root can give a file away; a non-root agent can serve its own user.
     if os.geteuid() != 0 and uid != os.geteuid():
-        raise SecretsDirError(f"agent is not root: cannot hand the socket to user {user!r}")
+        raise SecretsDirError(f"agent is not root: cannot hand the {what} to user {user!r}")
     return uid
 
 
@@ -103,7 +103,7 @@ def socket_owner_for(user: str | None) -> SocketOwner:
     """
     if not user:
         return SocketOwner(uid=None, mode=0o666)
-    return SocketOwner(uid=_uid_for(user), mode=0o600)
+    return SocketOwner(uid=_uid_for(user, "socket"), mode=0o600)
 
 
 # ---------------------------------------------------------------------- fd helpers
@@ -122,13 +122,22 @@ def _open_dir(name: str | Path, *, dir_fd: int | None, label: str) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SecretsDirError(f"{label} is a symlink") from None
-        if exc.errno == errno.ENOTDIR:
+        # Linux reports a symlink under O_NOFOLLOW|O_DIRECTORY as ENOTDIR
+        # (or ELOOP); lstat tells the two cases apart for the message.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            if _is_symlink(name, dir_fd):
+                raise SecretsDirError(f"{label} is a symlink") from None
             raise SecretsDirError(f"{label} is not a directory") from None
         if exc.errno == errno.ENOENT:
             raise _MissingDir(f"{label} does not exist") from None
         raise SecretsDirError(f"cannot open {label}: {exc.strerror}") from None
+
+
+def _is_symlink(name: str | Path, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _open_secrets_dir(task_dir: Path) -> int:
@@ -148,8 +157,12 @@ def _check_name(name: str) -> None:
 
 def _open_private_dir(private_dir: Path) -> int:
     """Open (creating 0700 if missing) the agent's own staging dir."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(private_dir, 0o700)
+    except FileExistsError:
+        pass  # checked below: must be our own directory, not a symlink
+    except OSError as exc:
+        raise SecretsDirError(f"cannot create private dir: {exc.strerror}") from None
     fd = _open_dir(private_dir, dir_fd=None, label="private dir")
     try:
         st = os.fstat(fd)
@@ -374,7 +387,7 @@ def write_secret_file(task_dir: Path, rel_path: str, data: bytes, *, user: str |
     already exist.
     """
     parts = _split_rel_path(rel_path)
-    uid = _uid_for(user) if user else None
+    uid = _uid_for(user, "file") if user else None
     task_dir = Path(task_dir)
     dir_fd = _open_dir(task_dir, dir_fd=None, label="task dir")
     try:
