@@ -92,7 +92,8 @@ class Router:
             self._static.setdefault(path, []).append(route)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        candidates = [(r, {}) for r in self._static.get(path, ())]
+        candidates: list[tuple[Route, dict[str, str]]] = [
+            (r, {}) for r in self._static.get(path, ())]
         if not candidates:
             parts = path.strip("/").split("/")
             candidates = [(r, p) for r in self._dynamic

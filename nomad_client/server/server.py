@@ -78,7 +78,7 @@ class Server:
         return "pending"
 
     def job_allocs(self, job_id: str) -> list[Allocation]:
-        return [a for a in self.store.list("allocs") if a.job_id == job_id]
+        return [a for a in self.store.rows("allocs") if a.job_id == job_id]
 
     async def _evaluate(self, job_id: str, triggered_by: str) -> tuple[str, int]:
         async with self._plan_lock:
@@ -88,7 +88,7 @@ class Server:
             ev = Evaluation(id=str(uuid.uuid4()), namespace=job.get("Namespace", "default"),
                             job_id=job_id, type=job.get("Type", "service"),
                             triggered_by=triggered_by, priority=job.get("Priority", 50))
-            nodes = self.store.list("nodes")
+            nodes = self.store.rows("nodes")
             plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id))
             new_allocs = [self._with_identities(a) for a in plan.new_allocs]
             changed = [*new_allocs, *plan.stopped_allocs]
@@ -117,10 +117,10 @@ class Server:
 
     async def _reevaluate_queued(self) -> None:
         """A node changed: retry every live job that still has allocations it could not place."""
-        for job in self.store.list(JOBS):
+        for job in self.store.rows(JOBS):
             if job.get("Stop"):
                 continue
-            evals = [e for e in self.store.list("evals") if e.job_id == job["ID"]]
+            evals = [e for e in self.store.rows("evals") if e.job_id == job["ID"]]
             latest = max(evals, key=lambda e: e.create_index, default=None)
             if latest is not None and latest.queued_allocations:
                 await self._evaluate(job["ID"], "node-update")
@@ -151,7 +151,7 @@ class Server:
     async def client_allocs(self, node_id: str, min_index: int, wait: float
                             ) -> tuple[dict[str, int], int]:
         index = await self.store.wait_for_change(("allocs",), min_index, wait)
-        allocs = {a.id: a.alloc_modify_index for a in self.store.list("allocs")
+        allocs = {a.id: a.alloc_modify_index for a in self.store.rows("allocs")
                   if a.node_id == node_id}
         return allocs, index
 
@@ -180,7 +180,7 @@ class Server:
 
     # ---- authentication ----------------------------------------------------------------
     def token_by_secret(self, secret: str) -> ACLToken | None:
-        for token in self.store.list("acl_tokens"):
+        for token in self.store.rows("acl_tokens"):
             if token.secret_id == secret:
                 return token
         return None

@@ -53,7 +53,7 @@ class StateStore:
     def get(self, table: str, key: str) -> Any | None:
         return self._tables[table].get(key)
 
-    def list(self, table: str) -> list[Any]:
+    def rows(self, table: str) -> list[Any]:
         return [self._tables[table][k] for k in sorted(self._tables[table])]
 
     def table_index(self, *tables: str) -> int:

@@ -45,11 +45,11 @@ def _make_converter(*, api: bool) -> cattrs.Converter:
             f.name: override(rename=go_name(f.name), omit=api and not f.metadata.get("api", True))
             for f in attrs.fields(cls)
         }
-        return make_dict_unstructure_fn(cls, conv, **overrides)
+        return make_dict_unstructure_fn(cls, conv, **overrides)  # type: ignore[arg-type]
 
     def structure_factory(cls: type) -> Any:
         overrides = {f.name: override(rename=go_name(f.name)) for f in attrs.fields(cls)}
-        return make_dict_structure_fn(cls, conv, **overrides)
+        return make_dict_structure_fn(cls, conv, **overrides)  # type: ignore[arg-type]
 
     conv.register_unstructure_hook_factory(attrs.has, unstructure_factory)
     conv.register_structure_hook_factory(attrs.has, structure_factory)

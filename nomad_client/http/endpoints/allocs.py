@@ -20,7 +20,7 @@ def register(router: Router, services: Services) -> None:
         prefix = req.query.get("prefix", "")
         with_states = query_bool(req.query, "task_states", default=True)
         stubs = []
-        for alloc in store.list("allocs"):
+        for alloc in store.rows("allocs"):
             if alloc.id.startswith(prefix):
                 stub = alloc_stub(alloc)
                 if not with_states:

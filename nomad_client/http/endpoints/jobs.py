@@ -52,7 +52,7 @@ def register(router: Router, services: Services) -> None:
         index = await block(store, req.query, (JOBS, "allocs"))
         prefix = req.query.get("prefix", "")
         stubs = []
-        for job in store.list(JOBS):
+        for job in store.rows(JOBS):
             if not job["ID"].startswith(prefix):
                 continue
             stubs.append({k: job.get(k) for k in (
@@ -116,7 +116,7 @@ def register(router: Router, services: Services) -> None:
 
     async def job_evaluations(req: ApiRequest) -> Any:
         index = await block(store, req.query, ("evals",))
-        evals = [to_api(e) for e in store.list("evals") if e.job_id == req.params["job_id"]]
+        evals = [to_api(e) for e in store.rows("evals") if e.job_id == req.params["job_id"]]
         return Reply(evals, index)
 
     async def get_evaluation(req: ApiRequest) -> Any:

@@ -43,7 +43,7 @@ def register(router: Router, services: Services) -> None:
         index = await block(store, req.query, ("nodes",))
         prefix = req.query.get("prefix", "")
         out = []
-        for node in store.list("nodes"):
+        for node in store.rows("nodes"):
             if not node.id.startswith(prefix):
                 continue
             full = node_api(node)
@@ -65,7 +65,7 @@ def register(router: Router, services: Services) -> None:
 
     async def node_allocs(req: ApiRequest) -> Any:
         index = await block(store, req.query, ("allocs",))
-        allocs = [alloc_stub(a) for a in store.list("allocs")
+        allocs = [alloc_stub(a) for a in store.rows("allocs")
                   if a.node_id == req.params["node_id"]]
         return Reply(allocs, index)
 
