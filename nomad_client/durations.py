@@ -62,8 +62,7 @@ def parse_duration(value: str | int | float) -> float:
             if re.match(r"\d+\.?\d*$|\.\d+$", rest):
                 raise ValueError(f"invalid duration {value!r}: missing unit after {rest!r}")
             raise ValueError(
-                f"invalid duration {value!r}: unexpected {rest!r} "
-                "(units are ns, us, ms, s, m, h)"
+                f"invalid duration {value!r}: unexpected {rest!r} (units are ns, us, ms, s, m, h)"
             )
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()

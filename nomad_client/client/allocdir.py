@@ -207,8 +207,11 @@ class AllocDir:
         dir, else ``PathEscapeError``. With ``for_read``, anything under a
         ``<dir>/secrets`` or ``<dir>/private`` (any letter case) raises ``SecretReadError``.
 
-        The returned path is fully resolved. It may not exist; opening it is the caller's
-        business.
+        ``..`` is applied to the path as written, before symlinks are followed (as a path
+        join would). The returned path is fully resolved and is what callers must open
+        (never the original string). It may not exist. A task can still swap a directory
+        for a symlink between this check and the open; callers that care open with
+        ``O_NOFOLLOW`` on the last component.
         """
         if not isinstance(rel_path, str):
             raise PathEscapeError(f"path must be a string, got {type(rel_path).__name__}")

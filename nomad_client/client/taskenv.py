@@ -95,12 +95,7 @@ def clean_env_key(key: str) -> str:
     out = []
     for i, byte in enumerate(key.encode("utf-8")):
         ch = chr(byte)
-        ok = (
-            ("a" <= ch <= "z")
-            or ("A" <= ch <= "Z")
-            or ch in "_."
-            or (i > 0 and "0" <= ch <= "9")
-        )
+        ok = ("a" <= ch <= "z") or ("A" <= ch <= "Z") or ch in "_." or (i > 0 and "0" <= ch <= "9")
         out.append(ch if ok else "_")
     return "".join(out)
 

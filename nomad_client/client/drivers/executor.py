@@ -105,6 +105,8 @@ def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     env = {str(k): str(v) for k, v in dict(spec["env"]).items()}
     command = str(spec["command"])
     args = [str(a) for a in spec.get("args") or []]
+    if not os.path.isdir(cwd):
+        raise LaunchError(f"task directory {cwd} does not exist")
     path = find_command(command, cwd, env)
     out_fd = _open_log(str(spec["stdout_path"]))
     err_fd = _open_log(str(spec["stderr_path"]))

@@ -232,9 +232,7 @@ class RawExecDriver:
         await proc.wait()
 
     @staticmethod
-    async def _handshake(
-        proc: asyncio.subprocess.Process, spec: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def _handshake(proc: asyncio.subprocess.Process, spec: dict[str, Any]) -> dict[str, Any]:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(spec).encode())
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -271,9 +269,7 @@ class RawExecDriver:
         await self._wait_gone(handle, None)
         proc = self._children.pop(_key(handle), None)
         returncode = proc.returncode if proc is not None else None
-        return await asyncio.to_thread(
-            _read_exit, _exit_path(handle), handle.pid, returncode
-        )
+        return await asyncio.to_thread(_read_exit, _exit_path(handle), handle.pid, returncode)
 
     async def stop_task(
         self,

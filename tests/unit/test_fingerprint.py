@@ -1,0 +1,113 @@
+"""Node fingerprint: attributes, resources and driver entries."""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nomad_client.client import fingerprint as fp
+from nomad_client.client.drivers import DriverInfo, builtin_drivers
+
+REQUIRED = (
+    "kernel.name",
+    "kernel.version",
+    "kernel.arch",
+    "cpu.numcores",
+    "cpu.arch",
+    "cpu.totalcompute",
+    "memory.totalbytes",
+    "unique.hostname",
+    "unique.storage.bytesfree",
+    "nomad.version",
+    "nomad.region",
+)
+
+
+class _Undetected:
+    name = "docker"
+
+    def fingerprint(self) -> DriverInfo:
+        return DriverInfo(False, False, "docker not found", {"driver.docker.version": ""})
+
+
+class _Broken:
+    name = "broken"
+
+    def fingerprint(self) -> DriverInfo:
+        raise RuntimeError("probe crashed")
+
+
+@pytest.fixture
+def tmpdir_path() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fp-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_attributes_and_resources() -> None:
+    node = fp.fingerprint_node(builtin_drivers(), name="client-1", datacenter="dc1", region="eu")
+    attrs_ = node["Attributes"]
+    for key in REQUIRED:
+        assert key in attrs_, key
+    assert all(isinstance(v, str) and v for v in attrs_.values())
+    assert attrs_["kernel.name"] == platform.system().lower()
+    assert attrs_["cpu.numcores"] == str(psutil.cpu_count(logical=True))
+    assert attrs_["memory.totalbytes"] == str(psutil.virtual_memory().total)
+    assert attrs_["nomad.version"] == "0.1.0"
+    assert attrs_["nomad.region"] == "eu"
+    assert attrs_["driver.raw_exec"] == "1" and attrs_["driver.mock_driver"] == "1"
+    total = int(attrs_["cpu.totalcompute"])
+    assert total == int(attrs_["cpu.numcores"]) * int(attrs_["cpu.frequency"]) > 0
+    assert node["NodeResources"] == {
+        "Cpu": {"CpuShares": total},
+        "Memory": {"MemoryMB": psutil.virtual_memory().total // (1024 * 1024)},
+    }
+    assert node["Name"] == "client-1" and node["Datacenter"] == "dc1"
+
+
+def test_driver_entries() -> None:
+    drivers = {**builtin_drivers(), "docker": _Undetected(), "broken": _Broken()}
+    node = fp.fingerprint_node(drivers, name="n", datacenter="dc1", region="global")  # type: ignore[arg-type]
+    entries = node["Drivers"]
+    assert entries["raw_exec"]["Detected"] is True and entries["raw_exec"]["Healthy"] is True
+    assert entries["raw_exec"]["HealthDescription"] == "Healthy"
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", entries["raw_exec"]["UpdateTime"]
+    )
+    assert entries["docker"]["Detected"] is False
+    assert "driver.docker" not in node["Attributes"]
+    assert entries["broken"] == {
+        "Detected": False,
+        "Healthy": False,
+        "HealthDescription": "fingerprint failed: probe crashed",
+        "Attributes": {},
+        "UpdateTime": entries["broken"]["UpdateTime"],
+    }
+
+
+def test_storage_dir_is_reported(tmpdir_path: Path) -> None:
+    node = fp.fingerprint_node({}, name="n", datacenter="dc", region="r", storage_dir=tmpdir_path)
+    assert node["Attributes"]["unique.storage.volume"] == str(tmpdir_path)
+    assert int(node["Attributes"]["unique.storage.bytesfree"]) > 0
+
+
+def test_os_release_parsing(tmpdir_path: Path) -> None:
+    release = tmpdir_path / "os-release"
+    release.write_text('NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\n# comment\n')
+    assert fp._os_release(release) == ("debian", "12")
+    assert fp._os_release(tmpdir_path / "missing") == ("", "")
+
+
+def test_rfc3339_nano() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    assert fp.rfc3339_nano(when) == "2026-01-02T03:04:05.123456000Z"
