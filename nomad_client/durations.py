@@ -1,69 +1,115 @@
-"""Go-style duration strings ("1h2m3.5s", "250ms", "10us") to seconds.
+"""Go-style duration strings ("1h2m3.5s", "250ms", "10us"): the one parser for them.
 
-Pure parsing; touches nothing. Shared by drivers, job specs and anything else that reads
-durations the way Nomad writes them.
+``parse_duration_ns`` is exact (integer nanoseconds, as job specs store durations);
+``parse_duration`` gives float seconds for runtime use and also takes plain numbers as
+seconds; ``format_duration`` renders nanoseconds the way Go prints a ``time.Duration``.
+Pure functions; touches nothing.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
-__all__ = ["parse_duration"]
+NANOSECOND = 1
+MICROSECOND = 1_000
+MILLISECOND = 1_000_000
+SECOND = 1_000_000_000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
 
-_UNIT_SECONDS: dict[str, float] = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # U+00B5 micro sign, as Go accepts
-    "μs": 1e-6,  # U+03BC Greek mu, as Go accepts
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
+_UNITS: dict[str, int] = {
+    "ns": NANOSECOND,
+    "us": MICROSECOND,
+    "\u00b5s": MICROSECOND,  # micro sign
+    "\u03bcs": MICROSECOND,  # Greek mu; Go accepts both spellings
+    "ms": MILLISECOND,
+    "s": SECOND,
+    "m": MINUTE,
+    "h": HOUR,
 }
 
-# One "<number><unit>" piece; longest units first so "ms" is not read as "m" + "s".
-_PIECE = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_COMPONENT = re.compile(r"(\d+\.?\d*|\.\d+)([a-zA-Z\u00b5\u03bc]+)")
+
+
+class DurationError(ValueError):
+    """The text is not a valid duration; the message says why."""
+
+
+def parse_duration_ns(text: str) -> int:
+    """Parse a Go duration string into integer nanoseconds.
+
+    Accepts an optional sign, then one or more ``<number><unit>`` components
+    (units ns, us, µs, ms, s, m, h); a bare ``0`` is also accepted. Fractions
+    are computed exactly and truncated toward zero, as Go does.
+    """
+    if not isinstance(text, str):
+        raise DurationError(f'expected a duration string like "15s", got {text!r}')
+    s = text
+    sign = 1
+    if s and s[0] in "+-":
+        sign = -1 if s[0] == "-" else 1
+        s = s[1:]
+    if s == "0":
+        return 0
+    if not s:
+        raise DurationError(f"invalid duration {text!r}")
+    total = Fraction(0)
+    pos = 0
+    while pos < len(s):
+        m = _COMPONENT.match(s, pos)
+        if m is None:
+            raise DurationError(f'invalid duration {text!r}: expected <number><unit> such as "15s"')
+        number, unit = m.groups()
+        if unit not in _UNITS:
+            raise DurationError(
+                f"invalid duration {text!r}: unknown unit {unit!r} (use ns, us, ms, s, m or h)"
+            )
+        total += Fraction(number) * _UNITS[unit]
+        pos = m.end()
+    return sign * int(total)
+
+
+def _frac_digits(value: int, scale: int) -> str:
+    """``value / scale`` rendered with trailing fractional zeros dropped."""
+    whole, rest = divmod(value, scale)
+    if rest == 0:
+        return str(whole)
+    width = len(str(scale)) - 1
+    return f"{whole}.{str(rest).rjust(width, '0').rstrip('0')}"
+
+
+def format_duration(ns: int) -> str:
+    """Render nanoseconds the way Go's ``time.Duration.String`` does ("1h2m3.5s")."""
+    if ns == 0:
+        return "0s"
+    sign = "-" if ns < 0 else ""
+    n = abs(ns)
+    if n < MICROSECOND:
+        return f"{sign}{n}ns"
+    if n < MILLISECOND:
+        return f"{sign}{_frac_digits(n, MICROSECOND)}\u00b5s"
+    if n < SECOND:
+        return f"{sign}{_frac_digits(n, MILLISECOND)}ms"
+    hours, n = divmod(n, HOUR)
+    minutes, n = divmod(n, MINUTE)
+    out = sign
+    if hours:
+        out += f"{hours}h{minutes}m"
+    elif minutes:
+        out += f"{minutes}m"
+    return out + f"{_frac_digits(n, SECOND)}s"
 
 
 def parse_duration(value: str | int | float) -> float:
-    """Return ``value`` in seconds.
-
-    Numbers are taken as seconds. Strings follow Go's ``time.ParseDuration``: an optional
-    sign and one or more ``<decimal><unit>`` pieces; a bare ``"0"`` is allowed. Raises
-    ``ValueError`` naming the offending text otherwise.
-    """
+    """``value`` in seconds: numbers are taken as seconds, strings as Go durations."""
     if isinstance(value, bool):  # bool is an int subclass; True seconds is surely a mistake
-        raise ValueError(f"invalid duration {value!r}: expected a string or a number")
+        raise DurationError(f"invalid duration {value!r}: expected a string or a number")
     if isinstance(value, int | float):
         if not math.isfinite(value):
-            raise ValueError(f"invalid duration {value!r}: not a finite number")
+            raise DurationError(f"invalid duration {value!r}: not a finite number")
         return float(value)
     if not isinstance(value, str):
-        raise ValueError(f"invalid duration {value!r}: expected a string or a number")
-
-    text = value.strip()
-    sign = 1.0
-    body = text
-    if body[:1] in ("+", "-"):
-        sign = -1.0 if body[0] == "-" else 1.0
-        body = body[1:]
-    if body == "0":
-        return 0.0
-    if not body:
-        raise ValueError(f"invalid duration {value!r}: empty")
-
-    total = 0.0
-    pos = 0
-    while pos < len(body):
-        match = _PIECE.match(body, pos)
-        if match is None:
-            rest = body[pos:]
-            if re.match(r"\d+\.?\d*$|\.\d+$", rest):
-                raise ValueError(f"invalid duration {value!r}: missing unit after {rest!r}")
-            raise ValueError(
-                f"invalid duration {value!r}: unexpected {rest!r} (units are ns, us, ms, s, m, h)"
-            )
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    return sign * total
+        raise DurationError(f"invalid duration {value!r}: expected a string or a number")
+    return parse_duration_ns(value.strip()) / SECOND

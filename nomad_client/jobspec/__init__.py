@@ -3,8 +3,8 @@
 Public surface of the package; the modules behind it are pure (no I/O).
 """
 
+from nomad_client.durations import DurationError, format_duration, parse_duration_ns
 from nomad_client.jobspec.canonical import canonicalize_job
-from nomad_client.jobspec.durations import DurationError, format_duration, parse_duration
 from nomad_client.jobspec.errors import JobspecError, JobValidationError
 from nomad_client.jobspec.parser import parse_jobspec
 from nomad_client.jobspec.variables import parse_var_assignments
@@ -15,7 +15,7 @@ __all__ = [
     "JobspecError",
     "canonicalize_job",
     "format_duration",
-    "parse_duration",
+    "parse_duration_ns",
     "parse_jobspec",
     "parse_var_assignments",
 ]

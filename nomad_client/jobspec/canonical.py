@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from nomad_client.jobspec.durations import HOUR, MINUTE, SECOND
+from nomad_client.durations import HOUR, MINUTE, SECOND
 from nomad_client.jobspec.errors import JobValidationError
 
 JOB_TYPES = ("service", "batch", "system", "sysbatch")

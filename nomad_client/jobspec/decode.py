@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nomad_client.jobspec.durations import DurationError, parse_duration
+from nomad_client.durations import DurationError, parse_duration_ns
 from nomad_client.jobspec.errors import JobspecError
 from nomad_client.jobspec.evaluate import Evaluator, number_to_string, type_name
 from nomad_client.jobspec.syntax import Block, Body
@@ -101,7 +101,7 @@ class _Decoder:
                 line, path, f'expected a duration string like "30s", got {type_name(value)}'
             )
         try:
-            return parse_duration(value)
+            return parse_duration_ns(value)
         except DurationError as err:
             raise self.error(line, path, str(err)) from None
 

@@ -17,7 +17,7 @@ from nomad_client.jobspec import (
     JobValidationError,
     canonicalize_job,
     format_duration,
-    parse_duration,
+    parse_duration_ns,
     parse_jobspec,
     parse_var_assignments,
 )
@@ -287,13 +287,13 @@ def test_config_keeps_arbitrary_nesting_and_nested_blocks() -> None:
     ],
 )
 def test_parse_duration(text: str, ns: int) -> None:
-    assert parse_duration(text) == ns
+    assert parse_duration_ns(text) == ns
 
 
 @pytest.mark.parametrize("text", ["", "15", "s", "10 s", "1x", "1.2.3s", "--1s", "1h 2m"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(DurationError):
-        parse_duration(text)
+        parse_duration_ns(text)
 
 
 @pytest.mark.parametrize(
@@ -307,7 +307,7 @@ def test_format_duration_matches_go(ns: int, text: str) -> None:
 
 @given(st.integers(min_value=-(10**15), max_value=10**15))
 def test_duration_round_trip(ns: int) -> None:
-    assert parse_duration(format_duration(ns)) == ns
+    assert parse_duration_ns(format_duration(ns)) == ns
 
 
 @given(
@@ -320,7 +320,7 @@ def test_duration_round_trip(ns: int) -> None:
 def test_duration_components_add_up(parts: list[tuple[int, str]]) -> None:
     unit_ns = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": S, "m": MIN, "h": H}
     text = "".join(f"{n}{u}" for n, u in parts)
-    assert parse_duration(text) == sum(n * unit_ns[u] for n, u in parts)
+    assert parse_duration_ns(text) == sum(n * unit_ns[u] for n, u in parts)
 
 
 def test_bad_duration_names_key_and_line() -> None:
