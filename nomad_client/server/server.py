@@ -66,7 +66,11 @@ class Server:
         await self.store.write({JOBS: [(job_id, {**job, "Stop": True})]})
         eval_id, index = await self._evaluate(job_id, "job-deregister")
         if purge:
-            index = await self.store.write({}, {JOBS: [job_id]})
+            # Allocations already finished go now; running ones once their client reports
+            # them terminal (see update_allocs_from_client). Their clients then remove
+            # the allocation directories.
+            done = [a.id for a in self.job_allocs(job_id) if a.client_terminal()]
+            index = await self.store.write({}, {JOBS: [job_id], "allocs": done})
         return eval_id, index
 
     def job_status(self, job: Mapping[str, Any]) -> str:
@@ -160,6 +164,7 @@ class Server:
 
     async def update_allocs_from_client(self, updates: Sequence[AllocUpdate]) -> int:
         rows = []
+        collect: list[str] = []
         for update in updates:
             alloc = self.store.get("allocs", update.id)
             if alloc is None:
@@ -171,9 +176,12 @@ class Server:
             rows.append((alloc.id, alloc))
             if alloc.client_terminal():
                 self.identities.forget_alloc(alloc.id)
+                if self.store.get(JOBS, alloc.job_id) is None:
+                    collect.append(alloc.id)  # its job was purged: garbage-collect it
         if not rows:
             return self.store.index
-        return await self.store.write({"allocs": rows})
+        return await self.store.write(
+            {"allocs": [r for r in rows if r[0] not in collect]}, {"allocs": collect})
 
     async def gc_alloc(self, alloc_id: str) -> int:
         return await self.store.write({}, {"allocs": [alloc_id]})
