@@ -400,7 +400,12 @@ async def test_recover_with_a_new_driver_instance_learns_the_exit_code(
     fresh = RawExecDriver()
     assert await fresh.recover_task(restored) is True
     assert (await fresh.wait_task(restored)).exit_code == 7
-    assert await fresh.recover_task(restored) is False  # it has exited now
+    # Exited, but its exit record remains: still recoverable (so it is not rerun), and
+    # waiting again reports the same exit.
+    assert await fresh.recover_task(restored) is True
+    assert (await fresh.wait_task(restored)).exit_code == 7
+    await fresh.destroy_task(restored)
+    assert await fresh.recover_task(restored) is False  # record cleaned up with the task
 
 
 async def test_recovered_task_can_be_stopped(workdir: Path, drv: RawExecDriver) -> None:

@@ -320,7 +320,11 @@ class RawExecDriver:
     async def recover_task(self, handle: TaskHandle) -> bool:
         if handle.driver != self.name:
             return False
-        return await asyncio.to_thread(_is_our_executor, handle.pid, handle.create_time)
+        if await asyncio.to_thread(_is_our_executor, handle.pid, handle.create_time):
+            return True
+        # The task may have finished while no agent was watching: its executor then left
+        # an exit record, which wait_task reports. The task must not be run again.
+        return await asyncio.to_thread(_has_exit_record, handle)
 
     async def destroy_task(self, handle: TaskHandle) -> None:
         if await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
@@ -357,6 +361,14 @@ def _is_our_executor(pid: int, create_time: float) -> bool:
         return EXECUTOR_MODULE in " ".join(psutil.Process(pid).cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def _has_exit_record(handle: TaskHandle) -> bool:
+    try:
+        record = json.loads(_exit_path(handle).read_text())
+    except (OSError, ValueError, DriverError):
+        return False
+    return isinstance(record, dict) and record.get("executor_pid") == handle.pid
 
 
 def _clean_state_dir(state_dir: Path) -> None:

@@ -1,0 +1,214 @@
+"""Bad input to a real agent's HTTP API: every refusal carries the right status and a
+plain-text message, the agent keeps serving, and nothing it had stored is lost. Also
+blocking queries, the request size limit, and path confinement of the fs endpoints.
+
+Touches only the agents the fixtures start and the processes their tasks spawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from nomad_client.api.client import ApiClient, ApiResponse
+from tests.integration.harness import (
+    AgentProcess,
+    eventually,
+    raw_exec_job,
+    run_job,
+    task_dir,
+    wait_task_state,
+)
+
+KEEPER = "keeper"
+
+
+@attrs.frozen
+class Seeded:
+    """An agent with one stored job, and what the store held right after it was stored."""
+
+    agent: AgentProcess
+    api: ApiClient
+    job: dict[str, Any]
+    evals: list[dict[str, Any]]
+
+
+@pytest.fixture
+async def seeded(agent: AgentProcess) -> AsyncIterator[Seeded]:
+    # A job that can never be placed: stored state without any process to clean up.
+    job = raw_exec_job(KEEPER, "true", extra_task={"Driver": "docker",
+                                                    "Config": {"image": "busybox"}})
+    async with agent.api() as api:
+        await api.job_register(job)
+        yield Seeded(agent, api, await api.job_get(KEEPER), await api.job_evaluations(KEEPER))
+
+
+async def _assert_intact(seeded: Seeded) -> None:
+    """The agent still answers, and holds exactly what it held before the bad request."""
+    api = seeded.api
+    assert (await api.agent_health())["server"]["ok"] is True
+    jobs = await api.jobs_list()
+    assert [j["ID"] for j in jobs] == [KEEPER]
+    job = await api.job_get(KEEPER)
+    assert job["ModifyIndex"] == seeded.job["ModifyIndex"]
+    assert job["Version"] == seeded.job["Version"]
+    assert await api.job_evaluations(KEEPER) == seeded.evals
+    assert len(await api.nodes_list()) == 1
+
+
+def _assert_error(resp: ApiResponse, status: int, *fragments: str) -> None:
+    assert resp.status == status, (resp.status, resp.text())
+    assert resp.headers["Content-Type"].startswith("text/plain"), resp.headers
+    text = resp.text()
+    for fragment in fragments:
+        assert fragment in text, f"{fragment!r} not in {text!r}"
+
+
+def _register_body(**extra: Any) -> bytes:
+    job = raw_exec_job("newjob", "true")
+    return json.dumps({"Job": job, **extra}).encode()
+
+
+JOB_WITHOUT_ID = json.dumps({"Job": {"Type": "service", "TaskGroups": []}}).encode()
+
+BAD_REQUESTS: Mapping[str, tuple[str, str, bytes | None, int, str]] = {
+    # name: (method, path, body, status, message fragment)
+    "malformed-json": ("POST", "/v1/jobs", b'{"Job": {"ID": ', 400,
+                       "Failed to decode request body"),
+    "not-an-object": ("POST", "/v1/jobs", b'["Job"]', 400,
+                      "Request body must be a JSON object"),
+    "unknown-field": ("POST", "/v1/jobs", _register_body(Bogus=1), 400,
+                      "Unknown field(s) in request body: Bogus"),
+    "missing-job": ("POST", "/v1/jobs", b"{}", 400, "Job must be specified"),
+    "empty-body": ("POST", "/v1/jobs", b"", 400, "Request body is empty"),
+    "job-without-id": ("PUT", "/v1/jobs", JOB_WITHOUT_ID, 400, "Job ID hasn't been provided"),
+    "path-id-mismatch": ("POST", "/v1/job/other", _register_body(), 400,
+                         "Job ID does not match name"),
+    "wrong-method": ("PATCH", "/v1/jobs", None, 405, "Invalid method"),
+    "wrong-method-job": ("DELETE", "/v1/jobs", None, 405, "Invalid method"),
+    "unknown-job": ("GET", "/v1/job/no-such-job", None, 404, "job not found"),
+    "unknown-alloc": ("GET", "/v1/allocation/9e3f0000-0000-0000-0000-000000000000", None, 404,
+                      "alloc not found"),
+    "unknown-node": ("GET", "/v1/node/9e3f0000-0000-0000-0000-000000000000", None, 404,
+                     "node not found"),
+    "filter-syntax": ("GET", "/v1/nodes?filter=Meta.rack%20%3D%3D", None, 400,
+                      "failed to read filter expression"),
+    "filter-unknown-field": ("GET", "/v1/nodes?filter=Bogus%20%3D%3D%20%22x%22", None, 400,
+                             "unknown field 'Bogus'"),
+    "index-not-a-number": ("GET", "/v1/jobs?index=abc", None, 400, "Invalid index"),
+    "wait-not-a-duration": ("GET", "/v1/jobs?index=1&wait=soon", None, 400, "Invalid wait time"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+async def test_bad_request_is_refused_and_nothing_is_lost(seeded: Seeded, case: str) -> None:
+    method, path, body, status, fragment = BAD_REQUESTS[case]
+    headers = {"Content-Type": "application/json"} if body is not None else None
+    resp = await seeded.api.request(method, path, data=body, headers=headers)
+    _assert_error(resp, status, fragment)
+    await _assert_intact(seeded)
+
+
+async def test_blocking_query_times_out_with_same_index(seeded: Seeded) -> None:
+    first = await seeded.api.request("GET", "/v1/jobs")
+    assert first.status == 200 and first.index > 0
+    started = time.monotonic()
+    resp = await seeded.api.request("GET", "/v1/jobs",
+                                    params={"index": first.index, "wait": "1s"})
+    elapsed = time.monotonic() - started
+    assert resp.status == 200
+    assert 0.9 <= elapsed < 3, elapsed
+    assert resp.index == first.index
+    assert [j["ID"] for j in resp.json()] == [KEEPER]
+
+
+async def test_blocking_query_wakes_when_a_job_is_registered(seeded: Seeded) -> None:
+    first = await seeded.api.request("GET", "/v1/jobs")
+    started = time.monotonic()
+    blocked = asyncio.create_task(seeded.api.request(
+        "GET", "/v1/jobs", params={"index": first.index, "wait": "20s"}))
+    await asyncio.sleep(0.3)
+    assert not blocked.done(), "the blocking query returned before anything changed"
+    async with seeded.agent.api() as other:
+        await other.job_register(raw_exec_job("waker", "true", extra_task={
+            "Driver": "docker", "Config": {"image": "busybox"}}))
+    resp = await asyncio.wait_for(blocked, 5)
+    assert time.monotonic() - started < 5
+    assert resp.status == 200 and resp.index > first.index
+    assert "waker" in [j["ID"] for j in resp.json()]
+
+
+async def test_oversized_body_is_refused_quickly(seeded: Seeded) -> None:
+    # A file-like body: aiohttp streams it (and warns about a 20 MiB bytes object).
+    body = io.BytesIO(b"{" + b" " * (20 * 1024 * 1024) + b"}")
+    started = time.monotonic()
+    resp = await seeded.api.request("POST", "/v1/jobs", data=body,  # type: ignore[arg-type]
+                                    headers={"Content-Type": "application/json"})
+    assert time.monotonic() - started < 5
+    _assert_error(resp, 413, "Request body too large")
+    await _assert_intact(seeded)
+
+
+async def test_jobs_parse_reports_the_broken_line(seeded: Seeded) -> None:
+    hcl = 'job "x" {\n  type = "batch"\n  group "g" {\n    task "t" {\n      driver =\n' \
+          '    }\n  }\n}\n'
+    resp = await seeded.api.request("POST", "/v1/jobs/parse", json={"JobHCL": hcl})
+    _assert_error(resp, 400, "Failed to parse job", ":5:")
+    await _assert_intact(seeded)
+
+
+# -- fs endpoints ------------------------------------------------------------------------
+
+SNEAKY_SCRIPT = 'ln -s /etc "$NOMAD_TASK_DIR/escape" && echo linked && exec sleep 300'
+
+
+async def test_fs_endpoints_stay_inside_the_alloc_dir(agent: AgentProcess) -> None:
+    job = raw_exec_job("sneaky", SNEAKY_SCRIPT, identity={"File": True}, kill_timeout_s=1)
+    async with agent.api() as api:
+        allocs = await run_job(api, job)
+        alloc_id = allocs[0]["ID"]
+        await wait_task_state(api, alloc_id, "t", "running")
+        await eventually(lambda: _logs_have(api, alloc_id, b"linked"), message="symlink")
+        token_file = task_dir(agent, alloc_id, "t") / "secrets" / "nomad_token"
+        token = await asyncio.to_thread(token_file.read_text)
+        assert token.count(".") == 2  # a JWT, so the check below means something
+        passwd = await asyncio.to_thread(Path("/etc/passwd").read_text)
+
+        refusals = [
+            ("cat", "../../etc/passwd"),
+            ("cat", "/etc/passwd"),
+            ("cat", "t/local/escape/passwd"),
+            ("ls", "t/local/escape"),
+            ("stat", "t/local/escape/passwd"),
+            ("cat", "t/secrets/nomad_token"),
+            ("cat", "t/SECRETS/../secrets/nomad_token"),
+        ]
+        for kind, path in refusals:
+            resp = await api.request("GET", f"/v1/client/fs/{kind}/{alloc_id}",
+                                     params={"path": path})
+            assert 400 <= resp.status < 500, (kind, path, resp.status, resp.text())
+            assert resp.headers["Content-Type"].startswith("text/plain"), (kind, path)
+            text = resp.text()
+            assert token not in text and "root:" not in text and passwd not in text, \
+                (kind, path, text)
+
+        listing = await api.fs_ls(alloc_id, "/")
+        assert {"alloc", "t"} <= {e["Name"] for e in listing}
+        # The task's own link shows up in a listing; it is only never followed out.
+        local = await api.fs_ls(alloc_id, "t/local")
+        assert "escape" in {e["Name"] for e in local}
+        assert (await api.get("/v1/agent/health"))["client"]["ok"] is True
+
+
+async def _logs_have(api: ApiClient, alloc_id: str, needle: bytes) -> bool:
+    resp = await api.request("GET", f"/v1/client/fs/logs/{alloc_id}",
+                             params={"task": "t", "type": "stdout", "plain": "true"})
+    return resp.status == 200 and needle in resp.body
