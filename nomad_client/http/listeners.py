@@ -40,7 +40,9 @@ class Listener:
         loop = asyncio.get_running_loop()
         self._protocol_factory = web.Server(
             self._handle, keepalive_timeout=IDLE_TIMEOUT, max_line_size=MAX_HEADER_LINE,
-            max_field_size=MAX_HEADER_FIELD, access_log=None)
+            max_field_size=MAX_HEADER_FIELD, access_log=None,
+            # Never drain a body we refused (413/408): close at once instead.
+            lingering_time=0)
         if self.sock.family == socket.AF_UNIX:
             self._server = await loop.create_unix_server(self._protocol_factory, sock=self.sock)
         else:
