@@ -40,18 +40,26 @@ FORBIDDEN = HTTPError(403, "Forbidden")
 
 def request_token(headers: Mapping[str, str]) -> str:
     """The caller's secret: ``X-Nomad-Token`` first, else ``Authorization: Bearer <t>``."""
-    token = headers.get("X-Nomad-Token", "").strip()
-    if token:
-        return token
-    scheme, _, rest = headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer":
-        parts = rest.split()
-        return parts[0] if parts else ""
-    return ""
+    raw = headers.get("X-Nomad-Token")
+    if raw:
+        token = raw.strip()
+        if token:
+            return token
+    auth = headers.get("Authorization")
+    if not auth:
+        return ""
+    scheme, _, rest = auth.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    rest = rest.lstrip()
+    end = rest.find(" ")
+    return rest if end < 0 else rest[:end]
 
 
 def _looks_like_jwt(token: str) -> bool:
-    return token.count(".") == 2
+    # A JWT starts with a base64url JSON object ('{"' -> "eyJ"); ACL secrets are UUIDs,
+    # which never do. Anything else that starts so is refused by the verifier.
+    return token.startswith("eyJ")
 
 
 def resolve_credential(server: Server, token: str) -> Identity | None:

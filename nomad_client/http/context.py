@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import attrs
 
 from nomad_client.server.keyring import IdentityClaims
@@ -27,8 +29,10 @@ IDENTITY_ACL_TOKEN = "acl-token"
 IDENTITY_WORKLOAD = "workload"
 
 
-@attrs.frozen
-class Identity:
+class Identity(NamedTuple):
+    """The authenticated caller. A NamedTuple (immutable, and cheap to build on every
+    Task API request)."""
+
     kind: str
     token: ACLToken | None = None
     claims: IdentityClaims | None = None

@@ -12,7 +12,7 @@ GET = ("GET",)
 
 def register(router: Router, services: Services) -> None:
     async def health(req: ApiRequest) -> Any:
-        asked = set(req.query.getall("type", []))
+        asked = set(req.query.getall("type", ())) if req.raw.query_string else set()
         # Without ?type, report only the parts this agent runs (as Nomad does).
         wanted = asked or {"server"} | ({"client"} if services.client is not None else set())
         body: dict[str, Any] = {}
@@ -26,7 +26,7 @@ def register(router: Router, services: Services) -> None:
             ok = ok and body["client"]["ok"]
         if "server" in wanted:
             body["server"] = {"message": "ok", "ok": True}
-        return Reply(body, status=200 if ok else 500)
+        return body if ok else Reply(body, status=500)
 
     async def self_(req: ApiRequest) -> Any:
         return {"config": services.agent_config, "member": services.member,
