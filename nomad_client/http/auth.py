@@ -69,7 +69,7 @@ def resolve_credential(server: Server, token: str) -> Identity | None:
             claims = server.verify_workload_identity(token)
         except IdentityError:
             return None
-        return Identity(kind=IDENTITY_WORKLOAD, claims=claims)
+        return Identity(IDENTITY_WORKLOAD, None, claims)  # positional: hot path
     acl_token = server.token_by_secret(token)
     if acl_token is None or acl_token.expired(time.time()):
         return None

@@ -94,12 +94,15 @@ class Router:
             self._static.setdefault(path, []).append(route)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        candidates: list[tuple[Route, dict[str, str]]] = [
-            (r, {}) for r in self._static.get(path, ())]
-        if not candidates:
-            parts = path.strip("/").split("/")
-            candidates = [(r, p) for r in self._dynamic
-                          if (p := _match_segments(r.segments, parts)) is not None]
+        static = self._static.get(path)
+        if static is not None:
+            for route in static:
+                if method in route.methods:
+                    return route, _NO_PARAMS
+            raise HTTPError(405, "Invalid method")
+        parts = path.strip("/").split("/")
+        candidates = [(r, p) for r in self._dynamic
+                      if (p := _match_segments(r.segments, parts)) is not None]
         if not candidates:
             raise HTTPError(404, "Not Found")
         for route, params in candidates:
@@ -111,7 +114,7 @@ class Router:
                        ) -> web.StreamResponse:
         try:
             identity = authenticate(self.server, request.headers, ctx)
-            route, params = self.match(request.method, request.path)
+            route, params = self.match(request.method, _route_path(request))
             authorize(self.server, identity, route.capability)
             result = await route.handler(ApiRequest(request, ctx, identity, params))
         except HTTPError as err:
@@ -133,6 +136,15 @@ class Router:
             return json_response(result)
         # The hot path (e.g. health checks over a task socket): no wrapper objects.
         return web.Response(body=_encode(result).encode(), content_type="application/json")
+
+
+_NO_PARAMS: dict[str, str] = {}
+
+
+def _route_path(request: web.BaseRequest) -> str:
+    # The raw target is cheaper than the decoded URL path; decode only when needed.
+    path = request.raw_path.partition("?")[0]
+    return request.path if "%" in path else path
 
 
 def _match_segments(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:

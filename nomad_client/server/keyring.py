@@ -418,21 +418,25 @@ class IdentityVerifier:
         self._keyring = keyring
         self._max_entries = max_entries
         self._clock = clock
-        self._good: OrderedDict[str, IdentityClaims] = OrderedDict()
+        # token -> (claims, earliest valid time, first invalid time): the window is
+        # precomputed so a cache hit is one lookup and two comparisons.
+        self._good: OrderedDict[str, tuple[IdentityClaims, float, float]] = OrderedDict()
         self._bad: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
 
     def verify(self, token: str) -> IdentityClaims:
         now = self._clock()
-        claims = self._good.get(token)
-        if claims is not None:
+        entry = self._good.get(token)
+        if entry is not None:
+            claims, earliest, latest = entry
+            if earliest <= now < latest:
+                self._good.move_to_end(token)
+                return claims
+            del self._good[token]
             try:
                 check_time_window(claims, now)
             except IdentityError as exc:
-                del self._good[token]
                 self._remember_failure(token, str(exc), now)
                 raise
-            self._good.move_to_end(token)
-            return claims
 
         # Oversized tokens are refused without hashing or caching anything.
         if not isinstance(token, str):
@@ -453,14 +457,15 @@ class IdentityVerifier:
         except IdentityError as exc:
             self._remember_failure(token, str(exc), now)
             raise
-        self._good[token] = claims
+        latest = math.inf if claims.expires_at is None else claims.expires_at + LEEWAY_SECONDS
+        self._good[token] = (claims, claims.not_before - LEEWAY_SECONDS, latest)
         if len(self._good) > self._max_entries:
             self._good.popitem(last=False)
         return claims
 
     def forget_alloc(self, alloc_id: str) -> None:
         """Drop every cached token of ``alloc_id`` (hygiene when it turns terminal)."""
-        for token in [t for t, c in self._good.items() if c.alloc_id == alloc_id]:
+        for token in [t for t, (c, _, _) in self._good.items() if c.alloc_id == alloc_id]:
             del self._good[token]
 
     def __len__(self) -> int:
