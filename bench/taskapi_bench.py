@@ -8,9 +8,12 @@ Part 1, request path. ``GET /v1/agent/health`` with a workload identity
   (a) a real task's ``secrets/api.sock`` of a real agent process,
   (b) the same agent's TCP API,
   (c) a baseline: aiohttp's low-level ``web.Server`` (the same server class the agent's
-      listeners use) on a Unix socket, answering a fixed JSON body, in its own process.
-Runs alternate a, b, c, a, b, c, ... and medians are reported, because a shared machine is
-noisy. Every request must come back 2xx, else the run is void and the script fails.
+      listeners use) on a Unix socket, answering a fixed JSON body, in its own process, on
+      asyncio's own event loop,
+  (d) the same baseline on uvloop, the event loop the agent runs on: a/d isolates what the
+      agent's request path (router, authentication, endpoint) costs on top of the loop.
+Runs alternate a, b, c, d, a, b, c, d, ... and medians are reported, because a shared
+machine is noisy. Every request must come back 2xx, else the run is void and the script fails.
 
 Part 2, socket churn, in a fresh child process so its memory figures start clean. An
 in-process agent (server only) supplies the real ``Router``; one ``TaskAPIHook`` creates and
@@ -327,13 +330,15 @@ class AgentUnderTest:
 class BaselineServer:
     """The baseline: this script re-run as ``--serve-baseline PATH`` (same Python)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, loop: str = "asyncio") -> None:
         self.path = path
+        self.loop = loop
         self._proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout: float = 15.0) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, str(SCRIPT), "--serve-baseline", str(self.path),
+            "--baseline-loop", self.loop,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
 
         async def accepting() -> bool:
@@ -363,7 +368,7 @@ class BaselineServer:
             await end_process(proc)
 
 
-def serve_baseline(path: str) -> int:
+def serve_baseline(path: str, loop_kind: str = "asyncio") -> int:
     """Child process body: aiohttp low-level ``web.Server`` on a Unix socket."""
     from aiohttp import web
 
@@ -389,7 +394,12 @@ def serve_baseline(path: str) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    asyncio.run(main())
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
     return 0
 
 
@@ -489,11 +499,13 @@ async def http_benchmark(h2load: str, root: Path, duration: int, rounds: int
                          ) -> HttpResults:
     agent = AgentUnderTest(root)
     baseline = BaselineServer(root / "baseline.sock")
+    baseline_uv = BaselineServer(root / "baseline-uv.sock", loop="uvloop")
     try:
         print("starting agent, task and baseline server ...", flush=True)
         await agent.start()
         await agent.run_task()
         await baseline.start()
+        await baseline_uv.start()
         host_port = agent.address.removeprefix("http://")
         targets = (
             Target("a", "task socket (agent)", f"http://localhost{HEALTH_PATH}",
@@ -501,6 +513,8 @@ async def http_benchmark(h2load: str, root: Path, duration: int, rounds: int
             Target("b", "TCP API (agent)", f"http://{host_port}{HEALTH_PATH}", None, agent.pid),
             Target("c", "baseline web.Server", f"http://localhost{HEALTH_PATH}",
                    str(baseline.path), baseline.pid),
+            Target("d", "baseline on uvloop", f"http://localhost{HEALTH_PATH}",
+                   str(baseline_uv.path), baseline_uv.pid),
         )
         for target in targets:
             await sanity_check(target, agent.token)
@@ -509,7 +523,7 @@ async def http_benchmark(h2load: str, root: Path, duration: int, rounds: int
                              1, root / "warmup.tsv")
         print(f"agent {agent.address}, task socket {agent.socket_path}", flush=True)
         print(f"h2load --h1 -c {H2LOAD_CLIENTS} -D {duration}, {rounds} round(s), "
-              "order a,b,c per round\n", flush=True)
+              "order a,b,c,d per round\n", flush=True)
         print(f"{'round':>5} {'target':<22} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'mean ms':>8} {'requests':>9} {'srv CPU us/req':>14}")
         runs: dict[str, list[LoadResult]] = {t.key: [] for t in targets}
@@ -534,6 +548,7 @@ async def http_benchmark(h2load: str, root: Path, duration: int, rounds: int
         await agent.stop_task()
         await agent.stop()
         await baseline.stop()
+        await baseline_uv.stop()
         await asyncio.to_thread(kill_leftovers, root)
 
 
@@ -548,6 +563,9 @@ def print_http_results(res: HttpResults) -> tuple[float, float]:
     base = res.median("c", "rps")
     ratio_a, ratio_b = res.median("a", "rps") / base, res.median("b", "rps") / base
     print(f"throughput ratio a/c = {ratio_a:.2f}, b/c = {ratio_b:.2f}")
+    same_loop = res.median("a", "rps") / res.median("d", "rps")
+    print(f"same event loop (uvloop): a/d = {same_loop:.2f}, "
+          f"b/d = {res.median('b', 'rps') / res.median('d', 'rps'):.2f}")
     cpu_c = res.median("c", "server_cpu_us")
     cpu_a = res.median("a", "server_cpu_us") / cpu_c
     print(f"server CPU per request relative to baseline: a/c = {cpu_a:.2f}x, "
@@ -788,9 +806,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark the Task API (see module docstring).")
     # Whole seconds: h2load's -D takes no fractions.
     p.add_argument("--duration", type=int, default=5, help="seconds per h2load run")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of a,b,c runs")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of a,b,c,d runs")
     p.add_argument("--sockets", type=int, default=1000, help="task sockets for the churn part")
     p.add_argument("--serve-baseline", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--baseline-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help=argparse.SUPPRESS)
     p.add_argument("--churn-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_baseline is None and args.churn_worker is None:
@@ -819,7 +839,7 @@ async def run(args: argparse.Namespace, h2load: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_baseline is not None:
-        return serve_baseline(args.serve_baseline)
+        return serve_baseline(args.serve_baseline, args.baseline_loop)
     if args.churn_worker is not None:
         return churn_worker(args.churn_worker, args.sockets)
     try:
