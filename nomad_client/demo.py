@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
-JOB = REPO / "testdata" / "jobs" / "taskapi-example.nomad.hcl"
+JOB = "testdata/jobs/taskapi-example.nomad.hcl"  # relative to REPO
 
 
 def _cli(address: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,7 +29,7 @@ def _cli(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     env.pop("NOMAD_TOKEN", None)
     print(f"$ nomad-client {' '.join(args)}", flush=True)
     result = subprocess.run([sys.executable, "-m", "nomad_client", *args], env=env,
-                            text=True, capture_output=True, timeout=120)
+                            cwd=REPO, text=True, capture_output=True, timeout=120)
     print(result.stdout + result.stderr, end="", flush=True)
     return result
 
@@ -45,7 +45,7 @@ def main() -> int:
     try:
         address = _wait_for_address(agent)
         print(f"==> dev agent at {address}", flush=True)
-        if _cli(address, "job", "run", str(JOB)).returncode != 0:
+        if _cli(address, "job", "run", JOB).returncode != 0:
             return 1
         found = None
         for _ in range(50):  # metadata reaches the server within a second; allow 5 s

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +48,25 @@ async def agent(agent_factory: Callable[..., AgentProcess]) -> AsyncIterator[Age
     await a.start()
     yield a
     await a.stop()
+
+
+@pytest.fixture
+async def short_agent_factory() -> AsyncIterator[Callable[..., AgentProcess]]:
+    """Agents in a short, world-traversable temp dir: socket paths then fit ``sun_path``
+    (so tools like curl can use them) and other users can reach the sockets."""
+    root = Path(tempfile.mkdtemp(prefix="nc"))
+    os.chmod(root, 0o755)
+    made: list[AgentProcess] = []
+
+    def make(name: str = "a", **kwargs: Any) -> AgentProcess:
+        agent = AgentProcess(root / name, **kwargs)
+        made.append(agent)
+        return agent
+
+    try:
+        yield make
+    finally:
+        for agent in made:
+            await agent.kill()
+        _kill_leftover_tasks(root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -16,8 +16,7 @@ import pwd
 import shutil
 import stat
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ import psutil
 import pytest
 
 from nomad_client.api.client import ApiClient, ApiConnectionError, ApiResponse
-from tests.integration.conftest import _kill_leftover_tasks
 from tests.integration.harness import (
     AgentProcess,
     eventually,
@@ -101,28 +99,6 @@ async def restarts(api: ApiClient, alloc_id: str, task: str = "t") -> int:
 
 def touch(path: Path) -> None:
     path.write_text("")
-
-
-@pytest.fixture
-async def short_agent_factory() -> AsyncIterator[Callable[..., AgentProcess]]:
-    """Agents in a short, world-traversable temp dir: socket paths then fit ``sun_path``
-    (so tools like curl can use them) and other users can reach the sockets."""
-    root = Path(tempfile.mkdtemp(prefix="nc"))
-    os.chmod(root, 0o755)
-    made: list[AgentProcess] = []
-
-    def make(name: str = "a", **kwargs: Any) -> AgentProcess:
-        agent = AgentProcess(root / name, **kwargs)
-        made.append(agent)
-        return agent
-
-    try:
-        yield make
-    finally:
-        for agent in made:
-            await agent.kill()
-        _kill_leftover_tasks(root)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- lifecycle
