@@ -26,6 +26,8 @@ from pathlib import Path
 
 import attrs
 
+from nomad_client.privatefile import write_private_file
+
 __all__ = [
     "DEFAULT_SOCKET_NAME",
     "DEFAULT_TOKEN_PATH",
@@ -44,7 +46,6 @@ DEFAULT_SOCKET_NAME = "api.sock"
 DEFAULT_TOKEN_PATH = "secrets/nomad_token"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SecretsDirError(Exception):
@@ -402,27 +403,7 @@ def write_secret_file(task_dir: Path, rel_path: str, data: bytes, *, user: str |
 
 
 def _write_atomically(dir_fd: int, name: str, data: bytes, uid: int | None, *, label: str) -> None:
-    tmpname = f".{name}.{_random.token_hex(8)}.tmp"
     try:
-        fd = os.open(tmpname, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        write_private_file(dir_fd, name, data, uid=uid)
     except OSError as exc:
-        raise SecretsDirError(f"cannot create {label}: {exc.strerror}") from None
-    try:
-        try:
-            # fd-based calls: they act on our inode whatever happens to the name.
-            os.fchmod(fd, 0o600)
-            if uid is not None:
-                os.fchown(fd, uid, -1)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmpname, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmpname, dir_fd=dir_fd)
-        if isinstance(exc, OSError):
-            raise SecretsDirError(f"cannot write {label}: {exc.strerror or exc}") from None
-        raise
+        raise SecretsDirError(f"cannot write {label}: {exc.strerror or exc}") from None

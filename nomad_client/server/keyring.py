@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import time
 import uuid
@@ -34,6 +33,8 @@ import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from nomad_client.privatefile import write_private_file
 
 __all__ = [
     "DEFAULT_AUDIENCE",
@@ -522,21 +523,11 @@ def _ensure_private_dir(path: Path) -> None:
 
 def _write_private_file(directory: Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` as 0600 via a temp file and an atomic rename."""
-    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, directory / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_private_file(dir_fd, name, data)
+    finally:
+        os.close(dir_fd)
 
 
 def _read_private_file(path: Path) -> bytes:
