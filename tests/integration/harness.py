@@ -10,9 +10,12 @@ import re
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from nomad_client.api.client import ApiClient
 from nomad_client.jobspec import canonicalize_job, parse_jobspec
@@ -183,3 +186,31 @@ async def wait_client_status(api: ApiClient, alloc_id: str, *statuses: str,
 
 def task_dir(agent: AgentProcess, alloc_id: str, task: str) -> Path:
     return agent.data_dir / "alloc" / alloc_id / task
+
+
+def new_marker() -> str:
+    """A unique word to put in a task's command line, to find its processes by."""
+    return f"itest-{uuid.uuid4().hex}"
+
+
+def procs_with(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(proc.info.get("cmdline") or ()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def is_alive(proc: psutil.Process) -> bool:
+    # is_running() also compares the start time, so a reused pid does not count.
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def event_types(alloc: Mapping[str, Any], task: str = "t") -> list[str]:
+    return [e["Type"] for e in alloc["TaskStates"][task]["Events"]]

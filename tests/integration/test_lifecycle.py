@@ -18,7 +18,11 @@ import psutil
 from nomad_client.api.client import ApiClient
 from tests.integration.harness import (
     AgentProcess,
+    event_types,
     eventually,
+    is_alive,
+    new_marker,
+    procs_with,
     raw_exec_job,
     run_job,
     task_dir,
@@ -31,41 +35,18 @@ FAST_FAIL = {"Attempts": 2, "Interval": int(60e9), "Delay": int(0.2e9), "Mode": 
 NO_RESTARTS = {"Attempts": 0, "Interval": int(60e9), "Delay": int(0.2e9), "Mode": "fail"}
 
 
-def _marker() -> str:
-    return f"itest-{uuid.uuid4().hex}"
 
-
-def _procs_with(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if marker in " ".join(proc.info.get("cmdline") or ()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _alive(proc: psutil.Process) -> bool:
-    # is_running() also compares the start time, so a reused pid does not count.
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _events(alloc: dict[str, Any], task: str = "t") -> list[dict[str, Any]]:
     return list(alloc["TaskStates"][task]["Events"])
 
 
-def _types(alloc: dict[str, Any], task: str = "t") -> list[str]:
-    return [e["Type"] for e in _events(alloc, task)]
-
 
 async def _task_tree(marker: str) -> list[psutil.Process]:
     """The task's main process (carrying the marker) and all its descendants."""
     async def tree() -> list[psutil.Process]:
-        roots = _procs_with(marker)
+        roots = procs_with(marker)
         if len(roots) != 1:
             return []
         kids = roots[0].children(recursive=True)
@@ -74,7 +55,7 @@ async def _task_tree(marker: str) -> list[psutil.Process]:
 
 
 async def test_service_starts_and_job_stop_kills_the_whole_tree(agent: AgentProcess) -> None:
-    marker = _marker()
+    marker = new_marker()
     # The task's shell starts a background child and waits: stopping the task must take
     # down the child too, not just the shell.
     job = raw_exec_job("svc", f": {marker}; sleep 300 & wait", kill_timeout_s=3)
@@ -82,17 +63,17 @@ async def test_service_starts_and_job_stop_kills_the_whole_tree(agent: AgentProc
         allocs = await run_job(api, job)
         alloc = await wait_task_state(api, allocs[0]["ID"], "t", "running")
         assert alloc["ClientStatus"] == "running"
-        assert "Started" in _types(alloc)
+        assert "Started" in event_types(alloc)
         tree = await _task_tree(marker)
         assert any("sleep" in " ".join(p.cmdline()) for p in tree[1:])
 
         await api.job_deregister("svc")
         alloc = await wait_client_status(api, alloc["ID"], "complete", "failed")
-        types = _types(alloc)
+        types = event_types(alloc)
         assert alloc["TaskStates"]["t"]["State"] == "dead"
         assert types.index("Killing") < types.index("Killed")
         assert "Not Restarting" not in types
-        still_alive = [p.pid for p in tree if _alive(p)]
+        still_alive = [p.pid for p in tree if is_alive(p)]
         assert still_alive == [], f"processes survived job stop: {still_alive}"
         assert alloc["DesiredStatus"] == "stop"
 
@@ -108,7 +89,7 @@ async def test_batch_success_completes(agent: AgentProcess) -> None:
         assert state["Restarts"] == 0
         terminated = [e for e in state["Events"] if e["Type"] == "Terminated"]
         assert [e["ExitCode"] for e in terminated] == [0]
-        assert "Restarting" not in _types(alloc)
+        assert "Restarting" not in event_types(alloc)
 
 
 async def test_batch_failure_restarts_per_policy_then_fails(agent: AgentProcess) -> None:
@@ -120,7 +101,7 @@ async def test_batch_failure_restarts_per_policy_then_fails(agent: AgentProcess)
         assert alloc["ClientStatus"] == "failed"
         assert state["State"] == "dead" and state["Failed"] is True
         assert state["Restarts"] == 2  # Attempts = 2
-        types = _types(alloc)
+        types = event_types(alloc)
         assert types.count("Restarting") == 2
         assert types[-1] == "Not Restarting"
         last = state["Events"][-1]
@@ -131,7 +112,7 @@ async def test_batch_failure_restarts_per_policy_then_fails(agent: AgentProcess)
 
 
 async def test_task_ignoring_sigint_is_killed_after_kill_timeout(agent: AgentProcess) -> None:
-    marker = _marker()
+    marker = new_marker()
     kill_timeout = 1.5
     script = f": {marker}; trap 'echo got-int' INT; while :; do sleep 0.1; done"
     async with agent.api() as api:
@@ -139,7 +120,7 @@ async def test_task_ignoring_sigint_is_killed_after_kill_timeout(agent: AgentPro
                                                  kill_timeout_s=kill_timeout))
         alloc_id = allocs[0]["ID"]
         await wait_task_state(api, alloc_id, "t", "running")
-        [shell] = await eventually(lambda: _procs_with(marker), message="task shell")
+        [shell] = await eventually(lambda: procs_with(marker), message="task shell")
 
         stop_sent = time.monotonic()
         await api.job_deregister("stubborn")
@@ -148,11 +129,11 @@ async def test_task_ignoring_sigint_is_killed_after_kill_timeout(agent: AgentPro
             return b"got-int" in await api.alloc_logs(alloc_id, "t")
         await eventually(interrupted, timeout=kill_timeout, interval=0.05,
                          message="task to receive SIGINT")
-        assert _alive(shell), "task died on SIGINT although it traps it"
+        assert is_alive(shell), "task died on SIGINT although it traps it"
 
         alloc = await wait_client_status(api, alloc_id, "complete", "failed")
         elapsed = time.monotonic() - stop_sent
-        assert not _alive(shell)
+        assert not is_alive(shell)
         events = _events(alloc)
         killing = next(e for e in events if e["Type"] == "Killing")
         killed = next(e for e in events if e["Type"] == "Killed")

@@ -8,7 +8,6 @@ unique marker in their command lines).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,11 @@ import psutil
 from nomad_client.api.client import ApiClient
 from tests.integration.harness import (
     AgentProcess,
+    event_types,
     eventually,
+    is_alive,
+    new_marker,
+    procs_with,
     raw_exec_job,
     run_job,
     task_dir,
@@ -30,30 +33,8 @@ NO_RESTARTS = {"Attempts": 0, "Interval": int(60e9), "Delay": int(0.2e9), "Mode"
 AgentFactory = Callable[..., AgentProcess]
 
 
-def _marker() -> str:
-    return f"itest-{uuid.uuid4().hex}"
 
 
-def _procs_with(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if marker in " ".join(proc.info.get("cmdline") or ()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _types(alloc: dict[str, Any], task: str = "t") -> list[str]:
-    return [e["Type"] for e in alloc["TaskStates"][task]["Events"]]
 
 
 async def _restored(api: ApiClient, alloc_id: str, before: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +51,7 @@ async def _running_service(api: ApiClient, job_id: str, marker: str
     allocs = await run_job(api, raw_exec_job(job_id, f": {marker}; sleep 300 & wait",
                                              kill_timeout_s=2))
     alloc = await wait_task_state(api, allocs[0]["ID"], "t", "running")
-    [shell] = await eventually(lambda: _procs_with(marker), message="task process")
+    [shell] = await eventually(lambda: procs_with(marker), message="task process")
     return alloc, shell
 
 
@@ -78,12 +59,12 @@ async def _stop_and_check_gone(api: ApiClient, alloc_id: str, job_id: str,
                                procs: list[psutil.Process]) -> None:
     await api.job_deregister(job_id)
     alloc = await wait_client_status(api, alloc_id, "complete", "failed")
-    assert "Killed" in _types(alloc)
-    assert [p.pid for p in procs if _alive(p)] == []
+    assert "Killed" in event_types(alloc)
+    assert [p.pid for p in procs if is_alive(p)] == []
 
 
 async def _reattach_after(agent: AgentProcess, end: str) -> None:
-    marker = _marker()
+    marker = new_marker()
     async with agent.api() as api:
         before, shell = await _running_service(api, "svc", marker)
         tree = [shell, *shell.children(recursive=True)]
@@ -91,7 +72,7 @@ async def _reattach_after(agent: AgentProcess, end: str) -> None:
         await agent.kill()
     else:
         assert await agent.stop() == 0, agent.output
-    assert _alive(shell), f"task died with the agent ({end})"
+    assert is_alive(shell), f"task died with the agent ({end})"
 
     await agent.start()
     async with agent.api() as api:
@@ -100,11 +81,11 @@ async def _reattach_after(agent: AgentProcess, end: str) -> None:
         assert alloc["ClientStatus"] == "running"
         assert state["State"] == "running"
         assert state["Restarts"] == 0
-        assert _types(alloc).count("Started") == 1
-        assert "Failed Restoring Task" not in _types(alloc)
+        assert event_types(alloc).count("Started") == 1
+        assert "Failed Restoring Task" not in event_types(alloc)
         assert state["StartedAt"] == before["TaskStates"]["t"]["StartedAt"]
-        [same] = _procs_with(marker)
-        assert same.pid == shell.pid and _alive(shell)
+        [same] = procs_with(marker)
+        assert same.pid == shell.pid and is_alive(shell)
         # The reattached task is still under the agent's control.
         await _stop_and_check_gone(api, alloc["ID"], "svc", tree)
 
@@ -140,7 +121,7 @@ async def test_completed_batch_task_is_not_rerun(agent_factory: AgentFactory) ->
     async with agent.api() as api:
         alloc = await _restored(api, before["ID"], before)
         assert alloc["ClientStatus"] == "complete"
-        assert _types(alloc).count("Started") == 1
+        assert event_types(alloc).count("Started") == 1
         assert alloc["TaskStates"]["t"]["Events"] == before["TaskStates"]["t"]["Events"]
         assert len(await api.job_allocations("once")) == 1
     assert runs.read_text() == "ran\n"
@@ -150,14 +131,14 @@ async def test_exit_while_agent_down_is_reported_after_restart(
         agent_factory: AgentFactory) -> None:
     agent = agent_factory()
     await agent.start()
-    marker = _marker()
+    marker = new_marker()
     async with agent.api() as api:
         allocs = await run_job(api, raw_exec_job("sevens", f": {marker}; sleep 2; exit 7",
                                                  job_type="batch", restart=NO_RESTARTS))
         before = await wait_task_state(api, allocs[0]["ID"], "t", "running")
     await agent.kill()
     # The task ends on its own while no agent is running.
-    await eventually(lambda: not _procs_with(marker), timeout=5,
+    await eventually(lambda: not procs_with(marker), timeout=5,
                      message="the task to exit while the agent is down")
 
     await agent.start()
@@ -165,8 +146,8 @@ async def test_exit_while_agent_down_is_reported_after_restart(
         alloc = await wait_client_status(api, before["ID"], "complete", "failed")
         state = alloc["TaskStates"]["t"]
         # The exit happened during the outage: it must be learned, not re-caused by a rerun.
-        assert "Failed Restoring Task" not in _types(alloc), _types(alloc)
-        assert _types(alloc).count("Started") == 1, _types(alloc)
+        assert "Failed Restoring Task" not in event_types(alloc), event_types(alloc)
+        assert event_types(alloc).count("Started") == 1, event_types(alloc)
         terminated = [e for e in state["Events"] if e["Type"] == "Terminated"]
         assert [e["ExitCode"] for e in terminated] == [7], state["Events"]
         assert state["State"] == "dead" and state["Failed"] is True
