@@ -30,6 +30,7 @@ from lark.exceptions import (
 )
 
 from nomad_client.cli.goflags import GoArgumentParser, HelpRequested, UsageError
+from nomad_client.jobspec.evaluate import type_name as hcl_type_name
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR")
 DEFAULT_HTTP_PORT = 4646
@@ -177,19 +178,7 @@ class _Expr:
 def _type_name(value: Any) -> str:
     if isinstance(value, _Expr):
         return f"expression {value.text}"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "map"
-    return type(value).__name__
+    return hcl_type_name(value)
 
 
 class _Source:
