@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-from tests.integration.harness import AgentProcess, load_job, run_job, wait_client_status
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from nomad_client.api.client import ApiClient
+from tests.integration.harness import (
+    AgentProcess,
+    eventually,
+    is_alive,
+    load_job,
+    new_marker,
+    procs_with,
+    raw_exec_job,
+    run_job,
+    task_dir,
+    wait_client_status,
+)
 
 
 async def test_hello_job_completes_and_logs(agent: AgentProcess) -> None:
@@ -15,8 +34,6 @@ async def test_hello_job_completes_and_logs(agent: AgentProcess) -> None:
 
 
 async def test_purged_job_allocations_are_garbage_collected(agent: AgentProcess) -> None:
-    from tests.integration.harness import eventually, raw_exec_job, task_dir
-
     async with agent.api() as api:
         job = raw_exec_job("gc-me", "sleep 300")
         allocs = await run_job(api, job)
@@ -28,3 +45,33 @@ async def test_purged_job_allocations_are_garbage_collected(agent: AgentProcess)
             return await api.allocations_list() == [] and \
                 not task_dir(agent, alloc_id, "t").parent.exists()
         await eventually(gone, message="allocation and its directory removed")
+
+
+async def test_dev_agent_stops_its_tasks_and_removes_its_data_dir_on_sigint() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOMAD_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nomad_client", "agent", "-dev", "-http-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    marker = new_marker()
+    try:
+        match = None
+        while match is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line, "the dev agent exited before it started"
+            match = re.search(r"started! HTTP API: (http://\S+) \(data dir (.+)\)", line)
+        address, data_dir = match.group(1), Path(match.group(2))
+        async with ApiClient(address, token="") as api:
+            await api.job_register(raw_exec_job("dev", f"sleep 300; echo {marker}"))
+            (task,) = await eventually(lambda: procs_with(marker), message="task running")
+        assert data_dir.is_dir()
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert not is_alive(task)
+        assert not data_dir.exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for leftover in procs_with(marker):
+            leftover.kill()
