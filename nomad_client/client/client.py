@@ -199,20 +199,21 @@ class Client:
         known: dict[str, int] = {}
         while True:
             try:
-                allocs, index = await self.rpc.node_get_client_allocs(self.node_id, index,
-                                                                      WATCH_WAIT)
+                allocs, new_index = await self.rpc.node_get_client_allocs(
+                    self.node_id, index, WATCH_WAIT)
+                changed = [a for a, idx in allocs.items() if known.get(a) != idx]
+                for alloc in await self.rpc.alloc_get_allocs(changed) if changed else []:
+                    await self._apply_alloc(alloc)
+                for gone in set(self.runners) - set(allocs):
+                    await self._gc(gone)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # Keep watching: the next pass re-reads everything not yet applied.
                 log.exception("watching allocations failed; retrying")
                 await asyncio.sleep(1)
                 continue
-            changed = [a for a, idx in allocs.items() if known.get(a) != idx]
-            for alloc in await self.rpc.alloc_get_allocs(changed) if changed else []:
-                await self._apply_alloc(alloc)
-            for gone in set(self.runners) - set(allocs):
-                await self._gc(gone)
-            known = allocs
+            index, known = new_index, allocs
 
     async def _apply_alloc(self, alloc: Allocation) -> None:
         runner = self.runners.get(alloc.id)
