@@ -625,3 +625,25 @@ def test_unreachable_agent(capsys: pytest.CaptureFixture[str],
 def test_bad_address(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "job", "status", "-address", "unix://relative")
     assert code == 1 and "Error initializing client" in err and "absolute" in err
+
+
+def test_closed_output_pipe_ends_quietly() -> None:
+    import subprocess
+    import sys
+
+    # `nomad-client ... | head -1`: the reader leaves early; no traceback, no error text.
+    script = (
+        "import sys\n"
+        "import nomad_client.cli.main as m\n"
+        "def chatty(argv):\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "m._dispatch = chatty\n"
+        "sys.exit(m.main([]))\n"
+    )
+    proc = subprocess.run(f"{sys.executable} -c \"$SCRIPT\" | head -1", shell=True,
+                          env={"SCRIPT": script, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.stdout == "line 0\n"
+    assert proc.stderr == ""
