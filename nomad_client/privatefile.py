@@ -31,6 +31,7 @@ def write_private_file(dir_fd: int, name: str, data: bytes, *, uid: int | None =
         finally:
             os.close(fd)
         os.rename(tmpname, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)  # make the rename itself durable, not just the file's contents
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmpname, dir_fd=dir_fd)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -137,6 +137,31 @@ class StateDB:
                 (bucket, key, blob),
             )
         )
+
+    async def write_batch(self, puts: Sequence[tuple[str, str, Any]],
+                          deletes: Sequence[tuple[str, str]] = ()) -> None:
+        """Apply puts ``(bucket, key, value)`` and deletes ``(bucket, key)`` as ONE durable
+        transaction: after a crash either all of them are on disk or none is."""
+        rows = []
+        for bucket, key, value in puts:
+            _check_names(bucket, key)
+            rows.append((bucket, key, _encode(bucket, key, value)))  # encode before any I/O
+        for bucket, key in deletes:
+            _check_names(bucket, key)
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT INTO kv (bucket, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value", rows)
+                conn.executemany("DELETE FROM kv WHERE bucket = ? AND key = ?", list(deletes))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._run(apply)
 
     async def get(self, bucket: str, key: str) -> Any | None:
         _check_names(bucket, key)

@@ -127,7 +127,11 @@ class Server:
             evals = [e for e in self.store.rows("evals") if e.job_id == job["ID"]]
             latest = max(evals, key=lambda e: e.create_index, default=None)
             if latest is not None and latest.queued_allocations:
-                await self._evaluate(job["ID"], "node-update")
+                try:
+                    await self._evaluate(job["ID"], "node-update")
+                except Exception:
+                    # One bad job must never stop nodes from registering.
+                    log.exception("re-evaluating job %s failed", job["ID"])
 
     # ---- nodes (the client side of the RPC interface lands here) ------------------------
     async def register_node(self, node: Node) -> int:

@@ -94,14 +94,13 @@ class StateStore:
                     out.append((key, value))
                 stamped[table] = out
             if self._db is not None:
-                for table, rows in stamped.items():
-                    for key, value in rows:
-                        raw = to_rpc(value) if attrs.has(type(value)) else value
-                        await self._db.put(f"table/{table}", key, raw)
-                for table, keys in (deletes or {}).items():
-                    for key in keys:
-                        await self._db.delete(f"table/{table}", key)
-                await self._db.put("server_meta", "index", index)
+                # One transaction: a crash never leaves half a batch or a stale index on disk.
+                await self._db.write_batch(
+                    [*((f"table/{table}", key, to_rpc(v) if attrs.has(type(v)) else v)
+                       for table, rows in stamped.items() for key, v in rows),
+                     ("server_meta", "index", index)],
+                    [(f"table/{table}", key) for table, keys in (deletes or {}).items()
+                     for key in keys])
             for table, rows in stamped.items():
                 self._tables[table].update(rows)
                 self._table_index[table] = index

@@ -168,3 +168,22 @@ def test_unrecoverable_start_error_is_not_retried() -> None:
     t, _ = tracker()
     d = t.next(exit_ok=False, start_failed=True, recoverable=False)
     assert not d.restart and d.reason == "Error was unrecoverable" and d.fails_task
+
+
+async def test_a_job_that_cannot_be_evaluated_never_blocks_node_registration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nomad_client.server import server as server_mod
+    from nomad_client.server.keyring import Keyring
+    from nomad_client.server.server import Server
+
+    srv = Server(StateStore(), await Keyring.load_or_create(tmp_path / "kr"),
+                 region="global", acl_enabled=False)
+    await srv.register_job(job(driver="docker"))  # unplaceable: stays queued
+    assert srv.job_allocs("web") == []
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("cannot evaluate this job")
+
+    monkeypatch.setattr(server_mod, "plan_job", broken)
+    await srv.register_node(node())  # re-evaluation fails, registration does not
+    assert srv.store.get("nodes", "n1").status == "ready"

@@ -248,3 +248,16 @@ async def test_async_context_manager(tmp_path: Path) -> None:
         assert store.path == tmp_path / "s.db"
     with pytest.raises(StateDBError):
         await store.get("b", "k")
+
+
+async def test_write_batch_is_all_or_nothing(tmp_path: Path) -> None:
+    db = await StateDB.open(tmp_path / "batch.db")
+    try:
+        await db.put("b", "keep", 1)
+        await db.write_batch([("b", "x", 1), ("b", "y", [2])], [("b", "keep")])
+        assert await db.items("b") == [("x", 1), ("y", [2])]
+        with pytest.raises(TypeError):  # an unencodable value: nothing at all is written
+            await db.write_batch([("b", "z", 3), ("b", "bad", object())], [("b", "x")])
+        assert await db.items("b") == [("x", 1), ("y", [2])]
+    finally:
+        await db.close()

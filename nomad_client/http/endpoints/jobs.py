@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nomad_client.http.errors import bad_request, not_found
@@ -30,6 +31,11 @@ def alloc_stub(alloc: Allocation) -> dict[str, Any]:
     full["JobType"] = job.get("Type")
     full["JobVersion"] = job.get("Version", 0)
     return full
+
+
+def _parse(hcl: str, variables: str | None, canonicalize: bool) -> dict[str, Any]:
+    job = parse_jobspec(hcl, "<request>", var_files_text=variables)
+    return canonicalize_job(job) if canonicalize else job
 
 
 def _object_body(body: Any, allowed: set[str]) -> dict[str, Any]:
@@ -88,9 +94,9 @@ def register(router: Router, services: Services) -> None:
             raise bad_request("Job spec is empty")
         variables = body.get("Variables") or None
         try:
-            job = parse_jobspec(hcl, "<request>", var_files_text=variables)
-            if body.get("Canonicalize"):
-                job = canonicalize_job(job)
+            # Parsing is CPU work on caller input: keep it off the event loop.
+            job = await asyncio.to_thread(_parse, hcl, variables,
+                                          bool(body.get("Canonicalize")))
         except (JobspecError, JobValidationError) as err:
             raise bad_request(f"Failed to parse job: {err}") from None
         return job
