@@ -69,6 +69,7 @@ class Agent:
         self.router = Router(self.server)
 
         sock = tcp_socket(cfg.bind_addr, cfg.ports.http)
+        self._listener = Listener(self.router, TCP_LISTENER, sock)  # owns sock from here on
         self.http_address = sock.getsockname()[:2]
         client_db = None
         if cfg.client.enabled or cfg.dev_mode:
@@ -84,7 +85,6 @@ class Agent:
         register_all(self.router, Services(
             server=self.server, client=self.client, agent_config=cfg.to_api_dict(),
             member=self._member()))
-        self._listener = Listener(self.router, TCP_LISTENER, sock)
         await self._listener.start()
         log.info("HTTP API listening on http://%s", self.http_addr)
         if self.client is not None:
@@ -124,5 +124,7 @@ def _prepare_data_dir(configured: str | None) -> tuple[Path, bool]:
     else:
         path = Path(tempfile.mkdtemp(prefix="nomad-client-dev-"))
         temporary = True
-    path.chmod(0o755)  # tasks running as other users must traverse into their alloc dirs
+    # Tasks running as other users must traverse into their alloc dirs, but no one else
+    # needs to list which allocations and tasks this node runs.
+    path.chmod(0o711)
     return path, temporary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -18,6 +19,8 @@ from nomad_client.agent.config import (
     build_agent_config,
     parse_agent_args,
 )
+from nomad_client.client.state_db import StateDBError
+from nomad_client.server.keyring import KeyringError
 
 LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
               "WARN": logging.WARNING, "ERROR": logging.ERROR}
@@ -56,9 +59,10 @@ async def _serve(config: AgentConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
-    except OSError as err:
+    except (OSError, StateDBError, KeyringError) as err:
         print(f"Error starting agent: {err}", file=sys.stderr)
         return 1
+    _raise_open_file_limit()
     # Everything loaded so far lives as long as the agent: keep the garbage collector from
     # rescanning it, so per-request collections stay small.
     gc.freeze()
@@ -71,3 +75,15 @@ async def _serve(config: AgentConfig) -> int:
         print("==> shutting down", flush=True)
         await agent.stop()
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Every task socket and client connection is a file descriptor: allow as many as the
+    system lets this process have (the soft limit is often a small 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            logging.getLogger(__name__).warning("could not raise the open-file limit")

@@ -72,14 +72,17 @@ class AllocRunnerConfig:
 
 
 def client_status(states: Mapping[str, TaskState]) -> str:
+    """Nomad's precedence: any failed task fails the allocation; else any running task makes
+    it running (a sibling waiting to restart does not flip it back to pending); else any
+    pending task keeps it pending; else every task finished well."""
     values = list(states.values())
-    if not values or any(s.state == m.TASK_PENDING for s in values):
-        return m.ALLOC_PENDING
-    if all(s.state == m.TASK_DEAD for s in values):
-        return m.ALLOC_FAILED if any(s.failed for s in values) else m.ALLOC_COMPLETE
     if any(s.failed for s in values):
         return m.ALLOC_FAILED
-    return m.ALLOC_RUNNING
+    if any(s.state == m.TASK_RUNNING for s in values):
+        return m.ALLOC_RUNNING
+    if not values or any(s.state == m.TASK_PENDING for s in values):
+        return m.ALLOC_PENDING
+    return m.ALLOC_COMPLETE
 
 
 class AllocRunner:
@@ -96,6 +99,7 @@ class AllocRunner:
         self.task_runners: dict[str, TaskRunner] = {}
         self._main: asyncio.Task[None] | None = None
         self._destroyed = False
+        self._kill_reason: str | None = None
         self._setup_failure: str | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -166,6 +170,8 @@ class AllocRunner:
                 state=restored.state if restored else None,
                 handle=restored.handle if restored else None)
             self.task_runners[name] = runner
+            if self._kill_reason is not None:
+                runner.kill(self._kill_reason)  # killed before its runner existed
             if driver is None and not runner.finished:
                 runner.state = TaskState(state=m.TASK_DEAD, failed=True).with_event(TaskEvent(
                     type=m.EVENT_DRIVER_FAILURE, fails_task=True,
@@ -202,6 +208,7 @@ class AllocRunner:
             await runner.update(alloc)
 
     def kill(self, reason: str) -> None:
+        self._kill_reason = reason
         for runner in self.task_runners.values():
             runner.kill(reason)
 
@@ -213,7 +220,9 @@ class AllocRunner:
         self.kill("alloc destroyed")
         if self._main is not None:
             await asyncio.gather(self._main, return_exceptions=True)
-        for hook in self.hooks:
+        # Teardown runs in reverse order: what was set up last (listeners in the alloc
+        # dir) goes before what it lives in (the alloc dir).
+        for hook in reversed(self.hooks):
             if isinstance(hook, AllocDestroyHook):
                 await _logged(self.log, hook.name, hook.destroy())
 
@@ -222,7 +231,7 @@ class AllocRunner:
         if self._main is not None and not self._main.done():
             self._main.cancel()
             await asyncio.gather(self._main, return_exceptions=True)
-        for hook in self.hooks:
+        for hook in reversed(self.hooks):
             if isinstance(hook, AllocShutdownHook):
                 await _logged(self.log, hook.name, hook.shutdown())
 

@@ -19,7 +19,6 @@ the socket is created safely (ownership, mode, symlinks, long paths) lives in
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import attrs
@@ -27,17 +26,19 @@ import attrs
 from nomad_client.allocrunner.hooks import AllocHookDeps, TaskContext
 from nomad_client.client.drivers.base import ExitResult
 from nomad_client.client.secretsdir import (
+    DEFAULT_SOCKET_NAME,
     BoundSocket,
     SecretsDirError,
     create_task_socket,
     remove_task_socket,
+    socket_in_place,
     socket_owner_for,
 )
 from nomad_client.http.context import ListenerContext
 from nomad_client.http.listeners import Listener
 from nomad_client.structs.models import EVENT_HOOK_MESSAGE, TaskEvent
 
-SOCKET_NAME = "api.sock"
+SOCKET_NAME = DEFAULT_SOCKET_NAME
 PRIVATE_DIR = ".taskapi"
 
 
@@ -62,25 +63,33 @@ class TaskAPIHook:
             return
         current = self._sockets.get(ctx.name)
         if current is not None:
-            if await asyncio.to_thread(_still_in_place, current):
+            if await asyncio.to_thread(socket_in_place, current.task_dir, current.bound):
                 return
             await self._close(ctx.name)
         try:
             bound = await asyncio.to_thread(self._create_socket, ctx.task_dir.path, ctx.user)
         except (SecretsDirError, OSError) as err:
-            reason = str(err) or type(err).__name__
-            path = ctx.task_dir.secrets_dir / SOCKET_NAME
-            self._deps.log.warning("Task API unavailable for task %s at %s: %s",
-                                   ctx.name, path, reason)
-            ctx.emit(TaskEvent(type=EVENT_HOOK_MESSAGE,
-                               message=f"Task API unavailable: {reason}",
-                               display_message=f"Task API unavailable: {reason}"))
+            self._unavailable(ctx, str(err) or type(err).__name__)
             return
         listener_ctx = ListenerContext(name="task-api", task_api=True,
                                        alloc_id=self._deps.alloc.id, task=ctx.name)
         listener = Listener(self._deps.router, listener_ctx, bound.sock)
-        await listener.start()
+        try:
+            await listener.start()
+        except OSError as err:
+            await listener.close()
+            await asyncio.to_thread(remove_task_socket, ctx.task_dir.path, bound, SOCKET_NAME)
+            self._unavailable(ctx, str(err))
+            return
         self._sockets[ctx.name] = _TaskSocket(listener, bound, ctx.task_dir.path)
+
+    def _unavailable(self, ctx: TaskContext, reason: str) -> None:
+        """Never silent: the task gets an event, the operator a log line with the path."""
+        path = ctx.task_dir.secrets_dir / SOCKET_NAME
+        self._deps.log.warning("Task API unavailable for task %s at %s: %s", ctx.name, path,
+                               reason)
+        ctx.emit(TaskEvent(type=EVENT_HOOK_MESSAGE, message=f"Task API unavailable: {reason}",
+                           display_message=f"Task API unavailable: {reason}"))
 
     def _create_socket(self, task_dir: Path, user: str | None) -> BoundSocket:
         # Runs in a worker thread: the user lookup and the file work may block.
@@ -102,10 +111,6 @@ class TaskAPIHook:
         for task in list(self._sockets):
             await self._close(task)
 
-    def socket_path(self, task: str) -> str | None:
-        held = self._sockets.get(task)
-        return None if held is None else str(held.task_dir / "secrets" / SOCKET_NAME)
-
     async def _close(self, task: str) -> None:
         held = self._sockets.pop(task, None)
         if held is None:
@@ -116,12 +121,3 @@ class TaskAPIHook:
                                     SOCKET_NAME)
         except (SecretsDirError, OSError) as err:
             self._deps.log.warning("could not remove Task API socket of %s: %s", task, err)
-
-
-def _still_in_place(held: _TaskSocket) -> bool:
-    """Is our socket inode still at secrets/api.sock (never following a planted link)?"""
-    try:
-        st = os.stat(held.task_dir / "secrets" / SOCKET_NAME, follow_symlinks=False)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == (held.bound.st_dev, held.bound.st_ino)

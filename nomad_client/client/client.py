@@ -217,10 +217,10 @@ class Client:
 
     async def _apply_alloc(self, alloc: Allocation) -> None:
         runner = self.runners.get(alloc.id)
+        if runner is None and alloc.terminal():
+            return  # never ran here and never will: nothing to remember or restore
         await self.db.put(B_ALLOCS, alloc.id, to_rpc(alloc))
         if runner is None:
-            if alloc.terminal():
-                return
             self._start_runner(alloc)
         else:
             await runner.update(alloc)
@@ -244,6 +244,9 @@ class Client:
             try:
                 await self.rpc.node_update_alloc(batch)
             except asyncio.CancelledError:
+                # Shutting down: hand the batch back so the final flush still sends it.
+                for update in batch:
+                    self._pending_reports.setdefault(update.id, update)
                 raise
             except Exception:
                 log.exception("reporting allocation state failed; will retry")

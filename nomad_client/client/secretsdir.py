@@ -30,6 +30,7 @@ from nomad_client.privatefile import write_private_file
 
 __all__ = [
     "DEFAULT_SOCKET_NAME",
+    "socket_in_place",
     "DEFAULT_TOKEN_PATH",
     "SECRETS_DIR",
     "BoundSocket",
@@ -348,16 +349,29 @@ def remove_task_socket(
     except _MissingDir:
         return
     with _closing_fd(secrets_fd):
-        try:
-            st = os.stat(name, dir_fd=secrets_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) != (bound.st_dev, bound.st_ino) or not stat.S_ISSOCK(
-            st.st_mode
-        ):
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=secrets_fd)
+        if _is_ours(secrets_fd, name, bound):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=secrets_fd)
+
+
+def socket_in_place(task_dir: Path, bound: BoundSocket, name: str = DEFAULT_SOCKET_NAME
+                    ) -> bool:
+    """Is ``secrets/<name>`` still the socket we created (not deleted, not replaced)?"""
+    _check_name(name)
+    try:
+        secrets_fd = _open_secrets_dir(Path(task_dir))
+    except SecretsDirError:
+        return False
+    with _closing_fd(secrets_fd):
+        return _is_ours(secrets_fd, name, bound)
+
+
+def _is_ours(secrets_fd: int, name: str, bound: BoundSocket) -> bool:
+    try:
+        st = os.stat(name, dir_fd=secrets_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (bound.st_dev, bound.st_ino)
 
 
 # ---------------------------------------------------------------------- secret files

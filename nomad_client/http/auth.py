@@ -39,21 +39,20 @@ FORBIDDEN = HTTPError(403, "Forbidden")
 
 
 def request_token(headers: Mapping[str, str]) -> str:
-    """The caller's secret: ``X-Nomad-Token`` first, else ``Authorization: Bearer <t>``."""
+    """The caller's secret, extracted as Nomad does: a present ``X-Nomad-Token`` wins (even
+    one of only spaces, which then means "no token"); else ``Authorization: Bearer <t>``,
+    where the token is the first word after the scheme."""
     raw = headers.get("X-Nomad-Token")
     if raw:
-        token = raw.strip()
-        if token:
-            return token
+        return raw.strip()
     auth = headers.get("Authorization")
     if not auth:
         return ""
-    scheme, _, rest = auth.strip().partition(" ")
-    if scheme.lower() != "bearer":
+    scheme, sep, rest = auth.partition(" ")
+    if not sep or scheme.lower() != "bearer":
         return ""
-    rest = rest.lstrip()
-    end = rest.find(" ")
-    return rest if end < 0 else rest[:end]
+    words = rest.split(None, 1)
+    return words[0] if words else ""
 
 
 def _looks_like_jwt(token: str) -> bool:

@@ -241,3 +241,45 @@ async def test_hook_env_reaches_the_driver(tmp_path: Path, rec: Recorder,
     await run_to_end(runner)
     assert seen["HOOK_FIRST"] == "1" and seen["HOOK_SECOND"] == "1"
     assert seen["NOMAD_TASK_NAME"] == "t" and seen["NOMAD_ALLOC_ID"] == alloc.id
+
+
+def test_client_status_precedence() -> None:
+    from nomad_client.allocrunner.alloc_runner import client_status
+
+    running, pending = TaskState(state="running"), TaskState(state="pending")
+    dead_ok, dead_failed = TaskState(state="dead"), TaskState(state="dead", failed=True)
+    assert client_status({"a": running, "b": pending}) == "running"  # b is between restarts
+    assert client_status({"a": dead_failed, "b": pending}) == "failed"
+    assert client_status({"a": dead_ok, "b": pending}) == "pending"
+    assert client_status({"a": dead_ok, "b": dead_ok}) == "complete"
+    assert client_status({}) == "pending"
+
+
+async def test_a_fault_in_the_runner_fails_the_task_instead_of_abandoning_it(
+        tmp_path: Path, rec: Recorder) -> None:
+    runner = runner_for(make_alloc([mock_task(run_for="60s")], job_type="service"),
+                        tmp_path, rec)
+
+    async def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    runner.config = AllocRunnerConfig(**{**{f: getattr(runner.config, f) for f in (
+        "alloc_dir_root", "driver_state_root", "drivers", "node_view", "router", "host_env",
+        "report")}, "persist_task": disk_full})
+    await run_to_end(runner)
+    state = runner.task_runners["t"].state
+    assert state.state == "dead" and state.failed
+    assert any("No space left" in e.setup_error for e in state.events)
+    assert "observer.task_stopped" in rec.calls  # the Task API socket would be closed
+    assert rec.updates[-1].client_status == "failed"
+
+
+async def test_kill_before_the_runners_exist_still_stops_everything(tmp_path: Path,
+                                                                    rec: Recorder) -> None:
+    runner = runner_for(make_alloc([mock_task(run_for="60s")], job_type="service"),
+                        tmp_path, rec)
+    runner.kill("agent shutting down")
+    runner.start()
+    await asyncio.wait_for(runner.wait(), 5)
+    assert runner.task_runners["t"].state.state == "dead"
+    assert "Started" not in event_types(runner.task_runners["t"].state)

@@ -133,7 +133,9 @@ def acl_token(kind: str = "management", expires: float | None = None) -> ACLToke
     ({"Authorization": "Basic abc"}, ""),
     ({"Authorization": "Bearer"}, ""),
     ({"X-Nomad-Token": "x", "Authorization": "Bearer y"}, "x"),
-    ({"X-Nomad-Token": "   ", "Authorization": "Bearer y"}, "y"),
+    ({"X-Nomad-Token": "   ", "Authorization": "Bearer y"}, ""),  # as Nomad: header wins
+    ({"Authorization": " Bearer x"}, ""),
+    ({"Authorization": "Bearer \tx\ty"}, "x"),
 ])
 def test_request_token(headers: dict[str, str], expected: str) -> None:
     assert request_token(headers) == expected
@@ -259,3 +261,26 @@ async def test_oversized_body_is_refused_without_reading_it(stack: Stack) -> Non
     status, body = await over_tcp(stack, "/v1/jobs", method="POST",
                                   data=io.BytesIO(b"x" * (9 * 1024 * 1024)))
     assert status == 413 and "too large" in body
+
+
+async def test_task_socket_caps_concurrent_connections(stack: Stack) -> None:
+    import asyncio
+
+    from nomad_client.http.listeners import TASK_SOCKET_MAX_CONNECTIONS
+
+    held = [await asyncio.open_unix_connection(str(stack.task_sock))
+            for _ in range(TASK_SOCKET_MAX_CONNECTIONS)]
+    await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_unix_connection(str(stack.task_sock))
+    assert await asyncio.wait_for(reader.read(), 2) == b""  # refused: closed at once
+    writer.close()
+    for _, w in held[:4]:
+        w.close()
+        await w.wait_closed()
+    await asyncio.sleep(0.05)
+    assert (await over_socket(stack, "/v1/agent/health"))[0] == 401  # room again
+    # the TCP listener is a different listener with its own budget
+    assert (await over_tcp(stack, "/v1/agent/health"))[0] == 200
+    for _, w in held[4:]:
+        w.close()
+        await w.wait_closed()

@@ -8,10 +8,11 @@ import asyncio
 from collections.abc import Mapping
 
 from nomad_client.allocrunner.hooks import TaskContext
-from nomad_client.client.secretsdir import write_secret_file
-
-TOKEN_FILE = "secrets/nomad_token"
-SOCKET_NAME = "api.sock"
+from nomad_client.client.secretsdir import (
+    DEFAULT_SOCKET_NAME,
+    DEFAULT_TOKEN_PATH,
+    write_secret_file,
+)
 
 
 class IdentityHook:
@@ -25,9 +26,9 @@ class IdentityHook:
         env: dict[str, str] = {}
         if identity.get("Env"):
             env["NOMAD_TOKEN"] = token
-            env["NOMAD_UNIX_ADDR"] = f"unix://{ctx.task_dir.secrets_dir / SOCKET_NAME}"
+            env["NOMAD_UNIX_ADDR"] = f"unix://{ctx.task_dir.secrets_dir / DEFAULT_SOCKET_NAME}"
         if identity.get("File"):
-            rel_path = identity.get("Filepath") or TOKEN_FILE
+            rel_path = identity.get("Filepath") or DEFAULT_TOKEN_PATH
             await asyncio.to_thread(write_secret_file, ctx.task_dir.path, rel_path,
                                     token.encode(), user=ctx.user)
         return env

@@ -9,7 +9,7 @@ observers. It touches its driver, its hooks and the callbacks it was given — n
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from nomad_client.allocrunner.hooks import (
     TaskStopHook,
     TaskUpdateHook,
 )
-from nomad_client.allocrunner.taskrunner.restarts import RestartDecision, RestartTracker
+from nomad_client.allocrunner.taskrunner.restarts import NS, RestartDecision, RestartTracker
 from nomad_client.client.drivers.base import (
     Driver,
     DriverError,
@@ -39,8 +39,6 @@ from nomad_client.client.taskenv import TaskEnvInput, build_task_env, interpolat
 from nomad_client.structs import models as m
 from nomad_client.structs.jobs import is_batch, task_group
 from nomad_client.structs.models import Allocation, TaskEvent, TaskState, rfc3339
-
-NS = 1_000_000_000
 
 Persist = Callable[["TaskRunner"], Awaitable[None]]
 
@@ -101,6 +99,23 @@ class TaskRunner:
     async def run(self) -> None:
         if self.finished:
             return  # restored from state: this task already ran to completion
+        try:
+            await self._run_loop()
+        except asyncio.CancelledError:
+            raise  # agent shutdown: the task keeps running for the next agent
+        except Exception as exc:
+            # A fault of ours (disk full, a driver bug): never leave the task unsupervised.
+            self.log.exception("task %s: runner failed", self.name)
+            self.emit(TaskEvent(type=m.EVENT_SETUP_FAILURE, fails_task=True,
+                                setup_error=str(exc),
+                                display_message=f"task runner failed: {exc}"))
+            if self.handle is not None:
+                with contextlib.suppress(Exception):
+                    await self.driver.destroy_task(self.handle)
+                self.handle = None
+            await self._finish()
+
+    async def _run_loop(self) -> None:
         restoring = self.handle is not None
         if not self.state.events:
             self.emit(TaskEvent(type=m.EVENT_RECEIVED,
@@ -142,6 +157,8 @@ class TaskRunner:
                                     display_message="failed to restore task; restarting it"))
                 self.handle = None
         if self.handle is None:
+            if self._kill.is_set():
+                return None  # killed while preparing: never launch it
             try:
                 self.handle = await self.driver.start_task(self._task_config(env))
             except DriverError as err:
@@ -222,7 +239,11 @@ class TaskRunner:
 
     async def _finish(self) -> None:
         self._set_state(m.TASK_DEAD)
-        await self._persist(self)
+        try:
+            await self._persist(self)
+        except Exception:
+            # The state is still reported to the servers; stop hooks must run regardless.
+            self.log.exception("task %s: persisting the final state failed", self.name)
         await self._run_hooks(TaskStopHook, "stop")
         await self._notify("task_stopped", self.ctx)
 
@@ -291,6 +312,3 @@ def _exit_message(result: ExitResult) -> str:
         text += f', Exit Message: "{result.err}"'
     return text
 
-
-def host_environment() -> dict[str, str]:
-    return dict(os.environ)
