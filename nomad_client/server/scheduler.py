@@ -4,7 +4,8 @@ Pure functions over the records the server hands in; the server applies the resu
 is feasible for a group when it is ready and eligible, in one of the job's datacenters and
 its node pool, has every driver the group's tasks use (detected and healthy), and meets the
 job's, group's and tasks' constraints. Placement spreads by picking the node with the fewest
-live allocations.
+live allocations. Live allocations the job no longer asks for (its group is gone, or the
+group's count shrank below their index) are stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import attrs
 
 from nomad_client.server.constraints import check_constraints
 from nomad_client.structs.codec import to_api
-from nomad_client.structs.jobs import iter_groups
+from nomad_client.structs.jobs import is_batch, iter_groups
 from nomad_client.structs.models import (
     DESIRED_RUN,
     NODE_READY,
@@ -59,19 +60,29 @@ def node_feasibility(job: Mapping[str, Any], group: Mapping[str, Any], node: Nod
     return None if result.ok else result.reason
 
 
+STOP_NOT_NEEDED = "alloc not needed due to job update"
+
+
+def _stop(alloc: Allocation) -> Allocation:
+    return attrs.evolve(alloc, desired_status="stop", desired_description=STOP_NOT_NEEDED)
+
+
 def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
              existing: Sequence[Allocation]) -> PlacementPlan:
     live = [a for a in existing if a.desired_status == DESIRED_RUN and not a.client_terminal()]
     if job.get("Stop"):
-        stopped = tuple(attrs.evolve(a, desired_status="stop",
-                                     desired_description="alloc not needed due to job update")
-                        for a in live)
-        return PlacementPlan((), stopped, {}, {})
+        return PlacementPlan((), tuple(_stop(a) for a in live), {}, {})
 
-    batch = job.get("Type") in ("batch", "sysbatch")
+    counts = {g["Name"]: int(g.get("Count", 1)) for g in iter_groups(job)}
+    # Allocations of an older job version are not replaced (no rolling updates): only those
+    # the new version has no slot for are stopped.
+    surplus = [a for a in live if a.index >= counts.get(a.task_group, 0)]
+    stopped = {a.id for a in surplus}
+    batch = is_batch(job)
     load: dict[str, int] = {n.id: 0 for n in nodes}
     for alloc in live:
-        load[alloc.node_id] = load.get(alloc.node_id, 0) + 1
+        if alloc.id not in stopped:
+            load[alloc.node_id] = load.get(alloc.node_id, 0) + 1
     node_views = {n.id: to_api(n) for n in nodes}
 
     new: list[Allocation] = []
@@ -108,7 +119,7 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
                 id=str(uuid.uuid4()), namespace=job.get("Namespace") or "default",
                 eval_id=eval_id, name=f"{job['ID']}.{name}[{index}]", node_id=node.id,
                 node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name))
-    return PlacementPlan(tuple(new), (), failed, queued)
+    return PlacementPlan(tuple(new), tuple(_stop(a) for a in surplus), failed, queued)
 
 
 def _count_by_dc(nodes: Sequence[Node]) -> dict[str, int]:

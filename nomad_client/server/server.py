@@ -2,12 +2,14 @@
 
 HTTP endpoints call it directly (they live in the same agent process); the client reaches it
 only through ``rpc.ServerRPC``. Every write goes through ``StateStore.write`` so indexes and
-blocking queries stay consistent.
+blocking queries stay consistent; a change to part of an existing row is a row update applied
+under the store's write lock, never a whole row read earlier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -18,7 +20,7 @@ import attrs
 
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.scheduler import plan_job
-from nomad_client.server.state import JOBS, StateStore
+from nomad_client.server.state import DELETE, JOBS, RowUpdate, StateStore
 from nomad_client.structs.models import (
     DESIRED_RUN,
     EVAL_COMPLETE,
@@ -31,6 +33,9 @@ from nomad_client.structs.models import (
 )
 
 log = logging.getLogger(__name__)
+
+# Evaluations are history: only the newest few of each job are kept.
+MAX_EVALS_PER_JOB = 10
 
 
 class NotFound(Exception):
@@ -50,27 +55,34 @@ class Server:
 
     # ---- jobs --------------------------------------------------------------------------
     async def register_job(self, job: Mapping[str, Any]) -> tuple[str, int]:
-        job = dict(job)
-        previous = self.store.get(JOBS, job["ID"])
-        job["Stop"] = False
-        job["SubmitTime"] = time.time_ns()
-        job["Version"] = (previous["Version"] + 1) if previous else 0
-        job["Status"] = "pending"
-        await self.store.write({JOBS: [(job["ID"], job)]})
-        return await self._evaluate(job["ID"], "job-register")
+        submitted = {**job, "Stop": False, "SubmitTime": time.time_ns(), "Status": "pending"}
+
+        def next_version(previous: dict[str, Any] | None, index: int) -> dict[str, Any]:
+            return {**submitted, "Version": (previous["Version"] + 1) if previous else 0}
+
+        await self.store.write(updates={JOBS: [(submitted["ID"], next_version)]})
+        return await self._evaluate(submitted["ID"], "job-register")
 
     async def deregister_job(self, job_id: str, *, purge: bool) -> tuple[str, int]:
-        job = self.store.get(JOBS, job_id)
-        if job is None:
+        if self.store.get(JOBS, job_id) is None:
             return "", 0  # Nomad answers 200 with empty IDs for unknown jobs
-        await self.store.write({JOBS: [(job_id, {**job, "Stop": True})]})
+
+        def stop(current: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+            return None if current is None else {**current, "Stop": True}
+
+        await self.store.write(updates={JOBS: [(job_id, stop)]})
         eval_id, index = await self._evaluate(job_id, "job-deregister")
         if purge:
             # Allocations already finished go now; running ones once their client reports
             # them terminal (see update_allocs_from_client). Their clients then remove
-            # the allocation directories.
-            done = [a.id for a in self.job_allocs(job_id) if a.client_terminal()]
-            index = await self.store.write({}, {JOBS: [job_id], "allocs": done})
+            # the allocation directories. Deciding under the write lock means a final report
+            # racing the purge is never missed by both.
+            def collect(current: Allocation | None, index: int) -> Any:
+                return DELETE if current is not None and current.client_terminal() else None
+
+            index = await self.store.write(
+                deletes={JOBS: [job_id]},
+                updates={"allocs": [(a.id, collect) for a in self.job_allocs(job_id)]})
         return eval_id, index
 
     def job_status(self, job: Mapping[str, Any]) -> str:
@@ -84,6 +96,11 @@ class Server:
     def job_allocs(self, job_id: str) -> list[Allocation]:
         return [a for a in self.store.rows("allocs") if a.job_id == job_id]
 
+    def _job_evals(self, job_id: str) -> list[Evaluation]:
+        """The job's evaluations, oldest first."""
+        return sorted((e for e in self.store.values("evals") if e.job_id == job_id),
+                      key=lambda e: e.create_index)
+
     async def _evaluate(self, job_id: str, triggered_by: str) -> tuple[str, int]:
         async with self._plan_lock:
             job = self.store.get(JOBS, job_id)
@@ -92,17 +109,30 @@ class Server:
             ev = Evaluation(id=str(uuid.uuid4()), namespace=job.get("Namespace", "default"),
                             job_id=job_id, type=job.get("Type", "service"),
                             triggered_by=triggered_by, priority=job.get("Priority", 50))
-            nodes = self.store.rows("nodes")
+            nodes = self.store.values("nodes")
             plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id))
-            new_allocs = [self._with_identities(a) for a in plan.new_allocs]
-            changed = [*new_allocs, *plan.stopped_allocs]
+            history = self._job_evals(job_id)
+            latest = history[-1] if history else None
+            if (triggered_by == "node-update" and latest is not None
+                    and not plan.new_allocs and not plan.stopped_allocs
+                    and latest.queued_allocations == plan.queued
+                    and latest.failed_tg_allocs == plan.failed_groups):
+                # Nothing changed for this job: a new evaluation would only be noise.
+                return latest.id, self.store.index
+            new_allocs: list[Allocation] = []
+            if plan.new_allocs:
+                # RSA signing costs a millisecond or two per task: keep it off the loop.
+                new_allocs = await asyncio.to_thread(
+                    lambda: [self._with_identities(a) for a in plan.new_allocs])
             ev = attrs.evolve(ev, status=EVAL_COMPLETE, failed_tg_allocs=dict(plan.failed_groups),
                               queued_allocations=dict(plan.queued))
-            index = await self.store.write({
-                "evals": [(ev.id, ev)],
-                "allocs": [(a.id, attrs.evolve(a, alloc_modify_index=self.store.index + 1))
-                           for a in changed],
-            })
+            expired = [e.id for e in history[:max(len(history) - MAX_EVALS_PER_JOB + 1, 0)]]
+            index = await self.store.write(
+                {"evals": [(ev.id, ev)]}, {"evals": expired},
+                updates={"allocs": [
+                    *((a.id, _placed(a)) for a in new_allocs),
+                    *((a.id, _stopped(a.desired_status, a.desired_description))
+                      for a in plan.stopped_allocs)]})
             if plan.failed_groups:
                 log.info("job %s: could not place %s", job_id, dict(plan.queued))
             return ev.id, index
@@ -121,34 +151,49 @@ class Server:
 
     async def _reevaluate_queued(self) -> None:
         """A node changed: retry every live job that still has allocations it could not place."""
+        latest: dict[str, Evaluation] = {}
+        for ev in self.store.values("evals"):
+            if ev.job_id not in latest or ev.create_index > latest[ev.job_id].create_index:
+                latest[ev.job_id] = ev
         for job in self.store.rows(JOBS):
-            if job.get("Stop"):
+            ev = latest.get(job["ID"])
+            if job.get("Stop") or ev is None or not ev.queued_allocations:
                 continue
-            evals = [e for e in self.store.rows("evals") if e.job_id == job["ID"]]
-            latest = max(evals, key=lambda e: e.create_index, default=None)
-            if latest is not None and latest.queued_allocations:
-                try:
-                    await self._evaluate(job["ID"], "node-update")
-                except Exception:
-                    # One bad job must never stop nodes from registering.
-                    log.exception("re-evaluating job %s failed", job["ID"])
+            try:
+                await self._evaluate(job["ID"], "node-update")
+            except Exception:
+                # One bad job must never stop nodes from registering.
+                log.exception("re-evaluating job %s failed", job["ID"])
 
     # ---- nodes (the client side of the RPC interface lands here) ------------------------
     async def register_node(self, node: Node) -> int:
-        previous = self.store.get("nodes", node.id)
-        if previous is not None and previous.secret_id and previous.secret_id != node.secret_id:
-            raise PermissionError("node secret ID does not match")
         node = attrs.evolve(node, status=NODE_READY, status_updated_at=int(time.time()))
-        index = await self.store.write({"nodes": [(node.id, node)]})
-        await self._reevaluate_queued()
+        relevant = False
+
+        def replace(previous: Node | None, index: int) -> Node:
+            nonlocal relevant
+            if previous is not None and previous.secret_id \
+                    and previous.secret_id != node.secret_id:
+                raise PermissionError("node secret ID does not match")
+            relevant = previous is None or _scheduling_view(previous) != _scheduling_view(node)
+            return node
+
+        index = await self.store.write(updates={"nodes": [(node.id, replace)]})
+        # Clients re-register on every metadata tweak; only a change placement could see
+        # is worth a scheduling pass.
+        if relevant:
+            await self._reevaluate_queued()
         return index
 
     async def update_node_status(self, node_id: str, status: str) -> int:
-        node = self._node(node_id)
-        if node.status == status:
-            return self.store.index
-        return await self.store.write({"nodes": [(node_id, attrs.evolve(
-            node, status=status, status_updated_at=int(time.time())))]})
+        self._node(node_id)
+
+        def set_status(current: Node | None, index: int) -> Node | None:
+            if current is None or current.status == status:
+                return None
+            return attrs.evolve(current, status=status, status_updated_at=int(time.time()))
+
+        return await self.store.write(updates={"nodes": [(node_id, set_status)]})
 
     def _node(self, node_id: str) -> Node:
         node = self.store.get("nodes", node_id)
@@ -159,7 +204,7 @@ class Server:
     async def client_allocs(self, node_id: str, min_index: int, wait: float
                             ) -> tuple[dict[str, int], int]:
         index = await self.store.wait_for_change(("allocs",), min_index, wait)
-        allocs = {a.id: a.alloc_modify_index for a in self.store.rows("allocs")
+        allocs = {a.id: a.alloc_modify_index for a in self.store.values("allocs")
                   if a.node_id == node_id}
         return allocs, index
 
@@ -167,33 +212,38 @@ class Server:
         return [a for a in (self.store.get("allocs", i) for i in alloc_ids) if a is not None]
 
     async def update_allocs_from_client(self, updates: Sequence[AllocUpdate]) -> int:
-        rows = []
-        collect: list[str] = []
-        for update in updates:
-            alloc = self.store.get("allocs", update.id)
-            if alloc is None:
-                continue
-            alloc = attrs.evolve(
-                alloc, client_status=update.client_status,
-                client_description=update.client_description,
-                task_states=dict(update.task_states), modify_time=time.time_ns())
-            rows.append((alloc.id, alloc))
-            if alloc.client_terminal():
-                self.identities.forget_alloc(alloc.id)
-                if self.store.get(JOBS, alloc.job_id) is None:
-                    collect.append(alloc.id)  # its job was purged: garbage-collect it
-        if not rows:
-            return self.store.index
-        return await self.store.write(
-            {"allocs": [r for r in rows if r[0] not in collect]}, {"allocs": collect})
+        """Record what clients report; only the client-owned fields of the latest row change,
+        so a concurrent stop from the scheduler survives."""
+        terminal: list[str] = []
 
-    async def gc_alloc(self, alloc_id: str) -> int:
-        return await self.store.write({}, {"allocs": [alloc_id]})
+        def report(update: AllocUpdate) -> RowUpdate:
+            def apply(current: Allocation | None, index: int) -> Any:
+                if current is None:
+                    return None
+                alloc = attrs.evolve(
+                    current, client_status=update.client_status,
+                    client_description=update.client_description,
+                    task_states=dict(update.task_states), modify_time=time.time_ns())
+                if alloc.client_terminal():
+                    terminal.append(alloc.id)
+                    if self.store.get(JOBS, alloc.job_id) is None:
+                        return DELETE  # its job was purged: garbage-collect it
+                return alloc
+            return apply
+
+        if not updates:
+            return self.store.index
+        index = await self.store.write(updates={"allocs": [(u.id, report(u)) for u in updates]})
+        for alloc_id in terminal:
+            self.identities.forget_alloc(alloc_id)
+        return index
 
     # ---- authentication ----------------------------------------------------------------
     def token_by_secret(self, secret: str) -> ACLToken | None:
-        for token in self.store.rows("acl_tokens"):
-            if token.secret_id == secret:
+        wanted = secret.encode()
+        for token in self.store.values("acl_tokens"):
+            # Constant time: how far a guess matches must not show in the response time.
+            if hmac.compare_digest(token.secret_id.encode(), wanted):
                 return token
         return None
 
@@ -207,3 +257,27 @@ class Server:
             raise IdentityError("allocation is terminal")
         return claims
 
+
+
+def _placed(alloc: Allocation) -> RowUpdate:
+    """A new allocation, stamped with the index of the write that creates it."""
+    def apply(current: Allocation | None, index: int) -> Allocation:
+        return attrs.evolve(alloc, alloc_modify_index=index)
+    return apply
+
+
+def _stopped(desired_status: str, description: str) -> RowUpdate:
+    """The scheduler's side of an existing allocation: only the desired fields change."""
+    def apply(current: Allocation | None, index: int) -> Allocation | None:
+        if current is None or current.desired_status == desired_status:
+            return None
+        return attrs.evolve(current, desired_status=desired_status,
+                            desired_description=description, alloc_modify_index=index)
+    return apply
+
+
+def _scheduling_view(node: Node) -> tuple[Any, ...]:
+    """The parts of a node that placement looks at; a change elsewhere needs no new plan."""
+    drivers = {name: (d.detected, d.healthy, d.attributes) for name, d in node.drivers.items()}
+    return (node.status, node.scheduling_eligibility, node.drain, node.datacenter,
+            node.node_pool, node.node_class, node.attributes, node.meta, drivers)

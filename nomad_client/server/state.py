@@ -3,14 +3,18 @@ a Raft-style index bumped by every write, and blocking queries that wake on chan
 
 The store is in memory and, when given a ``StateDB``, writes every change through to disk so a
 restarted agent finds its jobs and allocations again. Only the server package touches it.
+
+Read-modify-write callers pass *row updates* (``fn(current_row_or_None, index)``) rather than
+whole rows they read earlier: the function runs under the write lock against the latest row,
+so two writers changing different fields of one row never undo each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
 
 import attrs
 
@@ -25,7 +29,21 @@ TABLE_TYPES: dict[str, type] = {
     "acl_tokens": ACLToken,
 }
 JOBS = "jobs"
+# The cap on how long any blocking query may wait, whatever wait the caller asked for; the
+# HTTP layer's own default wait is only what it asks for when the request names none.
 MAX_BLOCKING_WAIT = 300.0
+
+
+class _Delete:
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+# A row update returns this to delete its row.
+DELETE: Final = _Delete()
+
+# fn(current row or None, index of this write) -> new row, DELETE, or None for "no change".
+RowUpdate = Callable[[Any | None, int], Any]
 
 
 class StateStore:
@@ -54,7 +72,12 @@ class StateStore:
         return self._tables[table].get(key)
 
     def rows(self, table: str) -> list[Any]:
+        """Every row, in key order (for listings)."""
         return [self._tables[table][k] for k in sorted(self._tables[table])]
+
+    def values(self, table: str) -> list[Any]:
+        """Every row in no particular order: for scans that need no order."""
+        return list(self._tables[table].values())
 
     def table_index(self, *tables: str) -> int:
         return max(self._table_index[t] for t in tables) or 1
@@ -76,37 +99,57 @@ class StateStore:
         return self.table_index(*names)
 
     # ---- writes ------------------------------------------------------------------------
-    async def write(self, upserts: dict[str, list[tuple[str, Any]]],
-                    deletes: dict[str, list[str]] | None = None) -> int:
+    async def write(self, upserts: Mapping[str, Sequence[tuple[str, Any]]] | None = None,
+                    deletes: Mapping[str, Sequence[str]] | None = None, *,
+                    updates: Mapping[str, Sequence[tuple[str, RowUpdate]]] | None = None
+                    ) -> int:
         """Apply one atomic batch of changes under a new index and wake blocked readers.
 
-        Records that carry ``create_index``/``modify_index`` get them stamped here, so callers
-        never pick indexes themselves.
+        ``upserts`` replace rows, ``deletes`` remove them, and each of ``updates`` is called
+        under the write lock with the row as it is now (after this batch's upserts and
+        deletes) and the new index. Records that carry ``create_index``/``modify_index`` get
+        them stamped here, so callers never pick indexes themselves. A batch that names no
+        table in ``upserts``/``deletes`` and whose updates all return None changes nothing
+        and returns the current index.
         """
         async with self._write_lock:
             index = self.index + 1
-            stamped: dict[str, list[tuple[str, Any]]] = {}
-            for table, rows in upserts.items():
-                out = []
-                for key, value in rows:
-                    if attrs.has(type(value)) or isinstance(value, dict):
-                        value = _stamp(value, self._tables[table].get(key), index)
-                    out.append((key, value))
-                stamped[table] = out
+            # table -> key -> new row or DELETE; later entries for a key win.
+            pending: dict[str, dict[str, Any]] = {}
+            for table, new_rows in (upserts or {}).items():
+                pending.setdefault(table, {}).update(new_rows)
+            for table, keys in (deletes or {}).items():
+                pending.setdefault(table, {}).update(dict.fromkeys(keys, DELETE))
+            for table, fns in (updates or {}).items():
+                for key, fn in fns:
+                    staged = pending.get(table, {})
+                    current = staged[key] if key in staged else self._tables[table].get(key)
+                    result = fn(None if current is DELETE else current, index)
+                    if result is not None:
+                        pending.setdefault(table, {})[key] = result
+            if not pending:
+                return self.index
+            for table, rows in pending.items():
+                for key, value in rows.items():
+                    if value is not DELETE and (attrs.has(type(value))
+                                                or isinstance(value, dict)):
+                        rows[key] = _stamp(value, self._tables[table].get(key), index)
             if self._db is not None:
                 # One transaction: a crash never leaves half a batch or a stale index on disk.
                 await self._db.write_batch(
                     [*((f"table/{table}", key, to_rpc(v) if attrs.has(type(v)) else v)
-                       for table, rows in stamped.items() for key, v in rows),
+                       for table, rows in pending.items() for key, v in rows.items()
+                       if v is not DELETE),
                      ("server_meta", "index", index)],
-                    [(f"table/{table}", key) for table, keys in (deletes or {}).items()
-                     for key in keys])
-            for table, rows in stamped.items():
-                self._tables[table].update(rows)
-                self._table_index[table] = index
-            for table, keys in (deletes or {}).items():
-                for key in keys:
-                    self._tables[table].pop(key, None)
+                    [(f"table/{table}", key) for table, rows in pending.items()
+                     for key, v in rows.items() if v is DELETE])
+            for table, rows in pending.items():
+                live = self._tables[table]
+                for key, value in rows.items():
+                    if value is DELETE:
+                        live.pop(key, None)
+                    else:
+                        live[key] = value
                 self._table_index[table] = index
             self.index = index
             self._changed.set()
