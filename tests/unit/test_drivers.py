@@ -47,6 +47,16 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def outside() -> Iterator[Path]:
+    """A directory outside the alloc dir that a task would like the agent to write into."""
+    path = Path(tempfile.mkdtemp(prefix="drv-outside-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class TrackingDriver(RawExecDriver):
     """A raw_exec driver that remembers what it started, so teardown can kill leftovers."""
 
@@ -91,8 +101,8 @@ def make_cfg(
     task_dir = base / task
     task_dir.mkdir(exist_ok=True)
     task_dir.chmod(0o777)
-    logs = base / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = base / "alloc" / "logs"  # base plays the alloc dir
+    logs.mkdir(parents=True, exist_ok=True)
     config: dict[str, object] = {"command": command}
     if args is not None:
         config["args"] = args
@@ -248,9 +258,83 @@ async def test_log_file_symlink_is_refused(workdir: Path) -> None:
     victim = workdir / "victim"
     victim.write_text("original\n")
     cfg.stdout_path.symlink_to(victim)
-    with pytest.raises(DriverError, match="cannot open log file"):
+    with pytest.raises(DriverError, match="log path .*web.stdout.0 is a symlink"):
         await RawExecDriver().start_task(cfg)
     assert victim.read_text() == "original\n"
+
+
+@pytest.mark.parametrize("component", ["logs", "alloc"])
+async def test_log_dir_symlink_is_refused(workdir: Path, outside: Path, component: str) -> None:
+    # A task can replace the world-writable ``alloc/logs`` (or, were ``alloc`` itself
+    # replaceable, ``alloc``) with a symlink; a root executor must not write through it.
+    cfg = sh(workdir, "echo pwned")
+    (outside / "logs").mkdir()
+    swapped = cfg.stdout_path.parent if component == "logs" else cfg.stdout_path.parent.parent
+    shutil.rmtree(swapped)
+    swapped.symlink_to(outside / "logs" if component == "logs" else outside)
+    with pytest.raises(DriverError, match=f"log path .*/{component} is a symlink") as info:
+        await RawExecDriver().start_task(cfg)
+    assert str(workdir) in str(info.value)
+    assert sorted(p.name for p in outside.rglob("*")) == ["logs"]  # nothing created
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a task swapping its logs dir needs a user switch")
+async def test_task_cannot_redirect_the_next_runs_logs(
+    workdir: Path, outside: Path, drv: RawExecDriver
+) -> None:
+    # The attack end to end: a task running as nobody swaps ``alloc/logs`` for a symlink to
+    # a directory of the host, then the task is restarted by the root agent.
+    cfg = sh(
+        workdir,
+        f"mv {workdir}/alloc/logs {workdir}/alloc/old && ln -s {outside} {workdir}/alloc/logs",
+        user="nobody",
+    )
+    for shared in (workdir / "alloc", cfg.stdout_path.parent):
+        shared.chmod(0o777)  # the shared dir's layout: writable by every task, not sticky
+    first = await drv.start_task(cfg)
+    assert (await drv.wait_task(first)).exit_code == 0
+    assert (workdir / "alloc" / "logs").is_symlink()  # the swap itself is allowed
+    with pytest.raises(DriverError, match="log path .*alloc/logs is a symlink"):
+        await drv.start_task(cfg)
+    assert list(outside.iterdir()) == []
+
+
+async def test_log_file_hard_link_is_refused(workdir: Path) -> None:
+    cfg = sh(workdir, "echo pwned")
+    victim = workdir / "victim"
+    victim.write_text("original\n")
+    os.link(victim, cfg.stdout_path)
+    with pytest.raises(DriverError, match="log path .*web.stdout.0 has 2 hard links"):
+        await RawExecDriver().start_task(cfg)
+    assert victim.read_text() == "original\n"
+
+
+@pytest.mark.parametrize("with_reader", [False, True])
+async def test_log_file_fifo_is_refused_without_hanging(workdir: Path, with_reader: bool) -> None:
+    cfg = sh(workdir, "echo pwned")
+    os.mkfifo(cfg.stdout_path)
+    # With no reader the open itself fails; with one it succeeds and the fstat refuses.
+    reader = os.open(cfg.stdout_path, os.O_RDONLY | os.O_NONBLOCK) if with_reader else None
+    try:
+        started = time.monotonic()
+        with pytest.raises(DriverError, match="log path .*web.stdout.0 is not a regular file"):
+            await asyncio.wait_for(RawExecDriver().start_task(cfg), 10)
+        assert time.monotonic() - started < 5.0
+        if reader is not None:
+            assert os.read(reader, 100) == b""  # nothing was written into it
+    finally:
+        if reader is not None:
+            os.close(reader)
+
+
+@pytest.mark.parametrize(
+    "where", ["logs/web.stdout.0", "alloc/web.stdout.0", "alloc/data/web.stdout.0"]
+)
+async def test_log_outside_alloc_logs_is_unrecoverable(workdir: Path, where: str) -> None:
+    cfg = attrs.evolve(sh(workdir, "echo hi"), stdout_path=workdir / where)
+    with pytest.raises(DriverError, match="is not inside <alloc dir>/alloc/logs") as info:
+        await RawExecDriver().start_task(cfg)
+    assert info.value.recoverable is False
 
 
 async def test_user_needs_root_agent(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,11 +509,13 @@ AGENT_SCRIPT = textwrap.dedent(
 
     async def main():
         base = Path(sys.argv[1])
+        logs = base / "alloc" / "logs"
+        logs.mkdir(parents=True)
         cfg = TaskConfig(
             alloc_id="a", task="t",
             driver_config={"command": "/bin/sh", "args": ["-c", "sleep 1; echo done; exit 5"]},
             env={"PATH": "/usr/bin:/bin"}, task_dir=base, user=None,
-            stdout_path=base / "out", stderr_path=base / "err", kill_timeout=1.0,
+            stdout_path=logs / "t.stdout.0", stderr_path=logs / "t.stderr.0", kill_timeout=1.0,
             state_dir=base / "state")
         handle = await RawExecDriver().start_task(cfg)
         print(json.dumps(handle.to_dict()), flush=True)
@@ -454,7 +540,7 @@ async def test_agent_sigkill_leaves_task_running_and_exit_code_recoverable(
     assert await drv.recover_task(handle) is True
     assert not gone(handle.driver_state["task_pid"])
     assert await drv.wait_task(handle) == ExitResult(exit_code=5)
-    assert (workdir / "out").read_text() == "done\n"
+    assert (workdir / "alloc" / "logs" / "t.stdout.0").read_text() == "done\n"
 
 
 async def test_reused_pid_is_not_recovered(drv: RawExecDriver) -> None:
@@ -475,6 +561,39 @@ async def test_reused_pid_is_not_recovered(drv: RawExecDriver) -> None:
     # Stopping a handle that names someone else's process must not signal it.
     await drv.stop_task(fake, timeout=0.1)
     assert me.is_running()
+
+
+@pytest.mark.parametrize(
+    ("record", "recoverable"),
+    [
+        ({"executor_pid": "PID", "exit_code": 3, "signal": 0}, True),
+        ({"executor_pid": "PID"}, False),  # no exit code: nothing to report
+        ({"executor_pid": "PID", "exit_code": "three"}, False),
+        ({"executor_pid": 1, "exit_code": 3}, False),  # another run's record
+        (["not", "an", "object"], False),
+    ],
+)
+async def test_exit_record_is_recoverable_only_if_wait_can_report_it(
+    workdir: Path, record: object, recoverable: bool
+) -> None:
+    me = psutil.Process()
+    exit_path = workdir / "exit.json"
+    exit_path.write_text(json.dumps(record).replace('"PID"', str(me.pid)))
+    handle = TaskHandle(
+        driver="raw_exec",
+        alloc_id="a",
+        task="t",
+        pid=me.pid,
+        create_time=me.create_time() - 1000.0,  # so no live executor is found
+        started_at=time.time(),
+        driver_state={"task_pid": me.pid, "exit_path": str(exit_path)},
+    )
+    drv = RawExecDriver()
+    assert await drv.recover_task(handle) is recoverable
+    result = await drv.wait_task(handle)
+    assert (result == ExitResult(exit_code=3)) is recoverable
+    if not recoverable:
+        assert result.exit_code == -1 and result.err == "executor died"
 
 
 async def test_live_executor_with_wrong_create_time_is_not_recovered(

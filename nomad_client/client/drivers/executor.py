@@ -14,16 +14,22 @@ Protocol:
     ``executor_pid``, ``task_pid``, ``exit_code`` (128+N when killed by signal N),
     ``signal`` and ``finished_at``.
 
-It touches: the task's two log files (opened append, never through a symlink), the exit
-file, and the processes it starts. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2
-sent to the executor are forwarded to the task's process group. It makes itself a child
-subreaper, so processes the task orphans stay its descendants; when the task's main
-process exits, whatever it left behind is killed.
+It touches: the task's two log files, the exit file, and the processes it starts. The logs
+live in ``<alloc_dir>/alloc/logs``; ``alloc`` and ``logs`` are writable by the task, while
+this process may be root. So they are opened relative to ``spec["alloc_dir"]`` without
+following a symlink at ``alloc``, ``logs`` or the file itself, and a log file is appended to
+only when it is a regular file with a single link (no FIFO, device or planted hard link).
+
+SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the executor are forwarded to
+the task's process group. It makes itself a child subreaper, so processes the task orphans
+stay its descendants; when the task's main process exits, whatever it left behind is killed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -82,14 +88,111 @@ def find_command(command: str, cwd: str, env: dict[str, str]) -> str:
     raise LaunchError(f"command {command!r} not found in the task directory or PATH")
 
 
-def _open_log(path: str) -> int:
-    # O_NOFOLLOW: the logs dir is world-writable, and a task must not be able to point its
-    # log at some other file that this (possibly root) process would then append to.
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+# The parts of a log path below the alloc dir. ``logs`` sits in the world-writable ``alloc``,
+# so a task can swap it for a symlink; neither part is opened through one.
+_LOG_DIR_PARTS = ("alloc", "logs")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted in place of the log must fail (ENXIO) or be caught by the
+# fstat below, never block us waiting for a reader. O_NOCTTY: a tty must not become ours.
+_LOG_FLAGS = (
+    os.O_WRONLY
+    | os.O_APPEND
+    | os.O_CREAT
+    | os.O_NOFOLLOW
+    | os.O_NONBLOCK
+    | os.O_NOCTTY
+    | os.O_CLOEXEC
+)
+
+
+def _log_name(alloc_dir: str, path: str) -> str:
+    """The file name of ``path``, which must be exactly ``<alloc_dir>/alloc/logs/<name>``."""
+    expected = os.path.join(os.path.normpath(alloc_dir), *_LOG_DIR_PARTS)
+    parent, name = os.path.split(os.path.normpath(path))
+    if parent != expected or name in ("", ".", ".."):
+        raise LaunchError(f"log path {path} is not directly inside {expected}")
+    return name
+
+
+def _refusal(path: str, exc: OSError, is_link: bool = False) -> LaunchError:
+    if exc.errno == errno.ELOOP or is_link:
+        return LaunchError(f"log path {path} is a symlink; refusing to follow it")
+    if exc.errno == errno.ENOTDIR:
+        return LaunchError(f"log path {path} is not a directory")
+    if exc.errno == errno.ENXIO:  # a FIFO with no reader, a socket, a missing device
+        return LaunchError(f"log path {path} is not a regular file")
+    return LaunchError(f"cannot open log path {path}: {exc.strerror}")
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
     try:
-        return os.open(path, flags, 0o644)
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _open_logs_dir(alloc_dir: str) -> int:
+    # The alloc dir and everything above it belong to the agent, so following links
+    # there is safe; from ``alloc`` down a task may have changed things.
+    try:
+        fd = os.open(alloc_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise LaunchError(f"cannot open log file {path}: {exc.strerror}") from exc
+        raise LaunchError(f"cannot open alloc dir {alloc_dir}: {exc.strerror}") from exc
+    current = alloc_dir
+    for part in _LOG_DIR_PARTS:
+        current = os.path.join(current, part)
+        try:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            # With O_DIRECTORY, Linux reports a symlink as ENOTDIR; look, for the message.
+            raise _refusal(current, exc, _is_symlink(part, fd)) from exc
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def _open_log(logs_fd: int, name: str, path: str) -> int:
+    """Open ``name`` in the logs dir for appending; only a plain, singly linked file."""
+    try:
+        fd = os.open(name, _LOG_FLAGS, 0o644, dir_fd=logs_fd)
+    except OSError as exc:
+        raise _refusal(path, exc) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LaunchError(f"log path {path} is not a regular file")
+        if st.st_nlink != 1:
+            # A hard link planted by the task would have us append to some other file.
+            raise LaunchError(
+                f"log path {path} has {st.st_nlink} hard links; refusing to append to it"
+            )
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_logs(spec: dict[str, Any]) -> tuple[int, int]:
+    alloc_dir = str(spec.get("alloc_dir") or "")
+    if not alloc_dir:
+        raise LaunchError("launch spec has no alloc_dir")
+    out_path, err_path = str(spec["stdout_path"]), str(spec["stderr_path"])
+    out_name = _log_name(alloc_dir, out_path)
+    err_name = _log_name(alloc_dir, err_path)
+    logs_fd = _open_logs_dir(alloc_dir)
+    try:
+        out_fd = _open_log(logs_fd, out_name, out_path)
+        try:
+            err_fd = _open_log(logs_fd, err_name, err_path)
+        except BaseException:
+            os.close(out_fd)
+            raise
+    finally:
+        os.close(logs_fd)
+    return out_fd, err_fd
 
 
 def _become_subreaper() -> None:
@@ -108,8 +211,7 @@ def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     if not os.path.isdir(cwd):
         raise LaunchError(f"task directory {cwd} does not exist")
     path = find_command(command, cwd, env)
-    out_fd = _open_log(str(spec["stdout_path"]))
-    err_fd = _open_log(str(spec["stderr_path"]))
+    out_fd, err_fd = _open_logs(spec)
     uid = spec.get("uid")
     gid = spec.get("gid")
     try:

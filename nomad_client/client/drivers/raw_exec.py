@@ -2,7 +2,9 @@
 
 Touches: the processes it starts (the executor and, through it, the task tree), the
 task's ``state_dir`` (``exit.json``, ``executor.log``) and, via the executor, the task's log
-files. Never blocks the event loop: process inspection runs in worker threads.
+files, which must be in ``<alloc dir>/alloc/logs`` (the executor opens them relative to the
+alloc dir and refuses symlinks, FIFOs and hard links there). Never blocks the event loop:
+user lookups, file reads and process inspection run in worker threads.
 
 Each task gets an executor process (``nomad_client.client.drivers.executor``) started in a
 new session. The handle's ``pid``/``create_time`` name the executor; ``driver_state``
@@ -89,6 +91,30 @@ def _resolve_user(user: str | None) -> tuple[int | None, int | None]:
     return entry.pw_uid, entry.pw_gid
 
 
+def _alloc_dir_of(cfg: TaskConfig) -> Path:
+    """The alloc dir above the log files, which must sit in ``<alloc>/alloc/logs``.
+
+    The executor opens the logs relative to this directory, refusing symlinks below it, so
+    it must know exactly which part of the path the task cannot change.
+    """
+    alloc_dirs: set[Path] = set()
+    for path in (cfg.stdout_path, cfg.stderr_path):
+        logs = path.parent
+        if not path.is_absolute() or logs.name != "logs" or logs.parent.name != "alloc":
+            raise DriverError(
+                f"raw_exec: log path {path} is not inside <alloc dir>/alloc/logs",
+                recoverable=False,
+            )
+        alloc_dirs.add(logs.parent.parent)
+    if len(alloc_dirs) != 1:
+        raise DriverError(
+            f"raw_exec: stdout and stderr logs are in different alloc dirs "
+            f"({cfg.stdout_path}, {cfg.stderr_path})",
+            recoverable=False,
+        )
+    return alloc_dirs.pop()
+
+
 def _prepare_state_dir(state_dir: Path) -> Any:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
@@ -108,15 +134,23 @@ def _executor_env() -> dict[str, str]:
     }
 
 
-def _read_exit(exit_path: Path, executor_pid: int, returncode: int | None) -> ExitResult:
+def _load_exit(exit_path: Path, executor_pid: int) -> ExitResult | None:
+    """The exit recorded by executor ``executor_pid``; None if absent, bad or another run's."""
     try:
         record = json.loads(exit_path.read_text())
-        if int(record.get("executor_pid", -1)) != executor_pid:
-            raise ValueError("exit file belongs to another run")
+        if not isinstance(record, dict) or record.get("executor_pid") != executor_pid:
+            return None
         return ExitResult(exit_code=int(record["exit_code"]), signal=int(record.get("signal", 0)))
     except (OSError, ValueError, KeyError, TypeError):
-        detail = "" if returncode is None else f" (executor exit status {returncode})"
-        return ExitResult(exit_code=-1, err=f"executor died{detail}")
+        return None
+
+
+def _read_exit(exit_path: Path, executor_pid: int, returncode: int | None) -> ExitResult:
+    result = _load_exit(exit_path, executor_pid)
+    if result is not None:
+        return result
+    detail = "" if returncode is None else f" (executor exit status {returncode})"
+    return ExitResult(exit_code=-1, err=f"executor died{detail}")
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
@@ -146,7 +180,9 @@ class RawExecDriver:
 
     async def start_task(self, cfg: TaskConfig) -> TaskHandle:
         command, args = _parse_config(cfg.driver_config)
-        uid, gid = _resolve_user(cfg.user)
+        alloc_dir = _alloc_dir_of(cfg)
+        # User lookups may go through NSS (LDAP, ...), so they run off the event loop.
+        uid, gid = await asyncio.to_thread(_resolve_user, cfg.user)
         exit_path = cfg.state_dir / EXIT_FILE
         try:
             log = await asyncio.to_thread(_prepare_state_dir, cfg.state_dir)
@@ -157,6 +193,7 @@ class RawExecDriver:
             "command": command,
             "args": args,
             "cwd": str(cfg.task_dir),
+            "alloc_dir": str(alloc_dir),
             "env": dict(cfg.env),
             "stdout_path": str(cfg.stdout_path),
             "stderr_path": str(cfg.stderr_path),
@@ -199,7 +236,9 @@ class RawExecDriver:
         if not reply.get("ok"):
             await proc.wait()
             error = reply.get("error") or "executor exited without reporting"
-            log_tail = _tail(cfg.state_dir / EXECUTOR_LOG) if "error" not in reply else ""
+            log_tail = ""
+            if "error" not in reply:
+                log_tail = await asyncio.to_thread(_tail, cfg.state_dir / EXECUTOR_LOG)
             raise DriverError(f"raw_exec: {error}" + (f": {log_tail}" if log_tail else ""))
         if executor_ct is None:
             raise DriverError("raw_exec: executor vanished during start")
@@ -365,10 +404,10 @@ def _is_our_executor(pid: int, create_time: float) -> bool:
 
 def _has_exit_record(handle: TaskHandle) -> bool:
     try:
-        record = json.loads(_exit_path(handle).read_text())
-    except (OSError, ValueError, DriverError):
+        exit_path = _exit_path(handle)
+    except DriverError:
         return False
-    return isinstance(record, dict) and record.get("executor_pid") == handle.pid
+    return _load_exit(exit_path, handle.pid) is not None
 
 
 def _clean_state_dir(state_dir: Path) -> None:
