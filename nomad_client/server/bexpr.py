@@ -31,24 +31,44 @@ Evaluation rules:
 * ``any``/``all`` iterate lists (one name binds the element, two bind index and element) and
   maps (one name binds the key, two bind key and value); ``_`` discards a binding. A missing or
   null collection is empty, so ``any`` is false and ``all`` is true.
-* ``matches`` uses Python's ``re.search``; patterns are compiled at compile time.
+* ``matches`` searches with :mod:`nomad_client.untrusted_regex` (patterns are compiled at
+  compile time; a bad or too costly pattern is a syntax error, a search that runs out of time
+  an evaluation error).
+
+Cost limits, because expressions come from API callers: ``any``/``all`` may be nested at most
+:data:`MAX_COLLECTION_NESTING` deep, and one :meth:`Filter.matches` call may take at most
+:data:`MAX_EVAL_STEPS` steps (collection elements visited, list elements compared, regex
+searches) and spend at most ``MATCH_TIMEOUT`` seconds in regex searches in all.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+
+from nomad_client.untrusted_regex import (
+    MATCH_TIMEOUT,
+    UntrustedPattern,
+    UntrustedRegexError,
+    compile_untrusted,
+)
 
 __all__ = [
     "Filter",
     "FilterError",
     "FilterEvalError",
     "FilterSyntaxError",
+    "MAX_COLLECTION_NESTING",
+    "MAX_EVAL_STEPS",
     "compile_filter",
 ]
+
+MAX_COLLECTION_NESTING = 3  # each level multiplies the work by the size of a collection
+MAX_EVAL_STEPS = 100_000
 
 
 class FilterError(Exception):
@@ -77,10 +97,50 @@ class FilterEvalError(FilterError):
 # Evaluation primitives
 
 _MISSING: Any = object()
-_NO_SCOPE: Mapping[str, Any] = {}
 _Scope = Mapping[str, Any]
 _Pred = Callable[[Mapping[str, Any], _Scope], bool]
 _Getter = Callable[[Mapping[str, Any], _Scope], Any]
+
+# Longest digit strings read as numbers: enough for any 64-bit value and well below the length
+# at which Python refuses int() or takes long over float().
+_MAX_INT_CHARS = 64
+_MAX_FLOAT_CHARS = 400
+_MAX_INDEX_DIGITS = 18  # a longer list index is out of range of any list
+
+# The scope key holding the _Budget of the current matches() call; the space keeps it apart
+# from every name a collection expression can bind.
+_BUDGET = " budget"
+
+
+@attrs.define
+class _Budget:
+    """Work one :meth:`Filter.matches` call may still do, shared through the scope."""
+
+    steps: int = MAX_EVAL_STEPS
+    regex_seconds: float = MATCH_TIMEOUT
+
+    def spend(self, steps: int) -> None:
+        self.steps -= steps
+        if self.steps < 0:
+            raise FilterEvalError(
+                f"filter too expensive: evaluation needs more than {MAX_EVAL_STEPS} steps"
+            )
+
+    def search(self, pattern: UntrustedPattern, text: str, where: str) -> bool:
+        """Run ``pattern`` on ``text`` within the regex time left to this call."""
+        self.spend(1)
+        if self.regex_seconds <= 0:
+            raise FilterEvalError(
+                f"filter too expensive: regular expressions ran longer than {MATCH_TIMEOUT:g}s"
+            )
+        start = time.monotonic()
+        try:
+            return pattern.search(text, timeout=self.regex_seconds)
+        except UntrustedRegexError as exc:
+            raise FilterEvalError(f"cannot match {where}: {exc}") from None
+        finally:
+            self.regex_seconds -= time.monotonic() - start
+
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -107,6 +167,9 @@ def _kind(value: Any) -> str:
 
 def _parse_go_int(text: str) -> int | None:
     """Integer literal with Go's base-0 rules (0x.., 0o.., 0b.., leading-0 octal)."""
+    # int() also takes non-ASCII digits and surrounding spaces, which Go does not.
+    if len(text) > _MAX_INT_CHARS or not text.isascii() or text != text.strip():
+        return None
     body = text[1:] if text[:1] in "+-" else text
     lowered = body.lower()
     try:
@@ -128,7 +191,7 @@ def _parse_go_int(text: str) -> int | None:
 
 
 def _parse_go_float(text: str) -> float | None:
-    if not text or text != text.strip():
+    if not text or len(text) > _MAX_FLOAT_CHARS or not text.isascii() or text != text.strip():
         return None
     try:
         return float(text)
@@ -177,9 +240,13 @@ def _step(value: Any, segment: str, where: str) -> Any:
     if value is None:
         return _MISSING
     if isinstance(value, list | tuple):
-        if not segment.isdigit():
+        # isdigit() alone admits "²" and other digits int() refuses.
+        if not (segment.isascii() and segment.isdigit()):
             raise FilterEvalError(f"cannot index list with {segment!r} in {where}")
-        index = int(segment)
+        digits = segment.lstrip("0") or "0"
+        if len(digits) > _MAX_INDEX_DIGITS:
+            return _MISSING
+        index = int(digits)
         return value[index] if index < len(value) else _MISSING
     raise FilterEvalError(f"cannot select {segment!r} in {where}: value is a {_kind(value)}")
 
@@ -242,6 +309,7 @@ def _op_in(get: _Getter, lit: _Literal, where: str, negate: bool) -> _Pred:
         elif isinstance(value, Mapping):
             found = lit.text in value
         elif isinstance(value, list | tuple):
+            scope[_BUDGET].spend(len(value))
             found = any(_equal(item, lit, f"element of {where}") for item in value)
         else:
             raise FilterEvalError(
@@ -252,9 +320,7 @@ def _op_in(get: _Getter, lit: _Literal, where: str, negate: bool) -> _Pred:
     return pred
 
 
-def _op_matches(get: _Getter, regex: re.Pattern[str], where: str, negate: bool) -> _Pred:
-    search = regex.search
-
+def _op_matches(get: _Getter, pattern: UntrustedPattern, where: str, negate: bool) -> _Pred:
     def pred(obj: Mapping[str, Any], scope: _Scope) -> bool:
         value = get(obj, scope)
         if value is _MISSING or value is None:
@@ -263,7 +329,7 @@ def _op_matches(get: _Getter, regex: re.Pattern[str], where: str, negate: bool) 
             raise FilterEvalError(
                 f"cannot match {where} against a regex: value is a {_kind(value)}"
             )
-        return (search(value) is not None) is not negate
+        return scope[_BUDGET].search(pattern, value, where) is not negate
 
     return pred
 
@@ -363,7 +429,9 @@ def _op_collection(
             is_map = False
         else:
             raise FilterEvalError(f"cannot iterate over {where}: value is a {_kind(value)}")
+        budget = scope[_BUDGET]
         for key, item in entries:
+            budget.spend(1)
             inner = {**scope, **bindings(key, item, is_map)}
             if body(obj, inner) is is_any:
                 return is_any
@@ -404,6 +472,7 @@ class _Parser:
         self.text = text
         self.pos = 0
         self.depth = 0
+        self.collections = 0  # any/all bodies currently open
 
     # -- low-level helpers ------------------------------------------------------------------
 
@@ -532,6 +601,11 @@ class _Parser:
         start = self.pos
         quantifier = self.peek_word()
         assert quantifier is not None
+        if self.collections >= MAX_COLLECTION_NESTING:
+            raise self.error(
+                f"'{quantifier}' nested more than {MAX_COLLECTION_NESTING} deep: "
+                f"at most {MAX_COLLECTION_NESTING} any/all expressions may be nested"
+            )
         self.pos += len(quantifier)
         self.skip_ws()
         sel = self.parse_selector("the collection to iterate")
@@ -551,7 +625,9 @@ class _Parser:
             raise self.error(f"the names bound by '{quantifier}' must differ", start)
         self.expect_char("{", f"expected '{{' to start the body of '{quantifier}'")
         self.enter()
+        self.collections += 1
         body = self.parse_or(bound | frozenset(real))
+        self.collections -= 1
         self.skip_ws()
         self.expect_char(
             "}", f"expected '}}' to close the body of the '{quantifier}' at {self.loc(start)}"
@@ -595,10 +671,10 @@ class _Parser:
         if op in ("contains", "not contains"):
             return _op_in(getter, _Literal.of(value), sel.text, op == "not contains")
         try:
-            regex = re.compile(value)
-        except re.error as exc:
-            raise self.error(f"invalid regular expression {value!r}: {exc}", value_pos) from None
-        return _op_matches(getter, regex, sel.text, op == "not matches")
+            pattern = compile_untrusted(value)
+        except UntrustedRegexError as exc:
+            raise self.error(str(exc), value_pos) from None
+        return _op_matches(getter, pattern, sel.text, op == "not matches")
 
     def parse_operator(self, left: _Operand) -> str:
         text = self.text
@@ -818,11 +894,19 @@ class Filter:
         """Whether ``obj`` satisfies the expression; raises :class:`FilterEvalError`."""
         if not isinstance(obj, Mapping):
             raise FilterEvalError(f"filters apply to objects, not to a {_kind(obj)}")
-        return self._predicate(obj, _NO_SCOPE)
+        try:
+            return self._predicate(obj, {_BUDGET: _Budget()})
+        except (ValueError, OverflowError, RecursionError) as exc:
+            # A safety net: bad input must be a filter error (a 400), never a crash (a 500).
+            raise FilterEvalError(f"cannot evaluate filter: {exc}") from None
 
 
 def compile_filter(expression: str) -> Filter:
     """Parse ``expression``; raises :class:`FilterSyntaxError` if it is malformed."""
     if not isinstance(expression, str):
         raise TypeError(f"filter expression must be a str, not {type(expression).__name__}")
-    return Filter(expression, _Parser(expression).parse())
+    try:
+        return Filter(expression, _Parser(expression).parse())
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # A safety net, as in Filter.matches.
+        raise FilterSyntaxError(expression, 0, f"cannot compile filter: {exc}") from None

@@ -4,7 +4,12 @@ A constraint is ``{"LTarget": ..., "RTarget": ..., "Operand": ...}``; each targe
 ``${...}`` reference to a node property (``attr.*``, ``meta.*``, ``node.unique.id``,
 ``node.unique.name``, ``node.datacenter``, ``node.class``, ``node.pool``, ``node.region``) or
 a literal. The node is its API JSON. This module is pure: no I/O, no global state beyond a
-small cache of compiled regular expressions.
+small cache of parsed version constraints.
+
+Targets come from job submitters, so a check never raises for any string targets or operand:
+bad input (an invalid or too costly regular expression, a malformed version, an absurdly
+long number) makes the constraint not met, with the reason. ``regexp`` patterns run through
+:mod:`nomad_client.untrusted_regex`.
 
 ``distinct_hosts`` and ``distinct_property`` depend on other allocations, so the scheduler
 decides them; at the node level they always pass.
@@ -18,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
+
+from nomad_client.untrusted_regex import UntrustedRegexError, compile_untrusted
 
 __all__ = ["ConstraintResult", "check_constraint", "check_constraints", "resolve_target"]
 
@@ -79,11 +86,16 @@ def resolve_target(target: str, node: Mapping[str, Any]) -> tuple[str | None, bo
 # Ordering
 
 
-_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_INT_RE = re.compile(r"[+-]?\d+")
+# ASCII digits only: ``\d`` and int() also accept other scripts' digits, which Go does not.
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+# Longer text compares lexically; it also keeps int() clear of Python's 4300-digit limit.
+_MAX_NUMBER_CHARS = 400
 
 
 def _as_number(text: str) -> int | float | None:
+    if len(text) > _MAX_NUMBER_CHARS:
+        return None
     if _INT_RE.fullmatch(text):
         return int(text)
     if _NUMBER_RE.fullmatch(text):
@@ -116,10 +128,13 @@ class _VersionError(ValueError):
 
 
 _VERSION_RE = re.compile(
-    r"v?(?P<nums>\d+(?:\.\d+)*)(?:-(?P<pre>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
+    r"v?(?P<nums>[0-9]+(?:\.[0-9]+)*)(?:-(?P<pre>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
     r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
 )
-_CONSTRAINT_RE = re.compile(r"\s*(?P<op>~>|>=|<=|!=|=|>|<)?\s*(?P<ver>\S+)\s*")
+# One ``\s*`` before the operator-or-version: two adjacent ones would backtrack
+# quadratically over a long run of spaces.
+_CONSTRAINT_RE = re.compile(r"\s*(?:(?P<op>~>|>=|<=|!=|=|>|<)\s*)?(?P<ver>\S+)\s*")
+_MAX_SEGMENT = 2**63 - 1  # version segments are 64-bit integers, as in Go
 
 
 @attrs.frozen
@@ -132,7 +147,7 @@ class _Version:
         m = _VERSION_RE.fullmatch(text.strip())
         if not m:
             raise _VersionError(f'"{text}" is not a valid version')
-        segments = tuple(int(n) for n in m.group("nums").split("."))
+        segments = tuple(_segment(n, text) for n in m.group("nums").split("."))
         pre = tuple(m.group("pre").split(".")) if m.group("pre") else ()
         return cls(segments, pre)
 
@@ -144,6 +159,22 @@ class _Version:
         if mine != theirs:
             return -1 if mine < theirs else 1
         return _compare_prerelease(self.prerelease, other.prerelease)
+
+
+def _segment(digits: str, text: str) -> int:
+    """One numeric version segment; checks the length before int() so it stays cheap."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(_MAX_SEGMENT)) or int(significant) > _MAX_SEGMENT:
+        raise _VersionError(f'"{text}" is not a valid version: a segment is above 2^63-1')
+    return int(significant)
+
+
+def _compare_numeric(x: str, y: str) -> int:
+    """Compare two ASCII digit strings as numbers without int(), which caps their length."""
+    x, y = x.lstrip("0"), y.lstrip("0")
+    if (len(x), x) == (len(y), y):
+        return 0
+    return -1 if (len(x), x) < (len(y), y) else 1
 
 
 def _compare_prerelease(a: tuple[str, ...], b: tuple[str, ...]) -> int:
@@ -160,10 +191,15 @@ def _compare_prerelease(a: tuple[str, ...], b: tuple[str, ...]) -> int:
         # Numeric identifiers compare numerically and sort before alphanumeric ones.
         xn, yn = x.isdigit(), y.isdigit()
         if xn and yn:
-            return -1 if int(x) < int(y) else 1
+            cmp = _compare_numeric(x, y)
+            if cmp:
+                return cmp
+            continue
         if xn != yn:
             return -1 if xn else 1
         return -1 if x < y else 1
+    if len(a) == len(b):  # equal but for leading zeros in numeric identifiers
+        return 0
     return -1 if len(a) < len(b) else 1
 
 
@@ -216,12 +252,7 @@ def _check_version(value: str, constraint: str, strict_prerelease: bool) -> str 
 
 
 # ---------------------------------------------------------------------------------------------
-# Regular expressions and sets
-
-
-@functools.lru_cache(maxsize=256)
-def _compile_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+# Sets
 
 
 def _split_set(text: str) -> list[str]:
@@ -247,13 +278,25 @@ def _field(constraint: Mapping[str, Any], name: str) -> str:
 
 
 def check_constraint(constraint: Mapping[str, Any], node: Mapping[str, Any]) -> ConstraintResult:
-    """Check one constraint against a node (API JSON)."""
+    """Check one constraint against a node (API JSON).
+
+    Raises only for a malformed constraint (not a mapping, a target that is not a string);
+    for any string targets and operand it returns a result.
+    """
     if not isinstance(constraint, Mapping):
         raise TypeError(f"constraint must be a mapping, not {type(constraint).__name__}")
     ltarget = _field(constraint, "LTarget")
     rtarget = _field(constraint, "RTarget")
     operand = _field(constraint, "Operand") or "="  # an empty operand means equality
+    try:
+        return _check(ltarget, operand, rtarget, node)
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # A safety net: input the checks below did not foresee must not fail the caller.
+        shown = " ".join(part for part in (ltarget, operand, rtarget) if part)
+        return ConstraintResult(False, f'constraint "{shown}" could not be checked: {exc}')
 
+
+def _check(ltarget: str, operand: str, rtarget: str, node: Mapping[str, Any]) -> ConstraintResult:
     if operand in _SCHEDULER_OPS:
         return _OK
 
@@ -286,10 +329,9 @@ def check_constraint(constraint: Mapping[str, Any], node: Mapping[str, Any]) -> 
         met = _check_order(operand, lval, rval)
     elif operand == "regexp":
         try:
-            regex = _compile_regex(rval)
-        except re.error as exc:
-            return ConstraintResult(False, f'invalid regular expression "{rval}": {exc}')
-        met = regex.search(lval) is not None
+            met = compile_untrusted(rval).search(lval)
+        except UntrustedRegexError as exc:
+            return ConstraintResult(False, str(exc))
     elif operand in ("version", "semver"):
         why = _check_version(lval, rval, strict_prerelease=operand == "version")
         if why:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import attrs
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nomad_client.server import bexpr
 from nomad_client.server.bexpr import (
     Filter,
     FilterError,
@@ -572,3 +574,163 @@ def test_filter_is_immutable_reusable_and_does_not_mutate_input() -> None:
     assert NODE == before
     assert f == compile_filter(f.expression)
     assert "a.Name" in repr(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted input: costly regexes and expressions, odd digits and numbers
+
+UUID = "8f2c6b1e-3d4a-4c5b-9e8f-0a1b2c3d4e5f"
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn``'s result (or the FilterError it raised) and how long it took."""
+    start = time.monotonic()
+    try:
+        result = fn(*args)
+    except FilterError as exc:
+        result = exc
+    return result, time.monotonic() - start
+
+
+@pytest.mark.timeout(10)
+def test_the_reported_catastrophic_pattern_is_fast() -> None:
+    f = compile_filter('ID matches "^(.+)+!$"')
+    result, seconds = timed(f.matches, {"ID": UUID})
+    assert result is False
+    assert seconds < 1
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "expression",
+    ['ID matches "^(a|a)*$"', 'ID not matches "^(a|a)*$"', "ID matches `(.*){1,1000}[bc]`"],
+)
+def test_a_regex_that_runs_out_of_time_is_an_eval_error(expression: str) -> None:
+    result, seconds = timed(compile_filter(expression).matches, {"ID": "a" * 30 + "!"})
+    assert isinstance(result, FilterEvalError)
+    assert "cannot match ID" in str(result) and "took longer than" in str(result)
+    assert seconds < 1
+
+
+@pytest.mark.timeout(10)
+def test_regex_time_is_shared_by_one_matches_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each search appears to take 30 ms, so the second one finds the allowance spent.
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(bexpr.time, "monotonic", lambda: next(ticks) * 0.03)
+    f = compile_filter('ID matches "^x" or ID matches "^y" or ID matches "^a"')
+    with pytest.raises(FilterEvalError, match="filter too expensive: regular expressions"):
+        f.matches({"ID": "abc"})
+    # A fresh call gets a fresh allowance.
+    assert compile_filter('ID matches "^a"').matches({"ID": "abc"}) is True
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("a{4294967296}", "exceeds 1000"),  # re raised OverflowError here: a 500
+        ("(?:a{1000}){1000}", "too complex"),
+        ("a" * 1025, "the limit is 1024"),
+        ("(?x)a", "inline flag"),
+        ("(unclosed", "invalid regular expression"),
+    ],
+)
+def test_bad_or_costly_patterns_are_syntax_errors(pattern: str, message: str) -> None:
+    expression = f"Name matches `{pattern}`"
+    with pytest.raises(FilterSyntaxError, match=message) as info:
+        compile_filter(expression)
+    assert info.value.position == len("Name matches ")
+
+
+def test_collection_nesting_is_capped() -> None:
+    three = "any Meta as a { any Meta as b { any Meta as c { c == rack } } }"
+    assert match(three) is True
+    four = "any Meta as a { any Meta as b { any Meta as c { any Meta as d { d == rack } } } }"
+    with pytest.raises(FilterSyntaxError, match="nested more than 3") as info:
+        compile_filter(four)
+    assert info.value.position == four.index("any Meta as d")
+    # Siblings are not nesting.
+    siblings = " and ".join(["any Tags as t { t == a }"] * 6)
+    assert match(siblings) is True
+
+
+@pytest.mark.timeout(30)
+def test_evaluation_steps_are_capped() -> None:
+    keys = {f"k{i}": i for i in range(60)}  # 60**3 = 216,000 body evaluations
+    f = compile_filter("all M as a { all M as b { all M as c { M.k0 == 0 } } }")
+    result, seconds = timed(f.matches, {"M": keys})
+    assert isinstance(result, FilterEvalError)
+    assert "filter too expensive" in str(result)
+    assert seconds < 5
+    # Under the budget the same expression is fine.
+    assert f.matches({"M": {f"k{i}": i for i in range(40)}}) is True
+
+
+def test_list_membership_counts_towards_the_budget() -> None:
+    obj = {"M": {f"k{i}": i for i in range(20)}, "L": list(range(300))}
+    f = compile_filter("all M as a { all M as b { 299 in L } }")  # 400 scans of 300
+    with pytest.raises(FilterEvalError, match="filter too expensive"):
+        f.matches(obj)
+    assert compile_filter("all M as a { 299 in L }").matches(obj) is True
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        'Tags["²"] == a',  # isdigit() but int() refuses it: was a ValueError
+        'Tags["٣"] == a',  # int() takes it as 3; Go does not
+        'Tags["1 "] == a',
+        'Tags["-1"] == a',
+    ],
+)
+def test_non_ascii_or_odd_list_indexes_are_eval_errors(expression: str) -> None:
+    with pytest.raises(FilterEvalError, match="cannot index list"):
+        match(expression)
+
+
+def test_long_list_indexes_are_out_of_range() -> None:
+    assert match("Tags." + "9" * 5000 + " is nil") is True  # was a ValueError
+    assert match(f'Tags["{"7" * 5000}"] is empty') is True
+    assert match("Tags." + "0" * 40 + "1 == b") is True  # leading zeros do not count
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "1" * 5000,  # beyond int()'s digit limit, and float() made it inf
+        '"٤٢"',  # int() reads Arabic-Indic digits as 42
+        '"4２"',  # a fullwidth digit
+        '"42 "',  # int() ignores surrounding spaces; Go does not
+        '"0x' + "f" * 5000 + '"',
+    ],
+)
+def test_huge_or_non_ascii_numbers_are_not_numbers(literal: str) -> None:
+    with pytest.raises(FilterEvalError, match="not a number"):
+        match(f"CreateIndex == {literal}")
+    assert match(f"Name == {literal}") is False  # strings still compare as text
+
+
+def test_numbers_still_parse() -> None:
+    assert match("CreateIndex == 42") is True
+    assert match('CreateIndex == "0x2a"') is True
+    assert match("Weight == 1.5") is True
+    assert match('CreateIndex == "' + "0" * 30 + '52"') is True  # leading-0 octal, as in Go
+
+
+_FILTER_ALPHABET = st.sampled_from(
+    ['Name', 'Tags', 'Meta', 'Ports', '.', '[', ']', '"', '`', '²', '٣', '9' * 30, '0', '1',
+     ' ', '==', '!=', 'matches', 'in', 'contains', 'is', 'not', 'empty', 'nil', 'and', 'or',
+     'any', 'all', 'as', 'x', '{', '}', '(', ')', 'a{4294967296}', '(.+)+', '\\', '-', ',']
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_FILTER_ALPHABET, max_size=14).map(" ".join))
+def test_arbitrary_expressions_raise_only_filter_errors(expression: str) -> None:
+    try:
+        f = compile_filter(expression)
+    except FilterSyntaxError:
+        return
+    try:
+        assert isinstance(f.matches(NODE), bool)
+    except FilterEvalError:
+        pass

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nomad_client.server import constraints
 from nomad_client.server.constraints import (
     ConstraintResult,
     check_constraint,
@@ -398,3 +400,137 @@ def test_check_constraints_first_failure_wins() -> None:
     assert check_constraints(iter(constraints[2:]), NODE).reason == (
         'constraint "${attr.cpu.numcores} > 100" not met'
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted input: a check never raises for string targets and never runs away
+
+UUID = "8f2c6b1e-3d4a-4c5b-9e8f-0a1b2c3d4e5f"
+SLOW_NODE: dict[str, Any] = {**NODE, "ID": UUID, "Meta": {"s": "a" * 30 + "!"}}
+
+
+def timed_check(ltarget: str, operand: str, rtarget: str) -> tuple[ConstraintResult, float]:
+    start = time.monotonic()
+    result = check_constraint(c(ltarget, operand, rtarget), SLOW_NODE)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.timeout(10)
+def test_the_reported_catastrophic_regexp_is_fast() -> None:
+    result, seconds = timed_check("${node.unique.id}", "regexp", "^(.+)+!$")
+    assert result == ConstraintResult(
+        False, 'constraint "${node.unique.id} regexp ^(.+)+!$" not met'
+    )
+    assert seconds < 1
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("pattern", ["^(a|a)*$", r"^(\w|\w)*$", "(.*){1,1000}[bc]"])
+def test_a_regexp_that_runs_out_of_time_is_not_met(pattern: str) -> None:
+    result, seconds = timed_check("${meta.s}", "regexp", pattern)
+    assert not result.ok
+    assert f'regular expression "{pattern}" took longer than' in result.reason
+    assert seconds < 1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("a{4294967296}", "exceeds 1000"),  # re raised OverflowError here
+        ("(?:a{1000}){1000}", "too complex"),
+        ("a" * 1025, "the limit is 1024"),
+        ("(?R)", "recursion"),
+    ],
+)
+def test_costly_regexps_are_not_met_with_a_reason(pattern: str, message: str) -> None:
+    result = check_constraint(c("${attr.kernel.name}", "regexp", pattern), NODE)
+    assert not result.ok
+    assert message in result.reason
+
+
+@pytest.mark.parametrize(
+    ("left", "op", "right", "expected"),
+    [
+        ("2" * 5000, ">", "1" * 5000, True),  # int() refused 5000 digits: a ValueError
+        ("1" * 5000, ">", "2" * 5000, False),
+        ("9" * 5000, "<", "10", False),  # too long for a number: compared as text
+        ("٣", ">", "10", True),  # Arabic-Indic 3 is not a number in Go: text order
+        ("3", ">", "10", False),  # ASCII digits still compare as numbers
+        ("1e999", ">", "5", True),
+    ],
+)
+def test_order_with_huge_or_non_ascii_numbers(
+    left: str, op: str, right: str, expected: bool
+) -> None:
+    node = {**NODE, "Meta": {"x": left}}
+    assert ok("${meta.x}", op, right, node) is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "constraint", "expected"),
+    [
+        ("1." + "9" * 5000, ">= 1.0", False),  # int() refused it: a ValueError
+        ("1.0", ">= 1." + "9" * 5000, False),
+        ("1.0", ">= 9223372036854775808", False),  # above 2^63-1, as in Go
+        ("9223372036854775807.0", ">= 1.0", True),
+        ("1.0.0-" + "9" * 5000, "> 1.0.0-" + "9" * 4999, True),  # numeric pre-release
+        ("1.0.0-" + "9" * 4999, "> 1.0.0-" + "9" * 5000, False),
+        ("1.0.0-01", "= 1.0.0-1", True),
+        ("١.٠", ">= 0.1", False),  # Arabic-Indic digits are not a version
+    ],
+)
+def test_versions_with_huge_or_non_ascii_numbers(
+    value: str, constraint: str, expected: bool
+) -> None:
+    node = {**NODE, "Attributes": {"v": value}}
+    for operand in ("version", "semver"):
+        assert ok("${attr.v}", operand, constraint, node) is expected
+
+
+def test_huge_version_segments_say_why() -> None:
+    node = {**NODE, "Attributes": {"v": "1." + "9" * 5000}}
+    result = check_constraint(c("${attr.v}", "semver", ">= 1.0"), node)
+    assert not result.ok
+    assert "is not a valid version: a segment is above 2^63-1" in result.reason
+
+
+@pytest.mark.timeout(10)
+def test_version_constraint_with_long_whitespace_is_fast() -> None:
+    # Two adjacent \s* in the constraint regex backtracked quadratically: seconds here.
+    result, seconds = timed_check("${attr.nomad.version}", "version", " " * 20_000 + "1 2")
+    assert not result.ok
+    assert "invalid version constraint" in result.reason
+    assert seconds < 0.5
+
+
+def test_unforeseen_value_errors_become_not_met(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("something odd")
+
+    monkeypatch.setattr(constraints, "_check_order", boom)
+    result = check_constraint(c("${meta.rack}", "<", "r2"), NODE)
+    assert result == ConstraintResult(
+        False, 'constraint "${meta.rack} < r2" could not be checked: something odd'
+    )
+
+
+_TARGET = st.one_of(
+    st.text(max_size=20),
+    st.text("0123456789.-+~>=<!, eEvx٣²", max_size=40),
+    st.integers(0, 6000).map(lambda n: "9" * n),
+    st.sampled_from(["${attr.cpu.numcores}", "${meta.rack}", "${attr.nomad.version}", "^(.+)+!$",
+                     "a{4294967296}", "(?:a{1000}){1000}", "[z-a]", "(?R)"]),
+)  # fmt: skip
+_OPERAND = st.one_of(
+    st.sampled_from(["=", "!=", "<", "<=", ">", ">=", "regexp", "version", "semver",
+                     "set_contains", "set_contains_any", "is_set", "is_not_set", ""]),
+    st.text(max_size=10),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TARGET, _OPERAND, _TARGET)
+def test_check_never_raises_for_string_input(ltarget: str, operand: str, rtarget: str) -> None:
+    result = check_constraint(c(ltarget, operand, rtarget), NODE)
+    assert isinstance(result, ConstraintResult)
+    assert result.ok or result.reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nomad_client.http.endpoints.jobs import alloc_stub
@@ -9,7 +10,7 @@ from nomad_client.http.errors import bad_request, not_found
 from nomad_client.http.query import block
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
-from nomad_client.server.bexpr import FilterError, FilterSyntaxError, compile_filter
+from nomad_client.server.bexpr import Filter, FilterError, FilterSyntaxError, compile_filter
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Node
 
@@ -29,6 +30,20 @@ def node_stub(full: dict[str, Any]) -> dict[str, Any]:
     return stub
 
 
+def _filtered_stubs(nodes: list[Node], node_filter: Filter | None) -> list[dict[str, Any]]:
+    out = []
+    for node in nodes:
+        full = node_api(node)
+        if node_filter is not None:
+            try:
+                if not node_filter.matches(full):
+                    continue
+            except FilterError as err:
+                raise bad_request(f"failed to read result page: {err}") from None
+        out.append(node_stub(full))
+    return out
+
+
 def register(router: Router, services: Services) -> None:
     store = services.server.store
 
@@ -42,18 +57,9 @@ def register(router: Router, services: Services) -> None:
                 raise bad_request(f"failed to read filter expression: {err}") from None
         index = await block(store, req.query, ("nodes",))
         prefix = req.query.get("prefix", "")
-        out = []
-        for node in store.rows("nodes"):
-            if not node.id.startswith(prefix):
-                continue
-            full = node_api(node)
-            if node_filter is not None:
-                try:
-                    if not node_filter.matches(full):
-                        continue
-                except FilterError as err:
-                    raise bad_request(f"failed to read result page: {err}") from None
-            out.append(node_stub(full))
+        nodes = [n for n in store.rows("nodes") if n.id.startswith(prefix)]
+        # A caller's filter is CPU work on caller input: evaluate it off the event loop.
+        out = await asyncio.to_thread(_filtered_stubs, nodes, node_filter)
         return Reply(out, index)
 
     async def get_node(req: ApiRequest) -> Any:
