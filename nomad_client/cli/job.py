@@ -45,10 +45,12 @@ def _parse_job(path: str, var_flags: Sequence[str], var_files: Sequence[str]) ->
         raise CommandError(f"Error getting job struct: jobspec parser unavailable ({exc})") \
             from None
     text = _read(path, "job file")
-    var_text = "\n".join(_read(f, "variable file") for f in var_files) if var_files else None
+    # Each file is parsed on its own: a later file overrides an earlier one, and
+    # errors point at the file and line they are in.
+    files = [(f, _read(f, "variable file")) for f in var_files]
     try:
         variables = parse_var_assignments(list(var_flags)) if var_flags else None
-        return parse_jobspec(text, path, variables, var_text)
+        return parse_jobspec(text, path, variables, var_files=files)
     except JobspecError as exc:
         raise CommandError(f"Error getting job struct: {exc}") from None
 

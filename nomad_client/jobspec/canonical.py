@@ -3,21 +3,24 @@
 Accepts a job dict from the HCL parser or from a user's JSON request (where
 any key may be missing or mistyped), returns a new dict with every default
 filled in, and raises ``JobValidationError`` listing every problem found.
-Pure computation: the input is never modified.
+Every field is type-checked before it is used, so no malformed job gets past
+as any other exception. Pure computation: the input is never modified.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from nomad_client.durations import HOUR, MINUTE, SECOND
-from nomad_client.jobspec.errors import JobValidationError
+from nomad_client.jobspec.errors import JobValidationError, short_repr
 
 JOB_TYPES = ("service", "batch", "system", "sysbatch")
 RESTART_MODES = ("fail", "delay")
+DELAY_FUNCTIONS = ("constant", "exponential", "fibonacci")
 IDENTITY_CHANGE_MODES = ("noop", "restart", "signal")
 CONSTRAINT_OPERANDS = frozenset(
     {
@@ -45,6 +48,10 @@ CONSTRAINT_OPERANDS = frozenset(
 DEFAULT_AUDIENCE = "nomadproject.io"
 MIN_RESTART_INTERVAL = 5 * SECOND
 DEFAULT_KILL_TIMEOUT = 5 * SECOND
+# Job IDs become URL path segments (/v1/job/<id>) and file names.
+MAX_JOB_ID_LENGTH = 128
+# Deeper jobs are refused before copying, which would otherwise recurse too far.
+MAX_JOB_DEPTH = 100
 
 _RESTART_DEFAULTS: dict[str, dict[str, Any]] = {
     "service": {"Attempts": 2, "Interval": 30 * MINUTE, "Delay": 15 * SECOND, "Mode": "fail"},
@@ -84,10 +91,64 @@ def _family(job_type: Any) -> str:
     return "batch" if job_type in ("batch", "sysbatch") else "service"
 
 
+def _children(value: Any) -> Iterator[Any] | None:
+    if isinstance(value, Mapping):
+        return iter(value.values())
+    if isinstance(value, list | tuple):
+        return iter(value)
+    return None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists/objects more than ``limit`` levels (cycles count).
+
+    Iterative, and each shared part is walked once, so any input is cheap to check.
+    """
+    top = _children(value)
+    if top is None:
+        return False
+    heights: dict[int, int] = {}
+    on_path = {id(value)}
+    # (container, its children still to visit, tallest child height so far)
+    stack: list[tuple[Any, Iterator[Any], int]] = [(value, top, 0)]
+    while stack:
+        node, pending, tallest = stack[-1]
+        for child in pending:
+            inner = _children(child)
+            if inner is None:
+                continue
+            known = heights.get(id(child))
+            if known is not None:
+                if len(stack) + known > limit:
+                    return True
+                tallest = max(tallest, known)
+                continue
+            if id(child) in on_path or len(stack) >= limit:
+                return True
+            stack[-1] = (node, pending, tallest)
+            on_path.add(id(child))
+            stack.append((child, inner, 0))
+            break
+        else:
+            stack.pop()
+            on_path.discard(id(node))
+            heights[id(node)] = tallest + 1
+            if stack:
+                parent, parent_pending, parent_tallest = stack[-1]
+                stack[-1] = (parent, parent_pending, max(parent_tallest, tallest + 1))
+    return False
+
+
+def _invalid(message: str) -> JobValidationError:
+    return JobValidationError(f"1 error occurred:\n  * {message}", (message,))
+
+
 def canonicalize_job(job: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of ``job`` with defaults filled; raise if it is invalid."""
     if not isinstance(job, Mapping):
         raise JobValidationError("job must be an object", ("job must be an object",))
+    if _deeper_than(job, MAX_JOB_DEPTH):
+        raise _invalid(f"job is nested too deeply (more than {MAX_JOB_DEPTH} levels)")
     out: dict[str, Any] = copy.deepcopy(dict(job))
     _fill_job(out)
     problems = _JobChecker().check(out)
@@ -196,7 +257,34 @@ def _fill_task(task: dict[str, Any], group_restart: dict[str, Any]) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A whole number that fits Nomad's 64-bit fields."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _id_problem(job_id: str) -> str | None:
+    """Why ``job_id`` cannot be used (it ends up in URL paths), or None."""
+    if job_id in (".", ".."):
+        return f"job ID {job_id!r} is not allowed: it would name a directory in URL paths"
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        return (
+            f"job ID is {len(job_id)} characters long; the limit is {MAX_JOB_ID_LENGTH} characters"
+        )
+    if "/" in job_id:
+        return f"job ID {job_id!r} must not contain '/'"
+    for pos, char in enumerate(job_id):
+        if char == " ":
+            found = "a space"
+        elif char.isspace():
+            found = f"whitespace (U+{ord(char):04X})"
+        elif unicodedata.category(char) == "Cc":
+            found = f"a control character (U+{ord(char):04X})"
+        else:
+            continue
+        return (
+            f"job ID {job_id!r} contains {found} at position {pos}; "
+            "IDs must not contain whitespace or control characters"
+        )
+    return None
 
 
 class _JobChecker:
@@ -213,15 +301,26 @@ class _JobChecker:
         if not job_id:
             self.add("", "missing job ID")
         elif not isinstance(job_id, str):
-            self.add("", "job ID must be a string")
-        elif " " in job_id or "\x00" in job_id:
-            self.add("", f"job ID {job_id!r} contains a space or null character")
+            self.add("", f"job ID must be a string, got {short_repr(job_id)}")
+        else:
+            problem = _id_problem(job_id)
+            if problem:
+                self.add("", problem)
+        for key in ("Name", "Region", "Namespace", "NodePool"):
+            value = job[key]
+            # Name is None only when the ID is missing, which is reported above.
+            if value is not None and not isinstance(value, str):
+                self.add("", f"{key} must be a string, got {short_repr(value)}")
         if job["Type"] not in JOB_TYPES:
             self.add(
-                "", f"unknown job type {job['Type']!r} (expected one of {', '.join(JOB_TYPES)})"
+                "",
+                f"unknown job type {short_repr(job['Type'])} "
+                f"(expected one of {', '.join(JOB_TYPES)})",
             )
         if not _is_int(job["Priority"]) or not 1 <= job["Priority"] <= 100:
-            self.add("", f"job priority must be between 1 and 100, got {job['Priority']!r}")
+            self.add(
+                "", f"job priority must be between 1 and 100, got {short_repr(job['Priority'])}"
+            )
         dcs = job["Datacenters"]
         if not isinstance(dcs, list) or not all(isinstance(d, str) and d for d in dcs):
             self.add("", "Datacenters must be a list of non-empty strings")
@@ -239,7 +338,7 @@ class _JobChecker:
                 self.add(f"group {i}", "must be an object")
                 continue
             name = group.get("Name")
-            where = f"group {name!r}" if name else f"group {i}"
+            where = f"group {name!r}" if isinstance(name, str) and name else f"group {i}"
             if not name or not isinstance(name, str):
                 self.add(where, "missing group name")
             elif name in seen:
@@ -252,12 +351,13 @@ class _JobChecker:
     def _group(self, where: str, group: dict[str, Any]) -> None:
         count = group["Count"]
         if not _is_int(count):
-            self.add(where, f"count must be a whole number, got {count!r}")
+            self.add(where, f"count must be a whole number, got {short_repr(count)}")
         elif count < 0:
             self.add(where, f"count must not be negative, got {count}")
         self._string_map(where, "Meta", group["Meta"])
         self._constraints(where, group["Constraints"])
         self._restart(where, group["RestartPolicy"])
+        self._reschedule(where, group["ReschedulePolicy"])
         tasks = group["Tasks"]
         if not isinstance(tasks, list):
             self.add(where, "Tasks must be a list")
@@ -270,7 +370,9 @@ class _JobChecker:
                 self.add(f"{where} task {i}", "must be an object")
                 continue
             name = task.get("Name")
-            twhere = f"{where} task {name!r}" if name else f"{where} task {i}"
+            twhere = (
+                f"{where} task {name!r}" if isinstance(name, str) and name else f"{where} task {i}"
+            )
             if not name or not isinstance(name, str):
                 self.add(twhere, "missing task name")
             elif name in seen:
@@ -283,6 +385,9 @@ class _JobChecker:
         driver = task.get("Driver")
         if not driver or not isinstance(driver, str):
             self.add(where, "missing driver")
+        user = task.get("User")
+        if user is not None and not isinstance(user, str):
+            self.add(where, f"User must be a string, got {short_repr(user)}")
         if not isinstance(task["Config"], dict):
             self.add(where, "Config must be an object")
         self._string_map(where, "Env", task["Env"])
@@ -292,34 +397,40 @@ class _JobChecker:
         kill = task["KillTimeout"]
         if not _is_int(kill) or kill < 0:
             self.add(
-                where, f"KillTimeout must be a non-negative number of nanoseconds, got {kill!r}"
+                where,
+                f"KillTimeout must be a non-negative number of nanoseconds, got {short_repr(kill)}",
             )
         if not isinstance(task["Leader"], bool):
             self.add(where, "Leader must be a bool")
         res = task["Resources"]
         if not _is_int(res["CPU"]) or res["CPU"] < 1:
-            self.add(where, f"resources: minimum CPU value is 1, got {res['CPU']!r}")
+            self.add(where, f"resources: minimum CPU value is 1, got {short_repr(res['CPU'])}")
         if not _is_int(res["MemoryMB"]) or res["MemoryMB"] < 10:
-            self.add(where, f"resources: minimum MemoryMB value is 10, got {res['MemoryMB']!r}")
+            self.add(
+                where,
+                f"resources: minimum MemoryMB value is 10, got {short_repr(res['MemoryMB'])}",
+            )
         self._identity(where, task["Identity"], default=True)
         idents = task["Identities"]
         if not isinstance(idents, list):
             self.add(where, "Identities must be a list")
             return
-        seen: set[Any] = {"default"}
+        seen: set[str] = {"default"}
         for ident in idents:
             if not isinstance(ident, dict):
                 self.add(where, "each identity must be an object")
                 continue
             name = ident.get("Name")
-            if name in seen:
-                self.add(where, f"duplicate identity name {name!r}")
-            seen.add(name)
+            # A name that is not a string is reported by _identity.
+            if isinstance(name, str):
+                if name in seen:
+                    self.add(where, f"duplicate identity name {name!r}")
+                seen.add(name)
             self._identity(where, ident, default=False)
 
     def _identity(self, where: str, ident: dict[str, Any], default: bool) -> None:
         name = ident.get("Name")
-        iwhere = f"{where} identity {name!r}"
+        iwhere = f"{where} identity {short_repr(name)}"
         if not isinstance(name, str) or not _IDENTITY_NAME_RE.match(name):
             self.add(iwhere, "invalid identity name (letters, digits, '-' and '_', 1-128 chars)")
         aud = ident.get("Audience")
@@ -330,11 +441,15 @@ class _JobChecker:
         for flag in ("Env", "File"):
             if not isinstance(ident.get(flag), bool):
                 self.add(iwhere, f"{flag} must be a bool")
+        for key in ("Filepath", "ChangeSignal"):
+            value = ident.get(key)
+            if value is not None and not isinstance(value, str):
+                self.add(iwhere, f"{key} must be a string, got {short_repr(value)}")
         mode = ident.get("ChangeMode")
         if mode not in IDENTITY_CHANGE_MODES:
             self.add(
                 iwhere,
-                f"invalid change_mode {mode!r} (expected one of "
+                f"invalid change_mode {short_repr(mode)} (expected one of "
                 f"{', '.join(IDENTITY_CHANGE_MODES)})",
             )
         if mode == "signal" and not ident.get("ChangeSignal"):
@@ -344,25 +459,31 @@ class _JobChecker:
         # Unlike Nomad, the default identity may have a ttl: it then carries an exp claim.
         ttl = ident.get("TTL")
         if ttl is not None and (not _is_int(ttl) or ttl < 0):
-            self.add(iwhere, f"TTL must be a non-negative number of nanoseconds, got {ttl!r}")
+            self.add(
+                iwhere, f"TTL must be a non-negative number of nanoseconds, got {short_repr(ttl)}"
+            )
 
     def _restart(self, where: str, policy: dict[str, Any]) -> None:
         rwhere = f"{where} restart"
         attempts, interval, delay = policy["Attempts"], policy["Interval"], policy["Delay"]
         ok = True
         if not _is_int(attempts) or attempts < 0:
-            self.add(rwhere, f"attempts must be a non-negative whole number, got {attempts!r}")
+            self.add(
+                rwhere,
+                f"attempts must be a non-negative whole number, got {short_repr(attempts)}",
+            )
             ok = False
         for key, value in (("Interval", interval), ("Delay", delay)):
             if not _is_int(value) or value < 0:
                 self.add(
-                    rwhere, f"{key} must be a non-negative number of nanoseconds, got {value!r}"
+                    rwhere,
+                    f"{key} must be a non-negative number of nanoseconds, got {short_repr(value)}",
                 )
                 ok = False
         if policy["Mode"] not in RESTART_MODES:
             self.add(
                 rwhere,
-                f"unsupported restart mode {policy['Mode']!r} (expected "
+                f"unsupported restart mode {short_repr(policy['Mode'])} (expected "
                 f"{' or '.join(RESTART_MODES)})",
             )
         if not ok:
@@ -376,6 +497,30 @@ class _JobChecker:
                 "restart waits for the delay",
             )
 
+    def _reschedule(self, where: str, policy: Any) -> None:
+        if policy is None:
+            return  # system jobs may leave it unset
+        rwhere = f"{where} reschedule"
+        if not isinstance(policy, dict):
+            self.add(rwhere, "ReschedulePolicy must be an object")
+            return
+        for key in ("Attempts", "Interval", "Delay", "MaxDelay"):
+            value = policy.get(key)
+            if value is not None and (not _is_int(value) or value < 0):
+                self.add(
+                    rwhere, f"{key} must be a non-negative whole number, got {short_repr(value)}"
+                )
+        func = policy.get("DelayFunction")
+        if func is not None and func not in DELAY_FUNCTIONS:
+            self.add(
+                rwhere,
+                f"invalid delay function {short_repr(func)} (expected one of "
+                f"{', '.join(DELAY_FUNCTIONS)})",
+            )
+        unlimited = policy.get("Unlimited")
+        if unlimited is not None and not isinstance(unlimited, bool):
+            self.add(rwhere, f"Unlimited must be a bool, got {short_repr(unlimited)}")
+
     def _constraints(self, where: str, constraints: Any) -> None:
         if not isinstance(constraints, list):
             self.add(where, "Constraints must be a list")
@@ -384,8 +529,14 @@ class _JobChecker:
             if not isinstance(c, dict):
                 self.add(where, "each constraint must be an object")
                 continue
+            for key in ("LTarget", "RTarget"):
+                value = c.get(key)
+                if value is not None and not isinstance(value, str):
+                    self.add(where, f"constraint {key} must be a string, got {short_repr(value)}")
             op = c.get("Operand") or "="
-            if op not in CONSTRAINT_OPERANDS:
+            if not isinstance(op, str):
+                self.add(where, f"constraint Operand must be a string, got {short_repr(op)}")
+            elif op not in CONSTRAINT_OPERANDS:
                 self.add(where, f"unknown constraint operator {op!r}")
 
     def _string_map(self, where: str, key: str, value: Any) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nomad_client.durations import DurationError, parse_duration_ns
-from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.errors import JobspecError, short_repr
 from nomad_client.jobspec.evaluate import Evaluator, number_to_string, type_name
 from nomad_client.jobspec.syntax import Block, Body
 
@@ -54,6 +54,9 @@ UNSUPPORTED_BLOCKS = frozenset(
 
 Converter = Callable[[Any, str, "int | None"], Any]
 
+# Nomad's whole-number and duration fields are Go int64s.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
 
 class _Decoder:
     def __init__(self, filename: str, evaluator: Evaluator) -> None:
@@ -77,23 +80,32 @@ class _Decoder:
     def to_int(self, value: Any, path: str, line: int | None) -> int:
         if isinstance(value, bool):
             raise self.error(line, path, "expected a whole number, got bool")
+        number: int | None = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str):
             try:
-                return int(value.strip())
+                number = int(value.strip())
             except ValueError:
                 pass
-        raise self.error(line, path, f"expected a whole number, got {type_name(value)} {value!r}")
+        if number is not None:
+            if not _INT64_MIN <= number <= _INT64_MAX:
+                raise self.error(line, path, "number is out of range for a 64-bit integer")
+            return number
+        raise self.error(
+            line, path, f"expected a whole number, got {type_name(value)} {short_repr(value)}"
+        )
 
     def to_bool(self, value: Any, path: str, line: int | None) -> bool:
         if isinstance(value, bool):
             return value
         if value in ("true", "false"):
             return value == "true"
-        raise self.error(line, path, f"expected true or false, got {type_name(value)} {value!r}")
+        raise self.error(
+            line, path, f"expected true or false, got {type_name(value)} {short_repr(value)}"
+        )
 
     def to_duration(self, value: Any, path: str, line: int | None) -> int:
         if not isinstance(value, str):
@@ -101,9 +113,14 @@ class _Decoder:
                 line, path, f'expected a duration string like "30s", got {type_name(value)}'
             )
         try:
-            return parse_duration_ns(value)
+            ns = parse_duration_ns(value)
         except DurationError as err:
             raise self.error(line, path, str(err)) from None
+        except ValueError:  # a number with thousands of digits
+            raise self.error(line, path, f"duration {short_repr(value)} is out of range") from None
+        if not _INT64_MIN <= ns <= _INT64_MAX:
+            raise self.error(line, path, f"duration {short_repr(value)} is out of range")
+        return ns
 
     def to_str_list(self, value: Any, path: str, line: int | None) -> list[str]:
         if not isinstance(value, list):

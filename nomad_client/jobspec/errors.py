@@ -1,11 +1,39 @@
-"""Error types raised by the jobspec package.
+"""Error types raised by the jobspec package, and how values appear in their messages.
 
 Pure value types: nothing here touches files, the network or the event loop.
 """
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 import attrs
+
+
+class _ShortRepr(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = 60
+        self.maxlist = self.maxdict = self.maxtuple = 6
+        self.maxlevel = 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an int with thousands of digits is slow or refused outright.
+        if x.bit_length() > 256:
+            return f"<a {x.bit_length()}-bit number>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut down for an error message: values from users may be huge."""
+    try:
+        return _SHORT.repr(value)
+    except (ValueError, RecursionError):  # pragma: no cover - defensive
+        return f"<a {type(value).__name__}>"
 
 
 @attrs.define(auto_exc=True, eq=False)

@@ -5,6 +5,8 @@ function library) are evaluated here. Any other name - ``NOMAD_SECRETS_DIR``,
 ``attr.kernel.name``, ``node.unique.name``, ``meta.x``, ``env.X`` - is a
 runtime reference that the client interpolates at task start, so the smallest
 enclosing ``${...}`` (or bare value) is kept verbatim as source text.
+Every value produced is measured against the limits in ``limits``, so a small
+jobspec cannot make the evaluator build huge values or recurse without end.
 Pure computation: no I/O.
 """
 
@@ -17,8 +19,17 @@ from typing import Any
 import attrs
 from lark import Token, Tree
 
-from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.errors import JobspecError, short_repr
 from nomad_client.jobspec.functions import FUNCTIONS, FunctionError
+from nomad_client.jobspec.limits import (
+    MAX_EXPR_DEPTH,
+    MAX_INT_DIGITS,
+    LimitError,
+    Meter,
+    check_int_bits,
+    check_int_literal,
+    check_string_length,
+)
 from nomad_client.jobspec.syntax import Source, decode_escapes, parse_expression
 
 
@@ -39,10 +50,12 @@ class Scope:
 
     ``variables`` holds final variable values. Locals are evaluated lazily on
     first use, so they may refer to each other in any order; cycles are errors.
+    ``meter`` measures every value against the limits; share one per parse.
     """
 
     variables: Mapping[str, Any]
     local_exprs: dict[str, tuple[Tree, Source]] = attrs.field(factory=dict)
+    meter: Meter = attrs.field(factory=Meter)
     _local_values: dict[str, Any] = attrs.field(factory=dict, init=False)
     _resolving: list[str] = attrs.field(factory=list, init=False)
 
@@ -87,6 +100,20 @@ def type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def _short_source(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse_number(text: str) -> int | float | None:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return None
 
 
 def number_to_string(value: int | float) -> str:
@@ -150,11 +177,15 @@ class Evaluator:
 
     def value(self, node: Tree) -> Any:
         """Evaluate ``node``; a runtime reference yields its source as ``"${...}"``."""
+        top = self.scope.meter.depth == 0
         try:
             result = self._eval(node)
         except Unresolved:
             return "${" + self.source.snippet(node).strip() + "}"
-        return self._plain(result, node)
+        result = self._plain(result, node)
+        if top:
+            self._charge_result(result, node)
+        return result
 
     def constant(self, node: Tree, what: str) -> Any:
         """Evaluate ``node`` where no runtime reference may appear (defaults, var files)."""
@@ -166,7 +197,21 @@ class Evaluator:
                 f"{what}: {self.source.snippet(node).strip()!r} refers to {unresolved}, "
                 "which is not known when the jobspec is parsed",
             ) from None
-        return self._plain(result, node)
+        result = self._plain(result, node)
+        self._charge_result(result, node)
+        return result
+
+    def _charge_result(self, value: Any, node: Tree) -> None:
+        # A value handed to the caller ends up in the job once per use: count
+        # its whole size, so referring to one big local many times is bounded.
+        meter = self.scope.meter
+        try:
+            meter.charge(meter.size(value))
+        except LimitError as err:
+            raise self._limit_error(node, err) from None
+
+    def _limit_error(self, node: Tree | Token, err: LimitError) -> JobspecError:
+        return self.source.error(node, f"{_short_source(self.source.snippet(node))}: {err}")
 
     def _plain(self, value: Any, node: Tree | Token) -> Any:
         if isinstance(value, _Namespace):
@@ -187,7 +232,20 @@ class Evaluator:
                 f"expression {self.source.snippet(node).strip()!r} is not supported here "
                 f"({node.data.replace('_', ' ')})",
             )
-        return handler(node)
+        meter = self.scope.meter
+        if meter.depth >= MAX_EXPR_DEPTH:
+            raise self.source.error(
+                node, f"expression nested too deeply (more than {MAX_EXPR_DEPTH} levels)"
+            )
+        meter.depth += 1
+        try:
+            result = handler(node)
+            meter.check(result)
+        except LimitError as err:
+            raise self._limit_error(node, err) from None
+        finally:
+            meter.depth -= 1
+        return result
 
     def _x_expr_term(self, node: Tree) -> Any:
         inner = _trees(node)
@@ -197,7 +255,9 @@ class Evaluator:
         return self._eval(node.children[0])
 
     def _x_int_lit(self, node: Tree) -> int:
-        return int(str(node.children[0]))
+        text = str(node.children[0])
+        check_int_literal(text)
+        return int(text)
 
     def _x_float_lit(self, node: Tree) -> float:
         return float(str(node.children[0]))
@@ -222,7 +282,9 @@ class Evaluator:
         base_node, index = _trees(node)
         base = self._eval(base_node)
         if index.data == "short_index":
-            key: Any = int(str(index.children[-1]))
+            digits = str(index.children[-1])
+            check_int_literal(digits)
+            key: Any = int(digits)
         else:
             key = self._plain(self._eval(_trees(index)[0]), index)
         return self._index(base, key, node)
@@ -234,14 +296,25 @@ class Evaluator:
             return self.scope.lookup(base.kind, key, self.source, node)
         what = self.source.snippet(node).strip()
         if isinstance(base, dict):
+            if isinstance(key, int | float) and not isinstance(key, bool):
+                key = number_to_string(key)
             if not isinstance(key, str):
-                key = number_to_string(key) if isinstance(key, int | float) else key
+                raise self.source.error(
+                    node, f"{what}: an object key must be a string, got {type_name(key)}"
+                )
             if key not in base:
                 raise self.source.error(node, f"{what}: object has no attribute {key!r}")
             return base[key]
         if isinstance(base, list):
-            if isinstance(key, str) and key.lstrip("-").isdigit():
+            if isinstance(key, float) and key.is_integer():
                 key = int(key)
+            if isinstance(key, str):
+                digits = key.removeprefix("-")
+                # isdigit() alone accepts digits such as "²" that int() rejects.
+                if digits.isascii() and digits.isdigit():
+                    if len(digits) > MAX_INT_DIGITS:
+                        raise self.source.error(node, f"{what}: index out of range")
+                    key = int(key)
             if not isinstance(key, int) or isinstance(key, bool):
                 raise self.source.error(node, f"{what}: a list index must be a number")
             if not 0 <= key < len(base):
@@ -312,7 +385,14 @@ class Evaluator:
                     part,
                     "template directives (%{ ... }) are not supported; write %%{ for a literal %{",
                 )
-        return "".join(out)
+        return self._join(out)
+
+    def _join(self, parts: list[str]) -> str:
+        """Concatenate template parts, refusing before building an oversized string."""
+        length = sum(map(len, parts))
+        check_string_length(length)
+        self.scope.meter.charge(length)
+        return "".join(parts)
 
     def _interpolate(self, node: Tree) -> str:
         expr = _trees(node)[0]
@@ -385,7 +465,7 @@ class Evaluator:
                 out.append(text[m.start() : end + 1])
             pos = end + 1
         out.append(text[pos:])
-        return "".join(out)
+        return self._join(out)
 
     def _x_template_string(self, node: Tree) -> str:
         raise self.source.error(node, "template directives are not supported")
@@ -398,21 +478,23 @@ class Evaluator:
         if isinstance(value, int | float):
             return value
         if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        raise self.source.error(node, f"expected a number, got {type_name(value)} {value!r}")
+            number = _parse_number(value)
+            if number is not None:
+                # A long numeric string can become a number past the limits.
+                self.scope.meter.check(number)
+                return number
+        raise self.source.error(
+            node, f"expected a number, got {type_name(value)} {short_repr(value)}"
+        )
 
     def _bool(self, value: Any, node: Tree) -> bool:
         if isinstance(value, bool):
             return value
         if value in ("true", "false"):
             return value == "true"
-        raise self.source.error(node, f"expected a bool, got {type_name(value)} {value!r}")
+        raise self.source.error(
+            node, f"expected a bool, got {type_name(value)} {short_repr(value)}"
+        )
 
     def _x_binary_op(self, node: Tree) -> Any:
         lhs_node, term = _trees(node)
@@ -426,9 +508,15 @@ class Evaluator:
             return self._bool(self._plain(self._eval(rhs_node), rhs_node), rhs_node)
         rhs = self._plain(self._eval(rhs_node), rhs_node)
         if op in ("==", "!="):
+            # Comparing costs up to the size of the smaller side.
+            meter = self.scope.meter
+            meter.charge(min(meter.size(lhs), meter.size(rhs)))
             same = type_name(lhs) == type_name(rhs) and lhs == rhs
             return same if op == "==" else not same
         a, b = self._number(lhs, lhs_node), self._number(rhs, rhs_node)
+        if op == "*" and isinstance(a, int) and isinstance(b, int):
+            # The product has at least this many bits: refuse before computing it.
+            check_int_bits(a.bit_length() + b.bit_length() - 1)
         if op == "/":
             if b == 0:
                 raise self.source.error(node, "division by zero")
@@ -475,9 +563,15 @@ class Evaluator:
             raise self.source.error(
                 node, f"unknown function {name!r} (available: {', '.join(sorted(FUNCTIONS))})"
             )
+        meter = self.scope.meter
         try:
-            return func(*args)
-        except FunctionError as err:
+            # A function's work grows with its arguments: count them.
+            meter.charge(sum(meter.size(a) for a in args))
+            result = func(*args)
+            if isinstance(result, str):
+                meter.charge(len(result))
+            return result
+        except (FunctionError, LimitError) as err:
             raise self.source.error(node, f"{name}(): {err}") from None
         except (TypeError, ValueError):
             raise self.source.error(node, f"{name}(): wrong number or kind of arguments") from None

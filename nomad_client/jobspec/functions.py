@@ -1,13 +1,17 @@
 """The small HCL function library available while parsing a jobspec.
 
 Only pure string/collection helpers; file and network functions are absent on
-purpose (the parse endpoint must not read the agent's disk).
+purpose (the parse endpoint must not read the agent's disk). Functions that can
+make a result much bigger than their arguments check its size before building
+it (see ``limits``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+from nomad_client.jobspec.limits import check_element_count, check_string_length
 
 
 class FunctionError(Exception):
@@ -72,6 +76,44 @@ def _coalesce(*values: Any) -> Any:
     raise FunctionError("all arguments are null or empty")
 
 
+def _join(sep: Any, items: Any) -> str:
+    parts = [_str(i) for i in _list(items)]
+    separator = _str(sep)
+    check_string_length(sum(map(len, parts)) + len(separator) * max(len(parts) - 1, 0))
+    return separator.join(parts)
+
+
+def _split(sep: Any, s: Any) -> list[str]:
+    text, separator = _str(s), _str(sep)
+    if not separator:
+        raise FunctionError("the separator must not be empty")
+    check_element_count(text.count(separator) + 1)
+    return text.split(separator)
+
+
+def _replace(s: Any, old: Any, new: Any) -> str:
+    text, before, after = _str(s), _str(old), _str(new)
+    # An empty ``old`` matches between every pair of characters.
+    matches = text.count(before) if before else len(text) + 1
+    check_string_length(len(text) + matches * (len(after) - len(before)))
+    return text.replace(before, after)
+
+
+def _concat(*lists: Any) -> list[Any]:
+    checked = [_list(lst) for lst in lists]
+    check_element_count(sum(map(len, checked)))
+    return [x for lst in checked for x in lst]
+
+
+def _merge(*maps: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in maps:
+        out.update(_map(m))
+        # Checked as it grows: repeated keys may keep the result small.
+        check_element_count(len(out), "map")
+    return out
+
+
 def _tobool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -84,14 +126,14 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "upper": lambda s: _str(s).upper(),
     "lower": lambda s: _str(s).lower(),
     "trimspace": lambda s: _str(s).strip(),
-    "join": lambda sep, items: _str(sep).join(_str(i) for i in _list(items)),
-    "split": lambda sep, s: _str(s).split(_str(sep)),
-    "replace": lambda s, old, new: _str(s).replace(_str(old), _str(new)),
-    "concat": lambda *lists: [x for lst in lists for x in _list(lst)],
+    "join": _join,
+    "split": _split,
+    "replace": _replace,
+    "concat": _concat,
     "contains": lambda items, v: v in _list(items),
     "length": _length,
     "lookup": _lookup,
-    "merge": lambda *maps: {k: v for m in maps for k, v in _map(m).items()},
+    "merge": _merge,
     "coalesce": _coalesce,
     "tostring": _str,
     "tonumber": _number,

@@ -17,6 +17,7 @@ from lark import Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.limits import MAX_BLOCK_DEPTH
 
 
 @attrs.frozen
@@ -186,7 +187,9 @@ def _name_of(node: Tree | Token, source: Source) -> str:
     return str(node.children[0])
 
 
-def _body(node: Tree, source: Source) -> Body:
+def _body(node: Tree, source: Source, depth: int = 0) -> Body:
+    if depth > MAX_BLOCK_DEPTH:
+        raise source.error(node, f"blocks nested too deeply (more than {MAX_BLOCK_DEPTH} levels)")
     attributes: list[Attribute] = []
     blocks: list[Block] = []
     seen: dict[str, Attribute] = {}
@@ -208,7 +211,8 @@ def _body(node: Tree, source: Source) -> Body:
             inner = next(p for p in parts if p.data == "body")
             block_type = _name_of(head[0], source)
             labels = tuple(_name_of(h, source) for h in head[1:])
-            blocks.append(Block(block_type, labels, _body(inner, source), source.line_of(child)))
+            body = _body(inner, source, depth + 1)
+            blocks.append(Block(block_type, labels, body, source.line_of(child)))
     return Body(tuple(attributes), tuple(blocks), source.line_of(node))
 
 
@@ -222,7 +226,10 @@ def decode_escapes(raw: str) -> str:
     def repl(m: re.Match[str]) -> str:
         esc = m.group(1)
         if esc[0] in "uU" and len(esc) > 1:
-            return chr(int(esc[1:], 16))
+            code = int(esc[1:], 16)
+            if code > 0x10FFFF:
+                raise ValueError(f"invalid escape sequence '\\{esc}': not a Unicode character")
+            return chr(code)
         if esc in _ESCAPES:
             return _ESCAPES[esc]
         raise ValueError(f"invalid escape sequence '\\{esc}'")

@@ -1,8 +1,8 @@
 """Input variables of a jobspec: ``variable`` blocks, var files and ``-var`` flags.
 
-Decides the final value of every declared variable (default < var file <
-command line), converting supplied values to the declared type. Pure
-computation: the var file arrives as text, never read from disk here.
+Decides the final value of every declared variable (default < var files, later
+files winning < command line), converting supplied values to the declared type.
+Pure computation: var files arrive as text, never read from disk here.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any
 
 import attrs
 
-from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.errors import JobspecError, short_repr
 from nomad_client.jobspec.evaluate import Evaluator, Scope, number_to_string, type_name
+from nomad_client.jobspec.limits import LimitError, Meter
 from nomad_client.jobspec.syntax import Block, Source, parse_body, parse_expression
 
 VAR_FILE_NAME = "<var-file>"
@@ -52,10 +53,13 @@ def parse_var_assignments(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def declare_variables(blocks: Sequence[Block], source: Source) -> dict[str, VariableDecl]:
+def declare_variables(
+    blocks: Sequence[Block], source: Source, meter: Meter | None = None
+) -> dict[str, VariableDecl]:
     """Read every top-level ``variable`` block."""
     decls: dict[str, VariableDecl] = {}
-    empty = Evaluator(source, Scope({}))
+    meter = meter if meter is not None else Meter()
+    empty = Evaluator(source, Scope({}, meter=meter))
     for block in blocks:
         where = f'variable "{block.labels[0]}"' if block.labels else "variable"
         if len(block.labels) != 1:
@@ -103,6 +107,7 @@ def declare_variables(blocks: Sequence[Block], source: Source) -> dict[str, Vari
                 source.filename,
                 d_attr.line,
                 f"{where}: default",
+                meter,
             )
         decls[name] = VariableDecl(name, var_type, default, has_default, block.line)
     return decls
@@ -112,36 +117,19 @@ def resolve_variables(
     decls: Mapping[str, VariableDecl],
     filename: str,
     variables: Mapping[str, str] | None,
-    var_files_text: str | None,
+    var_files: Sequence[tuple[str, str]] = (),
+    meter: Meter | None = None,
 ) -> dict[str, Any]:
-    """Final variable values: defaults, overridden by the var file, then by ``variables``."""
+    """Final variable values: defaults, overridden by each var file in turn, then by
+    ``variables``.
+
+    ``var_files`` are ``(name, text)`` pairs; a later file wins over an earlier one,
+    and errors name the file they are in and a line of that file.
+    """
+    meter = meter if meter is not None else Meter()
     values: dict[str, Any] = {d.name: d.default for d in decls.values() if d.has_default}
-    if var_files_text is not None and var_files_text.strip():
-        body, vsource = parse_body(var_files_text, VAR_FILE_NAME)
-        if body.blocks:
-            raise JobspecError(
-                VAR_FILE_NAME,
-                body.blocks[0].line,
-                f"a variables file may only contain NAME = value assignments, "
-                f"found block {body.blocks[0].type!r}",
-            )
-        evaluator = Evaluator(vsource, Scope({}))
-        for attr in body.attributes:
-            decl = decls.get(attr.name)
-            if decl is None:
-                raise JobspecError(
-                    VAR_FILE_NAME,
-                    attr.line,
-                    f"value for undeclared variable {attr.name!r} "
-                    f'(the jobspec {filename} has no variable "{attr.name}" block)',
-                )
-            values[attr.name] = _convert(
-                evaluator.constant(attr.expr, attr.name),
-                decl.type,
-                VAR_FILE_NAME,
-                attr.line,
-                attr.name,
-            )
+    for var_file, text in var_files:
+        values.update(_read_var_file(decls, filename, var_file, text, meter))
     for name, raw in (variables or {}).items():
         decl = decls.get(name)
         if decl is None:
@@ -151,7 +139,7 @@ def resolve_variables(
                 f"value supplied for undeclared variable {name!r} "
                 f'(declare it with a variable "{name}" block)',
             )
-        values[name] = _from_cli(name, raw, decl)
+        values[name] = _from_cli(name, raw, decl, meter)
     for decl in decls.values():
         if decl.name not in values:
             raise JobspecError(
@@ -163,7 +151,43 @@ def resolve_variables(
     return values
 
 
-def _from_cli(name: str, raw: str, decl: VariableDecl) -> Any:
+def _read_var_file(
+    decls: Mapping[str, VariableDecl], filename: str, var_file: str, text: str, meter: Meter
+) -> dict[str, Any]:
+    """The values one variables file assigns."""
+    if not text.strip():
+        return {}
+    body, vsource = parse_body(text, var_file)
+    if body.blocks:
+        raise JobspecError(
+            var_file,
+            body.blocks[0].line,
+            f"a variables file may only contain NAME = value assignments, "
+            f"found block {body.blocks[0].type!r}",
+        )
+    evaluator = Evaluator(vsource, Scope({}, meter=meter))
+    values: dict[str, Any] = {}
+    for attr in body.attributes:
+        decl = decls.get(attr.name)
+        if decl is None:
+            raise JobspecError(
+                var_file,
+                attr.line,
+                f"value for undeclared variable {attr.name!r} "
+                f'(the jobspec {filename} has no variable "{attr.name}" block)',
+            )
+        values[attr.name] = _convert(
+            evaluator.constant(attr.expr, attr.name),
+            decl.type,
+            var_file,
+            attr.line,
+            attr.name,
+            meter,
+        )
+    return values
+
+
+def _from_cli(name: str, raw: str, decl: VariableDecl, meter: Meter) -> Any:
     # Like Nomad, a command-line value is a plain string unless the declared
     # type asks for something else, in which case it is read as HCL.
     if decl.type in (None, "string"):
@@ -172,19 +196,29 @@ def _from_cli(name: str, raw: str, decl: VariableDecl) -> Any:
         raise JobspecError(CLI_NAME, None, f"{name}: value must be a string, got {raw!r}")
     try:
         expr, source = parse_expression(raw, CLI_NAME)
-        value = Evaluator(source, Scope({})).constant(expr, name)
+        value = Evaluator(source, Scope({}, meter=meter)).constant(expr, name)
     except JobspecError as err:
         raise JobspecError(
             CLI_NAME, None, f"{name}={raw!r} is not a valid {decl.type} value ({err.message})"
         ) from None
-    return _convert(value, decl.type, CLI_NAME, None, name)
+    return _convert(value, decl.type, CLI_NAME, None, name, meter)
 
 
-def _convert(value: Any, var_type: str | None, filename: str, line: int | None, where: str) -> Any:
+def _convert(
+    value: Any,
+    var_type: str | None,
+    filename: str,
+    line: int | None,
+    where: str,
+    meter: Meter,
+) -> Any:
     try:
-        return convert_to_type(value, var_type)
-    except ValueError as err:
+        converted = convert_to_type(value, var_type)
+        # Conversion can make new values (a long numeric string becomes a huge number).
+        meter.check(converted)
+    except (ValueError, LimitError) as err:
         raise JobspecError(filename, line, f"{where}: {err}") from None
+    return converted
 
 
 def _element_type(var_type: str) -> str | None:
@@ -227,4 +261,6 @@ def convert_to_type(value: Any, var_type: str | None) -> Any:
         if isinstance(value, dict):
             inner = _element_type(var_type) if kind == "map" else None
             return {k: convert_to_type(v, inner) for k, v in value.items()}
-    raise ValueError(f"expected a value of type {var_type}, got {type_name(value)} {value!r}")
+    raise ValueError(
+        f"expected a value of type {var_type}, got {type_name(value)} {short_repr(value)}"
+    )

@@ -321,8 +321,9 @@ def jobspec(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     class JobspecError(Exception):
         pass
 
-    def parse_jobspec(text: str, filename: str, variables: Any, var_text: Any) -> dict[str, Any]:
-        calls.append((text, filename, variables, var_text))
+    def parse_jobspec(text: str, filename: str, variables: Any,
+                      var_files: Any = None) -> dict[str, Any]:
+        calls.append((text, filename, variables, var_files))
         if "broken" in text:
             raise JobspecError(f"{filename}:3: Unsupported argument")
         return {"ID": "web", "Name": "web", "TaskGroups": [{"Name": "g"}]}
@@ -349,7 +350,8 @@ def test_job_run_monitors_until_running(
     code, out, err = run(capsys, "job", "run", "-var", "a=b", "--var=c=d",
                          f"-var-file={var_file}", str(job_file))
     assert (code, err) == (0, "")
-    assert jobspec == [('job "web" {}\n', str(job_file), {"a": "b", "c": "d"}, 'x = "1"\n')]
+    assert jobspec == [('job "web" {}\n', str(job_file), {"a": "b", "c": "d"},
+                        [(str(var_file), 'x = "1"\n')])]
     posts = [s for s in fake.seen if s[0] == "POST"]
     assert posts[0][1] == "/v1/jobs"
     assert posts[0][4] == {"Job": {"ID": "web", "Name": "web", "TaskGroups": [{"Name": "g"}]}}
@@ -417,6 +419,45 @@ def test_job_run_with_real_jobspec(capsys: pytest.CaptureFixture[str], fake: Fak
     assert (code, err) == (0, "")
     job = [s for s in fake.seen if s[0] == "POST"][0][4]["Job"]
     assert job["ID"] == "web" and job["TaskGroups"][0]["Tasks"][0]["Driver"] == "raw_exec"
+
+
+VARS_JOB = ('variable "cmd" {}\nvariable "arg" { default = "1" }\n'
+            'job "web" {\n  group "g" {\n    task "t" {\n      driver = "raw_exec"\n'
+            '      config {\n        command = var.cmd\n        args = [var.arg]\n      }\n'
+            '    }\n  }\n}\n')
+
+
+def test_job_run_later_var_file_wins(capsys: pytest.CaptureFixture[str], fake: FakeNomad,
+                                     addr: str, tmp_path: Path) -> None:
+    pytest.importorskip("nomad_client.jobspec")
+    job_file = tmp_path / "web.hcl"
+    job_file.write_text(VARS_JOB)
+    first, second = tmp_path / "a.hcl", tmp_path / "b.hcl"
+    first.write_text('cmd = "/bin/true"\narg = "from-a"\n')
+    second.write_text('cmd = "/bin/sleep"\n')
+    code, _, err = run(capsys, "job", "run", "-detach", f"-var-file={first}",
+                       f"-var-file={second}", str(job_file))
+    assert (code, err) == (0, "")
+    job = [s for s in fake.seen if s[0] == "POST"][0][4]["Job"]
+    config = job["TaskGroups"][0]["Tasks"][0]["Config"]
+    assert config == {"command": "/bin/sleep", "args": ["from-a"]}
+
+
+def test_job_run_var_file_error_names_its_file_and_line(
+    capsys: pytest.CaptureFixture[str], fake: FakeNomad, addr: str, tmp_path: Path,
+) -> None:
+    pytest.importorskip("nomad_client.jobspec")
+    job_file = tmp_path / "web.hcl"
+    job_file.write_text(VARS_JOB)
+    first, second = tmp_path / "a.hcl", tmp_path / "b.hcl"
+    first.write_text('cmd = "/bin/true"\n')
+    second.write_text('cmd = "/bin/sleep"\n\nmystery = 1\n')
+    code, _, err = run(capsys, "job", "run", "-detach", f"-var-file={first}",
+                       f"-var-file={second}", str(job_file))
+    assert code == 1
+    assert err.startswith(f"Error getting job struct: {second}:3: ")
+    assert "mystery" in err
+    assert fake.seen == []
 
 
 def test_job_status_list(capsys: pytest.CaptureFixture[str], addr: str) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nomad_client.jobspec import (
@@ -411,6 +412,45 @@ def test_undeclared_variable_in_var_file_is_error() -> None:
     assert "mystery" in err.message
 
 
+def test_later_var_file_wins_and_files_may_set_the_same_variable() -> None:
+    files = [("a.hcl", 'image = "from-a"\nreplicas = 3\n'), ("b.hcl", 'image = "from-b"\n')]
+    job = parse(VARS_JOB, var_files=files)
+    assert first_task(job)["Config"]["image"] == "from-b"
+    assert job["TaskGroups"][0]["Count"] == 3
+    job = parse(VARS_JOB, var_files=files, variables={"image": "from-cli"})
+    assert first_task(job)["Config"]["image"] == "from-cli"
+
+
+def test_var_files_come_after_var_files_text() -> None:
+    job = parse(VARS_JOB, var_files_text="replicas = 4\n", var_files=[("a.hcl", "replicas = 5\n")])
+    assert job["TaskGroups"][0]["Count"] == 5
+
+
+@pytest.mark.parametrize(
+    ("second", "line", "fragment"),
+    [
+        ('\n\nmystery = 1\n', 3, "undeclared variable 'mystery'"),
+        ('image = "x"\nreplicas = "many"\n', 2, "replicas: expected a value of type number"),
+        ('image = "x"\nimage = "y"\n', 2, "set more than once"),
+        ('\n\nimage = \n', 3, "syntax error"),
+    ],
+)
+def test_var_file_errors_name_that_file_and_its_own_line(
+    second: str, line: int, fragment: str
+) -> None:
+    files = [("a.hcl", 'image = "a"\nreplicas = 1\n'), ("b.hcl", second)]
+    err = parse_error(VARS_JOB, var_files=files)
+    assert (err.filename, err.line) == ("b.hcl", line)
+    assert fragment in err.message
+
+
+def test_malformed_var_files_argument_is_jobspec_error() -> None:
+    with pytest.raises(JobspecError, match="pair of strings"):
+        parse(VARS_JOB, var_files=[("a.hcl", 1)])  # type: ignore[list-item]
+    with pytest.raises(JobspecError, match="must be text"):
+        parse(VARS_JOB, var_files_text=["x"])  # type: ignore[arg-type]
+
+
 def test_reference_to_undeclared_variable_is_error() -> None:
     err = parse_error(task_job("      user = var.who"))
     assert "var.who" in err.message
@@ -470,6 +510,268 @@ def test_undefined_local_is_error() -> None:
 def test_duplicate_local_is_error() -> None:
     err = parse_error('locals { a = 1 }\nlocals { a = 2 }\n' + task_job(""))
     assert "'a'" in err.message and err.line == 2
+
+
+def test_long_chain_of_locals_in_reverse_order_evaluates() -> None:
+    lines = [f"  l{i} = local.l{i + 1}" for i in range(300)] + ['  l300 = "end"']
+    src = "locals {\n" + "\n".join(lines) + "\n}\n" + task_job("      user = local.l0")
+    assert first_task(parse(src))["User"] == "end"
+
+
+def test_local_mentioned_only_in_text_is_not_a_cycle() -> None:
+    src = 'locals {\n  a = "local.b is text"\n  b = local.a\n}\n' + task_job(
+        "      user = local.b"
+    )
+    assert first_task(parse(src))["User"] == "local.b is text"
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def locals_job(lines: list[str], task_body: str = "") -> str:
+    """A job after a ``locals`` block holding ``lines`` (line i of the list is line i + 2)."""
+    return "locals {\n" + "\n".join(lines) + "\n}\n" + task_job(task_body)
+
+
+def doubling(first: str, step: str, count: int) -> list[str]:
+    """``l0 = first`` then ``l{i} = step`` with ``{p}`` standing for ``local.l{i-1}``."""
+    return [f"l0 = {first}"] + [
+        f"l{i} = " + step.replace("{p}", f"local.l{i - 1}") for i in range(1, count)
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_string_doubling_stops_at_the_string_limit() -> None:
+    # "ab" doubled 19 times is exactly 1 MiB; once more is too long.
+    err = parse_error(locals_job(doubling('"ab"', '"${{p}}${{p}}"', 24)))
+    assert (err.filename, err.line) == ("test.nomad.hcl", 22)
+    assert "string would be 2097152 characters long; the limit is 1 MiB" in err.message
+
+
+@pytest.mark.timeout(30)
+def test_heredoc_doubling_stops_at_the_string_limit() -> None:
+    lines = ['l0 = "ab"'] + [
+        f"l{i} = <<EOF\n${{local.l{i - 1}}}${{local.l{i - 1}}}\nEOF" for i in range(1, 24)
+    ]
+    err = parse_error(locals_job(lines))
+    assert "the limit is 1 MiB" in err.message and err.line is not None
+
+
+@pytest.mark.timeout(30)
+def test_integer_squaring_stops_at_the_integer_limit() -> None:
+    # 3**128 has 203 bits; 3**256 would have 406.
+    err = parse_error(locals_job(doubling("3", "{p} * {p}", 14)))
+    assert err.line == 10
+    assert "local.l7 * local.l7: number is larger than the limit of 256 bits" in err.message
+
+
+@pytest.mark.timeout(30)
+def test_concat_doubling_stops_at_the_element_limit() -> None:
+    err = parse_error(locals_job(doubling("[1]", "concat({p}, {p})", 20)))
+    assert err.line == 16
+    assert "concat(): list would have 16384 elements; the limit is 10000" in err.message
+
+
+@pytest.mark.timeout(30)
+def test_nested_doubling_stops_at_the_size_limit() -> None:
+    # Every level is a two-element list, but its copies in JSON would double each time.
+    err = parse_error(locals_job(doubling('["x"]', "[{p}, {p}]", 40)))
+    assert "larger than the limit of 4 MiB" in err.message and err.line == 23
+
+
+@pytest.mark.timeout(30)
+def test_value_nesting_through_locals_is_limited() -> None:
+    err = parse_error(locals_job(doubling("1", "[{p}]", 40)))
+    assert "nested more than 32 levels deep" in err.message and err.line == 35
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("lines", "fragment"),
+    [
+        ([f'  s = "{"x" * 2000}"', '  out = replace(local.s, "", local.s)'],
+         "replace(): string would be 4004000 characters long"),
+        # 1024 copies of a 2000-character string, joined.
+        ([f'  s = "{"x" * 2000}"', "  m0 = [local.s]",
+          *[f"  m{i} = concat(local.m{i - 1}, local.m{i - 1})" for i in range(1, 11)],
+          '  out = join("", local.m10)'],
+         "join(): string would be 2048000 characters long"),
+        ([f'  s = "{"x" * 11000}"', '  out = split("x", local.s)'],
+         "split(): list would have 11001 elements; the limit is 10000"),
+    ],
+)
+def test_functions_refuse_oversized_results_before_building_them(
+    lines: list[str], fragment: str
+) -> None:
+    err = parse_error(locals_job(lines))
+    assert fragment in err.message and err.line == len(lines) + 1
+
+
+@pytest.mark.timeout(30)
+def test_many_uses_of_a_big_value_are_limited() -> None:
+    # 1 MiB string, then used in 40 env entries: each use ends up in the job.
+    env = "\n".join(f"        E{i} = local.l19" for i in range(40))
+    err = parse_error(locals_job(doubling('"ab"', '"${{p}}${{p}}"', 20),
+                                 f"      env {{\n{env}\n      }}"))
+    assert "too much data" in err.message and err.line is not None
+
+
+@pytest.mark.parametrize(
+    ("expr", "fragment"),
+    [
+        ("9" * 5000, "number is larger than the limit of 256 bits"),
+        ("2 * " + "9" * 100, "number is larger than the limit of 256 bits"),
+        ('tonumber("' + "9" * 4000 + '")', "number is larger than the limit of 256 bits"),
+        ('tonumber("' + "9" * 5000 + '")', "number is out of range"),
+        ("1e999", "number is out of range"),
+        ("[1].99999999999999999999999999999999999999999999999999999999999999999999999999999999999",
+         "larger than the limit"),
+        ('["a"]["²"]', "a list index must be a number"),
+        ('["a"]["--0"]', "a list index must be a number"),
+        ('["a"]["' + "9" * 5000 + '"]', "index out of range"),
+        ("{}[[]]", "an object key must be a string, got list"),
+        ("[" * 3000 + "]" * 3000, "expression nested too deeply"),
+        ("(" * 3000 + "1" + ")" * 3000, "expression nested too deeply"),
+        (" + ".join(["1"] * 3000), "expression nested too deeply"),
+        ('"\\U0011FFFF"', "not a Unicode character"),
+    ],
+)
+def test_hostile_expressions_are_jobspec_errors(expr: str, fragment: str) -> None:
+    err = parse_error(task_job(f"      user = {expr}"))
+    assert err.line == 6
+    assert fragment in err.message
+
+
+@pytest.mark.parametrize(
+    ("attr", "fragment"),
+    [
+        ('kill_timeout = "' + "9" * 5000 + 's"', "kill_timeout: duration '9999"),
+        ('kill_timeout = "' + "9" * 4000 + 's"', "is out of range"),
+        ('kill_timeout = "0.' + "9" * 5000 + 's"', "is out of range"),
+        ('kill_timeout = "2562048h"', "is out of range"),
+        ('user = "x"\n      resources {\n        cpu = "' + "9" * 4000 + '"\n      }',
+         "resources.cpu: number is out of range for a 64-bit integer"),
+        ('user = "x"\n      resources {\n        cpu = 1e300\n      }',
+         "resources.cpu: number is out of range for a 64-bit integer"),
+    ],
+)
+def test_numbers_past_int64_are_jobspec_errors(attr: str, fragment: str) -> None:
+    err = parse_error(task_job(f"      {attr}"))
+    assert fragment in err.message and err.line is not None
+
+
+def test_exact_limits_are_allowed() -> None:
+    limits = pytest.importorskip("nomad_client.jobspec.limits")
+    big = 2**limits.MAX_INT_BITS - 1
+    job = parse(task_job(f"      meta {{\n        n = {big}\n      }}"))
+    assert first_task(job)["Meta"] == {"n": str(big)}
+    job = parse(locals_job(doubling('"ab"', '"${{p}}${{p}}"', 20), "      user = local.l19"))
+    assert len(first_task(job)["User"]) == limits.MAX_STRING_CHARS
+
+
+@pytest.mark.parametrize(
+    "locals_body",
+    [
+        "  x = " + "[" * 400 + "]" * 400,
+        "  x = " + "upper(" * 400 + '"a"' + ")" * 400,
+        "  x = " + '"${' * 400 + "1" + '}"' * 400,
+        # Dynamic references are not ordered ahead of time, so they recurse.
+        "\n".join(f'  l{i} = local["l{i + 1}"]' for i in range(400)) + "\n  l400 = 1",
+    ],
+    ids=["lists", "calls", "templates", "local-chain"],
+)
+def test_nesting_limit_leaves_room_on_the_python_stack(locals_body: str) -> None:
+    # Callers (an HTTP handler, a CLI) may already be a few hundred frames deep.
+    depth = 0
+    frame = sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + 450)
+    try:
+        err = parse_error("locals {\n" + locals_body + "\n}\n" + task_job(""))
+    finally:
+        sys.setrecursionlimit(old_limit)
+    assert "expression nested too deeply" in err.message
+
+
+def test_deeply_nested_blocks_are_jobspec_errors() -> None:
+    config = "a {\n" * 3000 + "}\n" * 3000
+    err = parse_error(task_job(f"      config {{\n{config}      }}"))
+    assert "blocks nested too deeply" in err.message and err.line is not None
+
+
+# The pieces random jobspecs are made of: enough real syntax to reach the evaluator.
+ATOMS = [
+    "0", "1", "-1", "2.5", "1e999", "9" * 90, "true", "false", "null", '""', '"a"', '"²"',
+    '"\\u00e9"', '"\\U0011ffff"', '"\\q"', '"$${x}"', '"%{if}"', "local.a", "local.b",
+    "local.c", "var.v", "local", "var", "NOMAD_ALLOC_DIR", "attr.kernel.name", "[]", "{}",
+    '"x,y"', "<<EOF\nhi ${local.a}\nEOF\n", '"1s"', '"' + "9" * 5000 + 's"',
+]
+FUNCTION_NAMES = [
+    "upper", "trimspace", "join", "split", "replace", "concat", "contains", "length",
+    "lookup", "merge", "coalesce", "tonumber", "tobool", "min", "abs", "nope",
+]
+OPERATORS = ["+", "-", "*", "/", "%", "==", "!=", "<", ">=", "&&", "||"]
+
+
+def _compound(e: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    keys = st.sampled_from(["k", "a", '"q"', "(local.a)", "1"])
+    return st.one_of(
+        st.lists(e, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+        st.lists(st.tuples(keys, e), max_size=3).map(
+            lambda kv: "{" + ", ".join(f"{k} = {v}" for k, v in kv) + "}"
+        ),
+        st.tuples(e, st.sampled_from(OPERATORS), e).map(" ".join),
+        st.tuples(st.sampled_from(["-", "!", ""]), e).map(lambda t: f"{t[0]}({t[1]})"),
+        st.tuples(e, e, e).map(lambda t: f"{t[0]} ? {t[1]} : {t[2]}"),
+        st.tuples(e, e).map(lambda t: f"{t[0]}[{t[1]}]"),
+        st.tuples(e, st.sampled_from(["a", "k", "0"])).map(lambda t: f"{t[0]}.{t[1]}"),
+        st.tuples(st.sampled_from(FUNCTION_NAMES), st.lists(e, max_size=3), st.booleans()).map(
+            lambda t: f"{t[0]}({', '.join(t[1])}{'...' if t[2] and t[1] else ''})"
+        ),
+        st.lists(e, max_size=3).map(lambda ps: '"' + "".join("${" + p + "}" for p in ps) + ' x"'),
+    )
+
+
+EXPRESSIONS = st.recursive(st.sampled_from(ATOMS), _compound, max_leaves=10)
+TOKENS = st.sampled_from(
+    ["job", "group", "task", "locals", "variable", "config", '"j"', "{", "}", "[", "]", "(",
+     ")", "=", ",", ".", "?", ":", "...", "local", "var", "x", "1", "9" * 90, '"', "${", "%{",
+     "\\", "\n", " ", "<<EOF\n", "EOF\n", "#", "/*", "*", "!", "²", "\x00", "\r"]
+)
+
+
+@st.composite
+def jobspec_texts(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 2))
+    if kind == 0:
+        return draw(st.text(max_size=200))
+    if kind == 1:
+        return "".join(draw(st.lists(TOKENS, max_size=60)))
+    a, b, v, user, dcs, kill, count = (draw(EXPRESSIONS) for _ in range(7))
+    job_id = draw(st.sampled_from(["j", ".", "a/b", "x" * 129]))
+    var_type = draw(st.sampled_from(["", "type = number\n", "type = list(string)\n"]))
+    return (
+        f'variable "v" {{\n  {var_type}  default = {v}\n}}\n'
+        f"locals {{\n  a = {a}\n  b = {b}\n  c = local.b\n}}\n"
+        f'job "{job_id}" {{\n  datacenters = {dcs}\n'
+        + task_job(f"      user = {user}\n      kill_timeout = {kill}", "",
+                   f"    count = {count}")[9:]
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(jobspec_texts(), st.one_of(st.none(), EXPRESSIONS))
+def test_random_jobspecs_fail_only_with_jobspec_or_validation_errors(
+    src: str, var_value: str | None
+) -> None:
+    var_files = None if var_value is None else [("v.hcl", f"v = {var_value}\n")]
+    try:
+        job = parse_jobspec(src, "fuzz.hcl", var_files=var_files)
+        canonicalize_job(job)
+    except (JobspecError, JobValidationError):
+        pass
 
 
 # --------------------------------------------------------------------------- heredocs
@@ -962,6 +1264,144 @@ def test_default_identity_may_carry_a_ttl() -> None:
 def test_canonicalize_valid_job_passes_and_is_idempotent() -> None:
     once = canonicalize_job(minimal_job())
     assert canonicalize_job(once) == once
+
+
+@pytest.mark.parametrize(
+    ("job_id", "fragment"),
+    [
+        (".", "job ID '.' is not allowed"),
+        ("..", "job ID '..' is not allowed"),
+        ("a/b", "must not contain '/'"),
+        ("has space", "contains a space at position 3"),
+        ("tab\there", "contains whitespace (U+0009)"),
+        ("nl\n", "contains whitespace (U+000A)"),
+        ("nbsp\u00a0", "contains whitespace (U+00A0)"),
+        ("nul\x00", "contains a control character (U+0000)"),
+        ("del\x7f", "contains a control character (U+007F)"),
+        ("x" * 129, "job ID is 129 characters long; the limit is 128"),
+    ],
+)
+def test_unusable_job_ids_are_rejected(job_id: str, fragment: str) -> None:
+    with pytest.raises(JobValidationError) as info:
+        canonicalize_job(minimal_job(ID=job_id))
+    assert any(fragment in p for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("job_id", ["x" * 128, "a.b", "...", "web-1_2.v3", "日本"])
+def test_usual_job_ids_are_accepted(job_id: str) -> None:
+    assert canonicalize_job(minimal_job(ID=job_id))["ID"] == job_id
+
+
+def test_job_id_from_hcl_label_is_validated() -> None:
+    job = parse('job ".." {\n group "g" {\n  task "t" {\n   driver = "exec"\n  }\n }\n}\n')
+    with pytest.raises(JobValidationError, match="not allowed"):
+        canonicalize_job(job)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"Constraints": [{"Operand": ["x"]}]}, "constraint Operand must be a string"),
+        ({"Constraints": [{"LTarget": {"a": 1}}]}, "constraint LTarget must be a string"),
+        ({"Priority": 10**5000}, "job priority must be between 1 and 100, got <a 16610-bit"),
+        ({"Region": ["eu"]}, "Region must be a string"),
+        ({"Type": {"a": []}}, "unknown job type {'a': []}"),
+        ({"TaskGroups": [{"Name": ["g"], "Tasks": []}]}, "group 0: missing group name"),
+        ({"TaskGroups": [{"Name": "g", "Count": 2**63, "Tasks": [
+            {"Name": "t", "Driver": "exec"}]}]}, "count must be a whole number"),
+        ({"TaskGroups": [{"Name": "g", "ReschedulePolicy": {"DelayFunction": ["x"]}, "Tasks": [
+            {"Name": "t", "Driver": "exec"}]}]}, "invalid delay function ['x']"),
+    ],
+)
+def test_mistyped_json_fields_are_validation_errors(
+    change: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(JobValidationError) as info:
+        canonicalize_job(minimal_job(**change))
+    assert any(fragment in p for p in info.value.problems), info.value.problems
+
+
+def test_deeply_nested_json_job_is_validation_error() -> None:
+    # Nested far past the limit: refused before the deep copy could recurse too far.
+    deep: Any = "x"
+    for _ in range(5000):
+        deep = [deep]
+    job = minimal_job()
+    job["TaskGroups"][0]["Tasks"][0]["Config"] = {"deep": deep}
+    with pytest.raises(JobValidationError, match="job is nested too deeply"):
+        canonicalize_job(job)
+
+
+def test_unhashable_identity_name_is_validation_error() -> None:
+    job = minimal_job()
+    job["TaskGroups"][0]["Tasks"][0]["Identities"] = [{"Name": ["a"]}, {"Name": ["a"]}]
+    with pytest.raises(JobValidationError) as info:
+        canonicalize_job(job)
+    assert any("identity ['a']: invalid identity name" in p for p in info.value.problems)
+
+
+def test_shared_parts_are_not_mistaken_for_depth() -> None:
+    # A value reused many times (as the HCL parser may produce) is walked once.
+    shared: Any = ["x"]
+    for _ in range(60):
+        shared = [shared, shared]
+    job = minimal_job()
+    job["TaskGroups"][0]["Tasks"][0]["Config"] = {"v": shared}
+    copied = canonicalize_job(job)["TaskGroups"][0]["Tasks"][0]["Config"]["v"]
+    # Still shared after the copy (comparing it with == would walk 2**60 leaves).
+    assert copied is not shared and copied[0] is copied[1]
+
+
+_FIELD_NAMES = [
+    "ID", "Name", "Type", "Namespace", "Region", "Priority", "Datacenters", "NodePool",
+    "Count", "Driver", "User", "Config", "Env", "Meta", "Leader", "KillTimeout", "CPU",
+    "MemoryMB", "Attempts", "Interval", "Delay", "Mode", "DelayFunction", "MaxDelay",
+    "Unlimited", "Audience", "File", "Filepath", "TTL", "ChangeMode", "ChangeSignal",
+    "LTarget", "RTarget", "Operand",
+]
+_JSON_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8),
+    st.sampled_from(["service", "batch", "system", "fail", "delay", "signal", ".", "a/b", "="]),
+)
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda c: st.lists(c, max_size=3)
+    | st.dictionaries(st.text(max_size=4) | st.sampled_from(_FIELD_NAMES), c, max_size=3),
+    max_leaves=8,
+)
+
+
+def _shaped(keys: set[str], **inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Objects with some of ``keys`` (random values unless given), or random JSON."""
+    fields = {k: inner.get(k, _JSON) for k in sorted(keys)}
+    return st.one_of(_JSON, st.fixed_dictionaries({}, optional=fields))
+
+
+def _some(item: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(_JSON, st.lists(item, max_size=3))
+
+
+_POLICY = _shaped(set(_FIELD_NAMES))
+_TASK = _shaped(
+    TASK_KEYS, Identities=_some(_POLICY), Identity=_POLICY, Constraints=_some(_POLICY),
+    Resources=_POLICY, RestartPolicy=_POLICY,
+)
+_GROUP = _shaped(
+    GROUP_KEYS | {"ReschedulePolicy"}, Tasks=_some(_TASK), Constraints=_some(_POLICY),
+    RestartPolicy=_POLICY, ReschedulePolicy=_POLICY,
+)
+_JOB = _shaped(JOB_KEYS, TaskGroups=_some(_GROUP), Constraints=_some(_POLICY))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_JOB)
+def test_random_json_jobs_fail_only_with_validation_errors(job: Any) -> None:
+    try:
+        out = canonicalize_job(job)
+    except JobValidationError as err:
+        assert err.problems
+        return
+    assert canonicalize_job(out) == out
 
 
 def test_canonicalize_rejects_non_mapping() -> None:
