@@ -284,3 +284,11 @@ async def test_task_socket_caps_concurrent_connections(stack: Stack) -> None:
     for _, w in held[4:]:
         w.close()
         await w.wait_closed()
+
+
+async def test_oversized_jobspec_is_refused_before_parsing(stack: Stack) -> None:
+    import json as json_mod
+
+    big = json_mod.dumps({"JobHCL": 'job "x" {\n' + "#" * (300 * 1024) + "\n}"}).encode()
+    status, body = await over_tcp(stack, "/v1/jobs/parse", method="POST", data=big)
+    assert status == 400 and "too large" in body

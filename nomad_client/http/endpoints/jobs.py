@@ -23,6 +23,7 @@ REGISTER_KEYS = {"Job", "EnforceIndex", "JobModifyIndex", "PolicyOverride", "Pre
                  "PreserveResources", "EvalPriority", "Submission", "Region", "Namespace",
                  "SecretID"}
 PARSE_KEYS = {"JobHCL", "Variables", "Canonicalize"}
+MAX_JOBSPEC_CHARS = 256 * 1024
 
 
 def alloc_stub(alloc: Allocation) -> dict[str, Any]:
@@ -92,6 +93,9 @@ def register(router: Router, services: Services) -> None:
         hcl = body.get("JobHCL")
         if not isinstance(hcl, str) or not hcl.strip():
             raise bad_request("Job spec is empty")
+        if len(hcl) > MAX_JOBSPEC_CHARS:
+            # The HCL parser needs a few hundred bytes of memory per byte of input.
+            raise bad_request(f"Job spec is too large (limit {MAX_JOBSPEC_CHARS} characters)")
         variables = body.get("Variables") or None
         try:
             # Parsing is CPU work on caller input: keep it off the event loop.
