@@ -93,7 +93,10 @@ class StateStore:
                 break
             changed = self._changed
             try:
-                await asyncio.wait_for(changed.wait(), remaining)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # races the event, leaving a cancelled watcher looping on.
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
             except TimeoutError:
                 break
         return self.table_index(*names)

@@ -217,7 +217,8 @@ class TaskRunner:
 
     async def _wait_killed(self, delay: float) -> bool:
         try:
-            await asyncio.wait_for(self._kill.wait(), delay)
+            async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancel
+                await self._kill.wait()
             return True
         except TimeoutError:
             return False

@@ -110,7 +110,8 @@ class MockDriver:
             remaining = task.deadline - asyncio.get_running_loop().time()
             if remaining > 0:
                 try:
-                    await asyncio.wait_for(task.stopped.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await task.stopped.wait()
                 except TimeoutError:
                     pass
             if task.result is None:

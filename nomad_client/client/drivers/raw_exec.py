@@ -223,7 +223,8 @@ class RawExecDriver:
         try:
             # The executor is blocked reading its spec, so it is certainly alive here.
             executor_ct = await asyncio.to_thread(proctree.create_time, proc.pid)
-            reply = await asyncio.wait_for(self._handshake(proc, spec), timeout=_START_TIMEOUT)
+            async with asyncio.timeout(_START_TIMEOUT):  # not wait_for: it can swallow a cancel
+                reply = await self._handshake(proc, spec)
         except BaseException as exc:
             # Cancelled or timed out mid-start: the task may already run; take it all down.
             await asyncio.shield(self._abort_start(proc, executor_ct))
@@ -293,7 +294,8 @@ class RawExecDriver:
         proc = self._children.get(_key(handle))
         if proc is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), limit)
+                async with asyncio.timeout(limit):
+                    await asyncio.shield(proc.wait())
             except TimeoutError:
                 return False
             return True
