@@ -1,4 +1,4 @@
-"""The allocation directory tree and the one place that confines paths to it.
+"""The allocation directory tree and the one place that confines client paths to it.
 
 Touches only the filesystem under ``<alloc_dir_root>/<alloc_id>`` (and creates
 ``alloc_dir_root`` itself). Everything here is synchronous and cheap; async callers run it
@@ -11,13 +11,18 @@ Layout (modes are exact; the umask is overridden)::
         alloc/                   0777  shared by the alloc's tasks
           data/ logs/            0777
           tmp/                   01777
-        <task>/                  0777  the task's working directory
+        <task>/                  0755  owned by the task's user (else the agent)
           local/                 0777
           tmp/                   01777
           secrets/               0700  owned by the task's user (else the agent)
 
-When the agent runs as root, every directory it creates for tasks is chowned to ``nobody``
-(Nomad's "drop permissions" rule), except ``secrets``, which belongs to the task's user.
+When the agent runs as root, ``alloc/`` and its subdirectories and a task's ``local`` and
+``tmp`` are chowned to ``nobody`` (Nomad's "drop permissions" rule). A task dir itself is
+not world-writable (unlike Nomad's): a sibling task running as another user must not be
+able to rename a task's ``secrets`` away and plant its own.
+
+Client paths (the fs API) are opened with ``AllocDir.open_path``, which never follows a
+symlink; nothing else should open a client-supplied path.
 """
 
 from __future__ import annotations
@@ -29,22 +34,51 @@ import pwd
 import shutil
 import stat
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
-__all__ = ["AllocDir", "PathEscapeError", "SecretReadError", "TaskDir"]
+__all__ = [
+    "MAX_CLIENT_PATH",
+    "AllocDir",
+    "AllocPathError",
+    "BadPathError",
+    "OpenKind",
+    "OpenedPath",
+    "PathEscapeError",
+    "PathNotFoundError",
+    "SecretReadError",
+    "SymlinkError",
+    "TaskDir",
+]
 
 SHARED_DIR = "alloc"
 # Directories whose contents are never served for reading through the fs API.
 _PRIVATE_NAMES = frozenset({"secrets", "private"})
 
 
-class PathEscapeError(Exception):
-    """A path leaves the allocation directory (``..``, a symlink pointing outside, a loop)."""
+class AllocPathError(Exception):
+    """A path inside the alloc dir could not be used; the subclass says why."""
 
 
-class SecretReadError(Exception):
+class PathEscapeError(AllocPathError):
+    """A path leaves the allocation directory (``..``), or a directory to build is not one."""
+
+
+class SymlinkError(PathEscapeError):
+    """A client path goes through a symlink; the fs API never follows one."""
+
+
+class SecretReadError(AllocPathError):
     """A read was asked for something under a task's ``secrets`` or ``private`` directory."""
+
+
+class PathNotFoundError(AllocPathError):
+    """A component of a client path does not exist."""
+
+
+class BadPathError(AllocPathError):
+    """A client path is malformed, too long, or names the wrong type of file."""
 
 
 @attrs.frozen
@@ -58,12 +92,52 @@ class TaskDir:
     tmp_dir: Path
 
 
+OpenKind = Literal["any", "dir", "file"]
+
+# Longest client path accepted; far beyond any real layout, short enough for error messages.
+MAX_CLIENT_PATH = 4096
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LAST_FLAGS: dict[str, int] = {
+    "any": os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+    "dir": os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+    # O_NONBLOCK: should a FIFO be swapped in after the type check, opening it must not
+    # wait for a writer (and reading it returns at once). O_NOCTTY: never adopt a tty.
+    "file": os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+}
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+@attrs.frozen
+class OpenedPath:
+    """A descriptor opened by ``AllocDir.open_path``; close it (or use ``with``)."""
+
+    fd: int
+    st: os.stat_result  # fstat of ``fd``, taken right after the open
+    rel: str  # the normalised path inside the alloc dir ("" for the alloc dir itself)
+    name: str  # its last component (the alloc id for the alloc dir itself)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> OpenedPath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _check_name(kind: str, name: str) -> None:
     # Alloc IDs and task names become single path components; anything else is an escape.
     if not isinstance(name, str) or not name:
         raise ValueError(f"{kind} must be a non-empty string, got {name!r}")
     if "/" in name or "\x00" in name or name in (".", ".."):
         raise ValueError(f"{kind} {name!r} is not a valid directory name")
+    if name.startswith("."):
+        # Dot-entries in the alloc dir belong to the agent (e.g. its private staging dir).
+        raise ValueError(f"{kind} {name!r} must not start with '.'")
 
 
 def _is_root() -> bool:
@@ -82,7 +156,7 @@ def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
     """Create ``path`` if needed, then set its exact mode and (optionally) owner.
 
     The directory is opened with O_NOFOLLOW and changed through the descriptor, so a
-    symlink a task planted in its place (task directories are world-writable) makes the
+    symlink a task planted in its place (tasks can write their own directories) makes the
     build fail instead of re-owning whatever the link points at.
     """
     try:
@@ -136,6 +210,8 @@ class AllocDir:
     def task_dir(self, task: str) -> TaskDir:
         """The paths of ``task``'s directories (no filesystem access)."""
         _check_name("task name", task)
+        if task == SHARED_DIR:
+            raise ValueError(f"task name {task!r} is reserved for the shared alloc directory")
         base = self.path / task
         return TaskDir(
             name=task,
@@ -148,30 +224,34 @@ class AllocDir:
     def build_task_dir(self, task: str, user: str | None) -> TaskDir:
         """Create ``<alloc>/<task>/{local,secrets,tmp}``; safe to call again.
 
-        ``secrets`` is 0700 and owned by ``user`` (looked up with ``pwd``) when the agent
-        is root, else by the agent. Raises ``ValueError`` for an unknown user.
+        The task dir (0755) and ``secrets`` (0700) are owned by ``user`` (looked up with
+        ``pwd``) when the agent is root, else by the agent; ``local`` (0777) and ``tmp``
+        (01777) are dropped to ``nobody`` when root. Raises ``ValueError`` for an unknown
+        user or a reserved task name.
         """
         td = self.task_dir(task)
-        secrets_owner: tuple[int, int] | None = None
+        owner: tuple[int, int] | None = None
         if user:
             try:
                 entry = pwd.getpwnam(user)
             except KeyError:
                 raise ValueError(f"unknown user {user!r}") from None
-            secrets_owner = (entry.pw_uid, entry.pw_gid)
+            owner = (entry.pw_uid, entry.pw_gid)
         root = _is_root()
         drop = _nobody_ids() if root else None
         if not root:
-            # A non-root agent cannot give files away; the secrets stay with the agent
-            # (and a driver will refuse to run the task as another user anyway).
-            secrets_owner = None
-        elif secrets_owner is None:
-            secrets_owner = (os.geteuid(), os.getegid())
+            # A non-root agent cannot give files away; the dirs stay with the agent (and a
+            # driver will refuse to run the task as another user anyway).
+            owner = None
+        elif owner is None:
+            owner = (os.geteuid(), os.getegid())
 
-        _ensure_dir(td.path, 0o777, drop)
+        # Not world-writable: whoever can write the task dir can rename ``secrets`` away and
+        # plant a directory (and an ``api.sock``) of their own in its place.
+        _ensure_dir(td.path, 0o755, owner)
         _ensure_dir(td.local_dir, 0o777, drop)
         _ensure_dir(td.tmp_dir, 0o1777, drop)
-        _ensure_dir(td.secrets_dir, 0o700, secrets_owner)
+        _ensure_dir(td.secrets_dir, 0o700, owner)
         return td
 
     # -- removal ----------------------------------------------------------------------------
@@ -197,57 +277,158 @@ class AllocDir:
 
     # -- confinement ------------------------------------------------------------------------
 
-    def resolve(self, rel_path: str, *, for_read: bool = False) -> Path:
-        """Map a client-supplied path to a host path inside this alloc dir.
+    def open_path(self, rel_path: str, *, want: OpenKind = "any",
+                  for_read: bool = False) -> OpenedPath:
+        """Open a client-supplied path inside this alloc dir without ever leaving it.
 
         The path is relative to the alloc dir; a leading ``/`` is accepted and means the
-        alloc dir too (so ``"/alloc/logs"`` and ``"alloc/logs"`` are the same place, and
-        ``"/etc/passwd"`` can only ever name ``<alloc>/etc/passwd``). ``""`` and ``"/"`` are
-        the alloc dir itself. Symlinks are resolved; the result must stay inside the alloc
-        dir, else ``PathEscapeError``. With ``for_read``, anything under a
-        ``<dir>/secrets`` or ``<dir>/private`` (any letter case) raises ``SecretReadError``.
+        alloc dir too (``"/etc/passwd"`` can only ever name ``<alloc>/etc/passwd``); ``""``
+        and ``"/"`` are the alloc dir itself. ``..`` is applied to the path as written; a
+        path that climbs out raises ``PathEscapeError``.
 
-        ``..`` is applied to the path as written, before symlinks are followed (as a path
-        join would). The returned path is fully resolved and is what callers must open
-        (never the original string). It may not exist. A task can still swap a directory
-        for a symlink between this check and the open; callers that care open with
-        ``O_NOFOLLOW`` on the last component.
+        The path is walked one component at a time from a descriptor on the alloc dir,
+        each step opened relative to the previous one with ``O_NOFOLLOW``: a symlink
+        anywhere on the path (the last component included) raises ``SymlinkError``, even
+        one pointing inside. Tasks can write most of this tree, so checking a path and
+        opening it later by name would let them swap in a link in between; here the check
+        *is* the open.
+
+        ``want``: ``"any"`` gives an ``O_PATH`` descriptor (good for ``fstat`` only, opens
+        nothing); ``"dir"`` a readable directory (for ``os.scandir``); ``"file"`` a
+        readable regular file (FIFOs, devices and sockets are refused before they are
+        opened, and the open itself is non-blocking). With ``for_read``, anything under a
+        task's ``secrets`` or ``private`` directory (any letter case) and the agent's own
+        dot-entries at the top raise ``SecretReadError``.
+
+        Other refusals: ``PathNotFoundError`` (a component is missing), ``BadPathError``
+        (not a string, NUL byte, too long, wrong type of file, any other ``OSError``).
+        The caller owns the returned descriptor (``OpenedPath`` is a context manager).
         """
-        if not isinstance(rel_path, str):
-            raise PathEscapeError(f"path must be a string, got {type(rel_path).__name__}")
-        if "\x00" in rel_path:
-            raise PathEscapeError(f"path {rel_path!r} contains a NUL byte")
-
-        rel = rel_path.lstrip("/")
-        # Lexical check first: ".." that climbs out is an escape whatever the disk holds.
-        lexical = posixpath.normpath(rel) if rel else "."
-        if lexical == ".." or lexical.startswith("../"):
-            raise PathEscapeError(f"path {rel_path!r} leaves the allocation directory")
-
-        base = os.path.realpath(self.path)
-        candidate = os.path.join(base, lexical) if lexical != "." else base
-        resolved = self._realpath(candidate, rel_path)
-        if resolved != base and not resolved.startswith(base + os.sep):
-            raise PathEscapeError(f"path {rel_path!r} leaves the allocation directory")
-
-        if for_read:
-            inside = os.path.relpath(resolved, base)
-            for parts in (lexical.split("/"), inside.split(os.sep)):
-                if len(parts) >= 2 and parts[1].lower() in _PRIVATE_NAMES:
-                    raise SecretReadError(
-                        f"path {rel_path!r} is inside a task's {parts[1].lower()} directory"
-                    )
-        return Path(resolved)
-
-    @staticmethod
-    def _realpath(candidate: str, shown: str) -> str:
+        parts = _split_client_path(rel_path, for_read=for_read)
+        walker = _Walker(rel_path)
+        fd = walker.open_root(self.path)
         try:
-            return os.path.realpath(candidate, strict=True)
+            for depth, part in enumerate(parts[:-1]):
+                next_fd = walker.open_at(fd, part, _WALK_FLAGS, "/".join(parts[:depth + 1]))
+                os.close(fd)
+                fd = next_fd
+            last = parts[-1] if parts else "."
+            shown = "/".join(parts)
+            opened = walker.open_last(fd, last, want, shown)
+        finally:
+            os.close(fd)
+        name = parts[-1] if parts else self.alloc_id
+        return OpenedPath(fd=opened[0], st=opened[1], rel=shown, name=name)
+
+
+def _split_client_path(rel_path: str, *, for_read: bool) -> list[str]:
+    """The components of a client path inside the alloc dir (``[]`` for the dir itself)."""
+    if not isinstance(rel_path, str):
+        raise BadPathError(f"path must be a string, got {type(rel_path).__name__}")
+    if "\x00" in rel_path:
+        raise BadPathError(f"path {rel_path!r} contains a NUL byte")
+    if len(rel_path) > MAX_CLIENT_PATH:
+        raise BadPathError(
+            f"path is too long ({len(rel_path)} characters, at most {MAX_CLIENT_PATH})")
+    try:
+        os.fsencode(rel_path)
+    except UnicodeEncodeError:
+        raise BadPathError(f"path {rel_path!r} is not valid text") from None
+    rel = rel_path.lstrip("/")
+    lexical = posixpath.normpath(rel) if rel else "."
+    if lexical == ".." or lexical.startswith("../"):
+        raise PathEscapeError(f"path {rel_path!r} leaves the allocation directory")
+    parts = [] if lexical == "." else lexical.split("/")
+    if for_read and parts:
+        # No link is ever followed, so the path as written is where the walk goes.
+        if parts[0].startswith("."):
+            raise SecretReadError(f"path {rel_path!r} is inside the agent's private state")
+        if len(parts) >= 2 and parts[1].lower() in _PRIVATE_NAMES:
+            raise SecretReadError(
+                f"path {rel_path!r} is inside a task's {parts[1].lower()} directory")
+    return parts
+
+
+@attrs.frozen
+class _Walker:
+    """One walk down a client path; turns every failed open into a refusal that says why."""
+
+    client_path: str
+
+    def open_root(self, alloc_path: Path) -> int:
+        # The alloc dir's own location is the operator's and the agent's (tasks cannot write
+        # its parent), so only its last component is opened without following.
+        try:
+            return os.open(alloc_path, _WALK_FLAGS)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise PathEscapeError(f"path {shown!r} runs into a symlink loop") from exc
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                # Not there (yet): resolve as far as possible; a dangling link that points
-                # outside still resolves to its outside target and is refused by the caller.
-                return os.path.realpath(candidate)
-            raise
+            if exc.errno == errno.ENOENT:
+                raise PathNotFoundError("the allocation directory does not exist") from None
+            raise BadPathError(f"cannot open the allocation directory: {exc.strerror}") from None
+
+    def open_at(self, dir_fd: int, name: str, flags: int, shown: str) -> int:
+        try:
+            return os.open(name, flags, dir_fd=dir_fd)
+        except OSError as exc:
+            raise self._refusal(exc, dir_fd, name, shown) from None
+
+    def open_last(self, dir_fd: int, name: str, want: OpenKind,
+                  shown: str) -> tuple[int, os.stat_result]:
+        if want == "dir":
+            fd = self.open_at(dir_fd, name, _LAST_FLAGS["dir"], shown)
+            return fd, os.fstat(fd)
+        # O_PATH opens nothing (no FIFO wait, no device side effect) and, with O_NOFOLLOW,
+        # gives the link itself when the last component is one: fstat tells what it is.
+        path_fd = self.open_at(dir_fd, name, _LAST_FLAGS["any"], shown)
+        try:
+            st = os.fstat(path_fd)
+            if stat.S_ISLNK(st.st_mode):
+                raise self._symlink(shown)
+            if want == "any":
+                fd, path_fd = path_fd, -1
+                return fd, st
+            if not stat.S_ISREG(st.st_mode):
+                raise self._not_regular(st, shown)
+            fd = self.open_at(dir_fd, name, _LAST_FLAGS["file"], shown)
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) \
+                    or not stat.S_ISREG(opened.st_mode):
+                os.close(fd)
+                raise BadPathError(f"path {self.client_path!r} changed while being opened")
+            return fd, opened
+        finally:
+            if path_fd >= 0:
+                os.close(path_fd)
+
+    def _symlink(self, shown: str) -> SymlinkError:
+        return SymlinkError(f"path {self.client_path!r} goes through a symlink ({shown!r}); "
+                            "symlinks are not followed")
+
+    def _not_regular(self, st: os.stat_result, shown: str) -> BadPathError:
+        if stat.S_ISDIR(st.st_mode):
+            return BadPathError(f"file {shown or '/'!r} is a directory")
+        kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "of an unknown type")
+        return BadPathError(f"{shown!r} is {kind}, not a regular file")
+
+    def _refusal(self, exc: OSError, dir_fd: int, name: str, shown: str) -> AllocPathError:
+        code = exc.errno
+        if code == errno.ELOOP:
+            return self._symlink(shown)
+        if code == errno.ENOTDIR:
+            # Linux reports a symlink under O_DIRECTORY|O_NOFOLLOW as ENOTDIR; lstat tells.
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                return self._symlink(shown)
+            if st is None or stat.S_ISDIR(st.st_mode):
+                # A directory (or nothing) now: it was swapped while being opened.
+                return BadPathError(f"path {self.client_path!r} changed while being opened")
+            return BadPathError(f"path {self.client_path!r}: {shown!r} is not a directory")
+        if code == errno.ENOENT:
+            return PathNotFoundError(f"no such file or directory: {self.client_path!r}")
+        if code == errno.ENAMETOOLONG:
+            return BadPathError(f"path {self.client_path!r}: a name in it is too long")
+        if code == errno.ENXIO:
+            return BadPathError(f"{shown!r} is not a regular file")
+        return BadPathError(f"cannot open {self.client_path!r}: {exc.strerror or code}")

@@ -1,6 +1,7 @@
 """Bad input to a real agent's HTTP API: every refusal carries the right status and a
 plain-text message, the agent keeps serving, and nothing it had stored is lost. Also
-blocking queries, the request size limit, and path confinement of the fs endpoints.
+blocking queries, the request size limit, and path confinement of the fs endpoints against
+what a task can plant in its alloc dir.
 
 Touches only the agents the fixtures start and the processes their tasks spawn.
 """
@@ -8,6 +9,7 @@ Touches only the agents the fixtures start and the processes their tasks spawn.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import time
@@ -212,3 +214,49 @@ async def _logs_have(api: ApiClient, alloc_id: str, needle: bytes) -> bool:
     resp = await api.request("GET", f"/v1/client/fs/logs/{alloc_id}",
                              params={"task": "t", "type": "stdout", "plain": "true"})
     return resp.status == 200 and needle in resp.body
+
+
+PLANTING_SCRIPT = (
+    'mkfifo "$NOMAD_TASK_DIR/fifo" && ln -s /etc "$NOMAD_ALLOC_DIR/data/etc" && '
+    'ln -s ../logs "$NOMAD_ALLOC_DIR/data/logs" && echo planted && exec sleep 300'
+)
+
+
+async def test_fs_endpoints_refuse_what_a_task_plants(agent: AgentProcess) -> None:
+    """A FIFO (which would hang a reader), links in the shared alloc dir (to a host dir and
+    even one pointing inside): each is refused with a plain 4xx, quickly, and the agent
+    keeps serving; logs still come back as frames."""
+    job = raw_exec_job("planter", PLANTING_SCRIPT, kill_timeout_s=1)
+    async with agent.api() as api:
+        allocs = await run_job(api, job)
+        alloc_id = allocs[0]["ID"]
+        await wait_task_state(api, alloc_id, "t", "running")
+        await eventually(lambda: _logs_have(api, alloc_id, b"planted"), message="planted")
+        # The task dir is not world-writable: a sibling task cannot swap its secrets dir.
+        tdir = task_dir(agent, alloc_id, "t")
+        assert (await asyncio.to_thread(tdir.stat)).st_mode & 0o777 == 0o755
+
+        cases = [
+            ("cat", "t/local/fifo", 400, "a FIFO"),
+            ("ls", "alloc/data/etc", 403, "symlinks are not followed"),
+            ("cat", "alloc/data/etc/passwd", 403, "symlinks are not followed"),
+            ("stat", "alloc/data/logs", 403, "symlinks are not followed"),
+            ("ls", "t/local/" + "x" * 300, 400, "too long"),
+        ]
+        for kind, path, status, fragment in cases:
+            started = time.monotonic()
+            resp = await api.request("GET", f"/v1/client/fs/{kind}/{alloc_id}",
+                                     params={"path": path})
+            assert time.monotonic() - started < 5, (kind, path)
+            _assert_error(resp, status, fragment)
+
+        stat = await api.fs_stat(alloc_id, "t/local/fifo")
+        assert stat["FileMode"].startswith("p")
+        resp = await api.request("GET", f"/v1/client/fs/logs/{alloc_id}",
+                                 params={"task": "t", "type": "stdout"})
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/json")
+        frame = json.loads(resp.text())
+        assert frame["File"] == "alloc/logs/t.stdout.0"
+        assert base64.b64decode(frame["Data"]) == b"planted\n"
+        assert frame["Offset"] == len(b"planted\n")
+        assert (await api.get("/v1/agent/health"))["client"]["ok"] is True

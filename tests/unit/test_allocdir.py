@@ -1,11 +1,14 @@
-"""The allocation directory: layout, modes, ownership, destroy and path confinement."""
+"""The allocation directory: layout, modes, ownership, destroy and confined opening of
+client paths (as a task trying to make the agent read host files would try it)."""
 
 from __future__ import annotations
 
 import os
 import pwd
 import shutil
+import socket
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nomad_client.client.allocdir import AllocDir, PathEscapeError, SecretReadError, TaskDir
+from nomad_client.client.allocdir import (
+    AllocDir,
+    BadPathError,
+    OpenedPath,
+    PathEscapeError,
+    PathNotFoundError,
+    SecretReadError,
+    SymlinkError,
+    TaskDir,
+)
 
 IS_ROOT = os.geteuid() == 0
 ALLOC_ID = "5fc3c8bb-0b1a-4c1e-9f56-3a6f0f6c2a11"
@@ -67,8 +79,11 @@ def test_build_layout_and_modes(base: Path) -> None:
 def test_build_drops_ownership_to_nobody_when_root(built: AllocDir) -> None:
     nobody = pwd.getpwnam("nobody").pw_uid
     assert os.lstat(built.path).st_uid == 0
-    for path in (built.shared_dir, built.logs_dir, built.path / "web", built.path / "web/local"):
+    for path in (built.shared_dir, built.logs_dir, built.path / "web/local",
+                 built.path / "web/tmp"):
         assert os.lstat(path).st_uid == nobody
+    # The task dir itself is not given away: whoever owns it can swap its secrets dir.
+    assert os.lstat(built.path / "web").st_uid == 0
 
 
 def test_task_dir_layout_and_modes(built: AllocDir) -> None:
@@ -80,7 +95,8 @@ def test_task_dir_layout_and_modes(built: AllocDir) -> None:
         secrets_dir=built.path / "web" / "secrets",
         tmp_dir=built.path / "web" / "tmp",
     )
-    assert mode(td.path) == 0o777
+    assert mode(td.path) == 0o755
+    assert os.lstat(td.path).st_uid == os.geteuid()
     assert mode(td.local_dir) == 0o777
     assert mode(td.tmp_dir) == 0o1777
     assert mode(td.secrets_dir) == 0o700
@@ -88,12 +104,34 @@ def test_task_dir_layout_and_modes(built: AllocDir) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="giving the secrets dir to a user needs root")
-def test_secrets_dir_belongs_to_the_task_user(built: AllocDir) -> None:
+def test_task_and_secrets_dirs_belong_to_the_task_user(built: AllocDir) -> None:
     nobody = pwd.getpwnam("nobody")
     td = built.build_task_dir("api", "nobody")
-    st_ = os.lstat(td.secrets_dir)
-    assert (st_.st_uid, st_.st_gid) == (nobody.pw_uid, nobody.pw_gid)
-    assert mode(td.secrets_dir) == 0o700
+    for path, want in ((td.path, 0o755), (td.secrets_dir, 0o700)):
+        st_ = os.lstat(path)
+        assert (st_.st_uid, st_.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
+        assert mode(path) == want, path
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="running as another user needs root")
+def test_sibling_user_cannot_swap_a_tasks_secrets_dir(built: AllocDir, base: Path) -> None:
+    # A task dir built by an older layout (0777) is tightened again on the next build.
+    (built.path / "api").mkdir(mode=0o777)
+    (built.path / "api").chmod(0o777)
+    td = built.build_task_dir("api", "nobody")
+    base.chmod(0o711)  # let other users reach the alloc dir, as a real data dir does
+    # A sibling task running as yet another user tries to move the secrets dir away and
+    # plant its own (where it would bind an api.sock to collect the task's token).
+    sibling = 54321
+    moved = subprocess.run(["mv", str(td.secrets_dir), str(td.path / "gone")],
+                           user=sibling, group=sibling, capture_output=True, check=False)
+    assert moved.returncode != 0
+    assert b"Permission denied" in moved.stderr
+    planted = subprocess.run(["mkdir", str(td.path / "planted")],
+                             user=sibling, group=sibling, capture_output=True, check=False)
+    assert planted.returncode != 0
+    assert os.lstat(td.secrets_dir).st_uid == pwd.getpwnam("nobody").pw_uid
+    assert not (td.path / "gone").exists() and not (td.path / "planted").exists()
 
 
 def test_unknown_user_is_rejected(built: AllocDir) -> None:
@@ -120,12 +158,24 @@ def test_task_dir_is_paths_only(base: Path) -> None:
     assert not (base / "nowhere").exists()
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\x00b"])
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\x00b", ".taskapi", ".x"])
 def test_bad_names_are_rejected(base: Path, name: str) -> None:
     with pytest.raises(ValueError, match="alloc id"):
         AllocDir(base, name)
     with pytest.raises(ValueError, match="task name"):
         AllocDir(base, ALLOC_ID).task_dir(name)
+
+
+def test_task_names_of_the_agents_own_entries_are_rejected(built: AllocDir) -> None:
+    with pytest.raises(ValueError, match="task name 'alloc' is reserved"):
+        built.task_dir("alloc")
+    with pytest.raises(ValueError, match="task name 'alloc' is reserved"):
+        built.build_task_dir("alloc", None)
+    with pytest.raises(ValueError, match=r"task name '\.taskapi' must not start with '\.'"):
+        built.build_task_dir(".taskapi", None)
+    assert mode(built.shared_dir) == 0o777  # untouched
+    assert not (built.path / ".taskapi").exists()
+    assert built.task_dir("alloc2").name == "alloc2"  # only the exact name is reserved
 
 
 # -- destroy --------------------------------------------------------------------------------
@@ -150,19 +200,54 @@ def test_destroy_removes_tree_without_following_symlinks(built: AllocDir, base: 
 # -- confinement ----------------------------------------------------------------------------
 
 
-def test_resolve_root_and_plain_paths(built: AllocDir) -> None:
-    root = Path(os.path.realpath(built.path))
-    assert built.resolve("") == root
-    assert built.resolve("/") == root
-    assert built.resolve("alloc/logs") == root / "alloc" / "logs"
-    assert built.resolve("/alloc/logs/") == root / "alloc" / "logs"
-    assert built.resolve("alloc/../web/./local") == root / "web" / "local"
-    assert built.resolve("alloc/logs/not-yet.txt") == root / "alloc" / "logs" / "not-yet.txt"
+def target(opened: OpenedPath) -> str:
+    """Where a descriptor really points, as the kernel sees it."""
+    return os.readlink(f"/proc/self/fd/{opened.fd}")
+
+
+def real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [("", "."), ("/", "."), ("alloc/logs", "alloc/logs"), ("/alloc/logs/", "alloc/logs"),
+     ("alloc/../web/./local", "web/local"), ("alloc//data", "alloc/data")],
+)
+def test_open_path_walks_plain_paths(built: AllocDir, path: str, where: str) -> None:
+    with built.open_path(path, want="dir") as opened:
+        assert target(opened) == real(built.path / where)
+        assert stat.S_ISDIR(opened.st.st_mode)
+        assert opened.rel == ("" if where == "." else where)
+        assert opened.name == (ALLOC_ID if where == "." else where.rsplit("/", 1)[-1])
+        assert sorted(os.listdir(opened.fd)) == sorted(os.listdir(built.path / where))
+
+
+def test_open_path_reads_a_file_and_closes(built: AllocDir) -> None:
+    (built.path / "web" / "local" / "hello.txt").write_bytes(b"hi there")
+    with built.open_path("web/local/hello.txt", want="file", for_read=True) as opened:
+        fd = opened.fd
+        assert os.read(fd, 100) == b"hi there"
+        assert opened.st.st_size == 8 and opened.name == "hello.txt"
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the context manager
+
+
+def test_missing_path_is_not_found(built: AllocDir) -> None:
+    with pytest.raises(PathNotFoundError, match="no such file or directory"):
+        built.open_path("alloc/logs/not-yet.txt")
+    with pytest.raises(PathNotFoundError):
+        built.open_path("nope/deeper/still", want="dir")
 
 
 def test_absolute_paths_stay_inside(built: AllocDir) -> None:
     # A leading "/" names the alloc dir, never the host root.
-    assert built.resolve("/etc/passwd") == Path(os.path.realpath(built.path)) / "etc" / "passwd"
+    with pytest.raises(PathNotFoundError):
+        built.open_path("/etc/passwd", want="file", for_read=True)
+    (built.path / "etc").mkdir()
+    (built.path / "etc" / "passwd").write_text("inside")
+    with built.open_path("/etc/passwd", want="file", for_read=True) as opened:
+        assert target(opened) == real(built.path / "etc" / "passwd")
 
 
 @pytest.mark.parametrize(
@@ -171,49 +256,137 @@ def test_absolute_paths_stay_inside(built: AllocDir) -> None:
 )
 def test_dotdot_escapes_are_refused(built: AllocDir, path: str) -> None:
     with pytest.raises(PathEscapeError, match="leaves the allocation directory"):
-        built.resolve(path)
+        built.open_path(path, want="dir")
 
 
-def test_nul_byte_is_refused(built: AllocDir) -> None:
-    with pytest.raises(PathEscapeError, match="NUL"):
-        built.resolve("alloc/logs\x00/../../etc")
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [("alloc/logs\x00/../../etc", "NUL"), ("a" * 300, "too long"),
+     ("alloc/" + "b" * 256 + "/x", "too long"), ("x/" * 2100, "path is too long"),
+     ("alloc/\ud800", "not valid text")],
+)
+def test_malformed_paths_are_bad_requests(built: AllocDir, path: str, message: str) -> None:
+    with pytest.raises(BadPathError, match=message):
+        built.open_path(path)
 
 
 def test_non_string_is_refused(built: AllocDir) -> None:
-    with pytest.raises(PathEscapeError, match="must be a string"):
-        built.resolve(b"alloc")  # type: ignore[arg-type]
+    with pytest.raises(BadPathError, match="must be a string"):
+        built.open_path(b"alloc")  # type: ignore[arg-type]
 
 
-def test_symlink_to_outside_is_refused(built: AllocDir) -> None:
-    link = built.path / "web" / "local" / "etc"
-    link.symlink_to("/etc")
-    for path in ("web/local/etc", "web/local/etc/passwd", "/web/local/etc/"):
-        with pytest.raises(PathEscapeError):
-            built.resolve(path)
-    # ".." is applied to the path as written, before links are followed; the returned path
-    # (which is what callers open) therefore stays inside.
-    resolved = built.resolve("web/local/etc/../../alloc")
-    assert resolved == Path(os.path.realpath(built.path)) / "web" / "alloc"
+@pytest.mark.parametrize("want", ["any", "dir", "file"])
+@pytest.mark.parametrize(
+    "path", ["web/local/etc", "web/local/etc/passwd", "/web/local/etc/", "web/local/etc/."]
+)
+def test_symlink_to_outside_is_refused(built: AllocDir, path: str, want: str) -> None:
+    (built.path / "web" / "local" / "etc").symlink_to("/etc")
+    with pytest.raises(SymlinkError, match="goes through a symlink.*symlinks are not followed"):
+        built.open_path(path, want=want)  # type: ignore[arg-type]
 
 
-def test_dangling_symlink_to_outside_is_refused(built: AllocDir) -> None:
-    (built.shared_dir / "data" / "d").symlink_to("/nonexistent-dir-xyz/file")
-    with pytest.raises(PathEscapeError):
-        built.resolve("alloc/data/d")
+def test_dotdot_is_applied_as_written_not_through_links(built: AllocDir) -> None:
+    (built.path / "web" / "local" / "etc").symlink_to("/etc")
+    with built.open_path("web/local/etc/../../tmp", want="dir") as opened:
+        assert target(opened) == real(built.path / "web" / "tmp")
 
 
-def test_relative_symlink_inside_is_allowed(built: AllocDir) -> None:
+def test_symlinked_alloc_logs_is_refused(built: AllocDir, base: Path) -> None:
+    # A task replaces the shared logs dir with a link to a host directory.
+    outside = base / "host-logs"
+    outside.mkdir()
+    (outside / "web.stdout.0").write_text("host secret")
+    built.logs_dir.rmdir()
+    built.logs_dir.symlink_to(outside)
+    for want, path in (("dir", "alloc/logs"), ("file", "alloc/logs/web.stdout.0")):
+        with pytest.raises(SymlinkError):
+            built.open_path(path, want=want, for_read=True)  # type: ignore[arg-type]
+
+
+def test_symlink_inside_is_refused_too(built: AllocDir) -> None:
+    # Deliberately stricter than Nomad: no link is followed, wherever it points.
     (built.shared_dir / "data" / "logs").symlink_to("../logs")
-    assert built.resolve("alloc/data/logs") == Path(os.path.realpath(built.logs_dir))
+    with pytest.raises(SymlinkError):
+        built.open_path("alloc/data/logs", want="dir")
 
 
-def test_symlink_loop_is_refused(built: AllocDir) -> None:
-    a = built.shared_dir / "data" / "a"
-    b = built.shared_dir / "data" / "b"
-    a.symlink_to(b)
-    b.symlink_to(a)
-    with pytest.raises(PathEscapeError, match="loop"):
-        built.resolve("alloc/data/a/x")
+def test_dangling_symlink_and_loop_are_refused(built: AllocDir) -> None:
+    data = built.shared_dir / "data"
+    (data / "d").symlink_to("/nonexistent-dir-xyz/file")
+    (data / "a").symlink_to(data / "b")
+    (data / "b").symlink_to(data / "a")
+    for path in ("alloc/data/d", "alloc/data/a/x", "alloc/data/b"):
+        with pytest.raises(SymlinkError):
+            built.open_path(path)
+
+
+def test_file_in_the_middle_is_not_a_directory(built: AllocDir) -> None:
+    (built.path / "web" / "local" / "f").write_text("x")
+    with pytest.raises(BadPathError, match="'web/local/f' is not a directory"):
+        built.open_path("web/local/f/x")
+    with pytest.raises(BadPathError, match="not a directory"):
+        built.open_path("web/local/f", want="dir")
+
+
+@pytest.mark.timeout(10)
+def test_only_regular_files_open_for_reading(built: AllocDir) -> None:
+    local = built.path / "web" / "local"
+    os.mkfifo(local / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(local / "sock"))
+        cases = {"fifo": "a FIFO", "sock": "a socket", "": "is a directory"}
+        if IS_ROOT:
+            os.mknod(local / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+            cases["zero"] = "a character device"
+        for name, message in cases.items():
+            with pytest.raises(BadPathError, match=message):
+                built.open_path(f"web/local/{name}", want="file", for_read=True)
+            # stat-style access is fine: O_PATH opens nothing (no FIFO wait).
+            with built.open_path(f"web/local/{name}") as opened:
+                assert not stat.S_ISREG(opened.st.st_mode)
+    finally:
+        sock.close()
+
+
+def test_swap_during_the_walk_is_refused(built: AllocDir, base: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task swaps a checked directory for a link at the worst moment: just before the
+    agent opens it. The open itself refuses the link."""
+    outside = base / "host"
+    outside.mkdir()
+    (outside / "secret").write_text("host secret")
+    local = built.path / "web" / "local"
+    (local / "d").mkdir()
+    (local / "d" / "secret").write_text("task file")
+    real_open = os.open
+
+    def swapping_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if path == "d" and not (local / "d").is_symlink():
+            (local / "d").rename(local / "d.real")
+            (local / "d").symlink_to(outside)
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    with pytest.raises(SymlinkError):
+        built.open_path("web/local/d/secret", want="file", for_read=True)
+
+
+def test_file_swapped_for_a_fifo_after_the_check_is_refused(
+        built: AllocDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = built.path / "web" / "local"
+    (local / "f").write_text("x")
+    real_open = os.open
+
+    def swapping_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if path == "f" and flags & os.O_NONBLOCK:
+            (local / "f").unlink()
+            os.mkfifo(local / "f")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    with pytest.raises(BadPathError, match="changed while being opened"):
+        built.open_path("web/local/f", want="file", for_read=True)
 
 
 @pytest.mark.parametrize(
@@ -226,44 +399,59 @@ def test_symlink_loop_is_refused(built: AllocDir) -> None:
         "web/Secrets/x",
         "web/private/x",
         "web/PRIVATE",
-        "web/local/../secrets/x",
+        "web/local/../secrets/nomad_token",
+        ".taskapi/x",
     ],
 )
 def test_reads_under_secrets_are_refused(built: AllocDir, path: str) -> None:
+    (built.path / "web" / "secrets" / "nomad_token").write_text("token")
     with pytest.raises(SecretReadError):
-        built.resolve(path, for_read=True)
+        built.open_path(path, want="file", for_read=True)
 
 
 def test_listing_secrets_is_allowed_but_reading_is_not(built: AllocDir) -> None:
-    assert built.resolve("web/secrets") == Path(os.path.realpath(built.path / "web" / "secrets"))
-    assert built.resolve("web/local/x", for_read=True).name == "x"
-
-
-def test_symlink_into_secrets_is_refused_for_read(built: AllocDir) -> None:
-    (built.shared_dir / "data" / "s").symlink_to("../../web/secrets")
-    assert built.resolve("alloc/data/s")  # listing is fine
+    with built.open_path("web/secrets", want="dir") as opened:
+        assert target(opened) == real(built.path / "web" / "secrets")
     with pytest.raises(SecretReadError):
-        built.resolve("alloc/data/s/nomad_token", for_read=True)
+        built.open_path("web/secrets", want="dir", for_read=True)
 
 
-_SEGMENTS = st.sampled_from(["..", ".", "", "alloc", "logs", "web", "secrets", "x", "/"])
+def test_symlink_into_secrets_is_refused(built: AllocDir) -> None:
+    (built.shared_dir / "data" / "s").symlink_to("../../web/secrets")
+    with pytest.raises(SymlinkError):
+        built.open_path("alloc/data/s/nomad_token", want="file", for_read=True)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_SEGMENTS, max_size=8), st.booleans())
-def test_resolve_never_leaves_the_alloc_dir(parts: list[str], for_read: bool) -> None:
+def test_missing_alloc_dir_is_not_found(base: Path) -> None:
+    with pytest.raises(PathNotFoundError, match="allocation directory does not exist"):
+        AllocDir(base / "alloc", ALLOC_ID).open_path("/", want="dir")
+
+
+_SEGMENTS = st.sampled_from(
+    ["..", ".", "", "alloc", "logs", "web", "secrets", "x", "/", "out", "loop", "f"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_SEGMENTS, max_size=8), st.sampled_from(["any", "dir", "file"]), st.booleans())
+def test_open_path_never_leaves_the_alloc_dir(parts: list[str], want: str,
+                                              for_read: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="allocdir-h-") as tmp:
         ad = AllocDir(Path(tmp) / "alloc", ALLOC_ID)
         ad.build()
         ad.build_task_dir("web", None)
-        (ad.path / "web" / "local" / "out").symlink_to("/")
-        path = "/".join(parts + ["out"] if len(parts) % 3 == 0 else parts)
-        root = os.path.realpath(ad.path)
+        for parent in (ad.path / "web" / "local", ad.shared_dir, ad.path / "web"):
+            (parent / "out").symlink_to("/")
+            (parent / "loop").symlink_to("loop")
+            (parent / "f").write_text("x")
+        root = real(ad.path)
         try:
-            resolved = str(ad.resolve(path, for_read=for_read))
-        except (PathEscapeError, SecretReadError):
+            opened = ad.open_path("/".join(parts), want=want,  # type: ignore[arg-type]
+                                  for_read=for_read)
+        except (PathEscapeError, SecretReadError, PathNotFoundError, BadPathError):
             return
-        assert resolved == root or resolved.startswith(root + os.sep)
+        with opened:
+            where = target(opened)
+        assert where == root or where.startswith(root + os.sep)
         if for_read:
-            rel = os.path.relpath(resolved, root).split(os.sep)
+            rel = os.path.relpath(where, root).split(os.sep)
             assert not (len(rel) >= 2 and rel[1].lower() in ("secrets", "private"))

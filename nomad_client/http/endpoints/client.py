@@ -1,7 +1,9 @@
 """Client-local endpoints: /v1/client/metadata and /v1/client/fs/{ls,stat,cat,logs}/:alloc.
 
-File access goes through ``AllocDir.resolve`` (the one home of path confinement) and runs in
-a worker thread so a slow disk never stalls the event loop.
+Every file is opened with ``AllocDir.open_path`` (the one home of path confinement, which
+never follows a symlink) and then served from that descriptor, never re-opened by name:
+tasks can rewrite most of the alloc dir while a request runs. All file work, including the
+encoding of log frames, runs in a worker thread so the event loop never blocks on it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import mimetypes
 import os
 import re
 import stat
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from nomad_client.client.allocdir import AllocDir, PathEscapeError, SecretReadError
+from nomad_client.client.allocdir import (
+    AllocDir,
+    AllocPathError,
+    PathEscapeError,
+    PathNotFoundError,
+    SecretReadError,
+    SymlinkError,
+)
 from nomad_client.http.errors import HTTPError, bad_request, not_found
 from nomad_client.http.query import query_bool
 from nomad_client.http.router import ApiRequest, Router
@@ -27,6 +36,12 @@ from nomad_client.structs.models import rfc3339
 
 _HCL_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 MAX_CAT_BYTES = 64 * 1024 * 1024
+# Log reads stop after this many bytes in total (files in index order): a task decides how
+# many log files there are and how large (sparse) they look.
+MAX_LOG_BYTES = 16 * 1024 * 1024
+# Largest data payload of one log frame, as Nomad's.
+LOG_FRAME_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
 def validate_meta_update(body: Any) -> dict[str, str | None]:
@@ -49,43 +64,98 @@ def validate_meta_update(body: Any) -> dict[str, str | None]:
     return meta
 
 
-def _file_info(path: Path, name: str) -> dict[str, Any]:
-    st = path.lstat()
+def _file_info(name: str, st: os.stat_result) -> dict[str, Any]:
     return {"Name": name, "IsDir": stat.S_ISDIR(st.st_mode), "Size": st.st_size,
             "FileMode": stat.filemode(st.st_mode), "ModTime": rfc3339(st.st_mtime)}
 
 
-def _ls(path: Path) -> list[dict[str, Any]]:
-    if not path.is_dir():
-        raise bad_request(f"{path.name!r} is not a directory")
-    return [_file_info(child, child.name) for child in sorted(path.iterdir())]
+def _ls(adir: AllocDir, rel: str) -> list[dict[str, Any]]:
+    with adir.open_path(rel, want="dir") as opened:
+        found = []
+        with os.scandir(opened.fd) as entries:
+            for entry in entries:
+                try:
+                    # lstat semantics: a symlink shows as a link and is never followed.
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since the directory was read: just not listed
+                found.append(_file_info(entry.name, st))
+    return sorted(found, key=lambda info: info["Name"])
 
 
-def _stat(path: Path) -> dict[str, Any]:
-    info = _file_info(path, path.name)
+def _stat(adir: AllocDir, rel: str) -> dict[str, Any]:
+    with adir.open_path(rel, want="any") as opened:
+        info = _file_info(opened.name, opened.st)
     if info["IsDir"]:
         info["ContentType"] = "application/octet-stream"
     else:
-        info["ContentType"] = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        info["ContentType"] = mimetypes.guess_type(opened.name)[0] or "application/octet-stream"
     return info
 
 
-def _read(path: Path) -> bytes:
-    if path.is_dir():
-        raise bad_request(f"file {path.name!r} is a directory")
-    # O_NOFOLLOW: the path was confined after resolving links; refuse a link swapped in since.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_CAT_BYTES + 1)
+def _cat(adir: AllocDir, rel: str) -> bytes:
+    with adir.open_path(rel, want="file", for_read=True) as opened:
+        data = _read_up_to(opened.fd, MAX_CAT_BYTES + 1)
     if len(data) > MAX_CAT_BYTES:
         raise bad_request("file too large to cat; use logs or readat")
     return data
 
 
-def _log_files(logs_dir: Path, task: str, kind: str) -> list[Path]:
+def _read_up_to(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1024 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _log_names(adir: AllocDir, task: str, kind: str) -> list[str]:
     pattern = re.compile(rf"^{re.escape(task)}\.{kind}\.(\d+)$")
-    found = [(int(m.group(1)), p) for p in logs_dir.iterdir() if (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found)]
+    with adir.open_path("alloc/logs", want="dir", for_read=True) as logs, \
+            os.scandir(logs.fd) as entries:
+        found = [(int(m.group(1)), e.name) for e in entries if (m := pattern.match(e.name))]
+    return [name for _, name in sorted(found)]
+
+
+def _read_logs(adir: AllocDir, task: str, kind: str, *, plain: bool,
+               max_bytes: int = MAX_LOG_BYTES) -> bytes | None:
+    """The task's logs, oldest first, at most ``max_bytes`` of file data in total.
+
+    Plain: the raw bytes. Otherwise concatenated JSON frames of at most ``LOG_FRAME_BYTES``
+    each, ``Offset`` being the file offset just past the frame's data (as Nomad's).
+    ``None`` when there is no log file at all.
+    """
+    names = _log_names(adir, task, kind)
+    if not names:
+        return None
+    out: list[bytes] = []
+    left = max_bytes
+    for name in names:
+        if left <= 0:
+            break
+        try:
+            opened = adir.open_path(f"alloc/logs/{name}", want="file", for_read=True)
+        except PathNotFoundError:
+            continue  # rotated away since the listing
+        with opened:
+            offset = 0
+            while left > 0:
+                chunk = os.read(opened.fd, min(LOG_FRAME_BYTES, left))
+                if not chunk:
+                    break
+                offset += len(chunk)
+                left -= len(chunk)
+                if plain:
+                    out.append(chunk)
+                else:
+                    out.append(json.dumps({"Offset": offset,
+                                           "Data": base64.b64encode(chunk).decode(),
+                                           "File": f"alloc/logs/{name}"}).encode())
+    return b"".join(out)
 
 
 def register(router: Router, services: Services) -> None:
@@ -119,36 +189,39 @@ def register(router: Router, services: Services) -> None:
             raise not_found(f"Unknown allocation {alloc_id!r}")
         return found
 
-    async def confined(req: ApiRequest, *, for_read: bool, required: bool) -> Path:
-        rel = req.query.get("path", "")
-        if required and not rel:
-            raise bad_request("must provide a file name")
-        adir = alloc_dir(req)
+    async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run file work in a worker thread; every refusal becomes a plain 4xx."""
         try:
-            return await asyncio.to_thread(adir.resolve, rel or "/", for_read=for_read)
-        except PathEscapeError as err:
-            raise HTTPError(403, f"Path escapes the alloc directory: {err}") from None
+            return await asyncio.to_thread(fn, *args, **kwargs)
         except SecretReadError as err:
             raise HTTPError(403, f"Reading secret file prohibited: {err}") from None
-        except ValueError as err:
+        except SymlinkError as err:
+            raise HTTPError(403, str(err)) from None
+        except PathEscapeError as err:
+            raise HTTPError(403, f"Path escapes the alloc directory: {err}") from None
+        except PathNotFoundError as err:
+            raise not_found(str(err)) from None
+        except AllocPathError as err:
             raise bad_request(str(err)) from None
-
-    async def in_thread(fn: Any, *args: Any) -> Any:
-        try:
-            return await asyncio.to_thread(fn, *args)
         except FileNotFoundError:
             raise not_found("no such file or directory") from None
         except OSError as err:
-            raise bad_request(f"cannot access file: {err.strerror}") from None
+            raise bad_request(f"cannot access file: {err.strerror or err}") from None
+
+    def fs_path(req: ApiRequest, *, required: bool) -> str:
+        rel = req.query.get("path", "")
+        if required and not rel:
+            raise bad_request("must provide a file name")
+        return rel or "/"
 
     async def fs_ls(req: ApiRequest) -> Any:
-        return await in_thread(_ls, await confined(req, for_read=False, required=False))
+        return await in_thread(_ls, alloc_dir(req), fs_path(req, required=False))
 
     async def fs_stat(req: ApiRequest) -> Any:
-        return await in_thread(_stat, await confined(req, for_read=False, required=True))
+        return await in_thread(_stat, alloc_dir(req), fs_path(req, required=True))
 
     async def fs_cat(req: ApiRequest) -> Any:
-        data = await in_thread(_read, await confined(req, for_read=True, required=True))
+        data = await in_thread(_cat, alloc_dir(req), fs_path(req, required=True))
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def fs_logs(req: ApiRequest) -> Any:
@@ -166,15 +239,13 @@ def register(router: Router, services: Services) -> None:
                                               if g["Name"] == alloc.task_group
                                               for t in g["Tasks"]}:
             raise bad_request(f"unknown task name {task!r}")
-        files = await in_thread(_log_files, adir.logs_dir, task, kind)
-        if not files:
+        plain = query_bool(req.query, "plain")
+        body = await in_thread(_read_logs, adir, task, kind, plain=plain)
+        if body is None:
             raise not_found(f"task {task!r} not started yet. No logs available")
-        chunks = [(p, await in_thread(_read, p)) for p in files]
-        if query_bool(req.query, "plain"):
-            return web.Response(body=b"".join(d for _, d in chunks), content_type="text/plain")
-        frames = "".join(json.dumps({"Offset": len(d), "Data": base64.b64encode(d).decode(),
-                                     "File": f"alloc/logs/{p.name}"}) for p, d in chunks if d)
-        return web.Response(text=frames, content_type="application/json")
+        if plain:
+            return web.Response(body=body, content_type="text/plain")
+        return web.Response(body=body, content_type="application/json")
 
     router.add(("GET",), "/v1/client/metadata", read_metadata, "node:read")
     router.add(("POST",), "/v1/client/metadata", apply_metadata, "node:write")
