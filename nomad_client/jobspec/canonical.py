@@ -377,6 +377,10 @@ class _JobChecker:
                 self.add(twhere, "missing task name")
             elif name in seen:
                 self.add(twhere, "duplicate task name")
+            elif name == "alloc" or name.startswith(".") or "/" in name or "\x00" in name:
+                # The task's directory sits beside the shared "alloc" dir and the agent's
+                # own dot-directories in the allocation directory.
+                self.add(twhere, "task name must not be 'alloc', start with '.' or contain '/'")
             else:
                 seen.add(name)
             self._task(twhere, task)

@@ -1438,3 +1438,12 @@ def test_variable_default_cannot_use_runtime_values() -> None:
 def test_variable_validation_block_is_rejected() -> None:
     err = parse_error('variable "d" {\n  default = 1\n  validation {}\n}\n' + task_job(""))
     assert err.line == 3 and "'validation' is not supported" in err.message
+
+
+@pytest.mark.parametrize("name", ["alloc", ".taskapi", "a/b"])
+def test_reserved_task_names_are_refused(name: str) -> None:
+    job = minimal_job()
+    job["TaskGroups"][0]["Tasks"][0]["Name"] = name
+    with pytest.raises(JobValidationError) as info:
+        canonicalize_job(job)
+    assert any("task name must not be" in p for p in info.value.problems)
