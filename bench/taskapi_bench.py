@@ -41,6 +41,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import statistics
 import sys
 import tempfile
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+
+from nomad_client.client.secretsdir import DEFAULT_SOCKET_NAME
 
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parents[1]
@@ -687,14 +690,14 @@ async def churn_benchmark(root: Path, count: int) -> ChurnResults:
         if events:
             raise BenchError(f"{len(events)} task(s) reported a Task API failure, first: "
                              f"{events[0].message}")
-        missing = [c.name for c in contexts if hook.socket_path(c.name) is None]
+        missing = [c.name for c in contexts if not _is_socket(_socket_of(c))]
         if missing:
             raise BenchError(f"{len(missing)} task(s) got no socket, first: {missing[0]}")
         gc.collect()
         fds_live, rss_live = open_fds(), proc.memory_info().rss
         peak_delta = peak_rss() - peak_before
         # After measuring: the check's own connection must not count as a socket's cost.
-        await check_live_socket(hook.socket_path(contexts[-1].name))
+        await check_live_socket(str(_socket_of(contexts[-1])))
 
         started = time.perf_counter()
         for ctx in contexts:
@@ -748,6 +751,17 @@ def churn_worker(root: str, count: int) -> int:
         return 1
     print(json.dumps(attrs.asdict(res)))
     return 0
+
+
+def _socket_of(ctx: Any) -> Path:
+    return Path(ctx.task_dir.secrets_dir) / DEFAULT_SOCKET_NAME
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 async def check_live_socket(path: str | None) -> None:
