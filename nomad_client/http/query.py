@@ -8,9 +8,7 @@ from multidict import MultiMapping
 
 from nomad_client.durations import parse_duration
 from nomad_client.http.errors import HTTPError
-from nomad_client.server.state import StateStore
-
-DEFAULT_BLOCKING_WAIT = 300.0
+from nomad_client.server.state import MAX_BLOCKING_WAIT, StateStore
 
 
 def query_bool(query: MultiMapping[str], name: str, default: bool = False) -> bool:
@@ -35,7 +33,7 @@ def blocking_params(query: MultiMapping[str]) -> tuple[int, float]:
             raise ValueError
     except ValueError:
         raise HTTPError(400, "Invalid index") from None
-    wait = DEFAULT_BLOCKING_WAIT
+    wait = MAX_BLOCKING_WAIT
     raw_wait = query.get("wait")
     if raw_wait:
         try:
@@ -43,7 +41,7 @@ def blocking_params(query: MultiMapping[str]) -> tuple[int, float]:
         except ValueError:
             raise HTTPError(400, "Invalid wait time") from None
         if wait <= 0:
-            wait = DEFAULT_BLOCKING_WAIT
+            wait = MAX_BLOCKING_WAIT
     return index, wait
 
 

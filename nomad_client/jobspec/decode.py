@@ -13,7 +13,7 @@ from typing import Any
 
 from nomad_client.durations import DurationError, parse_duration_ns
 from nomad_client.jobspec.errors import JobspecError, short_repr
-from nomad_client.jobspec.evaluate import Evaluator, number_to_string, type_name
+from nomad_client.jobspec.evaluate import Evaluator, as_hcl_string, type_name
 from nomad_client.jobspec.syntax import Block, Body
 
 # Nomad blocks this client knows of but does not implement: named in the error
@@ -69,12 +69,9 @@ class _Decoder:
     # -- value converters (value, key path, line) -> converted ---------------
 
     def to_str(self, value: Any, path: str, line: int | None) -> str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return number_to_string(value)
+        text = as_hcl_string(value)
+        if text is not None:
+            return text
         raise self.error(line, path, f"expected a string, got {type_name(value)}")
 
     def to_int(self, value: Any, path: str, line: int | None) -> int:

@@ -116,6 +116,17 @@ def _parse_number(text: str) -> int | float | None:
     return None
 
 
+def as_hcl_string(value: Any) -> str | None:
+    """A primitive's HCL string form (``true``, ``3``, ``1.5``), or None for other types."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return number_to_string(value)
+    return None
+
+
 def number_to_string(value: int | float) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -403,12 +414,9 @@ class Evaluator:
         return self.to_string(self._plain(value, expr), expr)
 
     def to_string(self, value: Any, node: Tree | Token) -> str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return number_to_string(value)
+        text = as_hcl_string(value)
+        if text is not None:
+            return text
         raise self.source.error(
             node,
             f"cannot insert a {type_name(value)} value into a string: "
