@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nomad_client.agent.config import AgentConfig
+from nomad_client.agent.config import AgentConfig, advertise_http_url
 from nomad_client.client.client import Client, ClientSettings
 from nomad_client.client.servers import ServerRPC
 from nomad_client.client.state_db import StateDB
@@ -71,6 +71,8 @@ class Agent:
         sock = tcp_socket(cfg.bind_addr, cfg.ports.http)
         self._listener = Listener(self.router, TCP_LISTENER, sock)  # owns sock from here on
         self.http_address = sock.getsockname()[:2]
+        # Signed tokens' ``iss`` and OIDC discovery name this one issuer (never a Host header).
+        keyring.issuer = cfg.server.oidc_issuer or advertise_http_url(*self.http_address)
         client_db = None
         if cfg.client.enabled or cfg.dev_mode:
             state_dir = Path(cfg.client.state_dir or data_dir / "client")
@@ -79,7 +81,7 @@ class Agent:
                 data_dir=data_dir, alloc_dir=Path(cfg.client.alloc_dir or data_dir / "alloc"),
                 state_dir=state_dir, name=cfg.name, datacenter=cfg.datacenter,
                 region=cfg.region, http_addr=self.http_addr,
-                static_meta=dict(cfg.client.meta))
+                static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits)
             self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
                                  client_db, self.router)
         register_all(self.router, Services(

@@ -14,12 +14,14 @@ import json
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import hcl2
+import psutil
 from hcl2.utils import SerializationOptions, process_escape_sequences
 from lark.exceptions import (
     LarkError,
@@ -30,13 +32,11 @@ from lark.exceptions import (
 )
 
 from nomad_client.cli.goflags import GoArgumentParser, HelpRequested, UsageError
+from nomad_client.client.nodemeta import MetaLimits, is_meta_key
 from nomad_client.jobspec.evaluate import type_name as hcl_type_name
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR")
 DEFAULT_HTTP_PORT = 4646
-
-# Each dot-separated part must be an HCL identifier (same rule as dynamic node metadata).
-_META_KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 class ConfigError(Exception):
@@ -77,6 +77,13 @@ class PortsConfig:
 @attrs.frozen
 class ServerConfig:
     enabled: bool = False
+    # Issuer URL of workload identities and OIDC discovery (Nomad's server.oidc_issuer);
+    # unset: the agent's advertised HTTP address.
+    oidc_issuer: str | None = None
+
+
+def _meta_limits(value: MetaLimits | Mapping[str, int]) -> MetaLimits:
+    return value if isinstance(value, MetaLimits) else MetaLimits(**value)
 
 
 @attrs.frozen
@@ -86,6 +93,7 @@ class ClientConfig:
     state_dir: str | None = None
     meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     options: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
+    meta_limits: MetaLimits = attrs.field(factory=MetaLimits, converter=_meta_limits)
 
 
 @attrs.frozen
@@ -107,6 +115,12 @@ class AgentConfig:
     acl: ACLConfig = attrs.field(factory=ACLConfig)
     dev_mode: bool = False
 
+    def _server_api_dict(self) -> dict[str, Any]:
+        server: dict[str, Any] = {"Enabled": self.server.enabled}
+        if self.server.oidc_issuer:
+            server["OIDCIssuer"] = self.server.oidc_issuer
+        return server
+
     def to_api_dict(self) -> dict[str, Any]:
         """The agent config as reported under "config" by GET /v1/agent/self."""
         return {
@@ -117,7 +131,7 @@ class AgentConfig:
             "BindAddr": self.bind_addr,
             "LogLevel": self.log_level,
             "Ports": {"HTTP": self.ports.http},
-            "Server": {"Enabled": self.server.enabled},
+            "Server": self._server_api_dict(),
             "Client": {
                 "Enabled": self.client.enabled,
                 "AllocDir": self.client.alloc_dir or "",
@@ -144,7 +158,7 @@ class AgentFlags:
 
 # --------------------------------------------------------------------------------------
 # Schema.  A field kind is one of: "string", "bool", "port", "bind", "level", "path",
-# "meta", "options", or a nested dict (a block).
+# "limit", "meta", "options", or a nested dict (a block).
 
 _SCHEMA: dict[str, Any] = {
     "data_dir": "path",
@@ -154,13 +168,14 @@ _SCHEMA: dict[str, Any] = {
     "name": "string",
     "log_level": "level",
     "ports": {"http": "port"},
-    "server": {"enabled": "bool"},
+    "server": {"enabled": "bool", "oidc_issuer": "issuer"},
     "client": {
         "enabled": "bool",
         "alloc_dir": "path",
         "state_dir": "path",
         "meta": "meta",
         "options": "options",
+        "meta_limits": {field.name: "limit" for field in attrs.fields(MetaLimits)},
     },
     "acl": {"enabled": "bool"},
 }
@@ -321,6 +336,58 @@ def _check_port(value: Any, src: _Source, path: list[str]) -> int:
     return value
 
 
+def _check_issuer(value: Any, src: _Source, path: list[str]) -> str:
+    s = _check_string(value, src, path)
+    problem = _issuer_problem(s)
+    if problem:
+        raise src.error(path, problem)
+    return s
+
+
+def _issuer_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an OIDC issuer (an http(s) URL with a host, and no user
+    info, query or fragment), or None when it can."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # a bad port raises here
+    except ValueError:
+        return "expected an http:// or https:// URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http:// or https:// URL, got {url!r}"
+    if parts.username is not None or parts.password is not None:
+        return "must not contain a user name or password"  # never echo a credential
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return f"must not have a query or fragment, got {url!r}"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"must not contain spaces or control characters, got {url!r}"
+    return None
+
+
+def advertise_http_url(host: str, port: int) -> str:
+    """The URL others reach the agent's HTTP API at, from the address it is bound to.
+
+    A wildcard bind (``0.0.0.0``, ``::``) names no address: the host's first private
+    address of that family stands in (as Nomad's advertise default), else loopback.
+    """
+    addr = ipaddress.ip_address(host)
+    if addr.is_unspecified:
+        addr = _private_address(addr.version)
+    shown = f"[{addr}]" if addr.version == 6 else str(addr)
+    return f"http://{shown}:{port}"
+
+
+def _private_address(version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family != family:
+                continue
+            addr = ipaddress.ip_address(entry.address.split("%", 1)[0])
+            if addr.is_private and not (addr.is_loopback or addr.is_link_local):
+                return addr
+    return ipaddress.ip_address("127.0.0.1" if version == 4 else "::1")
+
+
 def _check_bind(value: Any, src: _Source, path: list[str]) -> str:
     s = _check_string(value, src, path)
     try:
@@ -328,6 +395,14 @@ def _check_bind(value: Any, src: _Source, path: list[str]) -> str:
     except ValueError:
         raise src.error(path, f"{s!r} is not a valid IP address") from None
     return s
+
+
+def _check_limit(value: Any, src: _Source, path: list[str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise src.error(path, f"expected a whole number, got {_type_name(value)}")
+    if value < 1:
+        raise src.error(path, f"must be at least 1, got {value}")
+    return value
 
 
 def _check_level(value: Any, src: _Source, path: list[str]) -> str:
@@ -362,7 +437,7 @@ def check_meta_key(key: str, fail: Any = None) -> None:
 
     if not key:
         _raise("metadata keys must not be empty")
-    if not all(_META_KEY_PART.match(part) for part in key.split(".")):
+    if not is_meta_key(key):
         _raise(f"{key!r} is invalid; metadata keys must be valid dotted identifiers")
 
 
@@ -372,7 +447,9 @@ _CHECKS = {
     "port": _check_port,
     "bind": _check_bind,
     "level": _check_level,
+    "limit": _check_limit,
     "path": _check_path,
+    "issuer": _check_issuer,
 }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from nomad_client import logredact
 from nomad_client.agent.agent import Agent
 from nomad_client.agent.config import (
     AgentConfig,
@@ -35,6 +36,7 @@ def run_agent_command(argv: Sequence[str]) -> int:
         return 1
     logging.basicConfig(level=LOG_LEVELS.get(config.log_level.upper(), logging.INFO),
                         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
+    logredact.install()  # on the root handlers: every library's records pass through it
     try:
         return _run_loop(_serve(config))
     except KeyboardInterrupt:

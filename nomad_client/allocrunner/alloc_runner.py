@@ -26,6 +26,7 @@ from nomad_client.allocrunner.hooks import (
     AllocUpdateHook,
     TaskContext,
     TaskLifecycleObserver,
+    WorkloadIdentities,
 )
 from nomad_client.allocrunner.taskapi_hook import TaskAPIHook
 from nomad_client.allocrunner.taskrunner.identity_hook import IdentityHook
@@ -69,6 +70,7 @@ class AllocRunnerConfig:
     host_env: Mapping[str, str]
     persist_task: Callable[[str, str, TaskState, TaskHandle | None], Awaitable[None]]
     report: Callable[[AllocUpdate], None]
+    identities: WorkloadIdentities | None = None
 
 
 def client_status(states: Mapping[str, TaskState]) -> str:
@@ -117,6 +119,8 @@ class AllocRunner:
     async def _run(self) -> None:
         self._create_task_runners()
         if all(tr.finished for tr in self.task_runners.values()):
+            for tr in self.task_runners.values():
+                await tr.run()  # a finished runner only kills a process left behind
             self._report()
             return
         try:
@@ -125,7 +129,7 @@ class AllocRunner:
                     await hook.prerun()
         except Exception as exc:
             self.log.exception("alloc prerun failed")
-            self._fail_all(f"failed to setup alloc: {exc}")
+            await self._fail_all(f"failed to setup alloc: {exc}")
             return
         if self.alloc.server_terminal():
             self.kill("alloc not needed")
@@ -161,7 +165,7 @@ class AllocRunner:
             ctx = TaskContext(alloc=self.alloc, task=task, alloc_dir=self.alloc_dir,
                               task_dir=self.alloc_dir.task_dir(name),
                               node=self.config.node_view(), emit=lambda e: None,
-                              log=self.log)
+                              log=self.log, identities=self.config.identities)
             runner = TaskRunner(
                 ctx=ctx, driver=driver, hooks=[h() for h in TASK_HOOKS],  # type: ignore[arg-type]
                 observers=observers, persist=self._persist_task, on_change=self._report,
@@ -178,9 +182,11 @@ class AllocRunner:
                     driver_error=f"missing driver {task['Driver']}",
                     display_message=f"missing driver {task['Driver']}"))
 
-    def _fail_all(self, message: str) -> None:
+    async def _fail_all(self, message: str) -> None:
         self._setup_failure = message
         for runner in self.task_runners.values():
+            # Restored tasks may still run: none may be reported dead before it is gone.
+            await runner.kill_leftover(f"{message}: killing it")
             runner.state = attrs.evolve(runner.state, state=m.TASK_DEAD).with_event(TaskEvent(
                 type=m.EVENT_SETUP_FAILURE, fails_task=True, setup_error=message,
                 display_message=message))

@@ -22,7 +22,7 @@ needs from its first instruction (the Task API socket) can be in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
@@ -36,6 +36,27 @@ if TYPE_CHECKING:
     from nomad_client.http.router import Router
 
 
+class WorkloadIdentities(Protocol):
+    """The client's workload identities as a task hook sees them. Tokens live in memory
+    (and in the task's secrets dir); none is ever logged, put in an event or persisted."""
+
+    async def token(self, alloc_id: str, task: str) -> str:
+        """The task's current identity; a fresh one when there is none or it is due for
+        renewal. Raises when none can be had."""
+        ...
+
+    def watch(self, alloc_id: str, task: str, token: str | None, *,
+              deliver: Callable[[str], Awaitable[None]],
+              report: Callable[[TaskEvent], None]) -> None:
+        """Renew ``token`` before it expires (if it does; None: get one at once), handing
+        each new token to ``deliver``; failures are retried and reported through ``report``."""
+        ...
+
+    def forget(self, alloc_id: str, task: str) -> None:
+        """The task is dead for good: stop renewing its identity and drop it."""
+        ...
+
+
 @attrs.define
 class TaskContext:
     """What a task hook may see and do. ``emit`` records a task event."""
@@ -47,6 +68,7 @@ class TaskContext:
     node: NodeView
     emit: Callable[[TaskEvent], None]
     log: logging.Logger
+    identities: WorkloadIdentities | None = None
 
     @property
     def name(self) -> str:

@@ -4,45 +4,59 @@ Touches only the filesystem under ``<alloc_dir_root>/<alloc_id>`` (and creates
 ``alloc_dir_root`` itself). Everything here is synchronous and cheap; async callers run it
 in a thread.
 
-Layout (modes are exact; the umask is overridden)::
+Layout when the agent is root (modes are exact; the umask is overridden). ``G`` is the
+allocation's own group, a numeric gid from a reserved range (see ``alloc_group``)::
 
     <alloc_dir_root>/            0711  others may traverse, not list
-      <alloc_id>/                0755  agent-owned
-        alloc/                   0777  shared by the alloc's tasks
-          data/ logs/            0777
-          tmp/                   01777
+      <alloc_id>/                0710  root:G   only the alloc's own tasks may enter
+        alloc/                   3770  root:G   setgid + sticky: tasks add entries, but
+                                                cannot move or replace the agent's own
+          data/                  2770  root:G   shared by the alloc's tasks, whatever user
+          tmp/                   3770  root:G
+          logs/                  2750  root:G   tasks read; only the executor creates files
         <task>/                  0755  owned by the task's user (else the agent)
-          local/                 0777
-          tmp/                   01777
+          local/ tmp/            0750  task user:G
           secrets/               0700  owned by the task's user (else the agent)
 
-When the agent runs as root, ``alloc/`` and its subdirectories and a task's ``local`` and
-``tmp`` are chowned to ``nobody`` (Nomad's "drop permissions" rule). A task dir itself is
-not world-writable (unlike Nomad's): a sibling task running as another user must not be
-able to rename a task's ``secrets`` away and plant its own.
+The drivers add ``G`` to the supplementary groups of every task process of the allocation,
+so tasks of one allocation running as different users share ``alloc/data`` (the setgid bit
+keeps new files in ``G``), while processes of other allocations cannot even enter the alloc
+dir. Tasks without a ``user`` run as root and reach everything anyway; the tree is still
+never world-writable. A non-root agent cannot hand out groups: the alloc dir is then 0700
+and everything belongs to the agent's user, as its tasks do.
+
+A task dir itself is not world-writable (unlike Nomad's): a sibling task running as another
+user must not be able to rename a task's ``secrets`` away and plant its own.
 
 Client paths (the fs API) are opened with ``AllocDir.open_path``, which never follows a
-symlink; nothing else should open a client-supplied path.
+symlink and refuses to read a file with more than one hard link; nothing else should open a
+client-supplied path.
 """
 
 from __future__ import annotations
 
 import errno
+import grp
+import hashlib
 import os
 import posixpath
 import pwd
 import shutil
 import stat
+import threading
 from pathlib import Path
 from typing import Literal
 
 import attrs
 
 __all__ = [
+    "ALLOC_GID_BASE",
+    "ALLOC_GID_COUNT",
     "MAX_CLIENT_PATH",
     "AllocDir",
     "AllocPathError",
     "BadPathError",
+    "HardLinkError",
     "OpenKind",
     "OpenedPath",
     "PathEscapeError",
@@ -50,11 +64,29 @@ __all__ = [
     "SecretReadError",
     "SymlinkError",
     "TaskDir",
+    "alloc_group",
 ]
 
 SHARED_DIR = "alloc"
 # Directories whose contents are never served for reading through the fs API.
 _PRIVATE_NAMES = frozenset({"secrets", "private"})
+
+# Each allocation gets a gid of its own from this range (inside the block systemd leaves
+# unallocated, below 2**31 so no tool sees it as negative). Nothing else on a host uses it.
+ALLOC_GID_BASE = 0x7A00_0000
+ALLOC_GID_COUNT = 1 << 20
+# Tries before giving up on finding a free gid; only a node with a huge number of live
+# allocations, or a range squatted by /etc/group, comes close.
+_GID_PROBES = 4096
+# Picking a gid and recording it (the alloc dir's group) must not interleave between two
+# allocations being built at once in worker threads.
+_GID_LOCK = threading.Lock()
+
+_ALLOC_MODE = 0o710
+_SHARED_MODES = (("data", 0o2770), ("logs", 0o2750), ("tmp", 0o3770))
+_SHARED_MODE = 0o3770
+_TASK_DIR_MODE = 0o755
+_TASK_PRIVATE_MODE = 0o750
 
 
 class AllocPathError(Exception):
@@ -71,6 +103,11 @@ class SymlinkError(PathEscapeError):
 
 class SecretReadError(AllocPathError):
     """A read was asked for something under a task's ``secrets`` or ``private`` directory."""
+
+
+class HardLinkError(AllocPathError):
+    """A file to read has more than one link (a task may have linked a file it must not
+    hand out, such as its token, into a readable place)."""
 
 
 class PathNotFoundError(AllocPathError):
@@ -144,12 +181,65 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def _nobody_ids() -> tuple[int, int] | None:
+def _is_alloc_gid(gid: int) -> bool:
+    return ALLOC_GID_BASE <= gid < ALLOC_GID_BASE + ALLOC_GID_COUNT
+
+
+def alloc_group(alloc_path: Path) -> int | None:
+    """The group recorded for the allocation at ``alloc_path``, or None if there is none.
+
+    The record is the alloc dir's group owner: only the agent can set it, it survives agent
+    restarts with the tree, and it goes when the tree goes. A dir not owned by this process,
+    or whose group is outside the reserved range (an older layout, a non-root agent), has
+    none, so a driver never hands a task some unrelated group such as root's.
+    """
     try:
-        entry = pwd.getpwnam("nobody")
-    except KeyError:
+        st = os.lstat(alloc_path)
+    except FileNotFoundError:
         return None
-    return entry.pw_uid, entry.pw_gid
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or not _is_alloc_gid(
+            st.st_gid):
+        return None
+    return st.st_gid
+
+
+def _gids_in_use(root: Path, alloc_id: str) -> set[int]:
+    """The groups of the other alloc dirs under ``root``."""
+    used: set[int] = set()
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name == alloc_id:
+                continue
+            try:
+                used.add(entry.stat(follow_symlinks=False).st_gid)
+            except FileNotFoundError:
+                continue  # destroyed while we looked
+    return used
+
+
+def _group_exists(gid: int) -> bool:
+    try:
+        grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return True
+
+
+def _pick_alloc_gid(root: Path, alloc_id: str) -> int:
+    """A gid of the reserved range that no other allocation here uses and no group names.
+
+    The first candidate is derived from the alloc id, so gids are spread over the range
+    rather than reused lowest-first: a process left holding an old allocation's group
+    (e.g. through a setgid file it made elsewhere) is unlikely ever to meet that gid again.
+    """
+    used = _gids_in_use(root, alloc_id)
+    digest = hashlib.sha256(alloc_id.encode()).digest()
+    start = int.from_bytes(digest[:8], "big") % ALLOC_GID_COUNT
+    for step in range(_GID_PROBES):
+        gid = ALLOC_GID_BASE + (start + step) % ALLOC_GID_COUNT
+        if gid not in used and not _group_exists(gid):
+            return gid
+    raise RuntimeError(f"no free allocation group id after {_GID_PROBES} tries")
 
 
 def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
@@ -157,10 +247,11 @@ def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
 
     The directory is opened with O_NOFOLLOW and changed through the descriptor, so a
     symlink a task planted in its place (tasks can write their own directories) makes the
-    build fail instead of re-owning whatever the link points at.
+    build fail instead of re-owning whatever the link points at. A new directory starts at
+    0700, so no one gets in before its owner and mode are final.
     """
     try:
-        os.mkdir(path, mode)
+        os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     try:
@@ -198,14 +289,30 @@ class AllocDir:
     # -- building ---------------------------------------------------------------------------
 
     def build(self) -> None:
-        """Create the alloc dir and the shared ``alloc/`` tree; safe to call again."""
+        """Create the alloc dir and the shared ``alloc/`` tree; safe to call again.
+
+        As root, the allocation's group is picked on the first build and kept (it is the
+        alloc dir's group) on every later one, including after an agent restart. A tree
+        of an older layout gets a group and its modes tightened.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
-        _ensure_dir(self.path, 0o755, None)
-        drop = _nobody_ids() if _is_root() else None
-        _ensure_dir(self.shared_dir, 0o777, drop)
-        for sub, mode in (("data", 0o777), ("logs", 0o777), ("tmp", 0o1777)):
-            _ensure_dir(self.shared_dir / sub, mode, drop)
+        owner: tuple[int, int] | None = None
+        if _is_root():
+            with _GID_LOCK:
+                gid = alloc_group(self.path) or _pick_alloc_gid(self.root, self.alloc_id)
+                owner = (os.geteuid(), gid)
+                _ensure_dir(self.path, _ALLOC_MODE, owner)
+        else:
+            _ensure_dir(self.path, 0o700, None)
+        _ensure_dir(self.shared_dir, _SHARED_MODE, owner)
+        for sub, mode in _SHARED_MODES:
+            _ensure_dir(self.shared_dir / sub, mode, owner)
+
+    @property
+    def gid(self) -> int | None:
+        """This allocation's group (read from disk), None before ``build`` or if not root."""
+        return alloc_group(self.path)
 
     def task_dir(self, task: str) -> TaskDir:
         """The paths of ``task``'s directories (no filesystem access)."""
@@ -224,10 +331,10 @@ class AllocDir:
     def build_task_dir(self, task: str, user: str | None) -> TaskDir:
         """Create ``<alloc>/<task>/{local,secrets,tmp}``; safe to call again.
 
-        The task dir (0755) and ``secrets`` (0700) are owned by ``user`` (looked up with
-        ``pwd``) when the agent is root, else by the agent; ``local`` (0777) and ``tmp``
-        (01777) are dropped to ``nobody`` when root. Raises ``ValueError`` for an unknown
-        user or a reserved task name.
+        When the agent is root, the task dir (0755) and ``secrets`` (0700) are owned by
+        ``user`` (looked up with ``pwd``; the agent when unset), and ``local`` and ``tmp``
+        (0750) by that user and the allocation's group. A non-root agent keeps them all.
+        Raises ``ValueError`` for an unknown user or a reserved task name.
         """
         td = self.task_dir(task)
         owner: tuple[int, int] | None = None
@@ -237,20 +344,23 @@ class AllocDir:
             except KeyError:
                 raise ValueError(f"unknown user {user!r}") from None
             owner = (entry.pw_uid, entry.pw_gid)
-        root = _is_root()
-        drop = _nobody_ids() if root else None
-        if not root:
+        private = None
+        if not _is_root():
             # A non-root agent cannot give files away; the dirs stay with the agent (and a
             # driver will refuse to run the task as another user anyway).
             owner = None
-        elif owner is None:
-            owner = (os.geteuid(), os.getegid())
+        else:
+            if owner is None:
+                owner = (os.geteuid(), os.getegid())
+            # Siblings in the allocation may look, others may not even get this far.
+            gid = self.gid
+            private = (owner[0], gid if gid is not None else owner[1])
 
         # Not world-writable: whoever can write the task dir can rename ``secrets`` away and
         # plant a directory (and an ``api.sock``) of their own in its place.
-        _ensure_dir(td.path, 0o755, owner)
-        _ensure_dir(td.local_dir, 0o777, drop)
-        _ensure_dir(td.tmp_dir, 0o1777, drop)
+        _ensure_dir(td.path, _TASK_DIR_MODE, owner)
+        _ensure_dir(td.local_dir, _TASK_PRIVATE_MODE, private)
+        _ensure_dir(td.tmp_dir, _TASK_PRIVATE_MODE, private)
         _ensure_dir(td.secrets_dir, 0o700, owner)
         return td
 
@@ -298,7 +408,9 @@ class AllocDir:
         readable regular file (FIFOs, devices and sockets are refused before they are
         opened, and the open itself is non-blocking). With ``for_read``, anything under a
         task's ``secrets`` or ``private`` directory (any letter case) and the agent's own
-        dot-entries at the top raise ``SecretReadError``.
+        dot-entries at the top raise ``SecretReadError``, and a ``"file"`` with more than one
+        hard link raises ``HardLinkError``: a task could link a file it must not hand out
+        (its token) into a readable place; the link count is taken from the opened file.
 
         Other refusals: ``PathNotFoundError`` (a component is missing), ``BadPathError``
         (not a string, NUL byte, too long, wrong type of file, any other ``OSError``).
@@ -314,7 +426,7 @@ class AllocDir:
                 fd = next_fd
             last = parts[-1] if parts else "."
             shown = "/".join(parts)
-            opened = walker.open_last(fd, last, want, shown)
+            opened = walker.open_last(fd, last, want, shown, for_read=for_read)
         finally:
             os.close(fd)
         name = parts[-1] if parts else self.alloc_id
@@ -371,8 +483,8 @@ class _Walker:
         except OSError as exc:
             raise self._refusal(exc, dir_fd, name, shown) from None
 
-    def open_last(self, dir_fd: int, name: str, want: OpenKind,
-                  shown: str) -> tuple[int, os.stat_result]:
+    def open_last(self, dir_fd: int, name: str, want: OpenKind, shown: str, *,
+                  for_read: bool = False) -> tuple[int, os.stat_result]:
         if want == "dir":
             fd = self.open_at(dir_fd, name, _LAST_FLAGS["dir"], shown)
             return fd, os.fstat(fd)
@@ -394,6 +506,10 @@ class _Walker:
                     or not stat.S_ISREG(opened.st_mode):
                 os.close(fd)
                 raise BadPathError(f"path {self.client_path!r} changed while being opened")
+            if for_read and opened.st_nlink > 1:
+                os.close(fd)
+                raise HardLinkError(f"file {shown!r} has {opened.st_nlink} hard links; "
+                                    "files with more than one link are not served")
             return fd, opened
         finally:
             if path_fd >= 0:

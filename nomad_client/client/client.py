@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.drivers.base import Driver, TaskHandle
 from nomad_client.client.fingerprint import fingerprint_node
+from nomad_client.client.identities import IdentityManager
+from nomad_client.client.nodemeta import MetaLimitError, MetaLimits, check_meta_update
 from nomad_client.client.servers import ServerRPC
 from nomad_client.client.state_db import StateDB
 from nomad_client.client.taskenv import NodeView
@@ -45,7 +47,11 @@ WATCH_WAIT = 30.0
 NODE_UPDATE_COALESCE = 0.1  # dynamic metadata reaches the servers well within a second
 REPORT_COALESCE = 0.05
 
-B_NODE, B_META, B_ALLOCS, B_TASKS = "node", "nodemeta", "allocs", "tasks"
+B_NODE, B_ALLOCS, B_TASKS = "node", "allocs", "tasks"
+# Dynamic metadata: one row per key (None: a static key unset), so an update writes only the
+# keys it changes. Older agents kept the whole dict in one row, migrated on start.
+B_META = "nodemeta.keys"
+B_LEGACY_META, LEGACY_META_KEY = "nodemeta", "meta"
 
 
 @attrs.frozen
@@ -59,6 +65,7 @@ class ClientSettings:
     http_addr: str
     static_meta: Mapping[str, str]
     node_class: str = ""
+    meta_limits: MetaLimits = attrs.field(factory=MetaLimits)
 
 
 class Client:
@@ -80,14 +87,13 @@ class Client:
         self._node_dirty = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._registered = False
+        # Workload identities live in memory (and task secrets dirs), never in self.db.
+        self.identities = IdentityManager(self._sign_identities)
 
     # ---- startup -----------------------------------------------------------------------
     async def start(self) -> None:
         await self._load_identity()
-        self._dynamic = dict(await self.db.get(B_META, "meta") or {})
-        self._dynamic = {k: v for k, v in self._dynamic.items()
-                         if v is not None or k in self.settings.static_meta}
-        await self.db.put(B_META, "meta", self._dynamic)
+        await self._load_metadata()
         self._node = await self._build_node()
         await self.rpc.node_register(self._node)
         self._registered = True
@@ -95,7 +101,8 @@ class Client:
         for name, coro in (("watch-allocs", self._watch_allocs()),
                            ("heartbeat", self._heartbeat()),
                            ("node-updates", self._node_updates()),
-                           ("alloc-reports", self._alloc_reports())):
+                           ("alloc-reports", self._alloc_reports()),
+                           ("identity-renewal", self.identities.run())):
             self._background.append(asyncio.create_task(coro, name=name))
 
     async def _load_identity(self) -> None:
@@ -121,6 +128,28 @@ class Client:
                     status=NODE_READY)
 
     # ---- metadata ----------------------------------------------------------------------
+    async def _load_metadata(self) -> None:
+        """Read dynamic metadata, migrating the old one-row format and forgetting unsets of
+        static keys the config no longer has, in one transaction."""
+        legacy = await self.db.get(B_LEGACY_META, LEGACY_META_KEY)
+        stored: dict[str, str | None] = dict(await self.db.items(B_META))
+        migrated = {k: v for k, v in (legacy or {}).items() if k not in stored}
+        dynamic = {**stored, **migrated}
+        stale = [k for k, v in dynamic.items()
+                 if v is None and k not in self.settings.static_meta]
+        puts = [(B_META, k, v) for k, v in migrated.items() if k not in stale]
+        deletes = [(B_META, k) for k in stale if k in stored]
+        if legacy is not None:
+            deletes.append((B_LEGACY_META, LEGACY_META_KEY))
+        if puts or deletes:
+            await self.db.write_batch(puts, deletes)
+        self._dynamic = {k: v for k, v in dynamic.items() if k not in stale}
+        try:
+            check_meta_update({}, {}, self._dynamic, self.settings.meta_limits)
+        except MetaLimitError as err:
+            # Kept as stored: updates that do not grow it further are still accepted.
+            log.warning("stored dynamic metadata exceeds the configured limits: %s", err)
+
     def _merged_meta(self) -> dict[str, str]:
         meta = dict(self.settings.static_meta)
         for key, value in self._dynamic.items():
@@ -135,13 +164,22 @@ class Client:
                 "Static": dict(self.settings.static_meta)}
 
     async def apply_metadata(self, meta: Mapping[str, str | None]) -> dict[str, Any]:
+        """Apply a whole update or none of it; a :class:`MetaLimitError` (a ValueError)
+        names the limit an update would exceed."""
         async with self._meta_lock:
             dynamic = {**self._dynamic, **meta}
             for key, value in meta.items():
                 if value is None and key not in self.settings.static_meta:
                     dynamic.pop(key, None)  # unsetting a purely dynamic key forgets it
+            check_meta_update(self._dynamic, meta, dynamic, self.settings.meta_limits)
+            # Only the rows of keys this update changes are written.
+            puts = [(B_META, k, dynamic[k]) for k in meta if k in dynamic
+                    and (k not in self._dynamic or self._dynamic[k] != dynamic[k])]
+            deletes = [(B_META, k) for k in meta if k in self._dynamic and k not in dynamic]
+            if not puts and not deletes:
+                return self.metadata()
             # Persist first: if the write fails nothing in memory has changed.
-            await self.db.put(B_META, "meta", dynamic)
+            await self.db.write_batch(puts, deletes)
             self._dynamic = dynamic
             assert self._node is not None
             self._node = attrs.evolve(self._node, meta=self._merged_meta())
@@ -169,7 +207,11 @@ class Client:
             driver_state_root=self.settings.state_dir / "tasks",
             drivers=self.drivers, node_view=self.node_view, router=self.router,
             host_env=dict(os.environ), persist_task=self._persist_task,
-            report=self._queue_report)
+            report=self._queue_report, identities=self.identities)
+
+    async def _sign_identities(self, alloc_id: str, tasks: Sequence[str]) -> dict[str, str]:
+        return await self.rpc.alloc_sign_identities(self.node_id, self._secret_id, alloc_id,
+                                                    tasks)
 
     async def _persist_task(self, alloc_id: str, task: str, state: TaskState,
                             handle: TaskHandle | None) -> None:
@@ -202,7 +244,10 @@ class Client:
                 allocs, new_index = await self.rpc.node_get_client_allocs(
                     self.node_id, index, WATCH_WAIT)
                 changed = [a for a, idx in allocs.items() if known.get(a) != idx]
-                for alloc in await self.rpc.alloc_get_allocs(changed) if changed else []:
+                fetched, identities = await self.rpc.alloc_get_allocs(
+                    self.node_id, self._secret_id, changed) if changed else ([], {})
+                for alloc in fetched:
+                    self.identities.seed(alloc.id, identities.get(alloc.id, {}))
                     await self._apply_alloc(alloc)
                 for gone in set(self.runners) - set(allocs):
                     await self._gc(gone)
@@ -228,6 +273,7 @@ class Client:
     async def _gc(self, alloc_id: str) -> None:
         runner = self.runners.pop(alloc_id)
         await runner.destroy()
+        self.identities.forget_alloc(alloc_id)
         await self.db.delete(B_ALLOCS, alloc_id)
         await self.db.delete_prefix(B_TASKS, f"{alloc_id}/")
 

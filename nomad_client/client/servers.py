@@ -36,9 +36,23 @@ class ServerRPC:
             "NodeID": node_id, "MinQueryIndex": min_index, "MaxQueryTime": wait})
         return dict(reply["Allocs"]), int(reply["Index"])
 
-    async def alloc_get_allocs(self, alloc_ids: Sequence[str]) -> list[Allocation]:
-        reply = await self._transport.call("Alloc.GetAllocs", {"AllocIDs": list(alloc_ids)})
-        return [from_rpc(a, Allocation) for a in reply["Allocs"]]
+    async def alloc_get_allocs(self, node_id: str, secret_id: str, alloc_ids: Sequence[str]
+                               ) -> tuple[list[Allocation], dict[str, dict[str, str]]]:
+        """The allocations, and signed identities (alloc ID -> task -> token) for the live
+        ones placed on this node."""
+        reply = await self._transport.call("Alloc.GetAllocs", {
+            "NodeID": node_id, "SecretID": secret_id, "AllocIDs": list(alloc_ids)})
+        identities = {alloc_id: dict(tokens)
+                      for alloc_id, tokens in (reply.get("SignedIdentities") or {}).items()}
+        return [from_rpc(a, Allocation) for a in reply["Allocs"]], identities
+
+    async def alloc_sign_identities(self, node_id: str, secret_id: str, alloc_id: str,
+                                    tasks: Sequence[str]) -> dict[str, str]:
+        """Fresh identities (task -> token) for tasks of a live allocation on this node."""
+        reply = await self._transport.call("Alloc.SignIdentities", {
+            "NodeID": node_id, "SecretID": secret_id, "AllocID": alloc_id,
+            "Tasks": list(tasks)})
+        return dict(reply["SignedIdentities"])
 
     async def node_update_alloc(self, updates: Sequence[AllocUpdate]) -> int:
         reply = await self._transport.call("Node.UpdateAlloc",

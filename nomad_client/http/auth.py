@@ -61,8 +61,17 @@ def _looks_like_jwt(token: str) -> bool:
     return token.startswith("eyJ")
 
 
+def _is_token_text(token: str) -> bool:
+    # Every real credential (a UUID, a JWT) is printable ASCII. aiohttp decodes header bytes
+    # as UTF-8 with surrogateescape, so bytes that are not UTF-8 arrive here as lone
+    # surrogates, which later code could not even encode: refuse them all up front.
+    return token.isascii() and token.isprintable()
+
+
 def resolve_credential(server: Server, token: str) -> Identity | None:
     """A real credential's identity, or None. Never raises for bad input."""
+    if not _is_token_text(token):
+        return None
     if _looks_like_jwt(token):
         try:
             claims = server.verify_workload_identity(token)

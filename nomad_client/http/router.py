@@ -17,17 +17,23 @@ from typing import Any, NamedTuple
 
 import attrs
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiMapping
 
 from nomad_client.http.auth import authenticate, authorize
 from nomad_client.http.context import Identity, ListenerContext
 from nomad_client.http.errors import HTTPError
+from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
 from nomad_client.server.server import Server
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_READ_TIMEOUT = 10.0
+# After refusing a body the client is still sending: how long and how much of the rest to
+# read and discard before closing (see refuse_body).
+LINGER_TIME = 2.0
+LINGER_MAX_BYTES = 2 * MAX_BODY_BYTES
 
 
 @attrs.frozen
@@ -62,9 +68,10 @@ class ApiRequest(NamedTuple):
         if not data.strip():
             raise HTTPError(400, "Request body is empty")
         try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"Failed to decode request body: {exc}") from None
+            # The one decoding edge: also refuses deep nesting and lone surrogates.
+            return decode_json_body(data)
+        except BadJSONBody as exc:
+            raise HTTPError(400, str(exc)) from None
 
 
 Handler = Callable[[ApiRequest], Awaitable[Any]]
@@ -119,8 +126,9 @@ class Router:
             result = await route.handler(ApiRequest(request, ctx, identity, params))
         except HTTPError as err:
             response = error_response(err.status, err.message)
-            if err.status in (408, 413):
-                response.force_close()  # don't keep reading what we refused
+            if request.body_exists and not request.content.is_eof():
+                # The client is still sending a body we will not read (or not all of).
+                await refuse_body(request, response)
             return response
         except asyncio.CancelledError:
             raise
@@ -214,4 +222,44 @@ async def read_body(request: web.BaseRequest) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise HTTPError(408, "Timed out reading request body") from None
+    except RequestPayloadError:
+        # e.g. broken chunked encoding: the client's fault, and the parser's message quotes
+        # raw input, so it is not passed on.
+        raise HTTPError(400, "Invalid request body encoding") from None
+    except ConnectionError:
+        # The client hung up mid-body: nothing to log, nobody to answer.
+        raise HTTPError(400, "Connection lost while reading request body") from None
     return b"".join(chunks)
+
+
+async def refuse_body(request: web.BaseRequest, response: web.Response) -> None:
+    """Deliver ``response`` while the client is still sending the body we will not read.
+
+    Closing at once, with unread data queued, makes the kernel reset the connection, and a
+    client still sending then often sees the reset instead of our answer. So: send the
+    answer, half-close (shutdown write), read and discard what keeps coming for at most
+    ``LINGER_TIME`` seconds and ``LINGER_MAX_BYTES`` bytes, and only then let the
+    connection close. A client that sends up to that much more gets the answer and a clean
+    close; a huge upload is still cut off after the bound.
+    """
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        return  # the client is gone; aiohttp notices and closes
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    if transport.can_write_eof():
+        transport.write_eof()
+    drained = 0
+    try:
+        async with asyncio.timeout(LINGER_TIME):
+            while drained < LINGER_MAX_BYTES:
+                chunk = await request.content.readany()
+                if not chunk:
+                    break
+                drained += len(chunk)
+    except (TimeoutError, OSError, RequestPayloadError):
+        pass  # bound reached or the client gave up: close now

@@ -75,7 +75,7 @@ _RESCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
         "Unlimited": False,
     },
 }
-_IDENTITY_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_IDENTITY_NAME_RE = re.compile(r"\A[a-zA-Z0-9_-]{1,128}\Z")  # \Z: `$` accepts a trailing newline
 
 
 def _merge(defaults: Mapping[str, Any], given: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from nomad_client.jobspec.syntax import Block, Source, parse_body, parse_express
 VAR_FILE_NAME = "<var-file>"
 CLI_NAME = "-var"
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]*\Z")  # \Z: `$` accepts a trailing newline
 _TYPE_RE = re.compile(r"^(string|number|bool|any|list|set|map|object|tuple)(\(.*\))?$", re.S)
 _VARIABLE_ATTRS = {"default", "type", "description", "sensitive", "nullable"}
 

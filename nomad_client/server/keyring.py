@@ -181,6 +181,9 @@ class Keyring:
     ) -> None:
         self.key_id = key_id
         self.create_time = create_time
+        # The ``iss`` of every token signed, and what OIDC discovery advertises; the agent
+        # sets it once its address is known. None: no ``iss``, and discovery is off.
+        self.issuer: str | None = None
         self._private_key = private_key
         self._public_key = private_key.public_key()
 
@@ -308,6 +311,8 @@ class Keyring:
         }
         if ttl_seconds is not None:
             claims["exp"] = math.ceil(moment + ttl_seconds)
+        if self.issuer:
+            claims["iss"] = self.issuer
         header = {"alg": ALGORITHM, "kid": self.key_id, "typ": "JWT"}
         signing_input = f"{_b64url_json(header)}.{_b64url_json(claims)}"
         signature = self._private_key.sign(

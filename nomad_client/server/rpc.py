@@ -32,8 +32,18 @@ async def _node_get_client_allocs(server: Server, args: dict[str, Any]) -> Any:
 
 
 async def _alloc_get_allocs(server: Server, args: dict[str, Any]) -> Any:
-    return {"Allocs": [to_rpc(a) for a in server.allocs_by_id(args["AllocIDs"])],
+    # The caller is a client node (NodeID + its SecretID): the live allocations placed on it
+    # come with freshly signed identities, which travel beside the records, never in them.
+    allocs, identities = await server.allocs_for_node(args["NodeID"], args["SecretID"],
+                                                      args["AllocIDs"])
+    return {"Allocs": [to_rpc(a) for a in allocs], "SignedIdentities": identities,
             "Index": server.store.index}
+
+
+async def _alloc_sign_identities(server: Server, args: dict[str, Any]) -> Any:
+    signed = await server.sign_identities(args["NodeID"], args["SecretID"], args["AllocID"],
+                                          args["Tasks"])
+    return {"SignedIdentities": signed, "Index": server.store.index}
 
 
 async def _node_update_alloc(server: Server, args: dict[str, Any]) -> Any:
@@ -46,6 +56,7 @@ HANDLERS: dict[str, Handler] = {
     "Node.UpdateStatus": _node_update_status,
     "Node.GetClientAllocs": _node_get_client_allocs,
     "Alloc.GetAllocs": _alloc_get_allocs,
+    "Alloc.SignIdentities": _alloc_sign_identities,
     "Node.UpdateAlloc": _node_update_alloc,
 }
 

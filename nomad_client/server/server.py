@@ -21,6 +21,7 @@ import attrs
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.state import DELETE, JOBS, RowUpdate, StateStore
+from nomad_client.structs.jobs import tasks as job_tasks
 from nomad_client.structs.models import (
     DESIRED_RUN,
     EVAL_COMPLETE,
@@ -119,35 +120,36 @@ class Server:
                     and latest.failed_tg_allocs == plan.failed_groups):
                 # Nothing changed for this job: a new evaluation would only be noise.
                 return latest.id, self.store.index
-            new_allocs: list[Allocation] = []
-            if plan.new_allocs:
-                # RSA signing costs a millisecond or two per task: keep it off the loop.
-                new_allocs = await asyncio.to_thread(
-                    lambda: [self._with_identities(a) for a in plan.new_allocs])
             ev = attrs.evolve(ev, status=EVAL_COMPLETE, failed_tg_allocs=dict(plan.failed_groups),
                               queued_allocations=dict(plan.queued))
             expired = [e.id for e in history[:max(len(history) - MAX_EVALS_PER_JOB + 1, 0)]]
             index = await self.store.write(
                 {"evals": [(ev.id, ev)]}, {"evals": expired},
                 updates={"allocs": [
-                    *((a.id, _placed(a)) for a in new_allocs),
+                    # No identities here: they are signed when the client fetches its
+                    # allocations (allocs_for_node), so no token reaches the state store.
+                    *((a.id, _placed(a)) for a in plan.new_allocs),
                     *((a.id, _stopped(a.desired_status, a.desired_description))
                       for a in plan.stopped_allocs)]})
             if plan.failed_groups:
                 log.info("job %s: could not place %s", job_id, dict(plan.queued))
             return ev.id, index
 
-    def _with_identities(self, alloc: Allocation) -> Allocation:
-        group = next(g for g in alloc.job["TaskGroups"] if g["Name"] == alloc.task_group)
+    def _sign_tasks(self, alloc: Allocation, tasks: Sequence[str] | None = None
+                    ) -> dict[str, str]:
+        """Sign the default identity of ``tasks`` (all of the allocation's tasks when None).
+        Blocking (RSA): call it in a worker thread."""
         tokens = {}
-        for task in group.get("Tasks") or ():
+        for task in job_tasks(alloc.job, alloc.task_group):
+            if tasks is not None and task["Name"] not in tasks:
+                continue
             ttl_ns = (task.get("Identity") or {}).get("TTL") or 0
             tokens[task["Name"]] = self.keyring.sign_identity(
                 namespace=alloc.namespace, job_id=alloc.job_id, alloc_id=alloc.id,
                 task=task["Name"], group=alloc.task_group, region=self.region,
                 # Unlike Nomad, the default identity may carry a ttl (and so an exp claim).
                 ttl_seconds=ttl_ns / 1e9 if ttl_ns else None)
-        return attrs.evolve(alloc, signed_identities=tokens)
+        return tokens
 
     async def _reevaluate_queued(self) -> None:
         """A node changed: retry every live job that still has allocations it could not place."""
@@ -210,6 +212,44 @@ class Server:
 
     def allocs_by_id(self, alloc_ids: Sequence[str]) -> list[Allocation]:
         return [a for a in (self.store.get("allocs", i) for i in alloc_ids) if a is not None]
+
+    async def allocs_for_node(self, node_id: str, secret_id: str, alloc_ids: Sequence[str]
+                              ) -> tuple[list[Allocation], dict[str, dict[str, str]]]:
+        """``allocs_by_id`` for a client, with fresh identities (alloc ID -> task -> token)
+        for those of its allocations that are still live. Signed per fetch, never stored."""
+        self._authenticate_node(node_id, secret_id)
+        allocs = self.allocs_by_id(alloc_ids)
+        live = [a for a in allocs if a.node_id == node_id and not a.terminal()]
+        if not live:
+            return allocs, {}
+        # RSA signing costs a millisecond or two per task: one hop off the loop for them all.
+        signed = await asyncio.to_thread(lambda: {a.id: self._sign_tasks(a) for a in live})
+        return allocs, signed
+
+    async def sign_identities(self, node_id: str, secret_id: str, alloc_id: str,
+                              tasks: Sequence[str]) -> dict[str, str]:
+        """Fresh identities for ``tasks`` of a live allocation placed on the calling node."""
+        self._authenticate_node(node_id, secret_id)
+        alloc = self.store.get("allocs", alloc_id)
+        if alloc is None:
+            raise NotFound(f"allocation {alloc_id} not found")
+        if alloc.node_id != node_id:
+            raise PermissionError(f"allocation {alloc_id} is not placed on this node")
+        if alloc.terminal():
+            raise PermissionError(f"allocation {alloc_id} is terminal")
+        known = {t["Name"] for t in job_tasks(alloc.job, alloc.task_group)}
+        unknown = sorted(set(tasks) - known)
+        if unknown:
+            raise NotFound(f"allocation {alloc_id} has no task {unknown[0]!r}")
+        return await asyncio.to_thread(self._sign_tasks, alloc, list(tasks))
+
+    def _authenticate_node(self, node_id: str, secret_id: str) -> Node:
+        """The registered node whose secret ID is ``secret_id``; compared in constant time."""
+        node = self.store.get("nodes", node_id)
+        if node is None or not node.secret_id or not hmac.compare_digest(
+                node.secret_id.encode(), secret_id.encode()):
+            raise PermissionError("node secret ID does not match")
+        return node
 
     async def update_allocs_from_client(self, updates: Sequence[AllocUpdate]) -> int:
         """Record what clients report; only the client-owned fields of the latest row change,

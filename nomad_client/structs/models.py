@@ -118,8 +118,9 @@ class Allocation:
     alloc_modify_index: int = 0
     create_time: int = attrs.field(factory=now_ns)
     modify_time: int = attrs.field(factory=now_ns)
-    # task name -> signed default workload identity; never shown by the HTTP API.
-    signed_identities: dict[str, str] = hidden_from_api(factory=dict)
+    # No signed identities here: a record is stored and persisted, a token must not be.
+    # The server signs them for the client beside the record (Alloc.GetAllocs,
+    # Alloc.SignIdentities) and the client keeps them in memory and task secrets dirs only.
 
     @property
     def index(self) -> int:

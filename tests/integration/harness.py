@@ -11,13 +11,14 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
+from multidict import CIMultiDict
 
-from nomad_client.api.client import ApiClient
+from nomad_client.api.client import ApiClient, ApiResponse
 from nomad_client.jobspec import canonicalize_job, parse_jobspec
 
 _STARTED = re.compile(r"HTTP API: (http://[0-9.]+:\d+)")
@@ -214,3 +215,56 @@ def is_alive(proc: psutil.Process) -> bool:
 
 def event_types(alloc: Mapping[str, Any], task: str = "t") -> list[str]:
     return [e["Type"] for e in alloc["TaskStates"][task]["Events"]]
+
+
+# Where a secret may legitimately rest under an agent's data dir: the alloc dirs (each task's
+# secrets dir holds its own identity, and a task may print its token to its own logs) and
+# the keyring (the signing key's home).
+SECRET_SCAN_SKIPPED = ("alloc", "server/keyring")
+
+
+async def assert_no_secrets(agent: AgentProcess, secrets: Iterable[str | bytes], *,
+                            also_skip: Iterable[str] = ()) -> None:
+    """Fail if any of ``secrets`` appears, as plain bytes, in the agent's captured output or
+    in any file under its data dir other than ``SECRET_SCAN_SKIPPED`` (and ``also_skip``,
+    paths relative to the data dir). Failure messages never show a secret in full."""
+    wanted = [s.encode() if isinstance(s, str) else bytes(s) for s in secrets]
+    assert all(len(s) >= 8 for s in wanted), "a secret this short would match by chance"
+    skipped = [agent.data_dir / p for p in (*SECRET_SCAN_SKIPPED, *also_skip)]
+    output = agent.output.encode()
+    found = await asyncio.to_thread(_files_with_secrets, agent.data_dir, skipped, wanted)
+    found += [("agent output", s) for s in wanted if s in output]
+    assert not found, "secrets found: " + ", ".join(
+        f"{s[:6].decode(errors='replace')}… in {where}" for where, s in found)
+
+
+def _files_with_secrets(root: Path, skipped: list[Path], wanted: list[bytes]
+                        ) -> list[tuple[str, bytes]]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows symlinks
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skipped]
+        for name in filenames:
+            path = here / name
+            if path in skipped or not path.is_file() or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # e.g. a file removed while we walk
+            found += [(str(path.relative_to(root)), s) for s in wanted if s in data]
+    return found
+
+
+def parse_raw_response(data: bytes) -> ApiResponse:
+    """An HTTP/1.x response read off a raw socket (status, headers, body up to its length)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {data[:200]!r}"
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers.add(name.strip(), value.strip())
+    length = headers.get("Content-Length")
+    return ApiResponse(int(status_line.split()[1]), headers,
+                       body[:int(length)] if length is not None else body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +24,7 @@ from nomad_client.api.client import ApiClient, ApiResponse
 from tests.integration.harness import (
     AgentProcess,
     eventually,
+    parse_raw_response,
     raw_exec_job,
     run_job,
     task_dir,
@@ -149,14 +150,45 @@ async def test_blocking_query_wakes_when_a_job_is_registered(seeded: Seeded) -> 
 
 
 async def test_oversized_body_is_refused_quickly(seeded: Seeded) -> None:
-    # A file-like body: aiohttp streams it (and warns about a 20 MiB bytes object).
-    body = io.BytesIO(b"{" + b" " * (20 * 1024 * 1024) + b"}")
+    # A raw client that reads the answer while it is still sending a 20 MiB body: its send
+    # side may fail once the agent has answered and closed, the answer must still arrive.
+    host, _, port = seeded.agent.address.removeprefix("http://").rpartition(":")
+    size = 20 * 1024 * 1024
+    chunk = b" " * (256 * 1024)
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {size}\r\n\r\n").encode()
     started = time.monotonic()
-    resp = await seeded.api.request("POST", "/v1/jobs", data=body,  # type: ignore[arg-type]
-                                    headers={"Content-Type": "application/json"})
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def send_body() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+
+    sender = asyncio.create_task(send_body())
+    try:
+        answer = await asyncio.wait_for(_read_until_closed(reader), 10)
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
     assert time.monotonic() - started < 5
-    _assert_error(resp, 413, "Request body too large")
+    _assert_error(parse_raw_response(answer), 413, "Request body too large")
     await _assert_intact(seeded)
+
+
+async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the agent sends until it closes; a reset after the answer counts as a
+    close (the answer is what matters)."""
+    chunks = []
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def test_jobs_parse_reports_the_broken_line(seeded: Seeded) -> None:

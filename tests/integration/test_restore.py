@@ -8,10 +8,12 @@ unique marker in their command lines).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import psutil
+import pytest
 
 from nomad_client.api.client import ApiClient
 from tests.integration.harness import (
@@ -29,12 +31,10 @@ from tests.integration.harness import (
 )
 
 NO_RESTARTS = {"Attempts": 0, "Interval": int(60e9), "Delay": int(0.2e9), "Mode": "fail"}
+# Keeps a task whose starts fail retrying (pending) for the whole test.
+KEEP_RETRYING = {"Attempts": 100, "Interval": int(3600e9), "Delay": int(0.5e9), "Mode": "fail"}
 
 AgentFactory = Callable[..., AgentProcess]
-
-
-
-
 
 
 async def _restored(api: ApiClient, alloc_id: str, before: dict[str, Any]) -> dict[str, Any]:
@@ -152,3 +152,52 @@ async def test_exit_while_agent_down_is_reported_after_restart(
         assert [e["ExitCode"] for e in terminated] == [7], state["Events"]
         assert state["State"] == "dead" and state["Failed"] is True
         assert alloc["ClientStatus"] == "failed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a task as another user needs root")
+async def test_task_that_breaks_its_restore_is_killed_not_abandoned(
+        short_agent_factory: AgentFactory) -> None:
+    """A task swaps its own ``secrets`` dir for a symlink, so after an agent crash the
+    restored task's prestart fails on every attempt. The reattached process must be killed,
+    never left running behind a task reported dead."""
+    agent = short_agent_factory()
+    await agent.start()
+    marker = new_marker()
+    swap_secrets = "mv secrets secrets.gone && ln -s local secrets"
+    job = raw_exec_job("swapper", f": {marker}; {swap_secrets}; sleep 300 & wait",
+                       user="nobody", restart=KEEP_RETRYING, kill_timeout_s=1)
+    tree: list[psutil.Process] = []
+    try:
+        async with agent.api() as api:
+            allocs = await run_job(api, job)
+            alloc_id = allocs[0]["ID"]
+            await wait_task_state(api, alloc_id, "t", "running")
+        secrets = task_dir(agent, alloc_id, "t") / "secrets"
+        await eventually(secrets.is_symlink, message="the task to swap its secrets dir")
+        [shell] = await eventually(lambda: procs_with(marker), message="task process")
+        tree = [shell]
+        tree += await eventually(lambda: shell.children(recursive=True),
+                                 message="the task's background sleep")
+
+        await agent.kill()
+        assert is_alive(shell), "task died with the agent"
+        await agent.start()
+        async with agent.api() as api:
+            await eventually(lambda: _hook_failures(api, alloc_id),
+                             message="the restored task's prestart to fail")
+            await api.job_deregister("swapper")
+            alloc = await wait_task_state(api, alloc_id, "t", "dead")
+            # Dead only once the process is gone: no grace period here.
+            assert [p.pid for p in tree if is_alive(p)] == [], event_types(alloc)
+            assert alloc["ClientStatus"] in ("complete", "failed")
+            messages = [e["DisplayMessage"] for e in alloc["TaskStates"]["t"]["Events"]]
+            assert any("killing it" in msg for msg in messages), messages
+    finally:
+        for proc in [*tree, *procs_with(marker)]:
+            if is_alive(proc):
+                proc.kill()
+
+
+async def _hook_failures(api: ApiClient, alloc_id: str) -> int:
+    alloc = await api.allocation_get(alloc_id)
+    return event_types(alloc).count("Task hook failed")

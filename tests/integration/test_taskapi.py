@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from nomad_client.api.client import ApiClient, ApiConnectionError, ApiResponse
+from nomad_client.client.allocdir import alloc_group
 from tests.integration.harness import (
     AgentProcess,
     eventually,
@@ -306,14 +307,16 @@ async def _status_as(user: str, sock: Path) -> str:
     """The HTTP status ``user`` gets on the socket, or ``000`` if it cannot connect.
 
     curl rather than this interpreter: a virtualenv's python may sit where only the
-    agent's user can read it.
+    agent's user can read it. It runs with the allocation's group, as the task does (only
+    members may enter the alloc dir), so the socket's own mode is what is tested.
     """
+    groups = [gid] if (gid := alloc_group(sock.parents[2])) is not None else []
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl is not installed: cannot connect as another user")
     proc = await asyncio.create_subprocess_exec(
         curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(sock),
-        "http://localhost/v1/agent/health", user=user, cwd="/",
+        "http://localhost/v1/agent/health", user=user, extra_groups=groups, cwd="/",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 15)
     return out.decode().strip()

@@ -189,3 +189,48 @@ def test_bad_flag_values_rejected_at_build() -> None:
         build_agent_config([], AgentFlags(dev=True, bind="nowhere"))
     with pytest.raises(ConfigError, match="-log-level: unknown log level"):
         build_agent_config([], AgentFlags(dev=True, log_level="chatty"))
+
+
+# ---- client { meta_limits { ... } } --------------------------------------------------
+def test_meta_limits_defaults_hcl_json_and_merge(tmp_path: Path) -> None:
+    from nomad_client.client.nodemeta import MetaLimits
+
+    base = write(tmp_path, "a.hcl", 'data_dir = "/d"\nclient { enabled = true }\n')
+    assert build_agent_config([base], AgentFlags()).client.meta_limits == MetaLimits(
+        max_keys=512, max_key_length=128, max_value_length=4096, max_total_bytes=65536)
+    hcl = write(tmp_path, "b.hcl", "client {\n  meta_limits {\n    max_keys = 10\n"
+                "    max_value_length = 100\n  }\n}\n")
+    json_file = write(tmp_path, "c.json", '{"client": {"meta_limits": {"max_keys": 20, '
+                      '"max_total_bytes": 1000}}}')
+    cfg = build_agent_config([base, hcl, json_file], AgentFlags())
+    # Later files override key by key; unset limits keep their defaults.
+    assert cfg.client.meta_limits == MetaLimits(max_keys=20, max_key_length=128,
+                                                max_value_length=100, max_total_bytes=1000)
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    ("max_keys = 0", "{f}:3: client.meta_limits.max_keys: must be at least 1, got 0"),
+    ('max_value_length = "4k"',
+     "{f}:3: client.meta_limits.max_value_length: expected a whole number, got string"),
+    ("max_key_length = true",
+     "{f}:3: client.meta_limits.max_key_length: expected a whole number, got bool"),
+    ("max_total_bytes = 1.5",
+     "{f}:3: client.meta_limits.max_total_bytes: expected a whole number, got number"),
+    ("max_bytes = 1", "{f}:3: client.meta_limits.max_bytes: unknown configuration key"),
+])
+def test_meta_limits_errors_name_file_line_and_key(tmp_path: Path, limits: str,
+                                                   expected: str) -> None:
+    f = write(tmp_path, "agent.hcl", f"client {{\n  meta_limits {{\n    {limits}\n  }}\n}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(f)
+    assert str(info.value).startswith(expected.format(f=f))
+
+
+def test_meta_key_with_trailing_newline_is_refused(tmp_path: Path) -> None:
+    f = write(tmp_path, "agent.json", '{"client": {"meta": {"rack\\n": "r1"}}}')
+    with pytest.raises(ConfigError, match="is invalid"):
+        load_config_file(f)
+    with pytest.raises(ConfigError, match="is invalid"):
+        parse_agent_args(["-meta", "rack\n=r1"])
+    with pytest.raises(ConfigError, match="is invalid"):
+        build_agent_config([], AgentFlags(dev=True, meta={"a.b\n": "x"}))

@@ -3,6 +3,7 @@ client paths (as a task trying to make the agent read host files would try it)."
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pwd
 import shutil
@@ -10,23 +11,40 @@ import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nomad_client.client import allocdir
 from nomad_client.client.allocdir import (
+    ALLOC_GID_BASE,
+    ALLOC_GID_COUNT,
     AllocDir,
     BadPathError,
+    HardLinkError,
     OpenedPath,
     PathEscapeError,
     PathNotFoundError,
     SecretReadError,
     SymlinkError,
     TaskDir,
+    alloc_group,
 )
+from nomad_client.http.context import ListenerContext
+from nomad_client.http.endpoints import register_all
+from nomad_client.http.listeners import Listener, tcp_socket
+from nomad_client.http.router import Router
+from nomad_client.http.services import Services
+from nomad_client.server.keyring import Keyring
+from nomad_client.server.server import Server
+from nomad_client.server.state import StateStore
 
 IS_ROOT = os.geteuid() == 0
 ALLOC_ID = "5fc3c8bb-0b1a-4c1e-9f56-3a6f0f6c2a11"
@@ -56,7 +74,16 @@ def mode(path: Path) -> int:
 # -- building -------------------------------------------------------------------------------
 
 
-def test_build_layout_and_modes(base: Path) -> None:
+SHARED_MODES = {"alloc": 0o3770, "alloc/data": 0o2770, "alloc/logs": 0o2750,
+                "alloc/tmp": 0o3770}
+
+
+@pytest.mark.parametrize("as_root", [True, False])
+def test_build_layout_and_modes(base: Path, as_root: bool,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if as_root and not IS_ROOT:
+        pytest.skip("the root layout needs root")
+    monkeypatch.setattr(allocdir, "_is_root", lambda: as_root)
     old_umask = os.umask(0o077)  # modes must not depend on the agent's umask
     try:
         ad = AllocDir(base / "alloc", ALLOC_ID)
@@ -68,22 +95,149 @@ def test_build_layout_and_modes(base: Path) -> None:
     assert ad.shared_dir == ad.path / "alloc"
     assert ad.logs_dir == ad.path / "alloc" / "logs"
     assert mode(base / "alloc") == 0o711
-    assert mode(ad.path) == 0o755
-    assert mode(ad.shared_dir) == 0o777
-    assert mode(ad.shared_dir / "data") == 0o777
-    assert mode(ad.logs_dir) == 0o777
-    assert mode(ad.shared_dir / "tmp") == 0o1777
+    # Only the alloc's own group may enter (a non-root agent has no group to hand out).
+    assert mode(ad.path) == (0o710 if as_root else 0o700)
+    for rel, want in SHARED_MODES.items():
+        assert mode(ad.path / rel) == want, rel
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="ownership changes need root")
-def test_build_drops_ownership_to_nobody_when_root(built: AllocDir) -> None:
-    nobody = pwd.getpwnam("nobody").pw_uid
-    assert os.lstat(built.path).st_uid == 0
-    for path in (built.shared_dir, built.logs_dir, built.path / "web/local",
-                 built.path / "web/tmp"):
-        assert os.lstat(path).st_uid == nobody
-    # The task dir itself is not given away: whoever owns it can swap its secrets dir.
-    assert os.lstat(built.path / "web").st_uid == 0
+def test_tree_belongs_to_the_agent_and_the_alloc_group(base: Path) -> None:
+    ad = AllocDir(base / "alloc", ALLOC_ID)
+    ad.build()
+    ad.build_task_dir("web", None)
+    td = ad.build_task_dir("api", "nobody")
+    gid = ad.gid
+    assert gid is not None and ALLOC_GID_BASE <= gid < ALLOC_GID_BASE + ALLOC_GID_COUNT
+    assert alloc_group(ad.path) == gid
+    for rel in ("", *SHARED_MODES):
+        assert owner(ad.path / rel) == (0, gid), rel
+    nobody = pwd.getpwnam("nobody")
+    # A task's own dirs are its user's; local and tmp are shared with the alloc only.
+    assert owner(td.path) == (nobody.pw_uid, nobody.pw_gid)
+    assert owner(td.secrets_dir) == (nobody.pw_uid, nobody.pw_gid)
+    for private in (td.local_dir, td.tmp_dir):
+        assert owner(private) == (nobody.pw_uid, gid)
+        assert mode(private) == 0o750
+    assert owner(ad.path / "web" / "local") == (0, gid)
+    assert not world_accessible(ad.path), "others must not even enter the alloc dir"
+    for dirpath, _dirs, _files in os.walk(ad.path):
+        assert not os.lstat(dirpath).st_mode & stat.S_IWOTH, dirpath
+
+
+def owner(path: Path) -> tuple[int, int]:
+    st_ = os.lstat(path)
+    return st_.st_uid, st_.st_gid
+
+
+def world_accessible(path: Path) -> bool:
+    return bool(os.lstat(path).st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IXOTH))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="alloc groups need root")
+def test_alloc_group_survives_a_rebuild_and_differs_between_allocs(base: Path) -> None:
+    first = AllocDir(base / "alloc", ALLOC_ID)
+    first.build()
+    gid = first.gid
+    # A restarted agent builds the same tree again from a new object: same group.
+    again = AllocDir(base / "alloc", ALLOC_ID)
+    again.build()
+    assert again.gid == gid
+    others = [AllocDir(base / "alloc", str(uuid.uuid4())) for _ in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda ad: ad.build(), others))
+    gids = {ad.gid for ad in others} | {gid}
+    assert None not in gids and len(gids) == 9
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="alloc groups need root")
+def test_alloc_group_in_use_is_not_given_twice(base: Path) -> None:
+    # Learn which gid the alloc id leads to, then have another alloc hold it already.
+    probe = AllocDir(base / "probe", ALLOC_ID)
+    probe.build()
+    wanted = probe.gid
+    assert wanted is not None
+    holder = AllocDir(base / "alloc", "holder")
+    holder.build()
+    os.chown(holder.path, 0, wanted)
+    ad = AllocDir(base / "alloc", ALLOC_ID)
+    ad.build()
+    given = ad.gid
+    assert given is not None and given != wanted
+    # The gid it got is the one recorded: with the first choice free again, a rebuild (an
+    # agent restart) keeps it, as the tasks already running hold it.
+    holder.destroy()
+    AllocDir(base / "alloc", ALLOC_ID).build()
+    assert ad.gid == given
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="ownership changes need root")
+def test_older_layout_is_tightened_and_gets_a_group(base: Path) -> None:
+    ad = AllocDir(base / "alloc", ALLOC_ID)
+    ad.path.mkdir(parents=True)
+    for rel in ("", "alloc", "alloc/data", "alloc/logs"):
+        (ad.path / rel).mkdir(exist_ok=True)
+        (ad.path / rel).chmod(0o777)
+    assert alloc_group(ad.path) is None  # gid 0 is no alloc group: never handed to a task
+    ad.build()
+    assert ad.gid is not None
+    assert mode(ad.path) == 0o710 and mode(ad.logs_dir) == 0o2750
+
+
+def test_alloc_group_of_a_dir_not_owned_by_the_agent_is_none(base: Path) -> None:
+    assert alloc_group(base / "missing") is None
+    if IS_ROOT:
+        path = base / "planted"
+        path.mkdir()
+        os.chown(path, 65534, ALLOC_GID_BASE)
+        assert alloc_group(path) is None
+
+
+def _run_as(user: str, script: str, groups: list[int]) -> subprocess.CompletedProcess[str]:
+    entry = pwd.getpwnam(user)
+    return subprocess.run(["/bin/sh", "-c", script], user=entry.pw_uid, group=entry.pw_gid,
+                          extra_groups=groups, capture_output=True, text=True, check=False,
+                          timeout=30, cwd="/")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="running as other users needs root")
+@pytest.mark.skipif(not _user_exists("daemon"), reason="needs the user daemon")
+def test_only_members_of_the_alloc_group_get_in(base: Path) -> None:
+    base.chmod(0o711)  # let other users reach the alloc dir, as a real data dir does
+    ad = AllocDir(base / "alloc", ALLOC_ID)
+    ad.build()
+    ad.build_task_dir("web", "nobody")
+    gid = ad.gid
+    assert gid is not None
+    data, logs, local = ad.shared_dir / "data", ad.logs_dir, ad.path / "web" / "local"
+    (logs / "web.stdout.0").write_text("real\n")
+
+    # Another allocation's task (same user even) without the group: not even a listing.
+    for target in (ad.shared_dir, data, logs, local):
+        out = _run_as("daemon", f"touch {target}/planted", [])
+        assert out.returncode != 0 and "Permission denied" in out.stderr, target
+        assert not (target / "planted").exists()
+    assert _run_as("nobody", f"ls {data}", []).returncode != 0
+
+    # Tasks of this allocation: shared data across users, read-only logs, private local.
+    assert _run_as("daemon", f"echo d > {data}/from-daemon", [gid]).returncode == 0
+    assert _run_as("nobody", f"cat {data}/from-daemon", [gid]).stdout == "d\n"
+    assert owner(data / "from-daemon")[1] == gid  # setgid dir: new files stay in the group
+    for attempt in (f"echo forged >> {logs}/web.stdout.0", f"touch {logs}/x",
+                    f"mv {logs} {ad.shared_dir}/old", f"touch {local}/x"):
+        out = _run_as("daemon", attempt, [gid])
+        assert out.returncode != 0, attempt
+    assert (logs / "web.stdout.0").read_text() == "real\n"
+    assert logs.is_dir() and not (local / "x").exists()
+    assert _run_as("nobody", f"touch {local}/mine", [gid]).returncode == 0
 
 
 def test_task_dir_layout_and_modes(built: AllocDir) -> None:
@@ -97,8 +251,8 @@ def test_task_dir_layout_and_modes(built: AllocDir) -> None:
     )
     assert mode(td.path) == 0o755
     assert os.lstat(td.path).st_uid == os.geteuid()
-    assert mode(td.local_dir) == 0o777
-    assert mode(td.tmp_dir) == 0o1777
+    assert mode(td.local_dir) == 0o750
+    assert mode(td.tmp_dir) == 0o750
     assert mode(td.secrets_dir) == 0o700
     assert os.lstat(td.secrets_dir).st_uid == os.geteuid()
 
@@ -173,7 +327,7 @@ def test_task_names_of_the_agents_own_entries_are_rejected(built: AllocDir) -> N
         built.build_task_dir("alloc", None)
     with pytest.raises(ValueError, match=r"task name '\.taskapi' must not start with '\.'"):
         built.build_task_dir(".taskapi", None)
-    assert mode(built.shared_dir) == 0o777  # untouched
+    assert mode(built.shared_dir) == 0o3770  # untouched
     assert not (built.path / ".taskapi").exists()
     assert built.task_dir("alloc2").name == "alloc2"  # only the exact name is reserved
 
@@ -422,6 +576,23 @@ def test_symlink_into_secrets_is_refused(built: AllocDir) -> None:
         built.open_path("alloc/data/s/nomad_token", want="file", for_read=True)
 
 
+def test_hard_linked_file_is_not_read(built: AllocDir) -> None:
+    # A task links its own token (which the fs API never serves) into its local dir.
+    token = built.path / "web" / "secrets" / "nomad_token"
+    token.write_text("task-token")
+    os.link(token, built.path / "web" / "local" / "tok")
+    with pytest.raises(HardLinkError, match="'web/local/tok' has 2 hard links"):
+        built.open_path("web/local/tok", want="file", for_read=True)
+    with pytest.raises(HardLinkError):
+        built.open_path("/web/local/../local/tok", want="file", for_read=True)
+    # Looking at it is fine: stat and listings read no content.
+    with built.open_path("web/local/tok") as opened:
+        assert opened.st.st_nlink == 2
+    (built.path / "web" / "local" / "plain").write_text("plain")
+    with built.open_path("web/local/plain", want="file", for_read=True) as opened:
+        assert os.read(opened.fd, 100) == b"plain"
+
+
 def test_missing_alloc_dir_is_not_found(base: Path) -> None:
     with pytest.raises(PathNotFoundError, match="allocation directory does not exist"):
         AllocDir(base / "alloc", ALLOC_ID).open_path("/", want="dir")
@@ -455,3 +626,70 @@ def test_open_path_never_leaves_the_alloc_dir(parts: list[str], want: str,
         if for_read:
             rel = os.path.relpath(where, root).split(os.sep)
             assert not (len(rel) >= 2 and rel[1].lower() in ("secrets", "private"))
+
+
+# -- the fs API over a real listener --------------------------------------------------------
+
+
+@attrs.define
+class OneAllocClient:
+    """The local client as the fs endpoints see it: one allocation's directory."""
+
+    adir: AllocDir
+    node_id: str = "node-1"
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+    async def apply_metadata(self, meta: dict[str, str | None]) -> dict[str, Any]:
+        return {}
+
+    def alloc_dir_for(self, alloc_id: str) -> AllocDir | None:
+        return self.adir if alloc_id == self.adir.alloc_id else None
+
+    def healthy(self) -> tuple[bool, str]:
+        return True, "ok"
+
+
+@pytest.fixture
+async def fs_url(built: AllocDir, base: Path) -> AsyncIterator[str]:
+    keyring = await Keyring.load_or_create(base / "keyring")
+    server = Server(StateStore(), keyring, region="global", acl_enabled=False)
+    router = Router(server)
+    register_all(router, Services(server=server, client=OneAllocClient(built), agent_config={},
+                                  member={"Addr": "127.0.0.1", "Port": 0}))
+    sock = tcp_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    listener = Listener(router, ListenerContext("http"), sock)
+    await listener.start()
+    try:
+        yield f"http://127.0.0.1:{port}/v1/client/fs"
+    finally:
+        await listener.close()
+
+
+async def fs_get(url: str, kind: str, **params: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+            session.get(f"{url}/{kind}/{ALLOC_ID}", params=params) as resp:
+        return resp.status, (await resp.read()).decode()
+
+
+async def test_fs_api_refuses_hard_linked_files_with_403(built: AllocDir, fs_url: str) -> None:
+    token = built.path / "web" / "secrets" / "nomad_token"
+    token.write_text("task-token")
+    local = built.path / "web" / "local"
+    os.link(token, local / "tok")
+    (local / "plain.txt").write_text("served")
+    status, body = await fs_get(fs_url, "cat", path="web/local/tok")
+    assert status == 403, body
+    assert "hard links" in body and "task-token" not in body
+    assert await fs_get(fs_url, "cat", path="web/local/plain.txt") == (200, "served")
+
+    # A log file linked to the token: the logs endpoint refuses it the same way.
+    os.link(token, built.logs_dir / "web.stdout.0")
+    status, body = await fs_get(fs_url, "logs", task="web", type="stdout", plain="true")
+    assert status == 403 and "task-token" not in body, body
+    (built.logs_dir / "web.stdout.0").unlink()
+    (built.logs_dir / "web.stdout.0").write_text("a log line\n")
+    assert await fs_get(fs_url, "logs", task="web", type="stdout", plain="true") == (
+        200, "a log line\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -396,3 +397,102 @@ async def test_log_frames_of_a_huge_log_stay_within_the_cap(agent: Agent) -> Non
 async def test_no_logs_yet_is_404(agent: Agent) -> None:
     status, body = await get(agent, "logs", task="web", type="stdout")
     refused(status, body, 404, "not started yet")
+
+
+# -- streaming --------------------------------------------------------------------------
+
+
+def _fds_on(path: Path, pid: int | str = "self") -> int:
+    """How many of a process's descriptors are open on ``path``."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                count += 1
+        except OSError:
+            continue  # closed while we looked
+    return count
+
+
+async def _until(check: Any, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.05)
+
+
+async def test_cat_streams_a_file_larger_than_the_old_cap(agent: Agent) -> None:
+    big = agent.local / "big"
+    sparse(big, 80 * MIB, b"head of the file")
+    url = f"{agent.url}/v1/client/fs/cat/{ALLOC_ID}"
+    async with aiohttp.ClientSession() as s, s.get(url, params={"path": "web/local/big"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Length"] == str(80 * MIB)
+        first = await resp.content.readexactly(16)
+        rest = 0
+        async for chunk in resp.content.iter_chunked(MIB):
+            rest += len(chunk)
+    assert first == b"head of the file"
+    assert 16 + rest == 80 * MIB
+
+
+async def test_cat_is_byte_exact(agent: Agent) -> None:
+    data = os.urandom(3 * MIB + 7)
+    (agent.local / "random").write_bytes(data)
+    status, body = await get(agent, "cat", path="web/local/random")
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_cat_of_a_file_that_shrinks_mid_stream_is_cut_short(agent: Agent) -> None:
+    """The length was promised in the headers: a file that shrinks ends the connection
+    early, so the client can tell it did not get the whole file."""
+    shrinking = agent.local / "shrinking"
+    sparse(shrinking, 48 * MIB, b"x")
+    url = f"{agent.url}/v1/client/fs/cat/{ALLOC_ID}"
+    got = 0
+    async with aiohttp.ClientSession() as s, \
+            s.get(url, params={"path": "web/local/shrinking"}) as resp:
+        assert resp.status == 200
+        got += len(await resp.content.readexactly(64 * 1024))
+        os.truncate(shrinking, 0)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for chunk in resp.content.iter_chunked(MIB):
+                got += len(chunk)
+    assert 0 < got < 48 * MIB
+
+
+async def test_a_client_hanging_up_mid_cat_releases_the_file(agent: Agent) -> None:
+    big = agent.local / "big"
+    sparse(big, 80 * MIB, b"x")
+    url = f"{agent.url}/v1/client/fs/cat/{ALLOC_ID}"
+    async with aiohttp.ClientSession() as s:
+        resp = await s.get(url, params={"path": "web/local/big"})
+        assert resp.status == 200
+        await resp.content.readexactly(MIB)
+        # The agent is now held up by a reader that stopped reading: the file is open.
+        assert _fds_on(big) == 1
+        resp.close()  # drops the connection mid-body
+        await _until(lambda: _fds_on(big) == 0)
+
+
+async def test_logs_stream_across_files_in_order(agent: Agent) -> None:
+    first, second = os.urandom(300 * 1024), os.urandom(5000)
+    (agent.adir.logs_dir / "web.stdout.0").write_bytes(first)
+    (agent.adir.logs_dir / "web.stdout.1").write_bytes(second)
+    status, body = await get(agent, "logs", task="web", type="stdout", plain="true")
+    assert status == 200
+    assert body == first + second
+
+
+async def test_a_refused_later_log_file_cuts_the_stream_short(agent: Agent) -> None:
+    """Only the first log file can still be refused with a 4xx; a later one that turns
+    out to be a symlink ends the connection, never a complete-looking body."""
+    sparse(agent.adir.logs_dir / "web.stdout.0", 4 * MIB, b"first")
+    (agent.adir.logs_dir / "web.stdout.1").symlink_to(agent.host / "passwd")
+    url = f"{agent.url}/v1/client/fs/logs/{ALLOC_ID}"
+    params = {"task": "web", "type": "stdout", "plain": "true"}
+    async with aiohttp.ClientSession() as s, s.get(url, params=params) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()

@@ -292,3 +292,92 @@ async def test_oversized_jobspec_is_refused_before_parsing(stack: Stack) -> None
     big = json_mod.dumps({"JobHCL": 'job "x" {\n' + "#" * (300 * 1024) + "\n}"}).encode()
     status, body = await over_tcp(stack, "/v1/jobs/parse", method="POST", data=big)
     assert status == 400 and "too large" in body
+
+
+# ---- bad input is a 4xx, never a 500 -------------------------------------------------
+async def raw_over_socket(path: Path | str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """One request with header bytes exactly as given (aiohttp's client would refuse or
+    re-encode them); the status and body of the reply."""
+    import asyncio
+
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                     + body)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split(b" ")[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+BAD_TOKEN_HEADERS = [
+    b"X-Nomad-Token: \xff\xfe",                 # not UTF-8 at all
+    b"X-Nomad-Token: eyJ\x80.eyJ\x80.x",        # JWT-looking, then bytes that are not UTF-8
+    b"Authorization: Bearer \xc3\x28",          # invalid UTF-8 sequence
+    b"Authorization: Bearer \xed\xa0\x80",      # an encoded surrogate
+    b"X-Nomad-Token: \xc3\xa9t\xc3\xa9",        # valid UTF-8, but no credential is non-ASCII
+    b"X-Nomad-Token: a\tb",                     # a control character inside the token
+]
+
+
+def health_request(header: bytes, path: bytes = b"/v1/agent/health") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+
+
+@pytest.mark.parametrize("header", BAD_TOKEN_HEADERS)
+async def test_task_api_refuses_undecodable_or_unprintable_token(stack: Stack,
+                                                                 header: bytes) -> None:
+    assert await raw_over_socket(stack.task_sock, health_request(header)) == (403, b"Forbidden")
+
+
+@pytest.mark.parametrize("header", BAD_TOKEN_HEADERS)
+async def test_acl_api_refuses_undecodable_or_unprintable_token(acl_stack: Stack,
+                                                                header: bytes) -> None:
+    import asyncio
+
+    assert await raw_over_socket(acl_stack.task_sock, health_request(header)) == \
+        (403, b"Forbidden")
+    # The TCP API with ACLs on: the same refusal as for any unknown token.
+    host, port = acl_stack.tcp_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(health_request(header, b"/v1/agent/self") + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert reply.startswith(b"HTTP/1.1 403 ") and reply.endswith(b"ACL token not found"), reply
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply (limit 64 levels)"),
+    (b'{"Job": ' + b'{"a": ' * 64 + b"1" + b"}" * 64 + b"}", "nested too deeply"),
+    (b'{"Job": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    (b'{"\\ud800": 1}', "unpaired UTF-16 surrogate"),
+    (b'{"Job": {"ID": "x\\udc00", "Name": "x"}}', "unpaired UTF-16 surrogate"),
+    (b'{"Job": {"ID": "\xed\xa0\x80"}}', "not valid UTF-8"),
+    (b'{"Job": {"ID": "\xff"}}', "not valid UTF-8"),
+])
+async def test_json_body_nested_too_deeply_or_not_encodable_is_400(
+        stack: Stack, body: bytes, reason: str) -> None:
+    status, text = await over_tcp(stack, "/v1/jobs", method="POST", data=body)
+    assert status == 400 and reason in text, (status, text)
+
+
+async def test_json_body_at_the_depth_limit_and_paired_surrogates_are_fine(
+        stack: Stack) -> None:
+    # 64 levels in all: the outer object and 63 below it reach the handler.
+    body = b'{"Job": ' + b'{"a": ' * 62 + b"1" + b"}" * 62 + b"}"
+    assert await over_tcp(stack, "/v1/jobs", method="POST", data=body) == \
+        (400, "Job ID hasn't been provided")
+    # Brackets inside strings (escaped quotes too) do not count as nesting.
+    body = b'{"Job": {"Name": "\\"' + b"[{" * 200 + b'", "ID": ""}}'
+    assert await over_tcp(stack, "/v1/jobs", method="POST", data=body) == \
+        (400, "Job ID hasn't been provided")
+    assert await over_tcp(stack, "/v1/jobs", method="POST",
+                          data=b'{"\\ud83d\\ude00": 1}') == \
+        (400, "Unknown field(s) in request body: \U0001F600")

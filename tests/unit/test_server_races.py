@@ -251,11 +251,14 @@ async def test_identities_are_signed_off_the_event_loop(
         return sign(**kw)
 
     monkeypatch.setattr(srv.keyring, "sign_identity", spy)
-    await srv.register_node(node())
+    await srv.register_node(node(secret_id="s1"))
     await srv.register_job(job(count=3))
+    # Signed when the node fetches its allocations (never stored with them).
+    ids = [a.id for a in srv.job_allocs("web")]
+    _, signed = await srv.allocs_for_node("n1", "s1", ids)
     assert len(threads) == 3 and loop_thread not in threads
-    assert len(set(threads)) == 1  # one hop to a worker thread for the whole plan
-    assert all(a.signed_identities["t"] for a in srv.job_allocs("web"))
+    assert len(set(threads)) == 1  # one hop to a worker thread for the whole fetch
+    assert all(signed[i]["t"] for i in ids)
 
 
 async def test_token_lookup_compares_secrets_in_constant_time(

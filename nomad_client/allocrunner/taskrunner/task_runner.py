@@ -4,12 +4,15 @@ restart needs (state + driver handle).
 
 It owns ordering and error handling for its task hooks and calls the alloc-level lifecycle
 observers. It touches its driver, its hooks and the callbacks it was given — nothing else.
+
+Safety rule: the task never becomes dead while its driver handle may still name a live
+process. Any failure after a reattach (or any fault of ours) stops and destroys the handle
+first, and the handle is dropped from the saved state only once the driver says it is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,13 @@ from nomad_client.structs.jobs import is_batch, task_group
 from nomad_client.structs.models import Allocation, TaskEvent, TaskState, rfc3339
 
 Persist = Callable[["TaskRunner"], Awaitable[None]]
+
+# Killing a task is retried until the driver confirms it gone, backing off between tries.
+KILL_RETRY_FIRST = 0.5
+KILL_RETRY_MAX = 30.0
+# How long, after destroy_task, the driver has to show the task is gone before a retry.
+GONE_TIMEOUT = 10.0
+RESTORE_KILL_REASON = "failed to restore task: killing it"
 
 
 class TaskRunner:
@@ -97,9 +107,12 @@ class TaskRunner:
 
     # ---- the run loop ------------------------------------------------------------------
     async def run(self) -> None:
-        if self.finished:
-            return  # restored from state: this task already ran to completion
         try:
+            if self.finished:
+                # Restored from state: this task already ran to completion. A handle saved
+                # beside a dead state (an older agent could leave one) may name a live task.
+                await self.kill_leftover("task is dead but its process may remain: killing it")
+                return
             await self._run_loop()
         except asyncio.CancelledError:
             raise  # agent shutdown: the task keeps running for the next agent
@@ -110,10 +123,19 @@ class TaskRunner:
                                 setup_error=str(exc),
                                 display_message=f"task runner failed: {exc}"))
             if self.handle is not None:
-                with contextlib.suppress(Exception):
-                    await self.driver.destroy_task(self.handle)
-                self.handle = None
+                await self._kill_task(self.handle, "task runner failed: killing it")
             await self._finish()
+
+    async def kill_leftover(self, reason: str) -> None:
+        """Kill the task behind a handle this runner will not supervise (it is finished, or
+        its allocation failed to set up), then save the state without the handle."""
+        if self.handle is None:
+            return
+        if self.driver is None:  # its driver is missing from this agent
+            self.log.error("task %s: no driver %s to kill its process", self.name,
+                           self.handle.driver)
+            return
+        await self._kill_task(self.handle, reason)
 
     async def _run_loop(self) -> None:
         restoring = self.handle is not None
@@ -148,14 +170,19 @@ class TaskRunner:
         except HookError as err:
             self.emit(TaskEvent(type=m.EVENT_HOOK_FAILED, message=str(err),
                                 display_message=str(err), setup_error=str(err)))
+            if self.handle is not None:
+                # A reattached task whose setup cannot be redone (its directories, its Task
+                # API socket) must not run on unsupervised while we retry or give up.
+                await self._kill_task(self.handle, RESTORE_KILL_REASON)
             return self.restarts.next(exit_ok=False, start_failed=True)
         env = self._build_env(extra_env)
         await self._notify("task_starting", self.ctx)
         if restoring and self.handle is not None:
-            if not await self.driver.recover_task(self.handle):
+            if not await self._recover(self.handle):
                 self.emit(TaskEvent(type=m.EVENT_FAILED_RESTORING,
                                     display_message="failed to restore task; restarting it"))
-                self.handle = None
+                # "Not recovered" is not "not running": kill it before starting another.
+                await self._kill_task(self.handle, RESTORE_KILL_REASON)
         if self.handle is None:
             if self._kill.is_set():
                 return None  # killed while preparing: never launch it
@@ -199,6 +226,15 @@ class TaskRunner:
                     raise HookError(hook.name, exc) from exc
         return env
 
+    async def _recover(self, handle: TaskHandle) -> bool:
+        try:
+            return await self.driver.recover_task(handle)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("task %s: recovering its driver handle failed", self.name)
+            return False
+
     async def _wait_or_kill(self, handle: TaskHandle) -> ExitResult | None:
         waiter = asyncio.ensure_future(self.driver.wait_task(handle))
         killer = asyncio.ensure_future(self._kill.wait())
@@ -211,8 +247,10 @@ class TaskRunner:
             await asyncio.gather(waiter, killer, return_exceptions=True)
         if waiter in done and not waiter.cancelled() and waiter.exception() is None:
             return waiter.result()
-        if waiter in done and waiter.exception() is not None:
-            return ExitResult(exit_code=-1, err=str(waiter.exception()))
+        if waiter in done and (error := waiter.exception()) is not None:
+            # Whether the task still runs is now unknown: make sure it does not.
+            await self._kill_task(handle, f"waiting for the task failed: killing it ({error})")
+            return ExitResult(exit_code=-1, err=str(error))
         return None
 
     async def _wait_killed(self, delay: float) -> bool:
@@ -223,28 +261,74 @@ class TaskRunner:
         except TimeoutError:
             return False
 
-    async def _kill_task(self, handle: TaskHandle) -> None:
+    async def _kill_task(self, handle: TaskHandle, reason: str | None = None) -> None:
+        """Stop and destroy ``handle``; forget it (and save that) only once it is gone."""
+        reason = self._kill_reason if reason is None else reason
         await self._run_hooks(TaskPreKillHook, "prekill")
         timeout = self.ctx.task.get("KillTimeout", 5 * NS) / NS
         self.emit(TaskEvent(type=m.EVENT_KILLING, kill_timeout=int(timeout * NS),
-                            kill_reason=self._kill_reason,
-                            display_message=self._kill_reason or
+                            kill_reason=reason,
+                            display_message=reason or
                             f"Sent interrupt. Waiting {timeout:g}s before force killing"))
-        try:
-            await self.driver.stop_task(handle, timeout)
-        except DriverError as err:
-            self.log.warning("task %s: stop failed: %s", self.name, err)
-        await self.driver.destroy_task(handle)
+        await self._stop_until_gone(handle, timeout)
         self.handle = None
         self.emit(TaskEvent(type=m.EVENT_KILLED, display_message="Task successfully killed"))
+        await self._persist_logged()
 
-    async def _finish(self) -> None:
-        self._set_state(m.TASK_DEAD)
+    async def _stop_until_gone(self, handle: TaskHandle, grace: float) -> None:
+        """``stop_task`` then ``destroy_task`` until the driver shows the task gone. Never
+        gives up: giving up would leave a process that no agent supervises."""
+        delay = KILL_RETRY_FIRST
+        while True:
+            try:
+                await self._stop_and_destroy(handle, grace)
+                if await self._gone(handle):
+                    return
+                problem = "still running after destroy"
+            except asyncio.CancelledError:
+                raise  # agent shutdown: the saved handle lets the next agent finish the job
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            self.log.warning("task %s: killing it failed (%s); retrying in %gs",
+                             self.name, problem, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, KILL_RETRY_MAX)
+
+    async def _stop_and_destroy(self, handle: TaskHandle, grace: float) -> None:
+        try:
+            await self.driver.stop_task(handle, grace)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            # destroy_task below still kills it; only the graceful part was lost.
+            self.log.warning("task %s: stop failed: %s", self.name, err)
+        await self.driver.destroy_task(handle)
+
+    async def _gone(self, handle: TaskHandle) -> bool:
+        """True once ``wait_task`` returns (or the driver no longer knows the task)."""
+        try:
+            async with asyncio.timeout(GONE_TIMEOUT):
+                await self.driver.wait_task(handle)
+        except TimeoutError:
+            return False
+        except DriverError:
+            pass  # destroyed tasks may be forgotten by the driver: nothing left to wait for
+        return True
+
+    async def _persist_logged(self) -> None:
         try:
             await self._persist(self)
         except Exception:
-            # The state is still reported to the servers; stop hooks must run regardless.
-            self.log.exception("task %s: persisting the final state failed", self.name)
+            # The state is still reported to the servers; the caller's work must go on.
+            self.log.exception("task %s: persisting its state failed", self.name)
+
+    async def _finish(self) -> None:
+        if self.handle is not None:
+            # Only reachable with a handle that was never waited on (e.g. a restored task
+            # killed before its first run): dead must mean its process is gone.
+            await self._kill_task(self.handle)
+        self._set_state(m.TASK_DEAD)
+        await self._persist_logged()  # stop hooks must run regardless
         await self._run_hooks(TaskStopHook, "stop")
         await self._notify("task_stopped", self.ctx)
 

@@ -15,10 +15,15 @@ Protocol:
     ``signal`` and ``finished_at``.
 
 It touches: the task's two log files, the exit file, and the processes it starts. The logs
-live in ``<alloc_dir>/alloc/logs``; ``alloc`` and ``logs`` are writable by the task, while
-this process may be root. So they are opened relative to ``spec["alloc_dir"]`` without
-following a symlink at ``alloc``, ``logs`` or the file itself, and a log file is appended to
-only when it is a regular file with a single link (no FIFO, device or planted hard link).
+live in ``<alloc_dir>/alloc/logs``, which only the agent's user may write (the alloc dir's
+layout), while this process may be root; a tree of an older layout, or one a task made
+before it was tightened, must still not trick it. So they are opened relative to
+``spec["alloc_dir"]`` without following a symlink at ``alloc``, ``logs`` or the file
+itself, and a log file is appended to only when it is a regular file with a single link,
+owned by this process's user (no FIFO, device, planted hard link or file a task created).
+The task's processes run as ``spec["uid"]``/``spec["gid"]`` with exactly the supplementary
+groups in ``spec["groups"]`` (the allocation's group), or as this process when ``uid`` is
+null.
 
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the executor are forwarded to
 the task's process group. It makes itself a child subreaper, so processes the task orphans
@@ -88,8 +93,8 @@ def find_command(command: str, cwd: str, env: dict[str, str]) -> str:
     raise LaunchError(f"command {command!r} not found in the task directory or PATH")
 
 
-# The parts of a log path below the alloc dir. ``logs`` sits in the world-writable ``alloc``,
-# so a task can swap it for a symlink; neither part is opened through one.
+# The parts of a log path below the alloc dir. Tasks may write ``alloc`` (it is sticky, but a
+# tree of an older layout was not), so neither part is opened through a symlink.
 _LOG_DIR_PARTS = ("alloc", "logs")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted in place of the log must fail (ENXIO) or be caught by the
@@ -167,6 +172,9 @@ def _open_log(logs_fd: int, name: str, path: str) -> int:
             raise LaunchError(
                 f"log path {path} has {st.st_nlink} hard links; refusing to append to it"
             )
+        if st.st_uid != os.geteuid():
+            # Only we create log files; one owned by a task is its to rewrite at will.
+            raise LaunchError(f"log path {path} is owned by uid {st.st_uid}, not by the agent")
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
     except BaseException:
@@ -214,6 +222,8 @@ def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     out_fd, err_fd = _open_logs(spec)
     uid = spec.get("uid")
     gid = spec.get("gid")
+    # Only the allocation's group: never the agent's own supplementary groups.
+    groups = [int(g) for g in spec.get("groups") or []]
     try:
         return subprocess.Popen(
             [command, *args],
@@ -227,7 +237,7 @@ def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
             process_group=0,  # its own group, so signals reach all of it and not us
             user=uid,
             group=gid,
-            extra_groups=[] if uid is not None else None,
+            extra_groups=groups if uid is not None else None,
         )
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)

@@ -6,6 +6,11 @@ files, which must be in ``<alloc dir>/alloc/logs`` (the executor opens them rela
 alloc dir and refuses symlinks, FIFOs and hard links there). Never blocks the event loop:
 user lookups, file reads and process inspection run in worker threads.
 
+A task run as another ``user`` gets that user's primary group plus one supplementary group,
+its allocation's own (``allocdir.alloc_group``, read from the alloc dir): that is what lets
+it into its alloc dir and lets tasks of one allocation share ``alloc/data`` across users,
+while tasks of other allocations stay out.
+
 Each task gets an executor process (``nomad_client.client.drivers.executor``) started in a
 new session. The handle's ``pid``/``create_time`` name the executor; ``driver_state``
 records the task's own pid. Because the executor, not the agent, is the task's parent and
@@ -34,6 +39,7 @@ from typing import Any
 import psutil
 
 import nomad_client
+from nomad_client.client.allocdir import alloc_group
 
 from . import proctree
 from .base import DriverError, DriverInfo, ExitResult, TaskConfig, TaskHandle
@@ -89,6 +95,14 @@ def _resolve_user(user: str | None) -> tuple[int | None, int | None]:
             f"cannot run task as user {user}: no such user", recoverable=False
         ) from None
     return entry.pw_uid, entry.pw_gid
+
+
+def _task_groups(alloc_dir: Path, uid: int | None) -> list[int]:
+    """Supplementary groups for a task run as ``uid``: its allocation's group, if any."""
+    if uid is None:
+        return []  # runs as the agent's own user, which reaches the whole tree anyway
+    gid = alloc_group(alloc_dir)
+    return [] if gid is None else [gid]
 
 
 def _alloc_dir_of(cfg: TaskConfig) -> Path:
@@ -183,6 +197,7 @@ class RawExecDriver:
         alloc_dir = _alloc_dir_of(cfg)
         # User lookups may go through NSS (LDAP, ...), so they run off the event loop.
         uid, gid = await asyncio.to_thread(_resolve_user, cfg.user)
+        groups = await asyncio.to_thread(_task_groups, alloc_dir, uid)
         exit_path = cfg.state_dir / EXIT_FILE
         try:
             log = await asyncio.to_thread(_prepare_state_dir, cfg.state_dir)
@@ -199,6 +214,7 @@ class RawExecDriver:
             "stderr_path": str(cfg.stderr_path),
             "uid": uid,
             "gid": gid,
+            "groups": groups,
             "exit_path": str(exit_path),
         }
         try:

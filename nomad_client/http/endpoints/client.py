@@ -4,6 +4,11 @@ Every file is opened with ``AllocDir.open_path`` (the one home of path confineme
 never follows a symlink) and then served from that descriptor, never re-opened by name:
 tasks can rewrite most of the alloc dir while a request runs. All file work, including the
 encoding of log frames, runs in a worker thread so the event loop never blocks on it.
+
+``cat`` and ``logs`` stream: a request holds one bounded piece of a file at a time and
+waits for the client to take it before reading the next. A refusal found before the
+response starts is a plain 4xx; a failure after that closes the connection, so the client
+sees a truncated body rather than a complete-looking one.
 """
 
 from __future__ import annotations
@@ -11,31 +16,39 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import mimetypes
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiofiles
 from aiohttp import web
 
 from nomad_client.client.allocdir import (
     AllocDir,
     AllocPathError,
+    HardLinkError,
+    OpenedPath,
     PathEscapeError,
     PathNotFoundError,
     SecretReadError,
     SymlinkError,
 )
+from nomad_client.client.nodemeta import MetaLimitError, is_meta_key, shown_key
 from nomad_client.http.errors import HTTPError, bad_request, not_found
 from nomad_client.http.query import query_bool
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import LocalClient, Services
 from nomad_client.structs.models import rfc3339
 
-_HCL_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-MAX_CAT_BYTES = 64 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+# A streamed file is read this much at a time; the next read waits until the client has
+# taken the previous piece, so this (plus the transport's small buffer) is all a request holds.
+STREAM_CHUNK_BYTES = 128 * 1024
 # Log reads stop after this many bytes in total (files in index order): a task decides how
 # many log files there are and how large (sparse) they look.
 MAX_LOG_BYTES = 16 * 1024 * 1024
@@ -56,11 +69,11 @@ def validate_meta_update(body: Any) -> dict[str, str | None]:
     for key, value in meta.items():
         if not key:
             raise bad_request("metadata keys must not be empty")
-        if not all(_HCL_IDENT.match(part) for part in key.split(".")):
-            raise bad_request(f"{key!r} is invalid; metadata keys must be valid dotted hcl "
-                              "identifiers")
+        if not is_meta_key(key):
+            raise bad_request(f"{shown_key(key)} is invalid; metadata keys must be valid "
+                              "dotted hcl identifiers")
         if value is not None and not isinstance(value, str):
-            raise bad_request(f"metadata value for {key!r} must be a string or null")
+            raise bad_request(f"metadata value for {shown_key(key)} must be a string or null")
     return meta
 
 
@@ -93,69 +106,166 @@ def _stat(adir: AllocDir, rel: str) -> dict[str, Any]:
     return info
 
 
-def _cat(adir: AllocDir, rel: str) -> bytes:
-    with adir.open_path(rel, want="file", for_read=True) as opened:
-        data = _read_up_to(opened.fd, MAX_CAT_BYTES + 1)
-    if len(data) > MAX_CAT_BYTES:
-        raise bad_request("file too large to cat; use logs or readat")
-    return data
-
-
-def _read_up_to(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    left = limit
-    while left > 0:
-        chunk = os.read(fd, min(left, 1024 * 1024))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _log_names(adir: AllocDir, task: str, kind: str) -> list[str]:
-    pattern = re.compile(rf"^{re.escape(task)}\.{kind}\.(\d+)$")
+    pattern = re.compile(rf"\A{re.escape(task)}\.{kind}\.([0-9]+)\Z")  # `$`: "...0\n" too
     with adir.open_path("alloc/logs", want="dir", for_read=True) as logs, \
             os.scandir(logs.fd) as entries:
         found = [(int(m.group(1)), e.name) for e in entries if (m := pattern.match(e.name))]
     return [name for _, name in sorted(found)]
 
 
-def _read_logs(adir: AllocDir, task: str, kind: str, *, plain: bool,
-               max_bytes: int = MAX_LOG_BYTES) -> bytes | None:
-    """The task's logs, oldest first, at most ``max_bytes`` of file data in total.
+def _open_file(adir: AllocDir, rel: str) -> OpenedPath:
+    return adir.open_path(rel, want="file", for_read=True)
 
-    Plain: the raw bytes. Otherwise concatenated JSON frames of at most ``LOG_FRAME_BYTES``
-    each, ``Offset`` being the file offset just past the frame's data (as Nomad's).
-    ``None`` when there is no log file at all.
+
+def _open_log(adir: AllocDir, name: str) -> OpenedPath | None:
+    try:
+        return adir.open_path(f"alloc/logs/{name}", want="file", for_read=True)
+    except PathNotFoundError:
+        return None  # rotated away since the listing
+
+
+def _close_unclaimed(done: asyncio.Future[Any]) -> None:
+    """Close what an open finished with after the request that wanted it was cancelled."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    opened = done.result()
+    if isinstance(opened, OpenedPath):
+        opened.close()
+
+
+class _StreamedFile:
+    """The descriptor a response streams from, and the one read of it that may be running.
+
+    Reads run in worker threads, which a cancelled request (agent shutdown) cannot stop:
+    ``close`` then leaves the descriptor open until that read ends, so the read never
+    lands on a number that already names some other file.
     """
-    names = _log_names(adir, task, kind)
-    if not names:
-        return None
-    out: list[bytes] = []
-    left = max_bytes
-    for name in names:
-        if left <= 0:
+
+    def __init__(self, opened: OpenedPath) -> None:
+        self.opened = opened
+        self._reading: asyncio.Future[Any] | None = None
+
+    async def read(self, op: Awaitable[T]) -> T:
+        """Await ``op``, one read of the descriptor, tracked so ``close`` can wait for it."""
+        self._reading = asyncio.ensure_future(op)
+        return await asyncio.shield(self._reading)
+
+    def close(self) -> None:
+        # Closing a read-only descriptor does no I/O: fine on the loop.
+        if self._reading is None or self._reading.done():
+            self.opened.close()
+        else:
+            self._reading.add_done_callback(self._close_after_read)
+
+    def _close_after_read(self, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # nobody is left to want it
+        self.opened.close()
+
+
+class _Truncated(Exception):
+    """A file ended before the length already promised to the client."""
+
+
+def _end_early(raw: web.BaseRequest, what: str, err: BaseException) -> None:
+    """The response has started: close the connection so the body reads as cut short."""
+    log.warning("%s ended early: %s", what, err)
+    transport = raw.transport
+    if transport is not None:
+        transport.close()
+
+
+async def _stream_cat(raw: web.BaseRequest, opened: OpenedPath) -> web.StreamResponse:
+    """Send the file as long as it was when opened (``Content-Length``), piece by piece.
+
+    No size cap, as in Nomad: a streamed body costs the agent no memory, and the client
+    paces the transfer and can hang up at any time (a huge sparse file included).
+    """
+    resp = web.StreamResponse()
+    resp.content_type = "application/octet-stream"
+    resp.content_length = left = opened.st.st_size
+    source = _StreamedFile(opened)
+    try:
+        await resp.prepare(raw)
+        # The descriptor that was checked, never the name; closefd=False: ``source`` owns it.
+        file = await aiofiles.open(opened.fd, "rb", buffering=0, closefd=False)
+        while left > 0:
+            chunk = await source.read(file.read(min(STREAM_CHUNK_BYTES, left)))
+            if not chunk:
+                raise _Truncated("the file shrank while being sent")
+            left -= len(chunk)
+            await resp.write(chunk)  # waits while the client is behind
+    except ConnectionError:
+        pass  # the client hung up: no one to tell
+    except Exception as err:  # after the headers, only the connection can say so
+        _end_early(raw, f"cat of {opened.rel!r}", err)
+    finally:
+        source.close()
+    return resp
+
+
+def _log_piece(fd: int, want: int, offset: int, file: str, plain: bool) -> tuple[bytes, int]:
+    """Read the next piece of a log and encode it for sending: (payload, bytes read).
+
+    Frames are JSON with at most ``LOG_FRAME_BYTES`` of data; ``Offset`` is the file
+    offset just past the frame's data (as Nomad's).
+    """
+    chunk = os.read(fd, want)
+    if plain or not chunk:
+        return chunk, len(chunk)
+    frame = {"Offset": offset + len(chunk), "Data": base64.b64encode(chunk).decode(),
+             "File": file}
+    return json.dumps(frame).encode(), len(chunk)
+
+
+async def _send_log(resp: web.StreamResponse, source: _StreamedFile, left: int,
+                    plain: bool) -> int:
+    """Send one log file, at most ``left`` bytes of it; return how many may still follow."""
+    offset = 0
+    while left > 0:
+        # One worker-thread hop reads *and* frames a piece (rather than aiofiles for the
+        # read and another hop for the base64 and JSON work, which must stay off the loop).
+        payload, size = await source.read(asyncio.to_thread(
+            _log_piece, source.opened.fd, min(LOG_FRAME_BYTES, left), offset,
+            source.opened.rel, plain))
+        if not size:
             break
-        try:
-            opened = adir.open_path(f"alloc/logs/{name}", want="file", for_read=True)
-        except PathNotFoundError:
-            continue  # rotated away since the listing
-        with opened:
-            offset = 0
-            while left > 0:
-                chunk = os.read(opened.fd, min(LOG_FRAME_BYTES, left))
-                if not chunk:
+        offset += size
+        left -= size
+        await resp.write(payload)
+    return left
+
+
+async def _stream_logs(raw: web.BaseRequest, first: OpenedPath, rest: list[str],
+                       open_next: Callable[[str], Awaitable[OpenedPath | None]],
+                       plain: bool) -> web.StreamResponse:
+    """Send ``first`` then the ``rest`` of a task's logs in order, each as it is read, at
+    most ``MAX_LOG_BYTES`` of file data in all (a task decides how many log files there
+    are and how large, or sparse, they look)."""
+    resp = web.StreamResponse()
+    resp.content_type = "text/plain" if plain else "application/json"
+    source: _StreamedFile | None = _StreamedFile(first)
+    pending = iter(rest)
+    left = MAX_LOG_BYTES
+    try:
+        await resp.prepare(raw)
+        while source is not None and left > 0:
+            left = await _send_log(resp, source, left, plain)
+            source.close()
+            source = None
+            for name in pending:
+                if (opened := await open_next(name)) is not None:
+                    source = _StreamedFile(opened)
                     break
-                offset += len(chunk)
-                left -= len(chunk)
-                if plain:
-                    out.append(chunk)
-                else:
-                    out.append(json.dumps({"Offset": offset,
-                                           "Data": base64.b64encode(chunk).decode(),
-                                           "File": f"alloc/logs/{name}"}).encode())
-    return b"".join(out)
+    except ConnectionError:
+        pass  # the client hung up: no one to tell
+    except Exception as err:  # after the headers, only the connection can say so
+        _end_early(raw, "log read", err)
+    finally:
+        if source is not None:
+            source.close()
+    return resp
 
 
 def register(router: Router, services: Services) -> None:
@@ -178,7 +288,10 @@ def register(router: Router, services: Services) -> None:
         body = await req.json()
         meta = validate_meta_update(body)
         client = check_node(req, str(body.get("NodeID") or ""))
-        return await client.apply_metadata(meta)
+        try:
+            return await client.apply_metadata(meta)
+        except MetaLimitError as err:
+            raise bad_request(str(err)) from None
 
     def alloc_dir(req: ApiRequest) -> AllocDir:
         alloc_id = req.params.get("alloc_id", "")
@@ -196,6 +309,8 @@ def register(router: Router, services: Services) -> None:
         except SecretReadError as err:
             raise HTTPError(403, f"Reading secret file prohibited: {err}") from None
         except SymlinkError as err:
+            raise HTTPError(403, str(err)) from None
+        except HardLinkError as err:
             raise HTTPError(403, str(err)) from None
         except PathEscapeError as err:
             raise HTTPError(403, f"Path escapes the alloc directory: {err}") from None
@@ -220,9 +335,19 @@ def register(router: Router, services: Services) -> None:
     async def fs_stat(req: ApiRequest) -> Any:
         return await in_thread(_stat, alloc_dir(req), fs_path(req, required=True))
 
+    async def open_for_stream(fn: Callable[..., T], *args: Any) -> T:
+        """Open in a worker thread (refusals are 4xx); should the request be cancelled
+        meanwhile, the descriptor is closed once the open finishes instead of leaking."""
+        opening = asyncio.ensure_future(in_thread(fn, *args))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_unclaimed)
+            raise
+
     async def fs_cat(req: ApiRequest) -> Any:
-        data = await in_thread(_cat, alloc_dir(req), fs_path(req, required=True))
-        return web.Response(body=data, content_type="application/octet-stream")
+        opened = await open_for_stream(_open_file, alloc_dir(req), fs_path(req, required=True))
+        return await _stream_cat(req.raw, opened)
 
     async def fs_logs(req: ApiRequest) -> Any:
         task = req.query.get("task", "")
@@ -240,12 +365,21 @@ def register(router: Router, services: Services) -> None:
                                               for t in g["Tasks"]}:
             raise bad_request(f"unknown task name {task!r}")
         plain = query_bool(req.query, "plain")
-        body = await in_thread(_read_logs, adir, task, kind, plain=plain)
-        if body is None:
+        names = await in_thread(_log_names, adir, task, kind)
+        if not names:
             raise not_found(f"task {task!r} not started yet. No logs available")
-        if plain:
-            return web.Response(body=body, content_type="text/plain")
-        return web.Response(body=body, content_type="application/json")
+
+        async def open_log(name: str) -> OpenedPath | None:
+            return await open_for_stream(_open_log, adir, name)
+
+        # The first log file is opened before the response starts, so refusing it (a
+        # symlink, a FIFO) is still a plain 4xx; later files can only cut the stream short.
+        for index, name in enumerate(names):
+            if (first := await open_log(name)) is not None:
+                return await _stream_logs(req.raw, first, names[index + 1:], open_log, plain)
+        # Every file rotated away since the listing.
+        return web.Response(body=b"", content_type="text/plain" if plain
+                            else "application/json")
 
     router.add(("GET",), "/v1/client/metadata", read_metadata, "node:read")
     router.add(("POST",), "/v1/client/metadata", apply_metadata, "node:write")

@@ -1,4 +1,8 @@
-"""Workload identity discovery: JWKS and OIDC configuration (no /v1 prefix, as Nomad)."""
+"""Workload identity discovery: JWKS and OIDC configuration (no /v1 prefix, as Nomad).
+
+The issuer comes from the keyring (the agent's ``server.oidc_issuer``, else its advertised
+HTTP address), never from the request: a ``Host`` header is the caller's to choose.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from nomad_client.http.errors import not_found
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import Services
 
@@ -17,10 +22,12 @@ def register(router: Router, services: Services) -> None:
         return web.json_response(keyring.jwks(), headers={"Cache-Control": "max-age=900"})
 
     async def openid_configuration(req: ApiRequest) -> Any:
-        issuer = f"http://{req.raw.host}"
+        issuer = keyring.issuer
+        if not issuer:
+            raise not_found("OIDC Discovery endpoint disabled")
         return {
             "issuer": issuer,
-            "jwks_uri": f"{issuer}/.well-known/jwks.json",
+            "jwks_uri": f"{issuer.rstrip('/')}/.well-known/jwks.json",
             "id_token_signing_alg_values_supported": ["RS256"],
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
