@@ -27,6 +27,7 @@ from nomad_client.http.router import Router
 from nomad_client.http.services import Services
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.rpc import InProcessTransport
+from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import Server
 from nomad_client.server.state import StateStore
 
@@ -63,8 +64,9 @@ class Agent:
         cfg, data_dir = self.config, self.data_dir
         assert data_dir is not None
         server_db = await self._open_db(data_dir / "server" / "state.db")
-        store = await StateStore.restore(server_db)
-        keyring = await Keyring.load_or_create(data_dir / "server" / "keyring")
+        keyring_dir = data_dir / "server" / "keyring"
+        keyring = await Keyring.load_or_create(keyring_dir)
+        store = await StateStore.restore(server_db, await Sealer.load_or_create(keyring_dir))
         self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled)
         self.router = Router(self.server)
 

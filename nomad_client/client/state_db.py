@@ -79,6 +79,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # Overwritten and deleted records are zeroed, not left in free pages.
+        conn.execute("PRAGMA secure_delete=ON")
         conn.execute(_SCHEMA)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(kv)")}
         if not {"bucket", "key", "value"} <= columns:

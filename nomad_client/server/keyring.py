@@ -200,7 +200,7 @@ class Keyring:
 
     @classmethod
     def _load_or_create_sync(cls, keyring_dir: Path) -> Keyring:
-        _ensure_private_dir(keyring_dir)
+        ensure_private_dir(keyring_dir)
         key_path = keyring_dir / KEY_FILE
         meta_path = keyring_dir / META_FILE
         # The key file is the commit point: metadata is written first, so a
@@ -230,13 +230,13 @@ class Keyring:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_private_file(keyring_dir, META_FILE, json.dumps(meta, indent=2).encode() + b"\n")
-        _write_private_file(keyring_dir, KEY_FILE, pem)
+        write_keyring_file(keyring_dir, META_FILE, json.dumps(meta, indent=2).encode() + b"\n")
+        write_keyring_file(keyring_dir, KEY_FILE, pem)
         return keyring
 
     @classmethod
     def _load(cls, key_path: Path, meta_path: Path) -> Keyring:
-        meta_raw = _read_private_file(meta_path)
+        meta_raw = read_private_file(meta_path)
         try:
             meta = json.loads(meta_raw)
             key_id = meta["key_id"]
@@ -250,7 +250,7 @@ class Keyring:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeyringError(f"{meta_path}: corrupt keyring metadata ({exc})") from None
 
-        pem = _read_private_file(key_path)
+        pem = read_private_file(key_path)
         try:
             private_key = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError) as exc:
@@ -508,7 +508,7 @@ def _public_fingerprint(public_key: rsa.RSAPublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def _ensure_private_dir(path: Path) -> None:
+def ensure_private_dir(path: Path) -> None:
     """Create ``path`` 0700 if missing; refuse a symlink or a non-directory."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -526,7 +526,7 @@ def _ensure_private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
-def _write_private_file(directory: Path, name: str, data: bytes) -> None:
+def write_keyring_file(directory: Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` as 0600 via a temp file and an atomic rename."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -535,7 +535,7 @@ def _write_private_file(directory: Path, name: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _read_private_file(path: Path) -> bytes:
+def read_private_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:

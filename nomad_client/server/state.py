@@ -3,6 +3,8 @@ a Raft-style index bumped by every write, and blocking queries that wake on chan
 
 The store is in memory and, when given a ``StateDB``, writes every change through to disk so a
 restarted agent finds its jobs and allocations again. Only the server package touches it.
+Credential fields are sealed on their way to disk and opened on the way back (``sealing``):
+the file never holds a secret in the clear.
 
 Read-modify-write callers pass *row updates* (``fn(current_row_or_None, index)``) rather than
 whole rows they read earlier: the function runs under the write lock against the latest row,
@@ -19,6 +21,7 @@ from typing import Any, Final
 import attrs
 
 from nomad_client.client.state_db import StateDB
+from nomad_client.server.sealing import Sealer, seal_record, unseal_record
 from nomad_client.structs.codec import from_rpc, to_rpc
 from nomad_client.structs.models import ACLToken, Allocation, Evaluation, Node
 
@@ -47,8 +50,11 @@ RowUpdate = Callable[[Any | None, int], Any]
 
 
 class StateStore:
-    def __init__(self, db: StateDB | None = None) -> None:
+    def __init__(self, db: StateDB | None = None, sealer: Sealer | None = None) -> None:
+        if db is not None and sealer is None:
+            raise ValueError("a persisted store needs a sealer for its secrets")
         self._db = db
+        self._sealer = sealer
         self._tables: dict[str, dict[str, Any]] = {name: {} for name in (*TABLE_TYPES, JOBS)}
         self._table_index: dict[str, int] = dict.fromkeys(self._tables, 0)
         self.index = 0
@@ -56,15 +62,22 @@ class StateStore:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def restore(cls, db: StateDB) -> StateStore:
-        store = cls(db)
+    async def restore(cls, db: StateDB, sealer: Sealer) -> StateStore:
+        store = cls(db, sealer)
         meta = await db.get("server_meta", "index")
         store.index = int(meta or 0)
+        in_the_clear: list[tuple[str, str, Any]] = []
         for table in store._tables:
             for key, raw in await db.items(f"table/{table}"):
+                raw, plain = unseal_record(sealer, table, key, raw)
+                if plain:
+                    in_the_clear.append((f"table/{table}", key, seal_record(sealer, table, key,
+                                                                            raw)))
                 cls_ = TABLE_TYPES.get(table)
                 store._tables[table][key] = from_rpc(raw, cls_) if cls_ else raw
             store._table_index[table] = store.index
+        if in_the_clear:  # written before secrets were sealed: seal them now
+            await db.write_batch(in_the_clear, [])
         return store
 
     # ---- reads -------------------------------------------------------------------------
@@ -140,7 +153,7 @@ class StateStore:
             if self._db is not None:
                 # One transaction: a crash never leaves half a batch or a stale index on disk.
                 await self._db.write_batch(
-                    [*((f"table/{table}", key, to_rpc(v) if attrs.has(type(v)) else v)
+                    [*((f"table/{table}", key, self._on_disk(table, key, v))
                        for table, rows in pending.items() for key, v in rows.items()
                        if v is not DELETE),
                      ("server_meta", "index", index)],
@@ -158,6 +171,11 @@ class StateStore:
             self._changed.set()
             self._changed = asyncio.Event()
             return index
+
+    def _on_disk(self, table: str, key: str, value: Any) -> Any:
+        raw = to_rpc(value) if attrs.has(type(value)) else value
+        assert self._sealer is not None  # a store with a db always has one
+        return seal_record(self._sealer, table, key, raw)
 
 
 def _stamp(value: Any, previous: Any | None, index: int) -> Any:

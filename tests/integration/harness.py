@@ -223,14 +223,13 @@ def event_types(alloc: Mapping[str, Any], task: str = "t") -> list[str]:
 SECRET_SCAN_SKIPPED = ("alloc", "server/keyring")
 
 
-async def assert_no_secrets(agent: AgentProcess, secrets: Iterable[str | bytes], *,
-                            also_skip: Iterable[str] = ()) -> None:
+async def assert_no_secrets(agent: AgentProcess, secrets: Iterable[str | bytes]) -> None:
     """Fail if any of ``secrets`` appears, as plain bytes, in the agent's captured output or
-    in any file under its data dir other than ``SECRET_SCAN_SKIPPED`` (and ``also_skip``,
-    paths relative to the data dir). Failure messages never show a secret in full."""
+    in any file under its data dir other than ``SECRET_SCAN_SKIPPED``. Failure messages never
+    show a secret in full."""
     wanted = [s.encode() if isinstance(s, str) else bytes(s) for s in secrets]
     assert all(len(s) >= 8 for s in wanted), "a secret this short would match by chance"
-    skipped = [agent.data_dir / p for p in (*SECRET_SCAN_SKIPPED, *also_skip)]
+    skipped = [agent.data_dir / p for p in SECRET_SCAN_SKIPPED]
     output = agent.output.encode()
     found = await asyncio.to_thread(_files_with_secrets, agent.data_dir, skipped, wanted)
     found += [("agent output", s) for s in wanted if s in output]

@@ -20,7 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nomad_client.client.state_db import StateDB
-from nomad_client.structs.codec import to_rpc
+from nomad_client.server.sealing import Sealer
+from nomad_client.server.state import StateStore
 from nomad_client.structs.models import ACLToken
 from tests.integration.harness import (
     AgentProcess,
@@ -190,11 +191,13 @@ def _acl_token(name: str, type_: str, expiration_time: float | None = None) -> A
 
 
 async def seed_acl_tokens(data_dir: Path, *tokens: ACLToken) -> None:
-    """Write tokens straight into the server's state before the agent first starts."""
+    """Write tokens into the server's state (through its store, so their secrets are sealed
+    as the agent seals them) before the agent first starts."""
+    sealer = await Sealer.load_or_create(data_dir / "server" / "keyring")
     db = await StateDB.open(data_dir / "server" / "state.db")
     try:
-        for token in tokens:
-            await db.put("table/acl_tokens", token.accessor_id, to_rpc(token))
+        await StateStore(db, sealer).write(
+            {"acl_tokens": [(token.accessor_id, token) for token in tokens]})
     finally:
         await db.close()
 

@@ -34,6 +34,7 @@ from nomad_client.client.state_db import StateDB
 from nomad_client.client.taskenv import NodeView
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.rpc import InProcessTransport
+from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import NotFound, Server
 from nomad_client.server.state import StateStore
 from nomad_client.structs.codec import to_rpc
@@ -439,7 +440,8 @@ async def cluster(tmp_path: Path) -> Any:
     """A server writing through to a real state DB, its RPC facade, and one node (n1)."""
     db = await StateDB.open(tmp_path / "server" / "state.db")
     keyring = await Keyring.load_or_create(tmp_path / "keyring")
-    server = Server(StateStore(db), keyring, region="global", acl_enabled=False)
+    sealer = await Sealer.load_or_create(tmp_path / "keyring")
+    server = Server(StateStore(db, sealer), keyring, region="global", acl_enabled=False)
     await server.register_node(node("n1", "secret-1"))
     yield server, ServerRPC(InProcessTransport(server)), db
     await db.close()

@@ -13,8 +13,11 @@ import pytest
 from nomad_client.allocrunner.taskrunner.restarts import RestartTracker
 from nomad_client.client.state_db import StateDB
 from nomad_client.server.scheduler import plan_job
+from nomad_client.server.sealing import Sealer
 from nomad_client.server.state import JOBS, StateStore
 from nomad_client.structs.models import DriverInfo, Node
+
+TEST_SEALER = Sealer("00000000-0000-4000-8000-000000000000", bytes(range(32)))
 
 NS = 1_000_000_000
 
@@ -62,12 +65,12 @@ async def test_blocking_query_waits_and_wakes() -> None:
 
 async def test_store_survives_restart_through_state_db(tmp_path: Path) -> None:
     db = await StateDB.open(tmp_path / "state.db")
-    store = StateStore(db)
+    store = StateStore(db, TEST_SEALER)
     await store.write({"nodes": [("n1", node())], JOBS: [("web", job())]})
     await store.write({}, {JOBS: ["web"]})
     await db.close()
     db = await StateDB.open(tmp_path / "state.db")
-    restored = await StateStore.restore(db)
+    restored = await StateStore.restore(db, TEST_SEALER)
     await db.close()
     assert restored.index == store.index
     assert restored.get("nodes", "n1") == store.get("nodes", "n1")

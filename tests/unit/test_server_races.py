@@ -19,6 +19,7 @@ import pytest
 from nomad_client.client.state_db import StateDB
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.scheduler import plan_job
+from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import MAX_EVALS_PER_JOB, Server
 from nomad_client.server.state import JOBS, StateStore
 from nomad_client.structs.models import ACLToken, AllocUpdate, DriverInfo, Node
@@ -68,7 +69,7 @@ def keyring_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def server(keyring_dir: Path) -> tuple[Server, GatedDB]:
     db = GatedDB()
-    store = StateStore(cast(StateDB, db))
+    store = StateStore(cast(StateDB, db), await Sealer.load_or_create(keyring_dir))
     srv = Server(store, await Keyring.load_or_create(keyring_dir), region="global",
                  acl_enabled=False)
     return srv, db
