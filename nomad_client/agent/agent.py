@@ -16,10 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from nomad_client.agent.client import Client, ClientSettings
 from nomad_client.agent.config import AgentConfig, advertise_http_url
-from nomad_client.client.client import Client, ClientSettings
 from nomad_client.client.servers import ServerRPC
-from nomad_client.client.state_db import StateDB
 from nomad_client.http.context import TCP_LISTENER
 from nomad_client.http.endpoints import register_all
 from nomad_client.http.listeners import Listener, tcp_socket
@@ -30,6 +29,7 @@ from nomad_client.server.rpc import InProcessTransport
 from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import Server
 from nomad_client.server.state import StateStore
+from nomad_client.state_db import StateDB
 
 log = logging.getLogger(__name__)
 

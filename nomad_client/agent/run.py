@@ -20,8 +20,8 @@ from nomad_client.agent.config import (
     build_agent_config,
     parse_agent_args,
 )
-from nomad_client.client.state_db import StateDBError
 from nomad_client.server.keyring import KeyringError
+from nomad_client.state_db import StateDBError
 
 LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
               "WARN": logging.WARNING, "ERROR": logging.ERROR}

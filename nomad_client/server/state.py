@@ -20,8 +20,8 @@ from typing import Any, Final
 
 import attrs
 
-from nomad_client.client.state_db import StateDB
 from nomad_client.server.sealing import Sealer, seal_record, unseal_record
+from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
 from nomad_client.structs.models import ACLToken, Allocation, Evaluation, Node
 

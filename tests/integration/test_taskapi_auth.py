@@ -19,9 +19,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nomad_client.client.state_db import StateDB
 from nomad_client.server.sealing import Sealer
 from nomad_client.server.state import StateStore
+from nomad_client.state_db import StateDB
 from nomad_client.structs.models import ACLToken
 from tests.integration.harness import (
     AgentProcess,

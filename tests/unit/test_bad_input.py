@@ -29,11 +29,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nomad_client.agent.client import Client, ClientSettings
 from nomad_client.client.allocdir import AllocDir
-from nomad_client.client.client import Client, ClientSettings
 from nomad_client.client.drivers.mock import MockDriver
 from nomad_client.client.servers import ServerRPC
-from nomad_client.client.state_db import StateDB
 from nomad_client.http.context import ListenerContext
 from nomad_client.http.endpoints import register_all
 from nomad_client.http.endpoints.client import _log_names
@@ -45,6 +44,7 @@ from nomad_client.server.keyring import Keyring
 from nomad_client.server.rpc import InProcessTransport
 from nomad_client.server.server import Server
 from nomad_client.server.state import StateStore
+from nomad_client.state_db import StateDB
 from nomad_client.structs.models import ACLToken, Allocation
 
 T = TypeVar("T")

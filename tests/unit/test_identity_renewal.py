@@ -30,13 +30,13 @@ from nomad_client.client.identities import (
 )
 from nomad_client.client.secretsdir import SecretsDirError
 from nomad_client.client.servers import ServerRPC
-from nomad_client.client.state_db import StateDB
 from nomad_client.client.taskenv import NodeView
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.rpc import InProcessTransport
 from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import NotFound, Server
 from nomad_client.server.state import StateStore
+from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import to_rpc
 from nomad_client.structs.models import Allocation, DriverInfo, Node, TaskEvent
 

@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 
 from nomad_client.agent.agent import Agent
+from nomad_client.agent.client import B_META
 from nomad_client.agent.config import AgentFlags, build_agent_config
-from nomad_client.client.client import B_META
-from nomad_client.client.state_db import StateDB
 from nomad_client.http.endpoints.client import validate_meta_update
 from nomad_client.http.errors import HTTPError
+from nomad_client.state_db import StateDB
 
 TIGHT = "meta_limits {\n max_keys = 4\n max_key_length = 16\n max_value_length = 32\n" \
         " max_total_bytes = 120\n }"

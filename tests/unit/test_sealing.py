@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nomad_client.client.state_db import StateDB
 from nomad_client.server.keyring import KeyringError
 from nomad_client.server.sealing import DATA_KEY_FILE, Sealer, SealError, is_sealed
 from nomad_client.server.state import StateStore
+from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import to_rpc
 from nomad_client.structs.models import ACLToken, Node
 

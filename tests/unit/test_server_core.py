@@ -11,10 +11,10 @@ import attrs
 import pytest
 
 from nomad_client.allocrunner.taskrunner.restarts import RestartTracker
-from nomad_client.client.state_db import StateDB
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.sealing import Sealer
 from nomad_client.server.state import JOBS, StateStore
+from nomad_client.state_db import StateDB
 from nomad_client.structs.models import DriverInfo, Node
 
 TEST_SEALER = Sealer("00000000-0000-4000-8000-000000000000", bytes(range(32)))

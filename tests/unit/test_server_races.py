@@ -16,12 +16,12 @@ from typing import Any, cast
 
 import pytest
 
-from nomad_client.client.state_db import StateDB
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import MAX_EVALS_PER_JOB, Server
 from nomad_client.server.state import JOBS, StateStore
+from nomad_client.state_db import StateDB
 from nomad_client.structs.models import ACLToken, AllocUpdate, DriverInfo, Node
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nomad_client.client.state_db import StateDB, StateDBError
+from nomad_client.state_db import StateDB, StateDBError
 
 
 @pytest.fixture

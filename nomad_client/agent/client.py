@@ -27,8 +27,8 @@ from nomad_client.client.fingerprint import fingerprint_node
 from nomad_client.client.identities import IdentityManager
 from nomad_client.client.nodemeta import MetaLimitError, MetaLimits, check_meta_update
 from nomad_client.client.servers import ServerRPC
-from nomad_client.client.state_db import StateDB
 from nomad_client.client.taskenv import NodeView
+from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
 from nomad_client.structs.models import (
     NODE_READY,
