@@ -13,6 +13,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import attrs
@@ -355,11 +356,16 @@ def test_final_path_never_has_a_wider_mode(lay: Layout) -> None:
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        for i in range(200):
+        # At least 200 rounds, and more until the watcher has seen a socket at least once:
+        # on a loaded machine the watcher thread may not get a turn in the first 200.
+        deadline = time.monotonic() + 60
+        i = 0
+        while i < 200 or (seen == 0 and time.monotonic() < deadline):
             bound = create(lay, owner)
             bound.sock.close()
             if i % 2:
                 remove_task_socket(lay.task_dir, bound)
+            i += 1
     finally:
         stop.set()
         watcher.join()
