@@ -20,13 +20,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m nomad_client.demo
+	$(BIN)/python scripts/demo.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/taskapi_bench.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check nomad_client tests bench
+	$(BIN)/ruff check nomad_client tests bench scripts
 	$(BIN)/mypy nomad_client
 
 clean:

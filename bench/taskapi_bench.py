@@ -16,8 +16,9 @@ Runs alternate a, b, c, d, a, b, c, d, ... and medians are reported, because a s
 machine is noisy. Every request must come back 2xx, else the run is void and the script fails.
 
 Part 2, socket churn, in a fresh child process so its memory figures start clean. An
-in-process agent (server only) supplies the real ``Router``; one ``TaskAPIHook`` creates and
-removes the sockets of ``--sockets`` tasks (1,000 by default) through ``task_starting`` /
+in-process agent (server only) supplies the real ``Router``, served through the agent's
+``TaskAPIServer`` (one listener per socket); one ``TaskAPIHook`` creates and removes the
+sockets of ``--sockets`` tasks (1,000 by default) through ``task_starting`` /
 ``task_stopped``, one after the other; time, RSS and open fds are measured around it.
 
 May touch: a temp dir it creates (agent data dir, baseline socket, h2load logs), processes it
@@ -631,6 +632,7 @@ async def churn_benchmark(root: Path, count: int) -> ChurnResults:
     from nomad_client.allocrunner.taskapi_hook import TaskAPIHook
     from nomad_client.client.allocdir import AllocDir
     from nomad_client.client.taskenv import NodeView
+    from nomad_client.http.taskapi import TaskAPIServer
     from nomad_client.structs.models import Allocation, TaskEvent
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -668,7 +670,7 @@ async def churn_benchmark(root: Path, count: int) -> ChurnResults:
 
         contexts = await asyncio.to_thread(build)
         hook = TaskAPIHook(AllocHookDeps(alloc=alloc, alloc_dir=alloc_dir,
-                                         router=agent.router, log=log))
+                                         task_api=TaskAPIServer(agent.router), log=log))
         # Warm-up on a few tasks so lazy one-time costs (worker threads, the private staging
         # dir, imports) are not billed to the measured sockets.
         for ctx in contexts[:10]:

@@ -24,6 +24,7 @@ from nomad_client.http.endpoints import register_all
 from nomad_client.http.listeners import Listener, tcp_socket
 from nomad_client.http.router import Router
 from nomad_client.http.services import Services
+from nomad_client.http.taskapi import TaskAPIServer
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.rpc import InProcessTransport
 from nomad_client.server.sealing import Sealer
@@ -85,7 +86,7 @@ class Agent:
                 region=cfg.region, http_addr=self.http_addr,
                 static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits)
             self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
-                                 client_db, self.router)
+                                 client_db, TaskAPIServer(self.router))
         register_all(self.router, Services(
             server=self.server, client=self.client, agent_config=cfg.to_api_dict(),
             member=self._member()))

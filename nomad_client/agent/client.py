@@ -20,6 +20,8 @@ from typing import Any
 import attrs
 
 from nomad_client.allocrunner.alloc_runner import AllocRunner, AllocRunnerConfig, RestoredTask
+from nomad_client.allocrunner.builtin_hooks import BUILTIN_ALLOC_HOOKS, BUILTIN_TASK_HOOKS
+from nomad_client.allocrunner.hooks import TaskSocketServer
 from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.drivers.base import Driver, TaskHandle
@@ -70,11 +72,12 @@ class ClientSettings:
 
 class Client:
     def __init__(self, settings: ClientSettings, rpc: ServerRPC, db: StateDB,
-                 router: Any, drivers: Mapping[str, Driver] | None = None) -> None:
+                 task_api: TaskSocketServer | None,
+                 drivers: Mapping[str, Driver] | None = None) -> None:
         self.settings = settings
         self.rpc = rpc
         self.db = db
-        self.router = router
+        self.task_api = task_api
         self.drivers = dict(drivers or builtin_drivers())
         self.node_id = ""
         self._secret_id = ""
@@ -205,7 +208,8 @@ class Client:
         return AllocRunnerConfig(
             alloc_dir_root=self.settings.alloc_dir,
             driver_state_root=self.settings.state_dir / "tasks",
-            drivers=self.drivers, node_view=self.node_view, router=self.router,
+            drivers=self.drivers, node_view=self.node_view, alloc_hooks=BUILTIN_ALLOC_HOOKS,
+            task_hooks=BUILTIN_TASK_HOOKS, task_api=self.task_api,
             host_env=dict(os.environ), persist_task=self._persist_task,
             report=self._queue_report, identities=self.identities)
 

@@ -1,7 +1,9 @@
 """Agent configuration: config files (HCL or JSON), command-line flags and their merge.
 
 This module reads the config files it is given and nothing else; it never creates
-directories or opens sockets.  The result is an immutable :class:`AgentConfig`.
+directories or opens sockets.  The result is an immutable :class:`AgentConfig`.  HCL files
+are read by the jobspec package's HCL front-end (``jobspec.plain``), so every error names
+the real line, as a jobspec's does.
 
 Precedence (lowest first): built-in defaults, the ``-dev`` defaults, config files in the
 order given (later files override earlier ones key by key, maps merge), then flags.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -20,22 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import hcl2
 import psutil
-from hcl2.utils import SerializationOptions, process_escape_sequences
-from lark.exceptions import (
-    LarkError,
-    UnexpectedCharacters,
-    UnexpectedEOF,
-    UnexpectedInput,
-    UnexpectedToken,
-)
 
-from nomad_client.cli.goflags import GoArgumentParser, HelpRequested, UsageError
-from nomad_client.client.nodemeta import MetaLimits, is_meta_key
-from nomad_client.jobspec.evaluate import type_name as hcl_type_name
+from nomad_client.client.nodemeta import MetaLimits, meta_key_problem
+from nomad_client.goflags import GoArgumentParser, UsageError
+from nomad_client.jobspec.errors import JobspecError, type_name
+from nomad_client.jobspec.plain import parse_plain
 
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR")
+# Nomad's log level names and the Python level each runs the agent at (no TRACE below DEBUG).
+LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
+              "WARN": logging.WARNING, "ERROR": logging.ERROR}
 DEFAULT_HTTP_PORT = 4646
 
 
@@ -183,41 +180,20 @@ _SCHEMA: dict[str, Any] = {
 _BLOCK_MAPS = ("meta", "options")  # may be written as a block or as `key = { ... }`
 
 
-class _Expr:
-    """An HCL expression that is not a literal (e.g. ``var.x``); config accepts none."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, _Expr):
-        return f"expression {value.text}"
-    return hcl_type_name(value)
-
-
 class _Source:
-    """One config file's name and text, used to attach lines to semantic errors."""
+    """Where a config came from: its name and the line each key path is set on."""
 
-    def __init__(self, name: str, text: str) -> None:
+    def __init__(self, name: str, lines: Mapping[tuple[str, ...], int] | None = None) -> None:
         self.name = name
-        self.text = text
+        self.lines = lines or {}
 
     def line_of(self, key_path: Sequence[str]) -> int | None:
-        """Find the line where key_path is set, by a cheap search for each segment in turn."""
-        pos = 0
-        found: int | None = None
-        for seg in key_path:
-            pattern = re.compile(
-                r'^[ \t{,]*"?' + re.escape(seg) + r'"?[ \t]*(=|:|\{)', re.MULTILINE
-            )
-            m = pattern.search(self.text, pos)
-            if m is None:
-                return found
-            pos = m.start()
-            found = self.text.count("\n", 0, m.start()) + 1
-            pos = m.end()
-        return found
+        """The line ``key_path`` is set on, else that of its nearest enclosing key."""
+        for end in range(len(key_path), 0, -1):
+            line = self.lines.get(tuple(key_path[:end]))
+            if line is not None:
+                return line
+        return None
 
     def error(self, key_path: Sequence[str], message: str) -> ConfigError:
         return ConfigError(message, file=self.name, line=self.line_of(key_path),
@@ -228,67 +204,49 @@ class _Source:
 # Reading files
 
 
-def _hcl_value(value: Any) -> Any:
-    """Turn python-hcl2's representation into plain Python values.
-
-    python-hcl2 8.x keeps the quotes of string literals ('"x"'), renders any other
-    expression as '${...}', marks blocks with ``__is_block__`` and returns each block
-    type as a list of bodies.
-    """
-    if isinstance(value, str):
-        if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
-            return process_escape_sequences(value[1:-1])
-        return _Expr(value)
-    if isinstance(value, list):
-        return [_hcl_value(v) for v in value]
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if k.startswith("__") and k.endswith("__"):
-                continue
-            key = k[1:-1] if len(k) >= 2 and k.startswith('"') and k.endswith('"') else k
-            out[key] = _hcl_value(v)
-        return out
-    return value
-
-
-def _syntax_message(exc: UnexpectedInput) -> str:
-    column = getattr(exc, "column", None)
-    where = f" at column {column}" if isinstance(column, int) and column > 0 else ""
-    if isinstance(exc, UnexpectedToken):
-        if exc.token.type == "$END":
-            return "syntax error: unexpected end of file"
-        text = str(exc.token).strip().splitlines()
-        return f"syntax error{where}: unexpected {(text[0] if text else exc.token.type)!r}"
-    if isinstance(exc, UnexpectedCharacters):
-        return f"syntax error{where}: unexpected character {exc.char!r}"
-    if isinstance(exc, UnexpectedEOF):
-        return "syntax error: unexpected end of file"
-    return f"syntax error{where}"
-
-
-def _parse_hcl(src: _Source) -> dict[str, Any]:
-    options = SerializationOptions(with_comments=False, preserve_heredocs=False)
+def _read_hcl(name: str, text: str) -> tuple[dict[str, Any], _Source]:
     try:
-        raw = hcl2.loads(src.text, serialization_options=options)
-    except UnexpectedInput as exc:
-        line = getattr(exc, "line", None)
-        raise ConfigError(_syntax_message(exc), file=src.name,
-                          line=line if isinstance(line, int) and line > 0 else None) from exc
-    except (LarkError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"syntax error: {exc}", file=src.name) from exc
-    return _hcl_value(raw)
+        document = parse_plain(text, name)
+    except JobspecError as err:  # the HCL front-end's error type, whatever the file holds
+        raise ConfigError(err.message, file=name, line=err.line) from None
+    return document.data, _Source(name, document.lines)
 
 
-def _parse_json(src: _Source) -> dict[str, Any]:
+def _read_json(name: str, text: str) -> tuple[dict[str, Any], _Source]:
     try:
-        raw = json.loads(src.text)
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"invalid JSON: {exc.msg}", file=src.name, line=exc.lineno) from exc
+        raise ConfigError(f"invalid JSON: {exc.msg}", file=name, line=exc.lineno) from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"expected a JSON object at top level, got {_type_name(raw)}",
-                          file=src.name)
-    return raw
+        raise ConfigError(f"expected a JSON object at top level, got {type_name(raw)}",
+                          file=name)
+    return raw, _Source(name, _json_key_lines(text))
+
+
+# In a document json.loads accepted, only strings hold quotes or brackets, and a string
+# followed by a colon is a key: this finds every key exactly.
+_JSON_TOKEN = re.compile(r'("(?:[^"\\]|\\.)*")(\s*:)?|[{}\[\]]')
+
+
+def _json_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line each key path of a valid JSON document is set on (none inside arrays)."""
+    lines: dict[tuple[str, ...], int] = {}
+    # One entry per open bracket: an object's key being read, or None for an array.
+    open_brackets: list[str | None] = []
+    line, counted_to = 1, 0
+    for token in _JSON_TOKEN.finditer(text):
+        if token.group() in ("{", "["):
+            open_brackets.append("" if token.group() == "{" else None)
+        elif token.group() in ("}", "]"):
+            open_brackets.pop()
+        elif token.group(2):
+            open_brackets[-1] = json.loads(token.group(1))
+            line += text.count("\n", counted_to, token.start())
+            counted_to = token.start()
+            keys = [key for key in open_brackets if key is not None]
+            if len(keys) == len(open_brackets):
+                lines[tuple(keys)] = line
+    return lines
 
 
 def _as_body(value: Any, src: _Source, path: list[str]) -> dict[str, Any]:
@@ -306,7 +264,7 @@ def _as_body(value: Any, src: _Source, path: list[str]) -> dict[str, Any]:
                 else:
                     merged[k] = v
         return merged
-    raise src.error(path, f"expected a block, got {_type_name(value)}")
+    raise src.error(path, f"expected a block, got {type_name(value)}")
 
 
 def _check_path(value: Any, src: _Source, path: list[str]) -> str:
@@ -316,7 +274,7 @@ def _check_path(value: Any, src: _Source, path: list[str]) -> str:
 
 def _check_string(value: Any, src: _Source, path: list[str]) -> str:
     if not isinstance(value, str):
-        raise src.error(path, f"expected a string, got {_type_name(value)}")
+        raise src.error(path, f"expected a string, got {type_name(value)}")
     if value == "":
         raise src.error(path, "must not be empty")
     return value
@@ -324,13 +282,13 @@ def _check_string(value: Any, src: _Source, path: list[str]) -> str:
 
 def _check_bool(value: Any, src: _Source, path: list[str]) -> bool:
     if not isinstance(value, bool):
-        raise src.error(path, f"expected a bool (true or false), got {_type_name(value)}")
+        raise src.error(path, f"expected a bool (true or false), got {type_name(value)}")
     return value
 
 
 def _check_port(value: Any, src: _Source, path: list[str]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise src.error(path, f"expected a port number, got {_type_name(value)}")
+        raise src.error(path, f"expected a port number, got {type_name(value)}")
     if not 0 <= value <= 65535:
         raise src.error(path, f"port {value} out of range 0..65535")
     return value
@@ -399,7 +357,7 @@ def _check_bind(value: Any, src: _Source, path: list[str]) -> str:
 
 def _check_limit(value: Any, src: _Source, path: list[str]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise src.error(path, f"expected a whole number, got {_type_name(value)}")
+        raise src.error(path, f"expected a whole number, got {type_name(value)}")
     if value < 1:
         raise src.error(path, f"must be at least 1, got {value}")
     return value
@@ -416,29 +374,20 @@ def _check_string_map(value: Any, src: _Source, path: list[str], *,
                       dotted_keys: bool) -> dict[str, str]:
     body = _as_body(value, src, path) if isinstance(value, list) else value
     if not isinstance(body, dict):
-        raise src.error(path, f"expected a map of strings, got {_type_name(body)}")
+        raise src.error(path, f"expected a map of strings, got {type_name(body)}")
     out: dict[str, str] = {}
     for k, v in body.items():
         key_path = [*path, k]
         if dotted_keys:
-            check_meta_key(k, lambda msg, kp=key_path: src.error(kp, msg))
-        elif not k:
-            raise src.error(key_path, "keys must not be empty")
+            problem = meta_key_problem(k)
+        else:
+            problem = None if k else "keys must not be empty"
+        if problem:
+            raise src.error(key_path, problem)
         if not isinstance(v, str):
-            raise src.error(key_path, f"expected a string, got {_type_name(v)}")
+            raise src.error(key_path, f"expected a string, got {type_name(v)}")
         out[k] = v
     return out
-
-
-def check_meta_key(key: str, fail: Any = None) -> None:
-    """Validate a node metadata key: dot-separated HCL identifiers."""
-    def _raise(msg: str) -> None:
-        raise (fail(msg) if fail else ConfigError(msg, key=key))
-
-    if not key:
-        _raise("metadata keys must not be empty")
-    if not is_meta_key(key):
-        _raise(f"{key!r} is invalid; metadata keys must be valid dotted identifiers")
 
 
 _CHECKS = {
@@ -486,8 +435,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError("is a directory", file=name) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", file=name) from exc
-    src = _Source(name, text)
-    raw = _parse_json(src) if path.suffix.lower() == ".json" else _parse_hcl(src)
+    read = _read_json if path.suffix.lower() == ".json" else _read_hcl
+    raw, src = read(name, text)
     return _validate(raw, _SCHEMA, src, [])
 
 
@@ -524,7 +473,7 @@ def _dev_defaults() -> dict[str, Any]:
 
 
 def _flag_overrides(flags: AgentFlags) -> dict[str, Any]:
-    src = _Source("command line", "")
+    src = _Source("command line")
     over: dict[str, Any] = {}
     if flags.data_dir is not None:
         over["data_dir"] = _check_path(flags.data_dir, src, ["-data-dir"])
@@ -571,11 +520,6 @@ def build_agent_config(files: Sequence[Path], flags: AgentFlags) -> AgentConfig:
     )
 
 
-def load_agent_config(flags: AgentFlags) -> AgentConfig:
-    """build_agent_config with the files named by the flags' ``-config`` options."""
-    return build_agent_config([Path(p) for p in flags.config_files], flags)
-
-
 # --------------------------------------------------------------------------------------
 # Flags
 
@@ -596,21 +540,14 @@ def _agent_parser() -> GoArgumentParser:
     return p
 
 
-def agent_usage() -> str:
-    """Help text for the agent command."""
-    return _agent_parser().format_help()
-
-
 def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
     """Parse ``agent`` command-line flags; bad flags raise ConfigError with usage attached.
 
-    ``-h``/``-help`` raises :class:`HelpRequested` (from the CLI flag helpers).
+    ``-h``/``-help`` raises ``nomad_client.goflags.HelpRequested``.
     """
     parser = _agent_parser()
     try:
         ns = parser.parse(list(argv))
-    except HelpRequested:
-        raise
     except UsageError as exc:
         raise ConfigError(f"{exc}\n{exc.usage}".rstrip()) from None
     meta: dict[str, str] = {}
@@ -618,7 +555,9 @@ def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"-meta {item!r}: expected KEY=VALUE")
-        check_meta_key(key, lambda msg, k=key: ConfigError(msg, key=f"-meta {k}"))
+        problem = meta_key_problem(key)
+        if problem:
+            raise ConfigError(problem, key=f"-meta {key}")
         meta[key] = value
     port: int | None = None
     if ns.http_port is not None:

@@ -15,6 +15,7 @@ from typing import Any
 from nomad_client import logredact
 from nomad_client.agent.agent import Agent
 from nomad_client.agent.config import (
+    LOG_LEVELS,
     AgentConfig,
     ConfigError,
     build_agent_config,
@@ -22,9 +23,6 @@ from nomad_client.agent.config import (
 )
 from nomad_client.server.keyring import KeyringError
 from nomad_client.state_db import StateDBError
-
-LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
-              "WARN": logging.WARNING, "ERROR": logging.ERROR}
 
 
 def run_agent_command(argv: Sequence[str]) -> int:

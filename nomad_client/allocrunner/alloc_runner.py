@@ -2,35 +2,32 @@
 the allocation's task runners, derives the allocation's client status from its tasks, and
 reports changes through the callbacks the client gave it.
 
-Hook order is fixed here. To add a hook: write one class, add it to ``ALLOC_HOOKS`` or
-``TASK_HOOKS``.
+Its hooks come from its config (``alloc_hooks``, ``task_hooks``), run in that order; the
+built-in lists are in ``builtin_hooks``. To add a hook: write one class, add it there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
 import attrs
 
-from nomad_client.allocrunner.alloc_dir_hook import AllocDirHook
 from nomad_client.allocrunner.hooks import (
     AllocDestroyHook,
     AllocHookDeps,
+    AllocHookFactory,
     AllocPostrunHook,
     AllocPrerunHook,
     AllocShutdownHook,
     AllocUpdateHook,
-    TaskContext,
-    TaskLifecycleObserver,
+    TaskHookFactory,
+    TaskSocketServer,
     WorkloadIdentities,
+    log_failure,
 )
-from nomad_client.allocrunner.taskapi_hook import TaskAPIHook
-from nomad_client.allocrunner.taskrunner.identity_hook import IdentityHook
-from nomad_client.allocrunner.taskrunner.task_dir_hook import TaskDirHook
 from nomad_client.allocrunner.taskrunner.task_runner import TaskRunner
 from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers.base import Driver, TaskHandle
@@ -39,19 +36,7 @@ from nomad_client.structs import models as m
 from nomad_client.structs.jobs import tasks as job_tasks
 from nomad_client.structs.models import Allocation, AllocUpdate, TaskEvent, TaskState
 
-if False:  # pragma: no cover - typing only
-    pass
-
 log = logging.getLogger(__name__)
-
-
-class AllocHookFactory(Protocol):
-    def __call__(self, deps: AllocHookDeps) -> object: ...
-
-
-# Registration order is run order.
-ALLOC_HOOKS: tuple[AllocHookFactory, ...] = (AllocDirHook, TaskAPIHook)
-TASK_HOOKS: tuple[Callable[[], object], ...] = (TaskDirHook, IdentityHook)
 
 
 @attrs.frozen
@@ -62,11 +47,16 @@ class RestoredTask:
 
 @attrs.frozen
 class AllocRunnerConfig:
+    """What every alloc runner of a client shares. ``alloc_hooks`` and ``task_hooks`` make
+    each runner's hooks, in run order; ``task_api`` serves Task API sockets (None: none)."""
+
     alloc_dir_root: Path
     driver_state_root: Path
     drivers: Mapping[str, Driver]
     node_view: Callable[[], NodeView]
-    router: Any  # Router | None; Any avoids an import cycle with the HTTP layer
+    alloc_hooks: Sequence[AllocHookFactory]
+    task_hooks: Sequence[TaskHookFactory]
+    task_api: TaskSocketServer | None
     host_env: Mapping[str, str]
     persist_task: Callable[[str, str, TaskState, TaskHandle | None], Awaitable[None]]
     report: Callable[[AllocUpdate], None]
@@ -94,9 +84,17 @@ class AllocRunner:
         self.config = config
         self.alloc_dir = AllocDir(config.alloc_dir_root, alloc.id)
         self.log = log.getChild(alloc.id[:8])
-        deps = AllocHookDeps(alloc=alloc, alloc_dir=self.alloc_dir, router=config.router,
+        deps = AllocHookDeps(alloc=alloc, alloc_dir=self.alloc_dir, task_api=config.task_api,
                              log=self.log)
-        self.hooks = [factory(deps) for factory in ALLOC_HOOKS]
+        self.hooks = [factory(deps) for factory in config.alloc_hooks]
+        self._prerun_hooks = [h for h in self.hooks if isinstance(h, AllocPrerunHook)]
+        self._update_hooks = [h for h in self.hooks if isinstance(h, AllocUpdateHook)]
+        self._postrun_hooks = [h for h in self.hooks if isinstance(h, AllocPostrunHook)]
+        # Teardown runs in reverse order: what was set up last (listeners in the alloc
+        # dir) goes before what it lives in (the alloc dir).
+        teardown = self.hooks[::-1]
+        self._destroy_hooks = [h for h in teardown if isinstance(h, AllocDestroyHook)]
+        self._shutdown_hooks = [h for h in teardown if isinstance(h, AllocShutdownHook)]
         self._restored = dict(restored or {})
         self.task_runners: dict[str, TaskRunner] = {}
         self._main: asyncio.Task[None] | None = None
@@ -124,9 +122,8 @@ class AllocRunner:
             self._report()
             return
         try:
-            for hook in self.hooks:
-                if isinstance(hook, AllocPrerunHook):
-                    await hook.prerun()
+            for prerun in self._prerun_hooks:
+                await prerun.prerun()
         except Exception as exc:
             self.log.exception("alloc prerun failed")
             await self._fail_all(f"failed to setup alloc: {exc}")
@@ -142,9 +139,8 @@ class AllocRunner:
                 t.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
             raise
-        for hook in self.hooks:
-            if isinstance(hook, AllocPostrunHook):
-                await _logged(self.log, hook.name, hook.postrun())
+        for postrun in self._postrun_hooks:
+            await _logged(self.log, postrun.name, postrun.postrun())
         self._report()
 
     async def _run_task(self, runner: TaskRunner) -> None:
@@ -157,18 +153,16 @@ class AllocRunner:
                     sibling.kill(reason)
 
     def _create_task_runners(self) -> None:
-        observers = [h for h in self.hooks if isinstance(h, TaskLifecycleObserver)]
         for task in job_tasks(self.alloc.job, self.alloc.task_group):
             name = task["Name"]
             restored = self._restored.get(name)
             driver = self.config.drivers.get(task["Driver"])
-            ctx = TaskContext(alloc=self.alloc, task=task, alloc_dir=self.alloc_dir,
-                              task_dir=self.alloc_dir.task_dir(name),
-                              node=self.config.node_view(), emit=lambda e: None,
-                              log=self.log, identities=self.config.identities)
             runner = TaskRunner(
-                ctx=ctx, driver=driver, hooks=[h() for h in TASK_HOOKS],  # type: ignore[arg-type]
-                observers=observers, persist=self._persist_task, on_change=self._report,
+                alloc=self.alloc, task=task, alloc_dir=self.alloc_dir,
+                node=self.config.node_view(), log=self.log, identities=self.config.identities,
+                driver=driver,  # type: ignore[arg-type]  # None: failed just below, never run
+                hooks=[factory() for factory in self.config.task_hooks],
+                observers=self.hooks, persist=self._persist_task, on_change=self._report,
                 driver_state_dir=self.config.driver_state_root / self.alloc.id / name,
                 host_env=self.config.host_env,
                 state=restored.state if restored else None,
@@ -207,9 +201,8 @@ class AllocRunner:
         self.alloc = alloc
         if alloc.server_terminal():
             self.kill(alloc.desired_description or "alloc stopped")
-        for hook in self.hooks:
-            if isinstance(hook, AllocUpdateHook):
-                await _logged(self.log, hook.name, hook.update(alloc))
+        for hook in self._update_hooks:
+            await _logged(self.log, hook.name, hook.update(alloc))
         for runner in self.task_runners.values():
             await runner.update(alloc)
 
@@ -226,26 +219,17 @@ class AllocRunner:
         self.kill("alloc destroyed")
         if self._main is not None:
             await asyncio.gather(self._main, return_exceptions=True)
-        # Teardown runs in reverse order: what was set up last (listeners in the alloc
-        # dir) goes before what it lives in (the alloc dir).
-        for hook in reversed(self.hooks):
-            if isinstance(hook, AllocDestroyHook):
-                await _logged(self.log, hook.name, hook.destroy())
+        for hook in self._destroy_hooks:
+            await _logged(self.log, hook.name, hook.destroy())
 
     async def shutdown(self) -> None:
         """Agent shutdown: stop watching, leave tasks running for the next agent."""
         if self._main is not None and not self._main.done():
             self._main.cancel()
             await asyncio.gather(self._main, return_exceptions=True)
-        for hook in reversed(self.hooks):
-            if isinstance(hook, AllocShutdownHook):
-                await _logged(self.log, hook.name, hook.shutdown())
+        for hook in self._shutdown_hooks:
+            await _logged(self.log, hook.name, hook.shutdown())
 
 
-async def _logged(logger: logging.Logger, name: str, coro: Awaitable[Any]) -> None:
-    try:
-        await coro
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("alloc hook %s failed", name)
+async def _logged(logger: logging.Logger, name: str, call: Awaitable[None]) -> None:
+    await log_failure(logger, call, "alloc hook %s failed", name)

@@ -1,8 +1,10 @@
-"""Hook interfaces for alloc runners and task runners, and the context hooks receive.
+"""Hook interfaces for alloc runners and task runners, the context hooks receive, and the one
+interface the Task API hook serves its sockets through.
 
-A hook is one class implementing the Protocols for the phases it cares about; the runners
-find those by ``isinstance`` and call them in registration order. Runners own ordering,
-events and error handling; a hook never reaches into another hook.
+Every hook phase is a one-method Protocol. A hook is one class implementing the phases it
+cares about; each runner sorts its hooks into typed per-phase lists once, in its constructor,
+and calls them in registration order (the order of the factories in ``AllocRunnerConfig``).
+Runners own ordering, events and error handling; a hook never reaches into another hook.
 
 Task-level phases (per task runner), in the order they happen:
   prestart  (before every start: first start, each restart, after agent restore) -> env
@@ -13,17 +15,21 @@ Task-level phases (per task runner), in the order they happen:
   update    (the allocation changed on the server)
 
 Alloc-level phases: prerun (before any task runs), update, postrun (all tasks dead),
-destroy (the allocation is garbage collected or the agent tears it down). Alloc hooks may
-also observe task lifecycles (``TaskLifecycleObserver``): ``task_starting`` is called after
-a task's prestart hooks and before its driver start on every start, so a resource the task
-needs from its first instruction (the Task API socket) can be in place.
+destroy (the allocation is garbage collected or the agent tears it down), shutdown (the agent
+stops and leaves the tasks running). Alloc hooks may also observe each task's lifecycle:
+``task_starting`` is called after a task's prestart hooks and before its driver start on
+every start, so a resource the task needs from its first instruction (the Task API socket)
+can be in place; ``task_exited`` after each exit; ``task_stopped`` once the task is dead for
+good.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -31,9 +37,6 @@ from nomad_client.client.allocdir import AllocDir, TaskDir
 from nomad_client.client.drivers.base import ExitResult, TaskHandle
 from nomad_client.client.taskenv import NodeView
 from nomad_client.structs.models import Allocation, TaskEvent
-
-if TYPE_CHECKING:
-    from nomad_client.http.router import Router
 
 
 class WorkloadIdentities(Protocol):
@@ -54,6 +57,24 @@ class WorkloadIdentities(Protocol):
 
     def forget(self, alloc_id: str, task: str) -> None:
         """The task is dead for good: stop renewing its identity and drop it."""
+        ...
+
+
+class ServedSocket(Protocol):
+    """A task socket being served."""
+
+    async def close(self) -> None:
+        """Stop accepting, drop open connections and close the socket (the file stays)."""
+        ...
+
+
+class TaskSocketServer(Protocol):
+    """Serves the agent's API to one task over a listening socket: the Task API. The HTTP
+    layer implements it; the Task API hook only decides when a socket exists."""
+
+    async def serve(self, sock: socket.socket, alloc_id: str, task: str) -> ServedSocket:
+        """Start serving ``sock`` as the Task API of ``task`` in ``alloc_id``. ``sock`` is
+        the server's from this call on: on failure it is closed and ``OSError`` raised."""
         ...
 
 
@@ -81,108 +102,110 @@ class TaskContext:
 
 @attrs.frozen
 class AllocHookDeps:
-    """Everything an alloc hook may be constructed with."""
+    """Everything an alloc hook may be constructed with. ``task_api`` is None where no
+    Task API is served (tasks then get no socket)."""
 
     alloc: Allocation
     alloc_dir: AllocDir
-    router: Router | None
+    task_api: TaskSocketServer | None
     log: logging.Logger
 
 
 # ---- task hooks ----------------------------------------------------------------------
-@runtime_checkable
-class TaskPrestartHook(Protocol):
+class TaskHook(Protocol):
+    """What every task hook has: the name its failures are reported under."""
+
     name: str
 
+
+# Makes one task runner's instance of a hook.
+TaskHookFactory = Callable[[], TaskHook]
+
+
+@runtime_checkable
+class TaskPrestartHook(TaskHook, Protocol):
     async def prestart(self, ctx: TaskContext) -> Mapping[str, str]:
         """Prepare the next start; return env vars to add. Raising fails this start."""
         ...
 
 
 @runtime_checkable
-class TaskPoststartHook(Protocol):
-    name: str
-
+class TaskPoststartHook(TaskHook, Protocol):
     async def poststart(self, ctx: TaskContext, handle: TaskHandle) -> None: ...
 
 
 @runtime_checkable
-class TaskExitedHook(Protocol):
-    name: str
-
+class TaskExitedHook(TaskHook, Protocol):
     async def exited(self, ctx: TaskContext, result: ExitResult) -> None: ...
 
 
 @runtime_checkable
-class TaskPreKillHook(Protocol):
-    name: str
-
+class TaskPreKillHook(TaskHook, Protocol):
     async def prekill(self, ctx: TaskContext) -> None: ...
 
 
 @runtime_checkable
-class TaskStopHook(Protocol):
-    name: str
-
+class TaskStopHook(TaskHook, Protocol):
     async def stop(self, ctx: TaskContext) -> None: ...
 
 
 @runtime_checkable
-class TaskUpdateHook(Protocol):
-    name: str
-
+class TaskUpdateHook(TaskHook, Protocol):
     async def update(self, ctx: TaskContext, alloc: Allocation) -> None: ...
 
 
 # ---- alloc hooks ---------------------------------------------------------------------
-@runtime_checkable
-class AllocPrerunHook(Protocol):
+class AllocHook(Protocol):
+    """What every alloc hook has: the name its failures are logged under."""
+
     name: str
 
+
+# Makes one alloc runner's instance of a hook.
+AllocHookFactory = Callable[[AllocHookDeps], AllocHook]
+
+
+@runtime_checkable
+class AllocPrerunHook(AllocHook, Protocol):
     async def prerun(self) -> None: ...
 
 
 @runtime_checkable
-class AllocUpdateHook(Protocol):
-    name: str
-
+class AllocUpdateHook(AllocHook, Protocol):
     async def update(self, alloc: Allocation) -> None: ...
 
 
 @runtime_checkable
-class AllocPostrunHook(Protocol):
-    name: str
-
+class AllocPostrunHook(AllocHook, Protocol):
     async def postrun(self) -> None: ...
 
 
 @runtime_checkable
-class AllocDestroyHook(Protocol):
-    name: str
-
+class AllocDestroyHook(AllocHook, Protocol):
     async def destroy(self) -> None: ...
 
 
 @runtime_checkable
-class AllocShutdownHook(Protocol):
+class AllocShutdownHook(AllocHook, Protocol):
     """The agent is shutting down and leaves the allocation's tasks running."""
-
-    name: str
 
     async def shutdown(self) -> None: ...
 
 
+# Alloc-level views of each task's lifecycle. Errors here never fail a task.
 @runtime_checkable
-class TaskLifecycleObserver(Protocol):
-    """Alloc-level view of each task's lifecycle. Errors here never fail a task."""
-
-    name: str
-
+class TaskStartingObserver(AllocHook, Protocol):
     async def task_starting(self, ctx: TaskContext) -> None: ...
 
+
+@runtime_checkable
+class TaskExitedObserver(AllocHook, Protocol):
     async def task_exited(self, ctx: TaskContext, result: ExitResult, will_restart: bool
                           ) -> None: ...
 
+
+@runtime_checkable
+class TaskStoppedObserver(AllocHook, Protocol):
     async def task_stopped(self, ctx: TaskContext) -> None: ...
 
 
@@ -193,3 +216,15 @@ class HookError(Exception):
         super().__init__(f"{hook}: {cause}")
         self.hook = hook
         self.cause = cause
+
+
+async def log_failure(log: logging.Logger, call: Awaitable[None], what: str, *args: object
+                      ) -> None:
+    """Await one hook call of a phase whose failures are not fatal: an error is logged as
+    ``what % args`` and swallowed (a cancellation is not)."""
+    try:
+        await call
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception(what, *args)

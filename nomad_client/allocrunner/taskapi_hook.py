@@ -1,19 +1,20 @@
-"""Alloc hook ``task_api``: one Task API listener per task of the allocation, at
-``<task>/secrets/api.sock``, feeding the agent's one router with a task-API listener context
-(which makes authentication mandatory and disables the anonymous policy).
+"""Alloc hook ``task_api``: one Task API socket per task of the allocation, at
+``<task>/secrets/api.sock``, handed to the agent's ``TaskSocketServer`` (the HTTP layer serves
+it as that task's Task API: authentication is mandatory, the anonymous policy never applies).
 
 Lifecycle, per task:
 * ``task_starting`` (after prestart hooks, before the driver starts the process, on every
-  start): create the socket if the task has none; keep the existing listener across restarts
-  (same listener, no gap) unless the task deleted or replaced ``api.sock``, in which case a
-  fresh socket is put back.
-* ``task_stopped`` (the task is dead for good): close the listener and unlink the socket.
-* ``destroy`` / ``shutdown``: close every listener.
+  start): create the socket if the task has none; keep the existing one across restarts
+  (same socket, still served, no gap) unless the task deleted or replaced ``api.sock``, in
+  which case a fresh socket is put back.
+* ``task_stopped`` (the task is dead for good): stop serving it and unlink the socket.
+* ``destroy`` / ``shutdown``: stop serving every socket.
 
 Failures never fail the task or its siblings, but they are never silent either: the task gets
 a ``Task API unavailable: <reason>`` event and the agent logs the path and reason once. How
 the socket is created safely (ownership, mode, symlinks, long paths) lives in
-``nomad_client.client.secretsdir``; this hook only decides when.
+``nomad_client.client.secretsdir``, how it is served in the HTTP layer; this hook only
+decides when.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from pathlib import Path
 
 import attrs
 
-from nomad_client.allocrunner.hooks import AllocHookDeps, TaskContext
-from nomad_client.client.drivers.base import ExitResult
+from nomad_client.allocrunner.hooks import AllocHookDeps, ServedSocket, TaskContext
 from nomad_client.client.secretsdir import (
     DEFAULT_SOCKET_NAME,
     BoundSocket,
@@ -34,8 +34,6 @@ from nomad_client.client.secretsdir import (
     socket_in_place,
     socket_owner_for,
 )
-from nomad_client.http.context import ListenerContext
-from nomad_client.http.listeners import Listener
 from nomad_client.structs.models import EVENT_HOOK_MESSAGE, TaskEvent
 
 SOCKET_NAME = DEFAULT_SOCKET_NAME
@@ -44,7 +42,7 @@ PRIVATE_DIR = ".taskapi"
 
 @attrs.frozen
 class _TaskSocket:
-    listener: Listener
+    served: ServedSocket
     bound: BoundSocket
     task_dir: Path
 
@@ -53,13 +51,15 @@ class TaskAPIHook:
     name = "task_api"
 
     def __init__(self, deps: AllocHookDeps) -> None:
-        self._deps = deps
+        self._alloc_id = deps.alloc.id
+        self._task_api = deps.task_api
+        self._log = deps.log
         self._sockets: dict[str, _TaskSocket] = {}
         self._private_dir = deps.alloc_dir.path / PRIVATE_DIR
 
     # ---- task lifecycle ----------------------------------------------------------------
     async def task_starting(self, ctx: TaskContext) -> None:
-        if self._deps.router is None:
+        if self._task_api is None:
             return
         current = self._sockets.get(ctx.name)
         if current is not None:
@@ -71,23 +71,18 @@ class TaskAPIHook:
         except (SecretsDirError, OSError) as err:
             self._unavailable(ctx, str(err) or type(err).__name__)
             return
-        listener_ctx = ListenerContext(name="task-api", task_api=True,
-                                       alloc_id=self._deps.alloc.id, task=ctx.name)
-        listener = Listener(self._deps.router, listener_ctx, bound.sock)
         try:
-            await listener.start()
-        except OSError as err:
-            await listener.close()
+            served = await self._task_api.serve(bound.sock, self._alloc_id, ctx.name)
+        except OSError as err:  # the server has closed the socket; its file goes too
             await asyncio.to_thread(remove_task_socket, ctx.task_dir.path, bound, SOCKET_NAME)
             self._unavailable(ctx, str(err))
             return
-        self._sockets[ctx.name] = _TaskSocket(listener, bound, ctx.task_dir.path)
+        self._sockets[ctx.name] = _TaskSocket(served, bound, ctx.task_dir.path)
 
     def _unavailable(self, ctx: TaskContext, reason: str) -> None:
         """Never silent: the task gets an event, the operator a log line with the path."""
         path = ctx.task_dir.secrets_dir / SOCKET_NAME
-        self._deps.log.warning("Task API unavailable for task %s at %s: %s", ctx.name, path,
-                               reason)
+        self._log.warning("Task API unavailable for task %s at %s: %s", ctx.name, path, reason)
         ctx.emit(TaskEvent(type=EVENT_HOOK_MESSAGE, message=f"Task API unavailable: {reason}",
                            display_message=f"Task API unavailable: {reason}"))
 
@@ -95,10 +90,6 @@ class TaskAPIHook:
         # Runs in a worker thread: the user lookup and the file work may block.
         return create_task_socket(task_dir, private_dir=self._private_dir,
                                   owner=socket_owner_for(user), name=SOCKET_NAME)
-
-    async def task_exited(self, ctx: TaskContext, result: ExitResult, will_restart: bool
-                          ) -> None:
-        return None  # the socket outlives restarts; task_stopped closes it
 
     async def task_stopped(self, ctx: TaskContext) -> None:
         await self._close(ctx.name)
@@ -115,9 +106,9 @@ class TaskAPIHook:
         held = self._sockets.pop(task, None)
         if held is None:
             return
-        await held.listener.close()
+        await held.served.close()
         try:
             await asyncio.to_thread(remove_task_socket, held.task_dir, held.bound,
                                     SOCKET_NAME)
         except (SecretsDirError, OSError) as err:
-            self._deps.log.warning("could not remove Task API socket of %s: %s", task, err)
+            self._log.warning("could not remove Task API socket of %s: %s", task, err)

@@ -281,10 +281,6 @@ class ApiClient:
     async def job_deregister(self, job_id: str, purge: bool = False) -> Any:
         return await self.delete(f"/v1/job/{_seg(job_id)}", {"purge": purge or None})
 
-    async def jobs_parse(self, hcl: str, variables: str = "", canonicalize: bool = True) -> Any:
-        return await self.post("/v1/jobs/parse", {"JobHCL": hcl, "Variables": variables,
-                                                  "Canonicalize": canonicalize})
-
     async def job_allocations(self, job_id: str) -> Any:
         return await self.get(f"/v1/job/{_seg(job_id)}/allocations")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from nomad_client.api import ApiClient, ApiConnectionError, ApiError
 from nomad_client.cli import format as fmt
-from nomad_client.cli.goflags import GoArgumentParser
+from nomad_client.goflags import GoArgumentParser
 
 
 class CommandError(Exception):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from nomad_client.cli import alloc, job, node
 from nomad_client.cli.common import CommandError
-from nomad_client.cli.goflags import HelpRequested, UsageError
+from nomad_client.goflags import HelpRequested, UsageError
 
 Command = Callable[[Sequence[str]], int]
 

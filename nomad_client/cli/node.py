@@ -20,7 +20,7 @@ from nomad_client.cli.common import (
     resolve_prefix,
     run_with_client,
 )
-from nomad_client.cli.goflags import UsageError
+from nomad_client.goflags import UsageError
 
 
 def _nodes_table(nodes: list[dict[str, Any]], verbose: bool = False) -> str:

@@ -36,11 +36,9 @@ client-supplied path.
 from __future__ import annotations
 
 import errno
-import grp
 import hashlib
 import os
 import posixpath
-import pwd
 import shutil
 import stat
 import threading
@@ -48,6 +46,8 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
+
+from nomad_client import safefs
 
 __all__ = [
     "ALLOC_GID_BASE",
@@ -136,7 +136,7 @@ MAX_CLIENT_PATH = 4096
 _WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LAST_FLAGS: dict[str, int] = {
     "any": os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-    "dir": os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+    "dir": safefs.DIR_FLAGS,
     # O_NONBLOCK: should a FIFO be swapped in after the type check, opening it must not
     # wait for a writer (and reading it returns at once). O_NOCTTY: never adopt a tty.
     "file": os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
@@ -217,14 +217,6 @@ def _gids_in_use(root: Path, alloc_id: str) -> set[int]:
     return used
 
 
-def _group_exists(gid: int) -> bool:
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return True
-
-
 def _pick_alloc_gid(root: Path, alloc_id: str) -> int:
     """A gid of the reserved range that no other allocation here uses and no group names.
 
@@ -237,7 +229,7 @@ def _pick_alloc_gid(root: Path, alloc_id: str) -> int:
     start = int.from_bytes(digest[:8], "big") % ALLOC_GID_COUNT
     for step in range(_GID_PROBES):
         gid = ALLOC_GID_BASE + (start + step) % ALLOC_GID_COUNT
-        if gid not in used and not _group_exists(gid):
+        if gid not in used and not safefs.group_exists(gid):
             return gid
     raise RuntimeError(f"no free allocation group id after {_GID_PROBES} tries")
 
@@ -250,26 +242,15 @@ def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
     build fail instead of re-owning whatever the link points at. A new directory starts at
     0700, so no one gets in before its owner and mode are final.
     """
+    safefs.make_dir(path)
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise PathEscapeError(
-                f"{path} exists but is not a plain directory (symlink or file); refusing to use it"
-            ) from exc
-        raise
-    try:
-        if owner is not None:
-            os.fchown(fd, owner[0], owner[1])
-        # chmod after chown: chown clears the setuid/setgid bits but keeping the order
-        # also guarantees the final mode is exactly what was asked for.
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
+        fd = safefs.open_dir(path)
+    except safefs.UnsafePathError as exc:
+        raise PathEscapeError(
+            f"{path} exists but is not a plain directory (symlink or file); refusing to use it"
+        ) from exc
+    with safefs.closing_fd(fd):
+        safefs.set_owner_and_mode(fd, mode, owner)
 
 
 class AllocDir:
@@ -339,11 +320,10 @@ class AllocDir:
         td = self.task_dir(task)
         owner: tuple[int, int] | None = None
         if user:
-            try:
-                entry = pwd.getpwnam(user)
-            except KeyError:
-                raise ValueError(f"unknown user {user!r}") from None
-            owner = (entry.pw_uid, entry.pw_gid)
+            ids = safefs.lookup_user(user)
+            if ids is None:
+                raise ValueError(f"unknown user {user!r}")
+            owner = (ids.uid, ids.gid)
         private = None
         if not _is_root():
             # A non-root agent cannot give files away; the dirs stay with the agent (and a
@@ -531,10 +511,7 @@ class _Walker:
             return self._symlink(shown)
         if code == errno.ENOTDIR:
             # Linux reports a symlink under O_DIRECTORY|O_NOFOLLOW as ENOTDIR; lstat tells.
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError:
-                st = None
+            st = safefs.entry_stat(name, dir_fd=dir_fd)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 return self._symlink(shown)
             if st is None or stat.S_ISDIR(st.st_mode):

@@ -17,7 +17,8 @@ from typing import Any
 
 import psutil
 
-from nomad_client.client.drivers.base import Driver, DriverInfo
+from nomad_client.client.drivers.base import Driver
+from nomad_client.structs.models import DriverInfo
 
 __all__ = ["NOMAD_VERSION", "fingerprint_node", "rfc3339_nano"]
 

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 
 import attrs
 
-__all__ = ["MetaLimitError", "MetaLimits", "check_meta_update", "is_meta_key"]
+__all__ = [
+    "MetaLimitError",
+    "MetaLimits",
+    "check_meta_update",
+    "is_meta_key",
+    "meta_key_problem",
+    "shown_key",
+]
 
 # One dot-separated part of a key: an HCL identifier. Always used with fullmatch: `$` would
 # also accept a trailing newline.
@@ -22,6 +29,15 @@ _SHOWN_KEY_CHARS = 64  # keys echoed in error messages are cut to this
 def is_meta_key(key: str) -> bool:
     """True when ``key`` is non-empty and every dot-separated part is an HCL identifier."""
     return bool(key) and all(_KEY_PART.fullmatch(part) for part in key.split("."))
+
+
+def meta_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a metadata key (the message for the user), or None if it can."""
+    if not key:
+        return "metadata keys must not be empty"
+    if not is_meta_key(key):
+        return f"{shown_key(key)} is invalid; metadata keys must be valid dotted hcl identifiers"
+    return None
 
 
 def shown_key(key: str) -> str:

@@ -17,16 +17,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import pwd
 import secrets as _random
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 
-from nomad_client.privatefile import write_private_file
+from nomad_client import safefs
 
 __all__ = [
     "DEFAULT_SOCKET_NAME",
@@ -45,8 +43,6 @@ __all__ = [
 SECRETS_DIR = "secrets"
 DEFAULT_SOCKET_NAME = "api.sock"
 DEFAULT_TOKEN_PATH = "secrets/nomad_token"
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SecretsDirError(Exception):
@@ -85,10 +81,10 @@ class BoundSocket:
 
 def _uid_for(user: str, what: str) -> int:
     """The uid files for ``user`` are handed to; never silently falls back."""
-    try:
-        uid = pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise SecretsDirError(f"user {user!r} does not exist") from None
+    ids = safefs.lookup_user(user)
+    if ids is None:
+        raise SecretsDirError(f"user {user!r} does not exist")
+    uid = ids.uid
     # Only root can give a file away; a non-root agent can serve its own user.
     if os.geteuid() != 0 and uid != os.geteuid():
         raise SecretsDirError(f"agent is not root: cannot hand the {what} to user {user!r}")
@@ -108,44 +104,30 @@ def socket_owner_for(user: str | None) -> SocketOwner:
     return SocketOwner(uid=_uid_for(user, "socket"), mode=0o600)
 
 
-# ---------------------------------------------------------------------- fd helpers
+# ---------------------------------------------------------------------- directories
 
 
-@contextlib.contextmanager
-def _closing_fd(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+def _refusal(exc: OSError, label: str) -> SecretsDirError:
+    """A failure to open the directory ``label`` names, as this module reports it."""
+    if isinstance(exc, safefs.UnsafePathError):  # a symlink, not a directory, not ours
+        return SecretsDirError(f"{label} {exc.strerror}")
+    if exc.errno == errno.ENOENT:
+        return _MissingDir(f"{label} does not exist")
+    return SecretsDirError(f"cannot open {label}: {exc.strerror}")
 
 
 def _open_dir(name: str | Path, *, dir_fd: int | None, label: str) -> int:
     """Open a directory without following a symlink at its last component."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return safefs.open_dir(name, dir_fd=dir_fd)
     except OSError as exc:
-        # Linux reports a symlink under O_NOFOLLOW|O_DIRECTORY as ENOTDIR
-        # (or ELOOP); lstat tells the two cases apart for the message.
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            if _is_symlink(name, dir_fd):
-                raise SecretsDirError(f"{label} is a symlink") from None
-            raise SecretsDirError(f"{label} is not a directory") from None
-        if exc.errno == errno.ENOENT:
-            raise _MissingDir(f"{label} does not exist") from None
-        raise SecretsDirError(f"cannot open {label}: {exc.strerror}") from None
-
-
-def _is_symlink(name: str | Path, dir_fd: int | None) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+        raise _refusal(exc, label) from None
 
 
 def _open_secrets_dir(task_dir: Path) -> int:
     # The task dir's parent belongs to the agent, so only its last component
     # (and everything below it) is the task's to tamper with.
-    with _closing_fd(_open_dir(task_dir, dir_fd=None, label="task dir")) as task_fd:
+    with safefs.closing_fd(_open_dir(task_dir, dir_fd=None, label="task dir")) as task_fd:
         return _open_dir(SECRETS_DIR, dir_fd=task_fd, label="secrets dir")
 
 
@@ -160,22 +142,13 @@ def _check_name(name: str) -> None:
 def _open_private_dir(private_dir: Path) -> int:
     """Open (creating 0700 if missing) the agent's own staging dir."""
     try:
-        os.mkdir(private_dir, 0o700)
-    except FileExistsError:
-        pass  # checked below: must be our own directory, not a symlink
+        safefs.make_dir(private_dir)  # what is already there must be our own directory
     except OSError as exc:
         raise SecretsDirError(f"cannot create private dir: {exc.strerror}") from None
-    fd = _open_dir(private_dir, dir_fd=None, label="private dir")
     try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise SecretsDirError("private dir is not owned by the agent")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)  # mkdir honours the umask; pin the mode
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return safefs.open_private_dir(private_dir, must_be_ours=True)
+    except OSError as exc:
+        raise _refusal(exc, "private dir") from None
 
 
 def _make_staging_in(secrets_fd: int) -> tuple[int, str]:
@@ -191,19 +164,15 @@ def _make_staging_in(secrets_fd: int) -> tuple[int, str]:
         os.mkdir(name, 0o700, dir_fd=secrets_fd)
     except OSError as exc:
         raise SecretsDirError(f"cannot create a staging dir in secrets: {exc.strerror}") from None
-    fd = _open_dir(name, dir_fd=secrets_fd, label="staging dir")
     try:
-        st = os.fstat(fd)
-        # Catches a task swapping in its own dir between mkdir and open.
-        if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):
-            raise SecretsDirError("staging dir in secrets was replaced")
-        os.fchmod(fd, 0o700)
-    except BaseException:
-        os.close(fd)
+        return safefs.open_private_dir(name, dir_fd=secrets_fd, must_be_ours=True), name
+    except safefs.NotOwnedError:
+        # A task swapped in its own dir between mkdir and open.
         with contextlib.suppress(OSError):
             os.rmdir(name, dir_fd=secrets_fd)
-        raise
-    return fd, name
+        raise SecretsDirError("staging dir in secrets was replaced") from None
+    except OSError as exc:
+        raise _refusal(exc, "staging dir") from None
 
 
 def _bind_staged(stage_fd: int, owner: SocketOwner, backlog: int) -> tuple[socket.socket, str]:
@@ -310,9 +279,9 @@ def create_task_socket(
     """
     _check_name(name)
     task_dir = Path(task_dir)
-    with _closing_fd(_open_secrets_dir(task_dir)) as secrets_fd:
+    with safefs.closing_fd(_open_secrets_dir(task_dir)) as secrets_fd:
         sock_st: tuple[socket.socket, os.stat_result] | None = None
-        with _closing_fd(_open_private_dir(Path(private_dir))) as private_fd:
+        with safefs.closing_fd(_open_private_dir(Path(private_dir))) as private_fd:
             if os.fstat(private_fd).st_dev == os.fstat(secrets_fd).st_dev:
                 # Same device can still be another mount (bind mounts): EXDEV.
                 with contextlib.suppress(_CrossDevice):
@@ -348,7 +317,7 @@ def remove_task_socket(
         secrets_fd = _open_secrets_dir(Path(task_dir))
     except _MissingDir:
         return
-    with _closing_fd(secrets_fd):
+    with safefs.closing_fd(secrets_fd):
         if _is_ours(secrets_fd, name, bound):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=secrets_fd)
@@ -362,7 +331,7 @@ def socket_in_place(task_dir: Path, bound: BoundSocket, name: str = DEFAULT_SOCK
         secrets_fd = _open_secrets_dir(Path(task_dir))
     except SecretsDirError:
         return False
-    with _closing_fd(secrets_fd):
+    with safefs.closing_fd(secrets_fd):
         return _is_ours(secrets_fd, name, bound)
 
 
@@ -418,6 +387,6 @@ def write_secret_file(task_dir: Path, rel_path: str, data: bytes, *, user: str |
 
 def _write_atomically(dir_fd: int, name: str, data: bytes, uid: int | None, *, label: str) -> None:
     try:
-        write_private_file(dir_fd, name, data, uid=uid)
+        safefs.write_private_file(dir_fd, name, data, uid=uid)
     except OSError as exc:
         raise SecretsDirError(f"cannot write {label}: {exc.strerror or exc}") from None

@@ -12,6 +12,13 @@ from typing import Any
 
 import attrs
 
+from nomad_client.structs.node_properties import (
+    ATTR_PREFIX,
+    META_PREFIX,
+    NODE_FIELDS,
+    NODE_REGION,
+)
+
 __all__ = [
     "HOST_ENV_DENYLIST",
     "NodeView",
@@ -58,6 +65,11 @@ class NodeView:
     attributes: Mapping[str, str]
     meta: Mapping[str, str]
 
+    def api_field(self, field: str) -> str:
+        """The value of the node's API JSON field ``field`` (one ``NODE_FIELDS`` reads)."""
+        return {"ID": self.id, "Name": self.name, "Datacenter": self.datacenter,
+                "NodeClass": self.node_class, "NodePool": self.pool}[field]
+
 
 @attrs.frozen
 class TaskEnvInput:
@@ -101,35 +113,27 @@ def clean_env_key(key: str) -> str:
 
 
 def _node_value(name: str, node: NodeView) -> str | None:
-    fixed = {
-        "node.unique.id": node.id,
-        "node.unique.name": node.name,
-        "node.datacenter": node.datacenter,
-        "node.region": node.region,
-        "node.class": node.node_class,
-        "node.pool": node.pool,
-    }
-    if name in fixed:
-        return fixed[name]
+    if name in NODE_FIELDS:
+        return node.api_field(NODE_FIELDS[name])
+    if name == NODE_REGION:
+        return node.region
     # "node.attr.*"/"node.meta.*" are the driver-config spellings; accept them here too.
-    for prefix, source in (
-        ("attr.", node.attributes),
-        ("node.attr.", node.attributes),
-        ("meta.", node.meta),
-        ("node.meta.", node.meta),
-    ):
-        if name.startswith(prefix):
-            return source.get(name[len(prefix) :])
+    if name.startswith(("node." + ATTR_PREFIX, "node." + META_PREFIX)):
+        name = name.removeprefix("node.")
+    if name.startswith(ATTR_PREFIX):
+        return node.attributes.get(name[len(ATTR_PREFIX) :])
+    if name.startswith(META_PREFIX):
+        return node.meta.get(name[len(META_PREFIX) :])
     return None
 
 
 def interpolate(value: str, env: Mapping[str, str], node: NodeView) -> str:
     """Replace each ``${name}`` in ``value``; names that resolve to nothing stay verbatim.
 
-    Lookup order: the env map (``${NAME}`` or ``${env.NAME}``), then the node
-    (``node.unique.id``, ``node.unique.name``, ``node.datacenter``, ``node.region``,
-    ``node.class``, ``node.pool``, ``attr.<key>``, ``meta.<key>``). A single pass:
-    substituted text is not interpolated again.
+    Lookup order: the env map (``${NAME}`` or ``${env.NAME}``), then the node's properties
+    (``node.unique.id``, ``attr.<key>``, ``meta.<key>``, ... as listed in
+    :mod:`nomad_client.structs.node_properties`). A single pass: substituted text is not
+    interpolated again.
     """
 
     def replace(match: re.Match[str]) -> str:

@@ -20,14 +20,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from nomad_client.http.context import (
-    ACLS_DISABLED,
-    ANONYMOUS,
-    IDENTITY_ACL_TOKEN,
-    IDENTITY_WORKLOAD,
-    Identity,
-    ListenerContext,
-)
+from nomad_client.http.context import ACLS_DISABLED, ANONYMOUS, Identity, ListenerContext
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
 from nomad_client.server.keyring import IdentityError
 from nomad_client.server.server import Server
@@ -77,11 +70,11 @@ def resolve_credential(server: Server, token: str) -> Identity | None:
             claims = server.verify_workload_identity(token)
         except IdentityError:
             return None
-        return Identity(IDENTITY_WORKLOAD, None, claims)  # positional: hot path
+        return Identity(None, claims)  # positional: hot path
     acl_token = server.token_by_secret(token)
     if acl_token is None or acl_token.expired(time.time()):
         return None
-    return Identity(kind=IDENTITY_ACL_TOKEN, token=acl_token)
+    return Identity(token=acl_token)
 
 
 def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext) -> Identity:

@@ -63,8 +63,6 @@ class ConnectionLimits:
 # Every connection limit, in one place (the README's "Limits" paragraph describes them).
 TASK_SOCKET_LIMITS = ConnectionLimits(total=64)
 TCP_LIMITS = ConnectionLimits(total=1024, per_peer=256, reserved=64, reserve_peer_max=4)
-TASK_SOCKET_MAX_CONNECTIONS = TASK_SOCKET_LIMITS.total
-TCP_MAX_CONNECTIONS = TCP_LIMITS.total
 
 # Most specific first: what a refused malformed request is told (never the request itself).
 _PROTOCOL_ERROR_REASONS: tuple[tuple[type[BaseException], str], ...] = (

@@ -7,22 +7,23 @@ from collections.abc import Iterable
 from multidict import MultiMapping
 
 from nomad_client.durations import parse_duration
+from nomad_client.goflags import parse_go_bool
 from nomad_client.http.errors import HTTPError
-from nomad_client.server.state import MAX_BLOCKING_WAIT, StateStore
+from nomad_client.server.server import Resource, Server
+from nomad_client.server.state import MAX_BLOCKING_WAIT
 
 
 def query_bool(query: MultiMapping[str], name: str, default: bool = False) -> bool:
+    """``?name`` as Go's strconv.ParseBool reads it; present without a value means true."""
     raw = query.get(name)
     if raw is None:
         return default
     if raw == "":
         return True
-    lowered = raw.lower()
-    if lowered in ("1", "t", "true"):
-        return True
-    if lowered in ("0", "f", "false"):
-        return False
-    raise HTTPError(400, f"Failed to parse value of {name!r} ({raw!r}) as a boolean")
+    value = parse_go_bool(raw)
+    if value is None:
+        raise HTTPError(400, f"Failed to parse value of {name!r} ({raw!r}) as a boolean")
+    return value
 
 
 def blocking_params(query: MultiMapping[str]) -> tuple[int, float]:
@@ -45,10 +46,10 @@ def blocking_params(query: MultiMapping[str]) -> tuple[int, float]:
     return index, wait
 
 
-async def block(store: StateStore, query: MultiMapping[str], tables: Iterable[str]) -> int:
-    """Wait as a blocking query asks (only when ``index`` > 0); return the tables' index."""
+async def block(server: Server, query: MultiMapping[str], resources: Iterable[Resource]) -> int:
+    """Wait as a blocking query asks (only when ``index`` > 0); return the resources' index."""
     index, wait = blocking_params(query)
-    names = tuple(tables)
+    watched = tuple(resources)
     if index > 0:
-        return await store.wait_for_change(names, index, wait)
-    return store.table_index(*names)
+        return await server.wait_for_change(watched, index, wait)
+    return server.index_of(*watched)

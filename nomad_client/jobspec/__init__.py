@@ -1,6 +1,7 @@
 """Nomad HCL2 jobspecs: parse them into API-shaped job dicts and canonicalize those.
 
-Public surface of the package; the modules behind it are pure (no I/O).
+Public surface of the package; the modules behind it are pure (no I/O). Its HCL front-end
+(``syntax``, with ``plain`` for files of literal values) also reads the agent's config files.
 """
 
 from nomad_client.durations import DurationError, format_duration, parse_duration_ns

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from nomad_client.durations import DurationError, parse_duration_ns
-from nomad_client.jobspec.errors import JobspecError, short_repr
-from nomad_client.jobspec.evaluate import Evaluator, as_hcl_string, type_name
+from nomad_client.jobspec.errors import JobspecError, short_repr, type_name
+from nomad_client.jobspec.evaluate import Evaluator
 from nomad_client.jobspec.syntax import Block, Body
+from nomad_client.jobspec.values import as_hcl_bool, as_hcl_string
 
 # Nomad blocks this client knows of but does not implement: named in the error
 # so users are not told a perfectly valid Nomad key is a typo.
@@ -96,10 +97,9 @@ class _Decoder:
         )
 
     def to_bool(self, value: Any, path: str, line: int | None) -> bool:
-        if isinstance(value, bool):
-            return value
-        if value in ("true", "false"):
-            return value == "true"
+        as_bool = as_hcl_bool(value)
+        if as_bool is not None:
+            return as_bool
         raise self.error(
             line, path, f"expected true or false, got {type_name(value)} {short_repr(value)}"
         )

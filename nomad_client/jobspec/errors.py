@@ -10,6 +10,8 @@ from typing import Any
 
 import attrs
 
+from nomad_client.jobspec.values import Expression
+
 
 class _ShortRepr(reprlib.Repr):
     def __init__(self) -> None:
@@ -26,6 +28,26 @@ class _ShortRepr(reprlib.Repr):
 
 
 _SHORT = _ShortRepr()
+
+
+def type_name(value: Any) -> str:
+    """The HCL name of a value's type: the one way messages name a type (the agent config's
+    too); an expression is named with its source text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, Expression):
+        return f"expression {value.text}"
+    return type(value).__name__
 
 
 def short_repr(value: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 from lark import Token, Tree
 
-from nomad_client.jobspec.errors import JobspecError, short_repr
+from nomad_client.jobspec.errors import JobspecError, short_repr, type_name
 from nomad_client.jobspec.functions import FUNCTIONS, FunctionError
 from nomad_client.jobspec.limits import (
     MAX_EXPR_DEPTH,
@@ -30,7 +30,15 @@ from nomad_client.jobspec.limits import (
     check_int_literal,
     check_string_length,
 )
-from nomad_client.jobspec.syntax import Source, decode_escapes, parse_expression
+from nomad_client.jobspec.syntax import (
+    KEYWORD_VALUES,
+    Source,
+    decode_escapes,
+    heredoc_text,
+    parse_expression,
+    subtrees,
+)
+from nomad_client.jobspec.values import as_hcl_bool, as_hcl_string, number_to_string
 
 
 class Unresolved(Exception):
@@ -81,27 +89,6 @@ class Scope:
         return value
 
 
-def _trees(node: Tree) -> list[Tree]:
-    return [c for c in node.children if isinstance(c, Tree) and c.data != "new_line_or_comment"]
-
-
-def type_name(value: Any) -> str:
-    """The HCL name of a Python value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _short_source(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= 60 else text[:57] + "..."
@@ -116,33 +103,7 @@ def _parse_number(text: str) -> int | float | None:
     return None
 
 
-def as_hcl_string(value: Any) -> str | None:
-    """A primitive's HCL string form (``true``, ``3``, ``1.5``), or None for other types."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return number_to_string(value)
-    return None
-
-
-def number_to_string(value: int | float) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-_HEREDOC_HEAD = re.compile(r"<<-?([A-Za-z][A-Za-z0-9._-]*)\r?\n")
 _TEMPLATE_MARK = re.compile(r"\$\$\{|%%\{|\$\{|%\{")
-
-
-def _dedent(body: str) -> str:
-    """Strip the indentation common to all non-blank lines (the ``<<-`` form)."""
-    lines = body.split("\n")
-    widths = [len(ln) - len(ln.lstrip(" \t")) for ln in lines if ln.strip()]
-    cut = min(widths, default=0)
-    return "\n".join(ln[cut:] if ln.strip() else ln.lstrip(" \t") for ln in lines)
 
 
 def _closing_brace(text: str, start: int) -> int | None:
@@ -259,7 +220,7 @@ class Evaluator:
         return result
 
     def _x_expr_term(self, node: Tree) -> Any:
-        inner = _trees(node)
+        inner = subtrees(node)
         if inner:
             return self._eval(inner[0])
         # A lone token child: heredocs are terminals under expr_term in some trees.
@@ -274,7 +235,7 @@ class Evaluator:
         return float(str(node.children[0]))
 
     def _x_literal_value(self, node: Tree) -> Any:
-        return {"true": True, "false": False, "null": None}[str(node.children[0])]
+        return KEYWORD_VALUES[str(node.children[0])]
 
     def _x_identifier(self, node: Tree) -> Any:
         name = str(node.children[0])
@@ -283,21 +244,21 @@ class Evaluator:
         raise Unresolved(name)
 
     def _x_get_attr_expr_term(self, node: Tree) -> Any:
-        base_node, get_attr = _trees(node)
+        base_node, get_attr = subtrees(node)
         base = self._eval(base_node)
-        key_node = _trees(get_attr)[0]
+        key_node = subtrees(get_attr)[0]
         key = str(key_node.children[0])
         return self._index(base, key, node)
 
     def _x_index_expr_term(self, node: Tree) -> Any:
-        base_node, index = _trees(node)
+        base_node, index = subtrees(node)
         base = self._eval(base_node)
         if index.data == "short_index":
             digits = str(index.children[-1])
             check_int_literal(digits)
             key: Any = int(digits)
         else:
-            key = self._plain(self._eval(_trees(index)[0]), index)
+            key = self._plain(self._eval(subtrees(index)[0]), index)
         return self._index(base, key, node)
 
     def _index(self, base: Any, key: Any, node: Tree) -> Any:
@@ -336,12 +297,12 @@ class Evaluator:
         raise self.source.error(node, f"{what}: cannot index a {type_name(base)}")
 
     def _x_tuple(self, node: Tree) -> list[Any]:
-        return [self.value(e) for e in _trees(node)]
+        return [self.value(e) for e in subtrees(node)]
 
     def _x_object(self, node: Tree) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for elem in _trees(node):
-            key_node, value_node = _trees(elem)
+        for elem in subtrees(node):
+            key_node, value_node = subtrees(elem)
             key = self._object_key(key_node)
             if key in out:
                 raise self.source.error(elem, f"duplicate object key {key!r}")
@@ -349,11 +310,11 @@ class Evaluator:
         return out
 
     def _object_key(self, node: Tree) -> str:
-        inner = _trees(node)[0] if _trees(node) else node
+        inner = subtrees(node)[0] if subtrees(node) else node
         if inner.data == "keyword":
             return str(inner.children[0])
         # A bare identifier key is a literal name, not a reference.
-        sub = _trees(inner)
+        sub = subtrees(inner)
         if (
             inner.data == "expr_term"
             and len(sub) == 1
@@ -375,7 +336,7 @@ class Evaluator:
             only = parts[0].children[0]
             if only.data == "interpolation":
                 try:
-                    return self._plain(self._eval(_trees(only)[0]), only)
+                    return self._plain(self._eval(subtrees(only)[0]), only)
                 except Unresolved:
                     return self.source.snippet(only)
         out: list[str] = []
@@ -406,7 +367,7 @@ class Evaluator:
         return "".join(parts)
 
     def _interpolate(self, node: Tree) -> str:
-        expr = _trees(node)[0]
+        expr = subtrees(node)[0]
         try:
             value = self._eval(expr)
         except Unresolved:
@@ -430,14 +391,7 @@ class Evaluator:
         return self._heredoc(node.children[0], trim=True)
 
     def _heredoc(self, token: Token | Tree, trim: bool) -> str:
-        raw = str(token)
-        head = _HEREDOC_HEAD.match(raw)
-        if head is None:  # the grammar guarantees the form; be defensive anyway
-            raise self.source.error(token, "malformed heredoc")
-        marker = head.group(1)
-        body = re.sub(r"[ \t]*" + re.escape(marker) + r"\r?\n\Z", "", raw[head.end() :])
-        if trim:
-            body = _dedent(body)
+        body = heredoc_text(token, self.source, trim)
         first_line = (self.source.line_of(token) or 1) + 1
         return self._template(body, first_line)
 
@@ -496,17 +450,16 @@ class Evaluator:
         )
 
     def _bool(self, value: Any, node: Tree) -> bool:
-        if isinstance(value, bool):
-            return value
-        if value in ("true", "false"):
-            return value == "true"
+        as_bool = as_hcl_bool(value)
+        if as_bool is not None:
+            return as_bool
         raise self.source.error(
             node, f"expected a bool, got {type_name(value)} {short_repr(value)}"
         )
 
     def _x_binary_op(self, node: Tree) -> Any:
-        lhs_node, term = _trees(node)
-        op_node, rhs_node = _trees(term)
+        lhs_node, term = subtrees(node)
+        op_node, rhs_node = subtrees(term)
         op = str(op_node.children[0]).strip()
         lhs = self._plain(self._eval(lhs_node), lhs_node)
         if op in ("&&", "||"):
@@ -536,19 +489,19 @@ class Evaluator:
 
     def _x_unary_op(self, node: Tree) -> Any:
         op = str(node.children[0])
-        operand_node = _trees(node)[0]
+        operand_node = subtrees(node)[0]
         value = self._plain(self._eval(operand_node), operand_node)
         if op == "!":
             return not self._bool(value, operand_node)
         return -self._number(value, operand_node)
 
     def _x_conditional(self, node: Tree) -> Any:
-        cond_node, yes, no = _trees(node)
+        cond_node, yes, no = subtrees(node)
         cond = self._bool(self._plain(self._eval(cond_node), cond_node), cond_node)
         return self._eval(yes if cond else no)
 
     def _x_function_call(self, node: Tree) -> Any:
-        parts = _trees(node)
+        parts = subtrees(node)
         names = [p for p in parts if p.data == "identifier"]
         if len(names) != 1:
             raise self.source.error(node, "namespaced (provider::) functions are not supported")
@@ -557,7 +510,7 @@ class Evaluator:
         arg_tree = next((p for p in parts if p.data == "arguments"), None)
         expand = False
         if arg_tree is not None:
-            arg_nodes = _trees(arg_tree)
+            arg_nodes = subtrees(arg_tree)
             args = [self._plain(self._eval(a), a) for a in arg_nodes]
             expand = any(isinstance(t, Token) and t.type == "ELLIPSIS" for t in arg_tree.children)
         if expand:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from nomad_client.jobspec.errors import type_name
 from nomad_client.jobspec.limits import check_element_count, check_string_length
+from nomad_client.jobspec.values import as_hcl_bool, as_hcl_string
 
 
 class FunctionError(Exception):
@@ -19,13 +21,10 @@ class FunctionError(Exception):
 
 
 def _str(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, str | int | float):
-        return str(value)
-    raise FunctionError(f"cannot convert {type(value).__name__} to a string")
+    as_string = as_hcl_string(value)
+    if as_string is None:
+        raise FunctionError(f"cannot convert {type_name(value)} to a string")
+    return as_string
 
 
 def _number(value: Any) -> int | float:
@@ -44,13 +43,13 @@ def _number(value: Any) -> int | float:
 
 def _list(value: Any) -> list[Any]:
     if not isinstance(value, list):
-        raise FunctionError(f"expected a list, got {type(value).__name__}")
+        raise FunctionError(f"expected a list, got {type_name(value)}")
     return value
 
 
 def _map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise FunctionError(f"expected a map, got {type(value).__name__}")
+        raise FunctionError(f"expected a map, got {type_name(value)}")
     return value
 
 
@@ -115,11 +114,10 @@ def _merge(*maps: Any) -> dict[str, Any]:
 
 
 def _tobool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value in ("true", "false"):
-        return value == "true"
-    raise FunctionError(f"cannot convert {value!r} to a bool")
+    as_bool = as_hcl_bool(value)
+    if as_bool is None:
+        raise FunctionError(f"cannot convert {value!r} to a bool")
+    return as_bool
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {

@@ -15,7 +15,7 @@ from typing import Any
 from lark import Tree
 
 from nomad_client.jobspec.decode import decode_job
-from nomad_client.jobspec.errors import JobspecError
+from nomad_client.jobspec.errors import JobspecError, type_name
 from nomad_client.jobspec.evaluate import Evaluator, Scope
 from nomad_client.jobspec.limits import Meter
 from nomad_client.jobspec.syntax import Block, Source, parse_body
@@ -44,7 +44,7 @@ def parse_jobspec(
     naming the file, line and problem.
     """
     if not isinstance(text, str):
-        raise JobspecError(filename, None, f"the jobspec must be text, got {type(text).__name__}")
+        raise JobspecError(filename, None, f"the jobspec must be text, got {type_name(text)}")
     files = _var_files(var_files_text, var_files)
     if not text.strip():
         raise JobspecError(filename, None, "jobspec is empty")

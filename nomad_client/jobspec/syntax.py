@@ -1,10 +1,11 @@
 """HCL2 source text -> a small tree of blocks and attributes with line numbers.
 
-This module is the only place that talks to python-hcl2. It uses the raw Lark
-parse tree (not python-hcl2's dict serialization, which keeps quotes and
-``${}`` wrappers and loses line numbers), turns Lark syntax errors into
-``JobspecError`` and leaves expressions as Lark trees for ``evaluate`` to
-interpret. Pure computation: no I/O.
+This module is the only place that talks to python-hcl2, for jobspecs and the
+agent config alike. It uses the raw Lark parse tree (not python-hcl2's dict
+serialization, which keeps quotes and ``${}`` wrappers and loses line numbers),
+turns Lark syntax errors into ``JobspecError`` (the agent config turns those into
+its own error) and leaves expressions as Lark trees for ``evaluate`` (jobspecs) or
+``plain`` (files of literal values) to interpret. Pure computation: no I/O.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Body:
     line: int | None = None
 
 
+# HCL's literal keywords and the values they stand for.
+KEYWORD_VALUES = {"true": True, "false": False, "null": None}
+
 # Names shown to users instead of Lark terminal names.
 _TOKEN_NAMES = {
     "RBRACE": "'}'",
@@ -122,8 +126,9 @@ def _syntax_error(
 ) -> JobspecError:
     line = err.line + line_offset if isinstance(err.line, int) and err.line > 0 else None
     column = err.column if isinstance(err.column, int) and err.column > 0 else None
-    if fragment:
-        column = None  # columns inside a wrapped fragment would mislead
+    at_end = isinstance(err, UnexpectedToken) and err.token.type == "$END"
+    if fragment or at_end:
+        column = None  # columns inside a wrapped fragment would mislead; the end has none
     where = f" at column {column}" if column else ""
     if isinstance(err, UnexpectedToken):
         got = _describe_token(err.token)
@@ -173,7 +178,7 @@ def parse_expression(text: str, filename: str, line_offset: int = 0) -> tuple[Tr
     return body.attributes[0].expr, source
 
 
-def _trees(node: Tree) -> list[Tree]:
+def subtrees(node: Tree) -> list[Tree]:
     """Child trees of ``node``, ignoring newlines and comments."""
     return [c for c in node.children if isinstance(c, Tree) and c.data != "new_line_or_comment"]
 
@@ -193,7 +198,7 @@ def _body(node: Tree, source: Source, depth: int = 0) -> Body:
     attributes: list[Attribute] = []
     blocks: list[Block] = []
     seen: dict[str, Attribute] = {}
-    for child in _trees(node):
+    for child in subtrees(node):
         if child.data == "attribute":
             name = _name_of(child.children[0], source)
             expr = child.children[2]
@@ -237,8 +242,12 @@ def decode_escapes(raw: str) -> str:
     return _ESCAPE_RE.sub(repl, raw)
 
 
-def string_literal(node: Tree, source: Source) -> str:
-    """The value of a quoted string that must not contain interpolations (labels)."""
+def string_literal(node: Tree, source: Source, keep_templates: bool = False) -> str:
+    """The value of a quoted string that must not contain interpolations (labels).
+
+    With ``keep_templates``, ``${...}`` and ``$${`` are kept as written instead: files of
+    plain values (the agent config) interpolate nothing.
+    """
     out: list[str] = []
     for part in node.children:
         if isinstance(part, Token) and part.type == "DBLQUOTE":
@@ -249,6 +258,8 @@ def string_literal(node: Tree, source: Source) -> str:
                 out.append(decode_escapes(str(content)))
             except ValueError as err:
                 raise source.error(node, str(err)) from None
+        elif keep_templates:
+            out.append(source.snippet(part))
         elif isinstance(content, Token) and content.type in (
             "ESCAPED_INTERPOLATION",
             "ESCAPED_DIRECTIVE",
@@ -257,3 +268,25 @@ def string_literal(node: Tree, source: Source) -> str:
         else:
             raise source.error(node, "a label must be a literal string without ${...}")
     return "".join(out)
+
+
+_HEREDOC_HEAD = re.compile(r"<<-?([A-Za-z][A-Za-z0-9._-]*)\r?\n")
+
+
+def heredoc_text(token: Token | Tree, source: Source, trim: bool) -> str:
+    """The text of a heredoc, templates left as written; ``trim`` (the ``<<-`` form) strips
+    the indentation common to its non-blank lines."""
+    raw = str(token)
+    head = _HEREDOC_HEAD.match(raw)
+    if head is None:  # the grammar guarantees the form; be defensive anyway
+        raise source.error(token, "malformed heredoc")
+    marker = head.group(1)
+    body = re.sub(r"[ \t]*" + re.escape(marker) + r"\r?\n\Z", "", raw[head.end() :])
+    return _dedent(body) if trim else body
+
+
+def _dedent(body: str) -> str:
+    lines = body.split("\n")
+    widths = [len(ln) - len(ln.lstrip(" \t")) for ln in lines if ln.strip()]
+    cut = min(widths, default=0)
+    return "\n".join(ln[cut:] if ln.strip() else ln.lstrip(" \t") for ln in lines)

@@ -13,10 +13,11 @@ from typing import Any
 
 import attrs
 
-from nomad_client.jobspec.errors import JobspecError, short_repr
-from nomad_client.jobspec.evaluate import Evaluator, Scope, number_to_string, type_name
+from nomad_client.jobspec.errors import JobspecError, short_repr, type_name
+from nomad_client.jobspec.evaluate import Evaluator, Scope
 from nomad_client.jobspec.limits import LimitError, Meter
 from nomad_client.jobspec.syntax import Block, Source, parse_body, parse_expression
+from nomad_client.jobspec.values import as_hcl_bool, as_hcl_string
 
 VAR_FILE_NAME = "<var-file>"
 CLI_NAME = "-var"
@@ -233,12 +234,9 @@ def convert_to_type(value: Any, var_type: str | None) -> Any:
     assert var_type is not None
     kind = var_type.split("(", 1)[0]
     if kind == "string":
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return number_to_string(value)
-        if isinstance(value, str):
-            return value
+        as_string = as_hcl_string(value)
+        if as_string is not None:
+            return as_string
     elif kind == "number":
         if isinstance(value, int | float) and not isinstance(value, bool):
             return value
@@ -249,10 +247,9 @@ def convert_to_type(value: Any, var_type: str | None) -> Any:
                 except ValueError:
                     pass
     elif kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if value in ("true", "false"):
-            return value == "true"
+        as_bool = as_hcl_bool(value)
+        if as_bool is not None:
+            return as_bool
     elif kind in ("list", "set", "tuple"):
         if isinstance(value, list):
             inner = _element_type(var_type) if kind != "tuple" else None

@@ -31,14 +31,14 @@ Evaluation rules:
 * ``any``/``all`` iterate lists (one name binds the element, two bind index and element) and
   maps (one name binds the key, two bind key and value); ``_`` discards a binding. A missing or
   null collection is empty, so ``any`` is false and ``all`` is true.
-* ``matches`` searches with :mod:`nomad_client.untrusted_regex` (patterns are compiled at
-  compile time; a bad or too costly pattern is a syntax error, a search that runs out of time
-  an evaluation error).
+* ``matches`` searches with :mod:`nomad_client.untrusted_regex` (RE2, read as Go reads it;
+  patterns are compiled at compile time, and a bad or too large pattern is a syntax error).
 
 Cost limits, because expressions come from API callers: ``any``/``all`` may be nested at most
 :data:`MAX_COLLECTION_NESTING` deep, and one :meth:`Filter.matches` call may take at most
 :data:`MAX_EVAL_STEPS` steps (collection elements visited, list elements compared, regex
-searches) and spend at most ``MATCH_TIMEOUT`` seconds in regex searches in all.
+searches) and spend at most :data:`MAX_REGEX_SECONDS` in regex searches in all: each RE2
+search is linear in its text, but a slow pattern over many values still adds up.
 """
 
 from __future__ import annotations
@@ -50,12 +50,8 @@ from typing import Any
 
 import attrs
 
-from nomad_client.untrusted_regex import (
-    MATCH_TIMEOUT,
-    UntrustedPattern,
-    UntrustedRegexError,
-    compile_untrusted,
-)
+from nomad_client.goflags import parse_go_bool
+from nomad_client.untrusted_regex import UntrustedPattern, UntrustedRegexError, compile_untrusted
 
 __all__ = [
     "Filter",
@@ -64,11 +60,13 @@ __all__ = [
     "FilterSyntaxError",
     "MAX_COLLECTION_NESTING",
     "MAX_EVAL_STEPS",
+    "MAX_REGEX_SECONDS",
     "compile_filter",
 ]
 
 MAX_COLLECTION_NESTING = 3  # each level multiplies the work by the size of a collection
 MAX_EVAL_STEPS = 100_000
+MAX_REGEX_SECONDS = 0.05  # checked between searches: RE2 cannot be stopped mid-search
 
 
 class FilterError(Exception):
@@ -117,7 +115,7 @@ class _Budget:
     """Work one :meth:`Filter.matches` call may still do, shared through the scope."""
 
     steps: int = MAX_EVAL_STEPS
-    regex_seconds: float = MATCH_TIMEOUT
+    regex_seconds: float = MAX_REGEX_SECONDS
 
     def spend(self, steps: int) -> None:
         self.steps -= steps
@@ -126,24 +124,18 @@ class _Budget:
                 f"filter too expensive: evaluation needs more than {MAX_EVAL_STEPS} steps"
             )
 
-    def search(self, pattern: UntrustedPattern, text: str, where: str) -> bool:
-        """Run ``pattern`` on ``text`` within the regex time left to this call."""
+    def search(self, pattern: UntrustedPattern, text: str) -> bool:
+        """Run ``pattern`` on ``text`` if this call has regex time left."""
         self.spend(1)
         if self.regex_seconds <= 0:
             raise FilterEvalError(
-                f"filter too expensive: regular expressions ran longer than {MATCH_TIMEOUT:g}s"
+                f"filter too expensive: regular expressions ran longer than {MAX_REGEX_SECONDS:g}s"
             )
         start = time.monotonic()
         try:
-            return pattern.search(text, timeout=self.regex_seconds)
-        except UntrustedRegexError as exc:
-            raise FilterEvalError(f"cannot match {where}: {exc}") from None
+            return pattern.search(text)
         finally:
             self.regex_seconds -= time.monotonic() - start
-
-
-_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
 
 def _kind(value: Any) -> str:
@@ -209,7 +201,7 @@ class _Literal:
 
     @classmethod
     def of(cls, text: str) -> _Literal:
-        as_bool = True if text in _GO_TRUE else False if text in _GO_FALSE else None
+        as_bool = parse_go_bool(text)
         number: int | float | None = _parse_go_int(text)
         if number is None:
             number = _parse_go_float(text)
@@ -329,7 +321,7 @@ def _op_matches(get: _Getter, pattern: UntrustedPattern, where: str, negate: boo
             raise FilterEvalError(
                 f"cannot match {where} against a regex: value is a {_kind(value)}"
             )
-        return scope[_BUDGET].search(pattern, value, where) is not negate
+        return scope[_BUDGET].search(pattern, value) is not negate
 
     return pred
 

@@ -1,10 +1,10 @@
 """Node-level checks of job placement constraints (``constraint { ... }`` blocks).
 
 A constraint is ``{"LTarget": ..., "RTarget": ..., "Operand": ...}``; each target is either a
-``${...}`` reference to a node property (``attr.*``, ``meta.*``, ``node.unique.id``,
-``node.unique.name``, ``node.datacenter``, ``node.class``, ``node.pool``, ``node.region``) or
-a literal. The node is its API JSON. This module is pure: no I/O, no global state beyond a
-small cache of parsed version constraints.
+``${...}`` reference to a node property (``attr.*``, ``meta.*``, ``node.unique.id``, ... as
+listed in :mod:`nomad_client.structs.node_properties`) or a literal. The node is its API JSON.
+This module is pure: no I/O, no global state beyond a small cache of parsed version
+constraints.
 
 Targets come from job submitters, so a check never raises for any string targets or operand:
 bad input (an invalid or too costly regular expression, a malformed version, an absurdly
@@ -24,6 +24,13 @@ from typing import Any
 
 import attrs
 
+from nomad_client.structs.node_properties import (
+    ATTR_PREFIX,
+    META_PREFIX,
+    NODE_FIELDS,
+    NODE_REGION,
+    REGION_ATTRIBUTE,
+)
 from nomad_client.untrusted_regex import UntrustedRegexError, compile_untrusted
 
 __all__ = ["ConstraintResult", "check_constraint", "check_constraints", "resolve_target"]
@@ -36,16 +43,6 @@ class ConstraintResult:
 
 
 _OK = ConstraintResult(True, "")
-
-# ``${node.*}`` names and the node JSON field each one reads.
-_NODE_FIELDS = {
-    "node.unique.id": "ID",
-    "node.unique.name": "Name",
-    "node.datacenter": "Datacenter",
-    "node.class": "NodeClass",
-    "node.pool": "NodePool",
-}
-
 
 def _as_text(value: Any) -> str:
     """Node attributes are strings on the wire; tolerate JSON scalars without surprises."""
@@ -71,14 +68,14 @@ def resolve_target(target: str, node: Mapping[str, Any]) -> tuple[str | None, bo
     if not (target.startswith("${") and target.endswith("}")):
         return target, True
     name = target[2:-1]
-    if name in _NODE_FIELDS:
-        return _lookup(node, _NODE_FIELDS[name])
-    if name == "node.region":
-        return _lookup(node.get("Attributes"), "nomad.region")
-    if name.startswith("attr."):
-        return _lookup(node.get("Attributes"), name[len("attr.") :])
-    if name.startswith("meta."):
-        return _lookup(node.get("Meta"), name[len("meta.") :])
+    if name in NODE_FIELDS:
+        return _lookup(node, NODE_FIELDS[name])
+    if name == NODE_REGION:
+        return _lookup(node.get("Attributes"), REGION_ATTRIBUTE)
+    if name.startswith(ATTR_PREFIX):
+        return _lookup(node.get("Attributes"), name[len(ATTR_PREFIX) :])
+    if name.startswith(META_PREFIX):
+        return _lookup(node.get("Meta"), name[len(META_PREFIX) :])
     return None, False
 
 

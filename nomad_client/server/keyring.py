@@ -5,10 +5,13 @@ signing key, kept in a keyring directory as a PEM file plus a JSON metadata
 file, and it touches nothing but that directory.
 
 Tokens are compact JWS (RS256) carrying the claims of a Nomad default task
-identity. Verification is strict and written out here so every rule is
-visible: size and alphabet first (cheap), then the header (only RS256, only
-our key id), then the signature, then the claims (presence, types, audience,
-time window). ``IdentityVerifier`` is the cache in front of it.
+identity. PyJWT's JWS layer signs them and checks their signatures, pinned to
+RS256; every rule around that is written out here, in this order: size and
+alphabet first (cheap), then the header (only RS256, no ``crit``, a ``kid``
+naming one of our keys), then the signature, then the claims (presence, types,
+audience, time window). The claims are checked here rather than by PyJWT,
+whose checks are laxer (a float or numeric-string timestamp passes) and read
+the wall clock. ``IdentityVerifier`` is the cache in front of it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import math
 import os
 import re
-import stat
 import time
 import uuid
 from collections import OrderedDict
@@ -30,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nomad_client.privatefile import write_private_file
+from nomad_client import safefs
 
 __all__ = [
     "DEFAULT_AUDIENCE",
@@ -67,6 +69,9 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _IDENTITY_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _RSA_BITS = 2048
 _RSA_EXPONENT = 65537
+
+# The JWS codec. Only RS256 is registered, and each decode pins it again.
+_JWS = jwt.PyJWS(algorithms=[ALGORITHM])
 
 
 class IdentityError(Exception):
@@ -186,6 +191,8 @@ class Keyring:
         self.issuer: str | None = None
         self._private_key = private_key
         self._public_key = private_key.public_key()
+        # Verification keys by ``kid``: a token's header can only pick one of these.
+        self._verification_keys = {key_id: self._public_key}
 
     # ------------------------------------------------------------------ persistence
 
@@ -313,12 +320,11 @@ class Keyring:
             claims["exp"] = math.ceil(moment + ttl_seconds)
         if self.issuer:
             claims["iss"] = self.issuer
-        header = {"alg": ALGORITHM, "kid": self.key_id, "typ": "JWT"}
-        signing_input = f"{_b64url_json(header)}.{_b64url_json(claims)}"
-        signature = self._private_key.sign(
-            signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256()
+        payload = json.dumps(claims, separators=(",", ":")).encode("utf-8")
+        # The header is {"alg": "RS256", "kid": <our key id>, "typ": "JWT"}.
+        return _JWS.encode(
+            payload, self._private_key, algorithm=ALGORITHM, headers={"kid": self.key_id}
         )
-        return f"{signing_input}.{_b64url_encode(signature)}"
 
     def jwks(self) -> dict[str, Any]:
         """The public key set, as served at ``/.well-known/jwks.json``."""
@@ -352,30 +358,30 @@ class Keyring:
         parts = token.split(".")
         if len(parts) != 3:
             raise IdentityError("token is malformed")
-        header_seg, payload_seg, signature_seg = parts
+        # Every segment in its canonical spelling first: PyJWT also takes others (padded ones).
+        header_data, _, _ = (_b64url_decode(part) for part in parts)
 
-        header = _json_object(_b64url_decode(header_seg))
+        header = _json_object(header_data)
         # Only RS256 is acceptable: this rejects "none" and the classic
         # HS256-with-the-public-key-as-secret confusion outright.
         if header.get("alg") != ALGORITHM:
             raise IdentityError("unsupported signing algorithm")
         if "crit" in header:
             raise IdentityError("unsupported critical header")
-        if header.get("kid") != self.key_id:
+        kid = header.get("kid")
+        key = self._verification_keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
             raise IdentityError("unknown signing key")
 
-        signature = _b64url_decode(signature_seg)
         try:
-            self._public_key.verify(
-                signature,
-                f"{header_seg}.{payload_seg}".encode("ascii"),
-                padding.PKCS1v15(),
-                hashes.SHA256(),
-            )
-        except InvalidSignature:
+            payload_data = _JWS.decode(token, key, algorithms=[ALGORITHM])
+        except jwt.InvalidSignatureError:
             raise IdentityError("bad signature") from None
+        except jwt.PyJWTError:
+            # Nothing the checks above let through, but never PyJWT's text: it may quote input.
+            raise IdentityError("token is malformed") from None
 
-        payload = _json_object(_b64url_decode(payload_seg))
+        payload = _json_object(payload_data)
         claims = IdentityClaims(
             namespace=_claim_str(payload, "nomad_namespace"),
             job_id=_claim_str(payload, "nomad_job_id"),
@@ -493,10 +499,6 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
-def _b64url_json(value: dict[str, Any]) -> str:
-    return _b64url_encode(json.dumps(value, separators=(",", ":")).encode("utf-8"))
-
-
 def _int_bytes(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
@@ -508,49 +510,30 @@ def _public_fingerprint(public_key: rsa.RSAPublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+# ---------------------------------------------------------------------- the keyring dir
+# Creating, writing and reading its files is safefs's; the keyring's own part is its error
+# type and messages.
+
+
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` 0700 if missing; refuse a symlink or a non-directory."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise KeyringError(f"{path}: exists and is not a directory") from None
+        safefs.ensure_private_dir(path)
+    except safefs.UnsafePathError as exc:
+        raise KeyringError(f"{path}: keyring dir {exc.strerror}") from None
     except OSError as exc:
         raise KeyringError(f"{path}: cannot create keyring dir ({exc.strerror})") from None
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise KeyringError(f"{path}: keyring dir is a symlink")
-    if not stat.S_ISDIR(st.st_mode):
-        raise KeyringError(f"{path}: exists and is not a directory")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        # makedirs honours the umask and an existing dir may be wider: pin it.
-        os.chmod(path, 0o700)
 
 
 def write_keyring_file(directory: Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` as 0600 via a temp file and an atomic rename."""
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        write_private_file(dir_fd, name, data)
-    finally:
-        os.close(dir_fd)
+    safefs.write_private_file_in(directory, name, data)
 
 
 def read_private_file(path: Path) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return safefs.read_private_file(path)
+    except safefs.UnsafePathError as exc:
+        raise KeyringError(f"{path}: {exc.strerror}") from None
     except OSError as exc:
         raise KeyringError(f"{path}: cannot open ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyringError(f"{path}: not a regular file")
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise KeyringError(
-                f"{path}: mode {stat.S_IMODE(st.st_mode):04o} is readable by others; expected 0600"
-            )
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)

@@ -22,6 +22,7 @@ from nomad_client.structs.codec import to_api
 from nomad_client.structs.jobs import is_batch, iter_groups
 from nomad_client.structs.models import (
     DESIRED_RUN,
+    DESIRED_STOP,
     NODE_READY,
     Allocation,
     AllocMetric,
@@ -64,7 +65,7 @@ STOP_NOT_NEEDED = "alloc not needed due to job update"
 
 
 def _stop(alloc: Allocation) -> Allocation:
-    return attrs.evolve(alloc, desired_status="stop", desired_description=STOP_NOT_NEEDED)
+    return attrs.evolve(alloc, desired_status=DESIRED_STOP, desired_description=STOP_NOT_NEEDED)
 
 
 def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],

@@ -24,12 +24,8 @@ from typing import Any, TypeGuard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nomad_client.server.keyring import (
-    KeyringError,
-    ensure_private_dir,
-    read_private_file,
-    write_keyring_file,
-)
+from nomad_client import safefs
+from nomad_client.server.keyring import KeyringError
 
 DATA_KEY_FILE = "data_key.json"
 SEALED_PREFIX = "sealed:v1:"
@@ -62,15 +58,20 @@ class Sealer:
 
     @classmethod
     def _load_or_create_sync(cls, keyring_dir: Path) -> Sealer:
-        ensure_private_dir(keyring_dir)
         path = keyring_dir / DATA_KEY_FILE
-        if not os.path.lexists(path):
-            key_id, key = str(uuid.uuid4()), AESGCM.generate_key(bit_length=256)
-            record = {"key_id": key_id, "key": base64.b64encode(key).decode()}
-            write_keyring_file(keyring_dir, DATA_KEY_FILE, json.dumps(record).encode())
-            return cls(key_id, key)
         try:
-            record = json.loads(read_private_file(path))
+            safefs.ensure_private_dir(keyring_dir)
+            if not os.path.lexists(path):
+                key_id, key = str(uuid.uuid4()), AESGCM.generate_key(bit_length=256)
+                record = {"key_id": key_id, "key": base64.b64encode(key).decode()}
+                safefs.write_private_file_in(keyring_dir, DATA_KEY_FILE,
+                                             json.dumps(record).encode())
+                return cls(key_id, key)
+            raw = safefs.read_private_file(path)
+        except OSError as exc:  # refused (a symlink, a mode others can read) or failed
+            raise KeyringError(f"{exc.filename or path}: {exc.strerror or exc}") from None
+        try:
+            record = json.loads(raw)
             return cls(str(uuid.UUID(record["key_id"])),
                        base64.b64decode(record["key"], validate=True))
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:

@@ -9,6 +9,7 @@ under the store's write lock, never a whole row read earlier.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hmac
 import logging
 import time
@@ -43,6 +44,16 @@ class NotFound(Exception):
     pass
 
 
+class Resource(enum.StrEnum):
+    """What a blocking query can watch. Each is one table of the state store, whose index
+    moves with every write to it."""
+
+    JOBS = JOBS
+    ALLOCATIONS = "allocs"
+    EVALUATIONS = "evals"
+    NODES = "nodes"
+
+
 class Server:
     def __init__(self, store: StateStore, keyring: Keyring, *, region: str,
                  acl_enabled: bool) -> None:
@@ -53,6 +64,47 @@ class Server:
         self.identities = IdentityVerifier(keyring)
         # One scheduling pass at a time, as a single-leader cluster would do.
         self._plan_lock = asyncio.Lock()
+
+    # ---- reads (what the HTTP API serves; listings are in ID order) ----------------------
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return self.store.get(JOBS, job_id)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.store.rows(JOBS)
+
+    def allocation(self, alloc_id: str) -> Allocation | None:
+        return self.store.get("allocs", alloc_id)
+
+    def allocations(self) -> list[Allocation]:
+        return self.store.rows("allocs")
+
+    def job_allocs(self, job_id: str) -> list[Allocation]:
+        return [a for a in self.allocations() if a.job_id == job_id]
+
+    def node_allocs(self, node_id: str) -> list[Allocation]:
+        return [a for a in self.allocations() if a.node_id == node_id]
+
+    def node(self, node_id: str) -> Node | None:
+        return self.store.get("nodes", node_id)
+
+    def nodes(self) -> list[Node]:
+        return self.store.rows("nodes")
+
+    def evaluation(self, eval_id: str) -> Evaluation | None:
+        return self.store.get("evals", eval_id)
+
+    def job_evaluations(self, job_id: str) -> list[Evaluation]:
+        return [e for e in self.store.rows("evals") if e.job_id == job_id]
+
+    def index_of(self, *resources: Resource) -> int:
+        """The index of the latest write to any of ``resources`` (at least 1)."""
+        return self.store.table_index(*resources)
+
+    async def wait_for_change(self, resources: Sequence[Resource], min_index: int,
+                              wait: float) -> int:
+        """Block until one of ``resources`` has an index above ``min_index`` or ``wait``
+        seconds (capped by the store) pass; return their index either way."""
+        return await self.store.wait_for_change(resources, min_index, wait)
 
     # ---- jobs --------------------------------------------------------------------------
     async def register_job(self, job: Mapping[str, Any]) -> tuple[str, int]:
@@ -93,9 +145,6 @@ class Server:
         if job.get("Stop") or (allocs and job.get("Type") == "batch"):
             return "dead"
         return "pending"
-
-    def job_allocs(self, job_id: str) -> list[Allocation]:
-        return [a for a in self.store.rows("allocs") if a.job_id == job_id]
 
     def _job_evals(self, job_id: str) -> list[Evaluation]:
         """The job's evaluations, oldest first."""
@@ -198,7 +247,7 @@ class Server:
         return await self.store.write(updates={"nodes": [(node_id, set_status)]})
 
     def _node(self, node_id: str) -> Node:
-        node = self.store.get("nodes", node_id)
+        node = self.node(node_id)
         if node is None:
             raise NotFound(f"node {node_id} not found")
         return node

@@ -35,7 +35,6 @@ EVENT_RECEIVED = "Received"
 EVENT_TASK_SETUP = "Task Setup"
 EVENT_SETUP_FAILURE = "Setup Failure"
 EVENT_DRIVER_FAILURE = "Driver Failure"
-EVENT_FAILED_VALIDATION = "Failed Validation"
 EVENT_STARTED = "Started"
 EVENT_TERMINATED = "Terminated"
 EVENT_KILLING = "Killing"
@@ -139,6 +138,8 @@ class Allocation:
 
 @attrs.frozen
 class DriverInfo:
+    """A driver's fingerprint: what a driver reports and a node carries for it."""
+
     detected: bool
     healthy: bool
     health_description: str = ""
@@ -147,7 +148,6 @@ class DriverInfo:
 
 
 NODE_READY = "ready"
-NODE_DOWN = "down"
 NODE_INIT = "initializing"
 
 
@@ -184,7 +184,6 @@ class AllocMetric:
 
 EVAL_PENDING = "pending"
 EVAL_COMPLETE = "complete"
-EVAL_BLOCKED = "blocked"
 
 
 @attrs.frozen

@@ -12,6 +12,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -133,17 +135,53 @@ async def test_blocking_query_times_out_with_same_index(seeded: Seeded) -> None:
     assert [j["ID"] for j in resp.json()] == [KEEPER]
 
 
+def _tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(tx_queue, rx_queue) of this host's IPv4 TCP socket from ``local`` to ``remote``, as
+    /proc/net/tcp shows them; None while there is no such socket."""
+    def hex_address(address: tuple[str, int]) -> str:
+        ip = int.from_bytes(socket.inet_aton(address[0]), sys.byteorder)
+        return f"{ip:08X}:{address[1]:04X}"
+
+    wanted = [hex_address(local), hex_address(remote)]
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1:3] == wanted:
+                tx_queue, rx_queue = fields[4].split(":")
+                return int(tx_queue, 16), int(rx_queue, 16)
+    return None
+
+
 async def test_blocking_query_wakes_when_a_job_is_registered(seeded: Seeded) -> None:
     first = await seeded.api.request("GET", "/v1/jobs")
-    started = time.monotonic()
-    blocked = asyncio.create_task(seeded.api.request(
-        "GET", "/v1/jobs", params={"index": first.index, "wait": "20s"}))
-    await asyncio.sleep(0.3)
-    assert not blocked.done(), "the blocking query returned before anything changed"
-    async with seeded.agent.api() as other:
-        await other.job_register(raw_exec_job("waker", "true", extra_task={
-            "Driver": "docker", "Config": {"image": "busybox"}}))
-    resp = await asyncio.wait_for(blocked, 5)
+    host, _, port = seeded.agent.address.removeprefix("http://").rpartition(":")
+    agent_address = (host, int(port))
+    reader, writer = await asyncio.open_connection(*agent_address)
+    try:
+        started = time.monotonic()
+        writer.write(f"GET /v1/jobs?index={first.index}&wait=20s HTTP/1.1\r\n"
+                     "Host: localhost\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        blocked = asyncio.ensure_future(reader.read())
+        ours = writer.get_extra_info("sockname")[:2]
+
+        def agent_has_read_the_query() -> bool:
+            # Our bytes acknowledged by the agent's host, and none left unread there.
+            sent, received = _tcp_queues(ours, agent_address), _tcp_queues(agent_address, ours)
+            return sent is not None and sent[0] == 0 and received is not None \
+                and received[1] == 0
+
+        await eventually(agent_has_read_the_query, interval=0.01,
+                         message="the agent to read the blocking query")
+        assert not blocked.done(), "the blocking query returned before anything changed"
+        async with seeded.agent.api() as other:
+            await other.job_register(raw_exec_job("waker", "true", extra_task={
+                "Driver": "docker", "Config": {"image": "busybox"}}))
+        resp = parse_raw_response(await asyncio.wait_for(blocked, 5))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
     assert time.monotonic() - started < 5
     assert resp.status == 200 and resp.index > first.index
     assert "waker" in [j["ID"] for j in resp.json()]

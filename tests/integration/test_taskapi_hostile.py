@@ -29,7 +29,7 @@ from tests.integration.harness import (
     eventually,
     raw_exec_job,
     run_job,
-    wait_client_status,
+    task_dir,
     wait_task_state,
 )
 from tests.integration.test_taskapi import (
@@ -280,9 +280,12 @@ async def test_symlinked_socket_never_leads_the_agent_outside(agent: AgentProces
         touch(local / "go2")
         await eventually(lambda: (local / "planted2").exists(), message="the second link")
         assert os.readlink(sock) == str(victim)
-        await api.job_deregister("link")
-        await wait_client_status(api, alloc_id, "complete", "failed")
-        await asyncio.sleep(0.5)  # let the stop hooks finish their cleanup
+        # Purged, the allocation is destroyed once its task is dead, and only after the
+        # task's stop hooks and the Task API's cleanup (which finds the planted link): its
+        # directory going away proves the agent is done with the link.
+        await api.job_deregister("link", purge=True)
+        alloc_dir = task_dir(agent, alloc_id, "t").parent
+        await eventually(lambda: not alloc_dir.exists(), message="the allocation destroyed")
     assert _fingerprint(victim) == before
     assert victim.read_text() == "the agent must leave this file alone\n"
     await assert_no_secrets(agent, [token])

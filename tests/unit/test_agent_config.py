@@ -117,8 +117,9 @@ def test_non_dev_requirements(tmp_path: Path) -> None:
         ('bind_addr = "localhost"\n', "{f}:1: bind_addr: 'localhost' is not a valid IP"),
         ('log_level = "loud"\n', "{f}:1: log_level: unknown log level 'loud'"),
         ('client {\n  meta = { "9lives" = "x" }\n}\n',
-         "{f}:2: client.meta.9lives: '9lives' is invalid"),
-        ("data_dir = var.dir\n", "{f}:1: data_dir: expected a string, got expression"),
+         '{f}:2: client.meta.9lives: "9lives" is invalid; '
+         "metadata keys must be valid dotted hcl identifiers"),
+        ("data_dir = var.dir\n", "{f}:1: data_dir: expected a string, got expression var.dir"),
         ('data_dir = ""\n', "{f}:1: data_dir: must not be empty"),
         ("x = 1\ny = = 2\n", "{f}:2: syntax error"),
         ("client {\n", "{f}:2: syntax error: unexpected end of file"),
@@ -146,6 +147,59 @@ def test_json_errors(tmp_path: Path, text: str, expected: str) -> None:
         load_config_file(f)
     assert str(info.value).startswith(f"{f}")
     assert expected in str(info.value)
+
+
+def test_unknown_key_is_reported_at_the_line_that_sets_it(tmp_path: Path) -> None:
+    # Text that looks like the key, earlier in the file, must not be taken for it.
+    f = write(tmp_path, "agent.hcl", 'data_dir = "/d"\n'
+              "client {\n"
+              "  enabled = true\n"
+              "  meta {\n"
+              "    motd = <<EOF\n"
+              "bogus = 1\n"
+              "EOF\n"
+              "  }\n"
+              "  # bogus = 0\n"
+              "  bogus = 2\n"
+              "}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(f)
+    assert (info.value.line, info.value.key) == (10, "client.bogus")
+    assert str(info.value) == f"{f}:10: client.bogus: unknown configuration key"
+
+
+def test_syntax_error_is_reported_at_its_line(tmp_path: Path) -> None:
+    f = write(tmp_path, "agent.hcl", 'data_dir = "/d"\n'
+              "client {\n"
+              "  meta {\n"
+              '    rack = "r1"\n'
+              '    zone = = "z"\n'
+              "  }\n"
+              "}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(f)
+    assert info.value.line == 5
+    assert str(info.value).startswith(
+        f"{f}:5: syntax error at column 12: unexpected '= '; expected an expression")
+
+
+def test_hcl_reading_rules_are_the_jobspecs(tmp_path: Path) -> None:
+    # One HCL front-end: an attribute set twice is refused with both lines, as in a jobspec.
+    f = write(tmp_path, "agent.hcl", 'data_dir = "/a"\nregion = "r"\ndata_dir = "/b"\n')
+    with pytest.raises(ConfigError, match=rf"^{f}:3: attribute 'data_dir' is set more than "
+                                          r"once \(first at line 1\)$"):
+        load_config_file(f)
+    # Config values are never interpolated: ${...} is kept as written.
+    f = write(tmp_path, "agent.hcl", 'data_dir = "/srv/${node}"\nname = "a\\tb"\n')
+    assert load_config_file(f) == {"data_dir": "/srv/${node}", "name": "a\tb"}
+
+
+def test_json_semantic_errors_name_the_line_of_the_key(tmp_path: Path) -> None:
+    f = write(tmp_path, "agent.json", '{\n  "region": "has \\"meta\\": ]",\n'
+              '  "client": {\n    "enabled": true,\n    "meta": {"rack": 1}\n  }\n}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config_file(f)
+    assert str(info.value) == f"{f}:5: client.meta.rack: expected a string, got number"
 
 
 def test_json_syntax_error_has_line(tmp_path: Path) -> None:
@@ -182,6 +236,21 @@ def test_parse_agent_args() -> None:
 def test_bad_agent_flags(argv: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         parse_agent_args(argv)
+
+
+GO_TRUE = ["1", "t", "T", "TRUE", "true", "True"]
+GO_FALSE = ["0", "f", "F", "FALSE", "false", "False"]
+
+
+@pytest.mark.parametrize("value", GO_TRUE + GO_FALSE)
+def test_boolean_flags_take_go_spellings(value: str) -> None:
+    assert parse_agent_args([f"-acl-enabled={value}"]).acl_enabled is (value in GO_TRUE)
+
+
+@pytest.mark.parametrize("value", ["tRUE", "FaLsE", "yes", "on", "2", ""])
+def test_boolean_flags_refuse_what_go_refuses(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"invalid boolean value '{value}'"):
+        parse_agent_args([f"-acl-enabled={value}"])
 
 
 def test_bad_flag_values_rejected_at_build() -> None:

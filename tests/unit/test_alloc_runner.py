@@ -4,15 +4,21 @@ the mock driver through a real AllocRunner (no agent, no server)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
-from nomad_client.allocrunner import alloc_runner as ar
+from nomad_client.allocrunner.alloc_dir_hook import AllocDirHook
 from nomad_client.allocrunner.alloc_runner import AllocRunner, AllocRunnerConfig
-from nomad_client.allocrunner.hooks import AllocHookDeps, TaskContext
+from nomad_client.allocrunner.hooks import (
+    AllocHookDeps,
+    AllocHookFactory,
+    TaskContext,
+    TaskHookFactory,
+)
 from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.drivers.base import ExitResult, TaskHandle
 from nomad_client.client.taskenv import NodeView
@@ -69,10 +75,10 @@ class RecordingTaskHook:
 
 class RecordingAllocHook:
     name = "recording_alloc"
-    rec: Recorder
 
-    def __init__(self, deps: AllocHookDeps) -> None:
+    def __init__(self, deps: AllocHookDeps, rec: Recorder) -> None:
         self.deps = deps
+        self.rec = rec
 
     async def prerun(self) -> None:
         self.rec.calls.append("alloc.prerun")
@@ -95,25 +101,28 @@ class RecordingAllocHook:
 
 
 @pytest.fixture
-def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    recorder = Recorder()
-    RecordingAllocHook.rec = recorder
-    monkeypatch.setattr(ar, "ALLOC_HOOKS", (ar.AllocDirHook, RecordingAllocHook))
-    monkeypatch.setattr(ar, "TASK_HOOKS", (lambda: RecordingTaskHook("first", recorder),
-                                           lambda: RecordingTaskHook("second", recorder)))
-    return recorder
+def rec() -> Recorder:
+    return Recorder()
 
 
 def runner_for(alloc: Allocation, tmp_path: Path, rec: Recorder,
-               drivers: Mapping[str, Any] | None = None) -> AllocRunner:
+               drivers: Mapping[str, Any] | None = None,
+               task_hooks: Sequence[TaskHookFactory] | None = None,
+               alloc_hooks: Sequence[AllocHookFactory] | None = None) -> AllocRunner:
+    """A runner with (unless told otherwise) the real alloc dir hook, a recording alloc hook
+    (which also observes task lifecycles) and two recording task hooks, ``first`` and
+    ``second``."""
     async def persist(alloc_id: str, task: str, state: TaskState,
                       handle: TaskHandle | None) -> None:
         rec.persisted.append((alloc_id, task, state, handle))
 
     config = AllocRunnerConfig(
         alloc_dir_root=tmp_path / "alloc", driver_state_root=tmp_path / "state",
-        drivers=drivers or builtin_drivers(), node_view=lambda: NODE, router=None, host_env={},
-        persist_task=persist, report=rec.updates.append)
+        drivers=drivers or builtin_drivers(), node_view=lambda: NODE,
+        alloc_hooks=alloc_hooks or (AllocDirHook, lambda deps: RecordingAllocHook(deps, rec)),
+        task_hooks=task_hooks or (lambda: RecordingTaskHook("first", rec),
+                                  lambda: RecordingTaskHook("second", rec)),
+        task_api=None, host_env={}, persist_task=persist, report=rec.updates.append)
     return AllocRunner(alloc, config)
 
 
@@ -149,12 +158,37 @@ async def test_hooks_run_in_registration_order_around_the_task(tmp_path: Path,
     assert (tmp_path / "alloc" / runner.alloc.id / "alloc" / "logs").is_dir()
 
 
+class StopOnlyHook:
+    """A task hook and a task observer of one phase each: no empty methods for the rest."""
+
+    name = "stop_only"
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    async def stop(self, ctx: TaskContext) -> None:
+        self.rec.calls.append(f"stop({ctx.name})")
+
+    async def task_stopped(self, ctx: TaskContext) -> None:
+        self.rec.calls.append(f"task_stopped({ctx.name})")
+
+
+async def test_hooks_implementing_one_phase_are_called_for_it_alone(tmp_path: Path,
+                                                                    rec: Recorder) -> None:
+    runner = runner_for(make_alloc([mock_task(run_for="1ms")]), tmp_path, rec,
+                        task_hooks=(lambda: StopOnlyHook(rec),),
+                        alloc_hooks=(AllocDirHook, lambda deps: StopOnlyHook(rec)))
+    await run_to_end(runner)
+    assert rec.calls == ["stop(t)", "task_stopped(t)"]
+    assert runner.task_runners["t"].state.state == "dead"
+    assert rec.updates[-1].client_status == "complete"
+
+
 async def test_failing_prestart_hook_fails_the_task_with_the_hooks_error(
-        tmp_path: Path, rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ar, "TASK_HOOKS", (
+        tmp_path: Path, rec: Recorder) -> None:
+    runner = runner_for(make_alloc([mock_task(run_for="10ms")]), tmp_path, rec, task_hooks=(
         lambda: RecordingTaskHook("first", rec, fail_prestart=True),
         lambda: RecordingTaskHook("second", rec)))
-    runner = runner_for(make_alloc([mock_task(run_for="10ms")]), tmp_path, rec)
     await run_to_end(runner)
     state = runner.task_runners["t"].state
     hook_failed = [e for e in state.events if e.type == "Task hook failed"]
@@ -263,9 +297,7 @@ async def test_a_fault_in_the_runner_fails_the_task_instead_of_abandoning_it(
     async def disk_full(*args: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    runner.config = AllocRunnerConfig(**{**{f: getattr(runner.config, f) for f in (
-        "alloc_dir_root", "driver_state_root", "drivers", "node_view", "router", "host_env",
-        "report")}, "persist_task": disk_full})
+    runner.config = attrs.evolve(runner.config, persist_task=disk_full)
     await run_to_end(runner)
     state = runner.task_runners["t"].state
     assert state.state == "dead" and state.failed

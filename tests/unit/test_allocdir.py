@@ -6,18 +6,15 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,31 +34,16 @@ from nomad_client.client.allocdir import (
     TaskDir,
     alloc_group,
 )
-from nomad_client.http.context import ListenerContext
-from nomad_client.http.endpoints import register_all
-from nomad_client.http.listeners import Listener, tcp_socket
-from nomad_client.http.router import Router
-from nomad_client.http.services import Services
 from nomad_client.server.keyring import Keyring
-from nomad_client.server.server import Server
-from nomad_client.server.state import StateStore
+from tests.unit.factories import OneAllocClient, make_server, serve_api
 
 IS_ROOT = os.geteuid() == 0
 ALLOC_ID = "5fc3c8bb-0b1a-4c1e-9f56-3a6f0f6c2a11"
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="allocdir-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def built(base: Path) -> AllocDir:
-    ad = AllocDir(base / "alloc", ALLOC_ID)
+def built(workdir: Path) -> AllocDir:
+    ad = AllocDir(workdir / "alloc", ALLOC_ID)
     ad.build()
     ad.build_task_dir("web", None)
     return ad
@@ -79,22 +61,22 @@ SHARED_MODES = {"alloc": 0o3770, "alloc/data": 0o2770, "alloc/logs": 0o2750,
 
 
 @pytest.mark.parametrize("as_root", [True, False])
-def test_build_layout_and_modes(base: Path, as_root: bool,
+def test_build_layout_and_modes(workdir: Path, as_root: bool,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     if as_root and not IS_ROOT:
         pytest.skip("the root layout needs root")
     monkeypatch.setattr(allocdir, "_is_root", lambda: as_root)
     old_umask = os.umask(0o077)  # modes must not depend on the agent's umask
     try:
-        ad = AllocDir(base / "alloc", ALLOC_ID)
+        ad = AllocDir(workdir / "alloc", ALLOC_ID)
         ad.build()
         ad.build()  # idempotent
     finally:
         os.umask(old_umask)
-    assert ad.path == base / "alloc" / ALLOC_ID
+    assert ad.path == workdir / "alloc" / ALLOC_ID
     assert ad.shared_dir == ad.path / "alloc"
     assert ad.logs_dir == ad.path / "alloc" / "logs"
-    assert mode(base / "alloc") == 0o711
+    assert mode(workdir / "alloc") == 0o711
     # Only the alloc's own group may enter (a non-root agent has no group to hand out).
     assert mode(ad.path) == (0o710 if as_root else 0o700)
     for rel, want in SHARED_MODES.items():
@@ -102,8 +84,8 @@ def test_build_layout_and_modes(base: Path, as_root: bool,
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="ownership changes need root")
-def test_tree_belongs_to_the_agent_and_the_alloc_group(base: Path) -> None:
-    ad = AllocDir(base / "alloc", ALLOC_ID)
+def test_tree_belongs_to_the_agent_and_the_alloc_group(workdir: Path) -> None:
+    ad = AllocDir(workdir / "alloc", ALLOC_ID)
     ad.build()
     ad.build_task_dir("web", None)
     td = ad.build_task_dir("api", "nobody")
@@ -135,15 +117,15 @@ def world_accessible(path: Path) -> bool:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="alloc groups need root")
-def test_alloc_group_survives_a_rebuild_and_differs_between_allocs(base: Path) -> None:
-    first = AllocDir(base / "alloc", ALLOC_ID)
+def test_alloc_group_survives_a_rebuild_and_differs_between_allocs(workdir: Path) -> None:
+    first = AllocDir(workdir / "alloc", ALLOC_ID)
     first.build()
     gid = first.gid
     # A restarted agent builds the same tree again from a new object: same group.
-    again = AllocDir(base / "alloc", ALLOC_ID)
+    again = AllocDir(workdir / "alloc", ALLOC_ID)
     again.build()
     assert again.gid == gid
-    others = [AllocDir(base / "alloc", str(uuid.uuid4())) for _ in range(8)]
+    others = [AllocDir(workdir / "alloc", str(uuid.uuid4())) for _ in range(8)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda ad: ad.build(), others))
     gids = {ad.gid for ad in others} | {gid}
@@ -151,29 +133,29 @@ def test_alloc_group_survives_a_rebuild_and_differs_between_allocs(base: Path) -
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="alloc groups need root")
-def test_alloc_group_in_use_is_not_given_twice(base: Path) -> None:
+def test_alloc_group_in_use_is_not_given_twice(workdir: Path) -> None:
     # Learn which gid the alloc id leads to, then have another alloc hold it already.
-    probe = AllocDir(base / "probe", ALLOC_ID)
+    probe = AllocDir(workdir / "probe", ALLOC_ID)
     probe.build()
     wanted = probe.gid
     assert wanted is not None
-    holder = AllocDir(base / "alloc", "holder")
+    holder = AllocDir(workdir / "alloc", "holder")
     holder.build()
     os.chown(holder.path, 0, wanted)
-    ad = AllocDir(base / "alloc", ALLOC_ID)
+    ad = AllocDir(workdir / "alloc", ALLOC_ID)
     ad.build()
     given = ad.gid
     assert given is not None and given != wanted
     # The gid it got is the one recorded: with the first choice free again, a rebuild (an
     # agent restart) keeps it, as the tasks already running hold it.
     holder.destroy()
-    AllocDir(base / "alloc", ALLOC_ID).build()
+    AllocDir(workdir / "alloc", ALLOC_ID).build()
     assert ad.gid == given
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="ownership changes need root")
-def test_older_layout_is_tightened_and_gets_a_group(base: Path) -> None:
-    ad = AllocDir(base / "alloc", ALLOC_ID)
+def test_older_layout_is_tightened_and_gets_a_group(workdir: Path) -> None:
+    ad = AllocDir(workdir / "alloc", ALLOC_ID)
     ad.path.mkdir(parents=True)
     for rel in ("", "alloc", "alloc/data", "alloc/logs"):
         (ad.path / rel).mkdir(exist_ok=True)
@@ -184,10 +166,10 @@ def test_older_layout_is_tightened_and_gets_a_group(base: Path) -> None:
     assert mode(ad.path) == 0o710 and mode(ad.logs_dir) == 0o2750
 
 
-def test_alloc_group_of_a_dir_not_owned_by_the_agent_is_none(base: Path) -> None:
-    assert alloc_group(base / "missing") is None
+def test_alloc_group_of_a_dir_not_owned_by_the_agent_is_none(workdir: Path) -> None:
+    assert alloc_group(workdir / "missing") is None
     if IS_ROOT:
-        path = base / "planted"
+        path = workdir / "planted"
         path.mkdir()
         os.chown(path, 65534, ALLOC_GID_BASE)
         assert alloc_group(path) is None
@@ -210,9 +192,9 @@ def _user_exists(name: str) -> bool:
 
 @pytest.mark.skipif(not IS_ROOT, reason="running as other users needs root")
 @pytest.mark.skipif(not _user_exists("daemon"), reason="needs the user daemon")
-def test_only_members_of_the_alloc_group_get_in(base: Path) -> None:
-    base.chmod(0o711)  # let other users reach the alloc dir, as a real data dir does
-    ad = AllocDir(base / "alloc", ALLOC_ID)
+def test_only_members_of_the_alloc_group_get_in(workdir: Path) -> None:
+    workdir.chmod(0o711)  # let other users reach the alloc dir, as a real data dir does
+    ad = AllocDir(workdir / "alloc", ALLOC_ID)
     ad.build()
     ad.build_task_dir("web", "nobody")
     gid = ad.gid
@@ -268,12 +250,12 @@ def test_task_and_secrets_dirs_belong_to_the_task_user(built: AllocDir) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="running as another user needs root")
-def test_sibling_user_cannot_swap_a_tasks_secrets_dir(built: AllocDir, base: Path) -> None:
+def test_sibling_user_cannot_swap_a_tasks_secrets_dir(built: AllocDir, workdir: Path) -> None:
     # A task dir built by an older layout (0777) is tightened again on the next build.
     (built.path / "api").mkdir(mode=0o777)
     (built.path / "api").chmod(0o777)
     td = built.build_task_dir("api", "nobody")
-    base.chmod(0o711)  # let other users reach the alloc dir, as a real data dir does
+    workdir.chmod(0o711)  # let other users reach the alloc dir, as a real data dir does
     # A sibling task running as yet another user tries to move the secrets dir away and
     # plant its own (where it would bind an api.sock to collect the task's token).
     sibling = 54321
@@ -293,8 +275,8 @@ def test_unknown_user_is_rejected(built: AllocDir) -> None:
         built.build_task_dir("api", "no-such-user-xyz")
 
 
-def test_planted_symlink_in_task_dir_is_not_followed(built: AllocDir, base: Path) -> None:
-    victim = base / "victim"
+def test_planted_symlink_in_task_dir_is_not_followed(built: AllocDir, workdir: Path) -> None:
+    victim = workdir / "victim"
     victim.mkdir(mode=0o755)
     victim.chmod(0o755)
     secrets = built.path / "web" / "secrets"
@@ -305,19 +287,19 @@ def test_planted_symlink_in_task_dir_is_not_followed(built: AllocDir, base: Path
     assert mode(victim) == 0o755
 
 
-def test_task_dir_is_paths_only(base: Path) -> None:
-    ad = AllocDir(base / "nowhere", ALLOC_ID)
+def test_task_dir_is_paths_only(workdir: Path) -> None:
+    ad = AllocDir(workdir / "nowhere", ALLOC_ID)
     td = ad.task_dir("web")
-    assert td.secrets_dir == base / "nowhere" / ALLOC_ID / "web" / "secrets"
-    assert not (base / "nowhere").exists()
+    assert td.secrets_dir == workdir / "nowhere" / ALLOC_ID / "web" / "secrets"
+    assert not (workdir / "nowhere").exists()
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\x00b", ".taskapi", ".x"])
-def test_bad_names_are_rejected(base: Path, name: str) -> None:
+def test_bad_names_are_rejected(workdir: Path, name: str) -> None:
     with pytest.raises(ValueError, match="alloc id"):
-        AllocDir(base, name)
+        AllocDir(workdir, name)
     with pytest.raises(ValueError, match="task name"):
-        AllocDir(base, ALLOC_ID).task_dir(name)
+        AllocDir(workdir, ALLOC_ID).task_dir(name)
 
 
 def test_task_names_of_the_agents_own_entries_are_rejected(built: AllocDir) -> None:
@@ -335,8 +317,8 @@ def test_task_names_of_the_agents_own_entries_are_rejected(built: AllocDir) -> N
 # -- destroy --------------------------------------------------------------------------------
 
 
-def test_destroy_removes_tree_without_following_symlinks(built: AllocDir, base: Path) -> None:
-    outside = base / "outside"
+def test_destroy_removes_tree_without_following_symlinks(built: AllocDir, workdir: Path) -> None:
+    outside = workdir / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("keep")
     (built.path / "web" / "local" / "link").symlink_to(outside)
@@ -445,9 +427,9 @@ def test_dotdot_is_applied_as_written_not_through_links(built: AllocDir) -> None
         assert target(opened) == real(built.path / "web" / "tmp")
 
 
-def test_symlinked_alloc_logs_is_refused(built: AllocDir, base: Path) -> None:
+def test_symlinked_alloc_logs_is_refused(built: AllocDir, workdir: Path) -> None:
     # A task replaces the shared logs dir with a link to a host directory.
-    outside = base / "host-logs"
+    outside = workdir / "host-logs"
     outside.mkdir()
     (outside / "web.stdout.0").write_text("host secret")
     built.logs_dir.rmdir()
@@ -503,11 +485,11 @@ def test_only_regular_files_open_for_reading(built: AllocDir) -> None:
         sock.close()
 
 
-def test_swap_during_the_walk_is_refused(built: AllocDir, base: Path,
+def test_swap_during_the_walk_is_refused(built: AllocDir, workdir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A task swaps a checked directory for a link at the worst moment: just before the
     agent opens it. The open itself refuses the link."""
-    outside = base / "host"
+    outside = workdir / "host"
     outside.mkdir()
     (outside / "secret").write_text("host secret")
     local = built.path / "web" / "local"
@@ -593,9 +575,9 @@ def test_hard_linked_file_is_not_read(built: AllocDir) -> None:
         assert os.read(opened.fd, 100) == b"plain"
 
 
-def test_missing_alloc_dir_is_not_found(base: Path) -> None:
+def test_missing_alloc_dir_is_not_found(workdir: Path) -> None:
     with pytest.raises(PathNotFoundError, match="allocation directory does not exist"):
-        AllocDir(base / "alloc", ALLOC_ID).open_path("/", want="dir")
+        AllocDir(workdir / "alloc", ALLOC_ID).open_path("/", want="dir")
 
 
 _SEGMENTS = st.sampled_from(
@@ -631,41 +613,13 @@ def test_open_path_never_leaves_the_alloc_dir(parts: list[str], want: str,
 # -- the fs API over a real listener --------------------------------------------------------
 
 
-@attrs.define
-class OneAllocClient:
-    """The local client as the fs endpoints see it: one allocation's directory."""
-
-    adir: AllocDir
-    node_id: str = "node-1"
-
-    def metadata(self) -> dict[str, Any]:
-        return {}
-
-    async def apply_metadata(self, meta: dict[str, str | None]) -> dict[str, Any]:
-        return {}
-
-    def alloc_dir_for(self, alloc_id: str) -> AllocDir | None:
-        return self.adir if alloc_id == self.adir.alloc_id else None
-
-    def healthy(self) -> tuple[bool, str]:
-        return True, "ok"
-
-
 @pytest.fixture
-async def fs_url(built: AllocDir, base: Path) -> AsyncIterator[str]:
-    keyring = await Keyring.load_or_create(base / "keyring")
-    server = Server(StateStore(), keyring, region="global", acl_enabled=False)
-    router = Router(server)
-    register_all(router, Services(server=server, client=OneAllocClient(built), agent_config={},
-                                  member={"Addr": "127.0.0.1", "Port": 0}))
-    sock = tcp_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    listener = Listener(router, ListenerContext("http"), sock)
-    await listener.start()
+async def fs_url(built: AllocDir, keyring: Keyring) -> AsyncIterator[str]:
+    api = await serve_api(make_server(keyring), client=OneAllocClient(built))
     try:
-        yield f"http://127.0.0.1:{port}/v1/client/fs"
+        yield f"{api.url}/v1/client/fs"
     finally:
-        await listener.close()
+        await api.close()
 
 
 async def fs_get(url: str, kind: str, **params: str) -> tuple[int, str]:

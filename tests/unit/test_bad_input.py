@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -29,23 +27,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nomad_client.agent.client import Client, ClientSettings
 from nomad_client.client.allocdir import AllocDir
-from nomad_client.client.drivers.mock import MockDriver
-from nomad_client.client.servers import ServerRPC
-from nomad_client.http.context import ListenerContext
-from nomad_client.http.endpoints import register_all
 from nomad_client.http.endpoints.client import _log_names
-from nomad_client.http.listeners import Listener, tcp_socket
 from nomad_client.http.router import Route, Router
-from nomad_client.http.services import Services
 from nomad_client.jobspec import JobspecError, JobValidationError, canonicalize_job, parse_jobspec
 from nomad_client.server.keyring import Keyring
-from nomad_client.server.rpc import InProcessTransport
-from nomad_client.server.server import Server
-from nomad_client.server.state import StateStore
-from nomad_client.state_db import StateDB
-from nomad_client.structs.models import ACLToken, Allocation
+from tests.unit.factories import (
+    InProcessAgent,
+    acl_token,
+    fresh_dir,
+    identity_token,
+    make_alloc,
+    seed,
+    start_agent,
+)
 
 T = TypeVar("T")
 REPLY_TIMEOUT = 20.0  # generous: a loaded CI machine; a normal reply takes milliseconds
@@ -86,25 +81,19 @@ class LiveAgent:
     """One in-process agent: addresses to send to and credentials to send."""
 
     acl: bool
+    agent: InProcessAgent
     tcp: tuple[str, int]
     task_sock: str
     workload_token: str
     management_token: str
     routes: list[Route]
     plausible: dict[str, list[str]]
-    client: Client
-    listeners: list[Listener]
-    dbs: list[StateDB]
 
     def __repr__(self) -> str:  # hypothesis prints it with every failing example
         return f"<agent acl={self.acl}>"
 
     async def stop(self) -> None:
-        await self.client.shutdown(stop_tasks=True)
-        for listener in self.listeners:
-            await listener.close()
-        for db in self.dbs:
-            await db.close()
+        await self.agent.stop()
 
 
 def registered_routes(router: Router) -> list[Route]:
@@ -114,64 +103,35 @@ def registered_routes(router: Router) -> list[Route]:
     return routes
 
 
-async def start_agent(base: Path, keyring: Keyring, *, acl: bool) -> LiveAgent:
-    server = Server(StateStore(), keyring, region="global", acl_enabled=acl)
-    router = Router(server)
-    client_db = await StateDB.open(base / "client" / "state.db")
-    settings_ = ClientSettings(
-        data_dir=base, alloc_dir=base / "alloc", state_dir=base / "client", name="fuzz",
-        datacenter="dc1", region="global", http_addr="127.0.0.1:0", static_meta={"rack": "r1"})
-    # Only the mock driver: whatever job a fuzzed request registers, no real process runs.
-    client = Client(settings_, ServerRPC(InProcessTransport(server)), client_db, router,
-                    drivers={"mock_driver": MockDriver()})
-    register_all(router, Services(server=server, client=client, agent_config={},
-                                  member={"Name": "fuzz", "Addr": "127.0.0.1", "Port": 0}))
-    usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    task_sock = str(base / "api.sock")
-    usock.bind(task_sock)
-    usock.listen(16)
-    usock.setblocking(False)
-    task_ctx = ListenerContext("task-api", task_api=True, alloc_id="a", task="t")
-    tsock = tcp_socket("127.0.0.1", 0)
-    tcp = tsock.getsockname()[:2]
-    listeners = [Listener(router, task_ctx, usock), Listener(router, ListenerContext("http"),
-                                                               tsock)]
-    for listener in listeners:
-        await listener.start()
-    await client.start()
+async def live_agent(base: Path, keyring: Keyring, *, acl: bool) -> LiveAgent:
+    agent = await start_agent(base, keyring, acl=acl, task_sock=base / "api.sock",
+                              node_name="fuzz", static_meta={"rack": "r1"})
+    assert agent.client is not None
     # A running allocation on another node (so this client runs nothing) and a management
     # token: the credentials a fuzzed request may carry.
-    alloc = Allocation(id=str(uuid.uuid4()), namespace="default", eval_id="e", name="j.g[0]",
-                       node_id="elsewhere", node_name="elsewhere", job_id="j",
-                       job={"ID": "j", "TaskGroups": [{"Name": "g", "Tasks": [{"Name": "t"}]}]},
-                       task_group="g", client_status="running")
-    mgmt = ACLToken(accessor_id=str(uuid.uuid4()), secret_id=str(uuid.uuid4()), name="m",
-                    type="management")
-    await server.store.write({"acl_tokens": [(mgmt.accessor_id, mgmt)],
-                              "allocs": [(alloc.id, alloc)]})
-    workload = keyring.sign_identity(namespace="default", job_id="j", alloc_id=alloc.id,
-                                     task="t", group="g", region="global")
+    alloc, mgmt = make_alloc(node_id="elsewhere", node_name="elsewhere"), acl_token()
+    await seed(agent.server, tokens=(mgmt,), allocs=(alloc,))
     plausible = {"alloc_id": [alloc.id, str(uuid.uuid4())], "job_id": ["j", "x"],
-                 "node_id": [client.node_id, str(uuid.uuid4())], "eval_id": [str(uuid.uuid4())]}
-    return LiveAgent(acl, tcp, task_sock, workload, mgmt.secret_id, registered_routes(router),
-                     plausible, client, listeners, [client_db])
+                 "node_id": [agent.client.node_id, str(uuid.uuid4())],
+                 "eval_id": [str(uuid.uuid4())]}
+    return LiveAgent(acl, agent, agent.api.tcp, str(base / "api.sock"),
+                     identity_token(keyring, alloc), mgmt.secret_id,
+                     registered_routes(agent.api.router), plausible)
 
 
 @pytest.fixture(scope="module")
-def agents() -> Iterator[dict[bool, LiveAgent]]:
-    base = Path(tempfile.mkdtemp(prefix="bad-input-"))
-    runner = LoopThread()
-    started: dict[bool, LiveAgent] = {}
-    try:
-        keyring = runner.run(Keyring.load_or_create(base / "keyring"))
-        for acl in (False, True):
-            started[acl] = runner.run(start_agent(base / f"acl-{acl}", keyring, acl=acl))
-        yield started
-    finally:
-        for agent in started.values():
-            runner.run(agent.stop())
-        runner.close()
-        shutil.rmtree(base, ignore_errors=True)
+def agents(keyring: Keyring) -> Iterator[dict[bool, LiveAgent]]:
+    with fresh_dir("bad-input-") as base:
+        runner = LoopThread()
+        started: dict[bool, LiveAgent] = {}
+        try:
+            for acl in (False, True):
+                started[acl] = runner.run(live_agent(base / f"acl-{acl}", keyring, acl=acl))
+            yield started
+        finally:
+            for agent in started.values():
+                runner.run(agent.stop())
+            runner.close()
 
 
 # ---- raw HTTP --------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import pwd
 import shutil
 import signal
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +30,7 @@ from nomad_client.client.drivers import raw_exec as raw_exec_mod
 from nomad_client.client.drivers.mock import MockDriver
 from nomad_client.client.drivers.proctree import kill_tree, parse_signal, same_process
 from nomad_client.client.drivers.raw_exec import RawExecDriver
+from tests.unit.factories import fresh_dir, settle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,23 +38,10 @@ BASE_ENV = {"PATH": "/usr/bin:/bin"}
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="drv-"))
-    path.chmod(0o755)  # a task running as nobody must reach its task dir
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def outside() -> Iterator[Path]:
     """A directory outside the alloc dir that a task would like the agent to write into."""
-    path = Path(tempfile.mkdtemp(prefix="drv-outside-"))
-    try:
+    with fresh_dir("drv-outside-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class TrackingDriver(RawExecDriver):
@@ -645,7 +632,7 @@ async def test_mock_stop_ends_with_sigterm() -> None:
     drv = MockDriver()
     handle = await drv.start_task(mock_cfg(run_for=30))
     waiter = asyncio.create_task(drv.wait_task(handle))
-    await asyncio.sleep(0.05)
+    await settle()
     assert not waiter.done()
     await drv.stop_task(handle, timeout=1.0)
     assert await asyncio.wait_for(waiter, 1.0) == ExitResult(exit_code=143, signal=15)

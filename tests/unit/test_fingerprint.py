@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import platform
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-import pytest
 
 from nomad_client.client import fingerprint as fp
 from nomad_client.client.drivers import DriverInfo, builtin_drivers
@@ -43,15 +39,6 @@ class _Broken:
 
     def fingerprint(self) -> DriverInfo:
         raise RuntimeError("probe crashed")
-
-
-@pytest.fixture
-def tmpdir_path() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fp-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_attributes_and_resources() -> None:
@@ -95,17 +82,17 @@ def test_driver_entries() -> None:
     }
 
 
-def test_storage_dir_is_reported(tmpdir_path: Path) -> None:
-    node = fp.fingerprint_node({}, name="n", datacenter="dc", region="r", storage_dir=tmpdir_path)
-    assert node["Attributes"]["unique.storage.volume"] == str(tmpdir_path)
+def test_storage_dir_is_reported(workdir: Path) -> None:
+    node = fp.fingerprint_node({}, name="n", datacenter="dc", region="r", storage_dir=workdir)
+    assert node["Attributes"]["unique.storage.volume"] == str(workdir)
     assert int(node["Attributes"]["unique.storage.bytesfree"]) > 0
 
 
-def test_os_release_parsing(tmpdir_path: Path) -> None:
-    release = tmpdir_path / "os-release"
+def test_os_release_parsing(workdir: Path) -> None:
+    release = workdir / "os-release"
     release.write_text('NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\n# comment\n')
     assert fp._os_release(release) == ("debian", "12")
-    assert fp._os_release(tmpdir_path / "missing") == ("", "")
+    assert fp._os_release(workdir / "missing") == ("", "")
 
 
 def test_rfc3339_nano() -> None:

@@ -11,14 +11,12 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
 import stat
 import sys
-import tempfile
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,42 +25,14 @@ import attrs
 import pytest
 
 from nomad_client.client.allocdir import AllocDir
-from nomad_client.http.context import ListenerContext
-from nomad_client.http.endpoints import register_all
 from nomad_client.http.endpoints.client import LOG_FRAME_BYTES, MAX_LOG_BYTES
-from nomad_client.http.listeners import Listener, tcp_socket
-from nomad_client.http.router import Router
-from nomad_client.http.services import Services
 from nomad_client.server.keyring import Keyring
-from nomad_client.server.server import Server
-from nomad_client.server.state import StateStore
+from tests.unit.factories import OneAllocClient, make_server, serve_api, wait_until
 
 IS_ROOT = os.geteuid() == 0
 ALLOC_ID = "0b4f3c52-7d1e-4f7a-9c0e-2d51a6b3e9f1"
 HOST_SECRET = "host-only secret"
 MIB = 1024 * 1024
-
-_KEYRING: list[Keyring] = []
-
-
-@attrs.define
-class FakeClient:
-    """The local client as the endpoints see it: one allocation's directory."""
-
-    adir: AllocDir
-    node_id: str = "node-1"
-
-    def metadata(self) -> dict[str, Any]:
-        return {}
-
-    async def apply_metadata(self, meta: dict[str, str | None]) -> dict[str, Any]:
-        return {}
-
-    def alloc_dir_for(self, alloc_id: str) -> AllocDir | None:
-        return self.adir if alloc_id == self.adir.alloc_id else None
-
-    def healthy(self) -> tuple[bool, str]:
-        return True, "ok"
 
 
 @attrs.frozen
@@ -77,38 +47,20 @@ class Agent:
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fs-endpoints-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def agent(base: Path) -> AsyncIterator[Agent]:
-    if not _KEYRING:  # RSA key generation is slow; one keyring per test session
-        _KEYRING.append(await Keyring.load_or_create(base / "keyring"))
-    adir = AllocDir(base / "alloc", ALLOC_ID)
+async def agent(workdir: Path, keyring: Keyring) -> AsyncIterator[Agent]:
+    adir = AllocDir(workdir / "alloc", ALLOC_ID)
     adir.build()
     adir.build_task_dir("web", None)
     (adir.path / "web" / "secrets" / "nomad_token").write_text("task-token")
-    host = base / "host"
+    host = workdir / "host"
     host.mkdir()
     (host / "passwd").write_text(HOST_SECRET)
     (host / "web.stdout.0").write_text(HOST_SECRET)
-    server = Server(StateStore(), _KEYRING[0], region="global", acl_enabled=False)
-    router = Router(server)
-    register_all(router, Services(server=server, client=FakeClient(adir), agent_config={},
-                                  member={"Addr": "127.0.0.1", "Port": 0}))
-    sock = tcp_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    listener = Listener(router, ListenerContext("http"), sock)
-    await listener.start()
+    api = await serve_api(make_server(keyring), client=OneAllocClient(adir))
     try:
-        yield Agent(f"http://127.0.0.1:{port}", adir, host)
+        yield Agent(api.url, adir, host)
     finally:
-        await listener.close()
+        await api.close()
 
 
 async def get(agent: Agent, kind: str, timeout: float = 10, **params: str) -> tuple[int, bytes]:
@@ -414,13 +366,6 @@ def _fds_on(path: Path, pid: int | str = "self") -> int:
     return count
 
 
-async def _until(check: Any, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
-        await asyncio.sleep(0.05)
-
-
 async def test_cat_streams_a_file_larger_than_the_old_cap(agent: Agent) -> None:
     big = agent.local / "big"
     sparse(big, 80 * MIB, b"head of the file")
@@ -473,7 +418,7 @@ async def test_a_client_hanging_up_mid_cat_releases_the_file(agent: Agent) -> No
         # The agent is now held up by a reader that stopped reading: the file is open.
         assert _fds_on(big) == 1
         resp.close()  # drops the connection mid-body
-        await _until(lambda: _fds_on(big) == 0)
+        await wait_until(lambda: _fds_on(big) == 0, "the file closed")
 
 
 async def test_logs_stream_across_files_in_order(agent: Agent) -> None:

@@ -33,12 +33,12 @@ from nomad_client.client.servers import ServerRPC
 from nomad_client.client.taskenv import NodeView
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.rpc import InProcessTransport
-from nomad_client.server.sealing import Sealer
-from nomad_client.server.server import NotFound, Server
+from nomad_client.server.server import NotFound
 from nomad_client.server.state import StateStore
 from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import to_rpc
-from nomad_client.structs.models import Allocation, DriverInfo, Node, TaskEvent
+from nomad_client.structs.models import TaskEvent
+from tests.unit.factories import SEALER, job, make_alloc, make_server, node
 
 T0 = 1_800_000_000.0
 ALLOC = "a1"
@@ -387,8 +387,7 @@ class FakeIdentities:
 
 def hook_context(tmp_path: Path, identity: dict[str, Any], identities: FakeIdentities
                  ) -> TaskContext:
-    alloc = Allocation(id=ALLOC, namespace="default", eval_id="e", name="j.g[0]",
-                       node_id="n", node_name="n", job_id="j", job={}, task_group="g")
+    alloc = make_alloc(id=ALLOC, job={})
     adir = AllocDir(tmp_path / "alloc", alloc.id)
     adir.build()
     task_dir = adir.build_task_dir("t", None)
@@ -423,33 +422,24 @@ async def test_the_hook_watches_only_token_files_of_identities_with_a_ttl(
 # ---------------------------------------------------------------------- the server's side
 
 
-def node(node_id: str, secret: str) -> Node:
-    return Node(id=node_id, secret_id=secret, name=node_id, datacenter="dc1",
-                http_addr="127.0.0.1:4646", status="ready",
-                drivers={"raw_exec": DriverInfo(detected=True, healthy=True)})
-
-
-def job(job_id: str = "web", **identity: Any) -> dict[str, Any]:
-    task = {"Name": "t", "Driver": "raw_exec", "Identity": {"File": True, **identity}}
-    return {"ID": job_id, "Type": "service", "Datacenters": ["dc1"],
-            "TaskGroups": [{"Name": "g", "Count": 1, "Tasks": [task]}]}
+def identity_job(**identity: Any) -> dict[str, Any]:
+    """Job "web" whose task "t" has a default identity written to a file."""
+    return job(task={"Identity": {"File": True, **identity}})
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> Any:
+async def cluster(tmp_path: Path, keyring: Keyring) -> Any:
     """A server writing through to a real state DB, its RPC facade, and one node (n1)."""
     db = await StateDB.open(tmp_path / "server" / "state.db")
-    keyring = await Keyring.load_or_create(tmp_path / "keyring")
-    sealer = await Sealer.load_or_create(tmp_path / "keyring")
-    server = Server(StateStore(db, sealer), keyring, region="global", acl_enabled=False)
-    await server.register_node(node("n1", "secret-1"))
+    server = make_server(keyring, store=StateStore(db, SEALER))
+    await server.register_node(node("n1", secret_id="secret-1"))
     yield server, ServerRPC(InProcessTransport(server)), db
     await db.close()
 
 
 async def test_sign_identities_for_a_live_allocation_on_the_calling_node(cluster: Any) -> None:
     server, rpc, _ = cluster
-    await server.register_job(job(TTL=20_000_000_000))
+    await server.register_job(identity_job(TTL=20_000_000_000))
     [alloc] = server.job_allocs("web")
     signed = await rpc.alloc_sign_identities("n1", "secret-1", alloc.id, ["t"])
     claims = server.keyring.verify(signed["t"])
@@ -460,8 +450,8 @@ async def test_sign_identities_for_a_live_allocation_on_the_calling_node(cluster
 async def test_sign_identities_refuses_anyone_but_the_node_running_the_live_allocation(
         cluster: Any) -> None:
     server, rpc, _ = cluster
-    await server.register_node(node("n2", "secret-2"))
-    await server.register_job(job())
+    await server.register_node(node("n2", secret_id="secret-2"))
+    await server.register_job(identity_job())
     [alloc] = server.job_allocs("web")
     mine, other = (("n1", "secret-1"), ("n2", "secret-2"))
     if alloc.node_id == "n2":
@@ -486,7 +476,7 @@ async def test_sign_identities_refuses_anyone_but_the_node_running_the_live_allo
 async def test_get_allocs_signs_for_the_calling_node_and_nothing_is_stored(
         cluster: Any, tmp_path: Path) -> None:
     server, rpc, db = cluster
-    await server.register_job(job())
+    await server.register_job(identity_job())
     [alloc] = server.job_allocs("web")
 
     fetched, signed = await rpc.alloc_get_allocs("n1", "secret-1", [alloc.id])

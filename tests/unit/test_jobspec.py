@@ -908,6 +908,19 @@ def test_unknown_function_is_error() -> None:
     assert "unknown function 'file'" in err.message
 
 
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ('upper(["a"])', "upper(): cannot convert list to a string"),
+        ('contains({ a = 1 }, "a")', "contains(): expected a list, got object"),
+        ('merge("x")', "merge(): expected a map, got string"),
+    ],
+)
+def test_function_errors_name_hcl_types(call: str, message: str) -> None:
+    err = parse_error(task_job(f"      user = {call}"))
+    assert message in err.message
+
+
 def test_template_directive_is_rejected_clearly() -> None:
     err = parse_error(task_job('      user = "%{ if true }x%{ endif }"'))
     assert "directives" in err.message

@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,38 +41,17 @@ ALLOC = "5c63a1f0-0000-4000-8000-000000000001"
 # ---------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def workdir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="keyring-test-") as tmp:
-        yield Path(tmp)
-
-
 def _load(path: Path) -> Keyring:
     return asyncio.run(Keyring.load_or_create(path))
 
 
 @pytest.fixture(scope="module")
-def ring_dir(workdir: Path) -> Path:
-    return workdir / "ring"
+def attacker_key() -> rsa.RSAPrivateKey:
+    """A key of the attacker's own, for tokens that name or carry it."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-@pytest.fixture(scope="module")
-def ring(ring_dir: Path) -> Keyring:
-    return _load(ring_dir)
-
-
-@pytest.fixture(scope="module")
-def other_ring(workdir: Path) -> Keyring:
-    return _load(workdir / "other")
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="keyring-scratch-") as tmp:
-        yield Path(tmp)
-
-
-def _sign(ring: Keyring, **overrides: Any) -> str:
+def _sign(keyring: Keyring, **overrides: Any) -> str:
     args: dict[str, Any] = {
         "namespace": "default",
         "job_id": "web",
@@ -85,7 +62,7 @@ def _sign(ring: Keyring, **overrides: Any) -> str:
         "now": T0,
     }
     args.update(overrides)
-    return ring.sign_identity(**args)
+    return keyring.sign_identity(**args)
 
 
 # ---------------------------------------------------------------------- token surgery
@@ -104,9 +81,9 @@ def segments(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     return json.loads(unb64(h)), json.loads(unb64(p)), s
 
 
-def stolen_key(ring_dir: Path) -> rsa.RSAPrivateKey:
+def stolen_key(keyring_dir: Path) -> rsa.RSAPrivateKey:
     """What an attacker holding the key file could sign with."""
-    key = serialization.load_pem_private_key((ring_dir / KEY_FILE).read_bytes(), None)
+    key = serialization.load_pem_private_key((keyring_dir / KEY_FILE).read_bytes(), None)
     assert isinstance(key, rsa.RSAPrivateKey)
     return key
 
@@ -136,9 +113,9 @@ def good_payload(**changes: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------- signing
 
 
-def test_token_has_nomad_shape(ring: Keyring) -> None:
-    header, payload, _ = segments(_sign(ring))
-    assert header == {"alg": "RS256", "kid": ring.key_id, "typ": "JWT"}
+def test_token_has_nomad_shape(keyring: Keyring) -> None:
+    header, payload, _ = segments(_sign(keyring))
+    assert header == {"alg": "RS256", "kid": keyring.key_id, "typ": "JWT"}
     jti = payload.pop("jti")
     assert uuid.UUID(jti).version == 4
     assert payload == {
@@ -153,24 +130,24 @@ def test_token_has_nomad_shape(ring: Keyring) -> None:
     }
 
 
-def test_multiple_audiences_and_ttl(ring: Keyring) -> None:
-    token = _sign(ring, audience=("a", "b"), ttl_seconds=60, identity_name="vault-x")
+def test_multiple_audiences_and_ttl(keyring: Keyring) -> None:
+    token = _sign(keyring, audience=("a", "b"), ttl_seconds=60, identity_name="vault-x")
     _, payload, _ = segments(token)
     assert payload["aud"] == ["a", "b"]
     assert payload["exp"] == int(T0) + 61  # ceil(T0 + 60) with T0 = ....25
     assert payload["sub"].endswith(":vault-x")
-    claims = ring.verify(token, audience="b", now=T0 + 1)
+    claims = keyring.verify(token, audience="b", now=T0 + 1)
     assert claims.audience == ("a", "b")
     assert claims.expires_at == payload["exp"]
 
 
-def test_jti_is_unique_per_token(ring: Keyring) -> None:
-    assert segments(_sign(ring))[1]["jti"] != segments(_sign(ring))[1]["jti"]
+def test_jti_is_unique_per_token(keyring: Keyring) -> None:
+    assert segments(_sign(keyring))[1]["jti"] != segments(_sign(keyring))[1]["jti"]
 
 
-def test_roundtrip_claims(ring: Keyring) -> None:
-    token = _sign(ring)
-    claims = ring.verify(token, now=T0)
+def test_roundtrip_claims(keyring: Keyring) -> None:
+    token = _sign(keyring)
+    claims = keyring.verify(token, now=T0)
     assert claims == IdentityClaims(
         namespace="default",
         job_id="web",
@@ -185,19 +162,19 @@ def test_roundtrip_claims(ring: Keyring) -> None:
     )
 
 
-def test_independent_jwt_library_accepts_token_via_jwks(ring: Keyring) -> None:
-    jwks = ring.jwks()
+def test_independent_jwt_library_accepts_token_via_jwks(keyring: Keyring) -> None:
+    jwks = keyring.jwks()
     (key,) = jwks["keys"]
     assert {k: key[k] for k in ("kty", "kid", "use", "alg", "e")} == {
         "kty": "RSA",
-        "kid": ring.key_id,
+        "kid": keyring.key_id,
         "use": "sig",
         "alg": "RS256",
         "e": "AQAB",
     }
     assert "=" not in key["n"] and len(unb64(key["n"])) == 256  # 2048-bit modulus
     public = jwt.PyJWK(key).key
-    token = _sign(ring, now=None, ttl_seconds=300)
+    token = _sign(keyring, now=None, ttl_seconds=300)
     decoded = jwt.decode(token, public, algorithms=["RS256"], audience="nomadproject.io")
     assert decoded["nomad_allocation_id"] == ALLOC
 
@@ -216,53 +193,54 @@ def test_independent_jwt_library_accepts_token_via_jwks(ring: Keyring) -> None:
         ({"ttl_seconds": float("inf")}, "ttl_seconds"),
     ],
 )
-def test_sign_rejects_bad_arguments(ring: Keyring, override: dict[str, Any], message: str) -> None:
+def test_sign_rejects_bad_arguments(keyring: Keyring, override: dict[str, Any],
+                                    message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        _sign(ring, **override)
+        _sign(keyring, **override)
 
 
 # ---------------------------------------------------------------------- forgery
 
 
-def test_tampered_payload_is_rejected(ring: Keyring) -> None:
-    token = _sign(ring)
+def test_tampered_payload_is_rejected(keyring: Keyring) -> None:
+    token = _sign(keyring)
     h, _, s = token.split(".")
     evil = b64(json.dumps(good_payload(nomad_namespace="prod")).encode())
     with pytest.raises(IdentityError, match="^bad signature$"):
-        ring.verify(f"{h}.{evil}.{s}", now=T0)
+        keyring.verify(f"{h}.{evil}.{s}", now=T0)
 
 
-def test_tampered_signature_is_rejected(ring: Keyring) -> None:
-    h, p, s = _sign(ring).split(".")
+def test_tampered_signature_is_rejected(keyring: Keyring) -> None:
+    h, p, s = _sign(keyring).split(".")
     sig = bytearray(unb64(s))
     sig[10] ^= 1
     with pytest.raises(IdentityError, match="^bad signature$"):
-        ring.verify(f"{h}.{p}.{b64(bytes(sig))}", now=T0)
+        keyring.verify(f"{h}.{p}.{b64(bytes(sig))}", now=T0)
 
 
-def test_signature_spliced_from_another_token_is_rejected(ring: Keyring) -> None:
-    a = _sign(ring).split(".")
-    b = _sign(ring, job_id="other").split(".")
+def test_signature_spliced_from_another_token_is_rejected(keyring: Keyring) -> None:
+    a = _sign(keyring).split(".")
+    b = _sign(keyring, job_id="other").split(".")
     with pytest.raises(IdentityError, match="^bad signature$"):
-        ring.verify(f"{a[0]}.{b[1]}.{a[2]}", now=T0)
+        keyring.verify(f"{a[0]}.{b[1]}.{a[2]}", now=T0)
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "", None, "RS512", "PS256", "ES256"])
-def test_other_algorithms_are_rejected(ring: Keyring, alg: Any) -> None:
-    header = {"alg": alg, "kid": ring.key_id, "typ": "JWT"}
+def test_other_algorithms_are_rejected(keyring: Keyring, alg: Any) -> None:
+    header = {"alg": alg, "kid": keyring.key_id, "typ": "JWT"}
     payload = good_payload()
     token = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}."
     with pytest.raises(IdentityError, match="^(unsupported signing algorithm|token is malformed)$"):
-        ring.verify(token, now=T0)
+        keyring.verify(token, now=T0)
     # Also with the genuine signature bytes of an honest token attached.
     with pytest.raises(IdentityError, match="^unsupported signing algorithm$"):
-        ring.verify(token + _sign(ring).split(".")[2], now=T0)
+        keyring.verify(token + _sign(keyring).split(".")[2], now=T0)
 
 
-def test_hs256_with_public_key_as_secret_is_rejected(ring: Keyring) -> None:
-    header = {"alg": "HS256", "kid": ring.key_id, "typ": "JWT"}
+def test_hs256_with_public_key_as_secret_is_rejected(keyring: Keyring) -> None:
+    header = {"alg": "HS256", "kid": keyring.key_id, "typ": "JWT"}
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(good_payload()).encode())}"
-    public_key = jwt.PyJWK(ring.jwks()["keys"][0]).key
+    public_key = jwt.PyJWK(keyring.jwks()["keys"][0]).key
     for encoding, fmt in (
         (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
         (serialization.Encoding.PEM, serialization.PublicFormat.PKCS1),
@@ -271,64 +249,91 @@ def test_hs256_with_public_key_as_secret_is_rejected(ring: Keyring) -> None:
         secret = public_key.public_bytes(encoding, fmt)
         mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
         with pytest.raises(IdentityError, match="^unsupported signing algorithm$"):
-            ring.verify(f"{signing_input}.{b64(mac)}", now=T0)
+            keyring.verify(f"{signing_input}.{b64(mac)}", now=T0)
 
 
-def test_wrong_kid_is_rejected_even_with_a_valid_signature(ring: Keyring, ring_dir: Path) -> None:
-    key = stolen_key(ring_dir)
-    for kid in (str(uuid.uuid4()), None, 7, ring.key_id.upper(), [ring.key_id]):
+def test_wrong_kid_is_rejected_even_with_a_valid_signature(keyring: Keyring,
+                                                            keyring_dir: Path) -> None:
+    key = stolen_key(keyring_dir)
+    key_id = keyring.key_id
+    path_kids = ("../../../etc/passwd", f"../{key_id}", f"{key_id}/../{key_id}",
+                 f"./{key_id}", f"{key_id}\x00", "/dev/stdin", "")  # fmt: skip
+    for kid in (str(uuid.uuid4()), None, 7, keyring.key_id.upper(), [keyring.key_id],
+                {"kid": keyring.key_id}, *path_kids):  # fmt: skip
         token = rs256(key, {"alg": "RS256", "kid": kid}, good_payload())
         with pytest.raises(IdentityError, match="^unknown signing key$"):
-            ring.verify(token, now=T0)
+            keyring.verify(token, now=T0)
     # Sanity: the same forge helper with the right kid produces an accepted token.
-    ok = rs256(key, {"alg": "RS256", "kid": ring.key_id}, good_payload())
-    assert ring.verify(ok, now=T0).alloc_id == ALLOC
+    ok = rs256(key, {"alg": "RS256", "kid": keyring.key_id}, good_payload())
+    assert keyring.verify(ok, now=T0).alloc_id == ALLOC
 
 
-def test_crit_header_is_rejected(ring: Keyring, ring_dir: Path) -> None:
-    header = {"alg": "RS256", "kid": ring.key_id, "crit": ["exp"]}
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # Keys or key locations offered by the token itself are never used.
+        {"jwk": "FOREIGN_JWK"},
+        {"jku": "http://127.0.0.1:1/jwks.json"},
+        {"x5u": "http://127.0.0.1:1/cert.pem"},
+        {"x5c": ["MIIB"]},
+        {"b64": False},
+    ],
+)
+def test_keys_named_in_the_header_are_ignored(
+    keyring: Keyring, attacker_key: rsa.RSAPrivateKey, extra: dict[str, Any]
+) -> None:
+    attacker_jwk = jwt.algorithms.RSAAlgorithm.to_jwk(attacker_key.public_key(), as_dict=True)
+    header = {"alg": "RS256", "kid": keyring.key_id, "typ": "JWT"}
+    header.update({k: attacker_jwk if v == "FOREIGN_JWK" else v for k, v in extra.items()})
+    token = rs256(attacker_key, header, good_payload())
+    with pytest.raises(IdentityError, match="^(bad signature|token is malformed)$"):
+        keyring.verify(token, now=T0)
+
+
+def test_crit_header_is_rejected(keyring: Keyring, keyring_dir: Path) -> None:
+    header = {"alg": "RS256", "kid": keyring.key_id, "crit": ["exp"]}
     with pytest.raises(IdentityError, match="critical"):
-        ring.verify(rs256(stolen_key(ring_dir), header, good_payload()), now=T0)
+        keyring.verify(rs256(stolen_key(keyring_dir), header, good_payload()), now=T0)
 
 
-def test_token_of_another_keyring_is_rejected(ring: Keyring, other_ring: Keyring) -> None:
-    foreign = _sign(other_ring)
+def test_token_of_another_keyring_is_rejected(keyring: Keyring, other_keyring: Keyring) -> None:
+    foreign = _sign(other_keyring)
     with pytest.raises(IdentityError, match="^unknown signing key$"):
-        ring.verify(foreign, now=T0)
+        keyring.verify(foreign, now=T0)
     # The other keyring's token relabelled with our kid: signature must fail.
     _, p, s = foreign.split(".")
-    h = b64(json.dumps({"alg": "RS256", "kid": ring.key_id, "typ": "JWT"}).encode())
+    h = b64(json.dumps({"alg": "RS256", "kid": keyring.key_id, "typ": "JWT"}).encode())
     with pytest.raises(IdentityError, match="^bad signature$"):
-        ring.verify(f"{h}.{p}.{s}", now=T0)
+        keyring.verify(f"{h}.{p}.{s}", now=T0)
 
 
 # ---------------------------------------------------------------------- time and audience
 
 
-def test_expiry_boundaries(ring: Keyring) -> None:
-    token = _sign(ring, ttl_seconds=10)
+def test_expiry_boundaries(keyring: Keyring) -> None:
+    token = _sign(keyring, ttl_seconds=10)
     exp = segments(token)[1]["exp"]
-    assert ring.verify(token, now=exp - 0.001).expires_at == exp
-    assert ring.verify(token, now=exp + LEEWAY_SECONDS - 0.001).expires_at == exp
+    assert keyring.verify(token, now=exp - 0.001).expires_at == exp
+    assert keyring.verify(token, now=exp + LEEWAY_SECONDS - 0.001).expires_at == exp
     with pytest.raises(IdentityError, match="^token expired$"):
-        ring.verify(token, now=exp + LEEWAY_SECONDS)
+        keyring.verify(token, now=exp + LEEWAY_SECONDS)
     with pytest.raises(IdentityError, match="^token expired$"):
-        ring.verify(token, now=exp + 3600)
+        keyring.verify(token, now=exp + 3600)
 
 
-def test_not_yet_valid(ring: Keyring) -> None:
-    token = _sign(ring)
+def test_not_yet_valid(keyring: Keyring) -> None:
+    token = _sign(keyring)
     nbf = int(T0)
-    assert ring.verify(token, now=nbf - LEEWAY_SECONDS).not_before == nbf
+    assert keyring.verify(token, now=nbf - LEEWAY_SECONDS).not_before == nbf
     with pytest.raises(IdentityError, match="^token not yet valid$"):
-        ring.verify(token, now=nbf - LEEWAY_SECONDS - 0.001)
+        keyring.verify(token, now=nbf - LEEWAY_SECONDS - 0.001)
 
 
-def test_wrong_audience(ring: Keyring) -> None:
+def test_wrong_audience(keyring: Keyring) -> None:
     with pytest.raises(IdentityError, match="^wrong audience$"):
-        ring.verify(_sign(ring), audience="vault.io", now=T0)
+        keyring.verify(_sign(keyring), audience="vault.io", now=T0)
     with pytest.raises(IdentityError, match="^wrong audience$"):
-        ring.verify(_sign(ring, audience=("vault.io", "consul.io")), now=T0)
+        keyring.verify(_sign(keyring, audience=("vault.io", "consul.io")), now=T0)
 
 
 # ---------------------------------------------------------------------- claims
@@ -338,12 +343,12 @@ def test_wrong_audience(ring: Keyring) -> None:
     "claim", ["nomad_namespace", "nomad_job_id", "nomad_allocation_id", "nomad_task", "sub",
               "aud", "iat", "nbf", "jti"],
 )
-def test_missing_claim(ring: Keyring, ring_dir: Path, claim: str) -> None:
+def test_missing_claim(keyring: Keyring, keyring_dir: Path, claim: str) -> None:
     payload = good_payload()
     del payload[claim]
-    token = rs256(stolen_key(ring_dir), {"alg": "RS256", "kid": ring.key_id}, payload)
+    token = rs256(stolen_key(keyring_dir), {"alg": "RS256", "kid": keyring.key_id}, payload)
     with pytest.raises(IdentityError, match=f"^missing claim '{claim}'$"):
-        ring.verify(token, now=T0)
+        keyring.verify(token, now=T0)
 
 
 @pytest.mark.parametrize(
@@ -368,37 +373,36 @@ def test_missing_claim(ring: Keyring, ring_dir: Path, claim: str) -> None:
         ("exp", None),
     ],
 )
-def test_claim_of_wrong_type(ring: Keyring, ring_dir: Path, claim: str, value: Any) -> None:
-    token = rs256(
-        stolen_key(ring_dir), {"alg": "RS256", "kid": ring.key_id}, good_payload(**{claim: value})
-    )
+def test_claim_of_wrong_type(keyring: Keyring, keyring_dir: Path, claim: str, value: Any) -> None:
+    token = rs256(stolen_key(keyring_dir), {"alg": "RS256", "kid": keyring.key_id},
+                  good_payload(**{claim: value}))
     with pytest.raises(IdentityError, match=f"^claim '{claim}' has the wrong type$"):
-        ring.verify(token, now=T0)
+        keyring.verify(token, now=T0)
 
 
-def test_payload_not_an_object(ring: Keyring, ring_dir: Path) -> None:
-    key = stolen_key(ring_dir)
-    h = b64(json.dumps({"alg": "RS256", "kid": ring.key_id}).encode())
+def test_payload_not_an_object(keyring: Keyring, keyring_dir: Path) -> None:
+    key = stolen_key(keyring_dir)
+    h = b64(json.dumps({"alg": "RS256", "kid": keyring.key_id}).encode())
     for body in (b"[1,2]", b'"x"', b"null", b"\xff\xfe", b"{"):
         signing_input = f"{h}.{b64(body)}"
         sig = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         with pytest.raises(IdentityError, match="^token is malformed$"):
-            ring.verify(f"{signing_input}.{b64(sig)}", now=T0)
+            keyring.verify(f"{signing_input}.{b64(sig)}", now=T0)
 
 
 # ---------------------------------------------------------------------- malformed input
 
 
-def test_huge_token_is_rejected_before_parsing(ring: Keyring) -> None:
-    token = _sign(ring)
+def test_huge_token_is_rejected_before_parsing(keyring: Keyring) -> None:
+    token = _sign(keyring)
     padded = token + "A" * (MAX_TOKEN_BYTES + 1 - len(token))
     # Without the size gate this would be "bad signature" or "malformed".
     with pytest.raises(IdentityError, match="^token is too large$"):
-        ring.verify(padded, now=T0)
+        keyring.verify(padded, now=T0)
     with pytest.raises(IdentityError, match="^token is too large$"):
-        ring.verify("é" * (MAX_TOKEN_BYTES + 1), now=T0)
+        keyring.verify("é" * (MAX_TOKEN_BYTES + 1), now=T0)
     with pytest.raises(IdentityError, match="^token is too large$"):
-        ring.verify("x" * 10_000_000, now=T0)
+        keyring.verify("x" * 10_000_000, now=T0)
 
 
 @pytest.mark.parametrize(
@@ -406,48 +410,48 @@ def test_huge_token_is_rejected_before_parsing(ring: Keyring) -> None:
     ["", ".", "..", "...", "a.b", "a.b.c.d", "é.é.é", "\udc80.a.b", "\x00", "Bearer x.y.z",
      " eyJ.eyJ.sig", "a..b", "!!!.???.***", "YQ==.YQ==.YQ=="],
 )
-def test_garbage_is_malformed(ring: Keyring, garbage: str) -> None:
+def test_garbage_is_malformed(keyring: Keyring, garbage: str) -> None:
     with pytest.raises(IdentityError, match="^token is malformed$"):
-        ring.verify(garbage, now=T0)
+        keyring.verify(garbage, now=T0)
 
 
-def test_non_string_token(ring: Keyring) -> None:
+def test_non_string_token(keyring: Keyring) -> None:
     with pytest.raises(IdentityError, match="^token is malformed$"):
-        ring.verify(b"a.b.c", now=T0)  # type: ignore[arg-type]
+        keyring.verify(b"a.b.c", now=T0)  # type: ignore[arg-type]
 
 
-def test_non_canonical_base64_is_rejected(ring: Keyring) -> None:
-    h, p, s = _sign(ring).split(".")
+def test_non_canonical_base64_is_rejected(keyring: Keyring) -> None:
+    h, p, s = _sign(keyring).split(".")
     # A 342-char signature segment carries 4 spare bits; flipping them decodes
     # to the same bytes, so a lax decoder would accept a second spelling.
     last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     alt = s[:-1] + last[last.index(s[-1]) ^ 1]
     assert unb64(alt) == unb64(s)
     with pytest.raises(IdentityError, match="^token is malformed$"):
-        ring.verify(f"{h}.{p}.{alt}", now=T0)
+        keyring.verify(f"{h}.{p}.{alt}", now=T0)
     with pytest.raises(IdentityError, match="^token is malformed$"):
-        ring.verify(f"{h}.{p}.{s}==", now=T0)
+        keyring.verify(f"{h}.{p}.{s}==", now=T0)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
-def test_fuzz_only_identity_errors(ring: Keyring, text: str) -> None:
+def test_fuzz_only_identity_errors(keyring: Keyring, text: str) -> None:
     with pytest.raises(IdentityError):
-        ring.verify(text, now=T0)
+        keyring.verify(text, now=T0)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200), st.binary(max_size=200))
-def test_fuzz_structured_garbage(ring: Keyring, header: bytes, payload: bytes) -> None:
+def test_fuzz_structured_garbage(keyring: Keyring, header: bytes, payload: bytes) -> None:
     with pytest.raises(IdentityError):
-        ring.verify(f"{b64(header)}.{b64(payload)}.{b64(b'sig')}", now=T0)
+        keyring.verify(f"{b64(header)}.{b64(payload)}.{b64(b'sig')}", now=T0)
 
 
 # ---------------------------------------------------------------------- persistence
 
 
-def test_persistence_and_modes(scratch: Path) -> None:
-    path = scratch / "deep" / "ring"
+def test_persistence_and_modes(workdir: Path) -> None:
+    path = workdir / "deep" / "ring"
     first = _load(path)
     token = _sign(first)
     second = _load(path)
@@ -463,21 +467,21 @@ def test_persistence_and_modes(scratch: Path) -> None:
     assert sorted(os.listdir(path)) == sorted([KEY_FILE, META_FILE])  # no temp leftovers
 
 
-def test_corrupt_key_file_is_an_error_and_kept(scratch: Path) -> None:
-    _load(scratch)
-    key_path = scratch / KEY_FILE
+def test_corrupt_key_file_is_an_error_and_kept(workdir: Path) -> None:
+    _load(workdir)
+    key_path = workdir / KEY_FILE
     key_path.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
     with pytest.raises(KeyringError, match=str(key_path)) as info:
-        _load(scratch)
+        _load(workdir)
     assert "corrupt" in str(info.value)
     assert b"garbage" in key_path.read_bytes()  # never silently replaced
 
 
-def test_key_from_elsewhere_is_detected(scratch: Path, ring_dir: Path) -> None:
-    _load(scratch)
-    shutil.copyfile(ring_dir / KEY_FILE, scratch / KEY_FILE)
+def test_key_from_elsewhere_is_detected(workdir: Path, keyring_dir: Path) -> None:
+    _load(workdir)
+    shutil.copyfile(keyring_dir / KEY_FILE, workdir / KEY_FILE)
     with pytest.raises(KeyringError, match="does not match"):
-        _load(scratch)
+        _load(workdir)
 
 
 @pytest.mark.parametrize(
@@ -485,63 +489,63 @@ def test_key_from_elsewhere_is_detected(scratch: Path, ring_dir: Path) -> None:
     [b"", b"{", b"[]", b'{"key_id": "x", "algorithm": "RS256", "create_time": 1,'
      b' "public_key_sha256": "00"}', b'{"key_id": "3f0e7c4a-1111-4222-8333-444455556666"}'],
 )
-def test_corrupt_metadata_is_an_error(scratch: Path, meta: bytes) -> None:
-    _load(scratch)
-    (scratch / META_FILE).write_bytes(meta)
+def test_corrupt_metadata_is_an_error(workdir: Path, meta: bytes) -> None:
+    _load(workdir)
+    (workdir / META_FILE).write_bytes(meta)
     with pytest.raises(KeyringError, match=META_FILE):
-        _load(scratch)
+        _load(workdir)
 
 
-def test_key_without_metadata_is_refused(scratch: Path) -> None:
-    _load(scratch)
-    os.unlink(scratch / META_FILE)
+def test_key_without_metadata_is_refused(workdir: Path) -> None:
+    _load(workdir)
+    os.unlink(workdir / META_FILE)
     with pytest.raises(KeyringError, match="refusing to replace"):
-        _load(scratch)
+        _load(workdir)
 
 
-def test_metadata_without_key_means_interrupted_creation(scratch: Path) -> None:
-    old = _load(scratch)
-    os.unlink(scratch / KEY_FILE)
-    new = _load(scratch)
+def test_metadata_without_key_means_interrupted_creation(workdir: Path) -> None:
+    old = _load(workdir)
+    os.unlink(workdir / KEY_FILE)
+    new = _load(workdir)
     assert new.key_id != old.key_id
-    assert _load(scratch).key_id == new.key_id
+    assert _load(workdir).key_id == new.key_id
 
 
-def test_readable_key_file_is_refused(scratch: Path) -> None:
-    _load(scratch)
-    os.chmod(scratch / KEY_FILE, 0o644)
+def test_readable_key_file_is_refused(workdir: Path) -> None:
+    _load(workdir)
+    os.chmod(workdir / KEY_FILE, 0o644)
     with pytest.raises(KeyringError, match="readable by others"):
-        _load(scratch)
+        _load(workdir)
 
 
-def test_symlinked_key_file_is_refused(scratch: Path, ring_dir: Path) -> None:
-    _load(scratch / "ring")
-    os.unlink(scratch / "ring" / KEY_FILE)
-    os.symlink(ring_dir / KEY_FILE, scratch / "ring" / KEY_FILE)
+def test_symlinked_key_file_is_refused(workdir: Path, keyring_dir: Path) -> None:
+    _load(workdir / "ring")
+    os.unlink(workdir / "ring" / KEY_FILE)
+    os.symlink(keyring_dir / KEY_FILE, workdir / "ring" / KEY_FILE)
     with pytest.raises(KeyringError, match=KEY_FILE):
-        _load(scratch / "ring")
+        _load(workdir / "ring")
 
 
-def test_symlinked_keyring_dir_is_refused(scratch: Path) -> None:
-    (scratch / "real").mkdir()
-    os.symlink(scratch / "real", scratch / "link")
+def test_symlinked_keyring_dir_is_refused(workdir: Path) -> None:
+    (workdir / "real").mkdir()
+    os.symlink(workdir / "real", workdir / "link")
     with pytest.raises(KeyringError, match="symlink"):
-        _load(scratch / "link")
-    assert os.listdir(scratch / "real") == []
+        _load(workdir / "link")
+    assert os.listdir(workdir / "real") == []
 
 
-def test_keyring_dir_mode_is_tightened(scratch: Path) -> None:
-    path = scratch / "ring"
+def test_keyring_dir_mode_is_tightened(workdir: Path) -> None:
+    path = workdir / "ring"
     path.mkdir(mode=0o755)
     os.chmod(path, 0o755)
     _load(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
 
 
-def test_keyring_path_that_is_a_file(scratch: Path) -> None:
-    (scratch / "f").write_text("x")
+def test_keyring_path_that_is_a_file(workdir: Path) -> None:
+    (workdir / "f").write_text("x")
     with pytest.raises(KeyringError, match="not a directory"):
-        _load(scratch / "f")
+        _load(workdir / "f")
 
 
 # ---------------------------------------------------------------------- verifier cache
@@ -550,15 +554,15 @@ def test_keyring_path_that_is_a_file(scratch: Path) -> None:
 class Spy:
     """Counts calls to the underlying (expensive) verification."""
 
-    def __init__(self, ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = ring.verify
+        real = keyring.verify
 
         def counting(token: str, **kwargs: Any) -> IdentityClaims:
             self.calls += 1
             return real(token, **kwargs)
 
-        monkeypatch.setattr(ring, "verify", counting)
+        monkeypatch.setattr(keyring, "verify", counting)
 
 
 class Clock:
@@ -569,20 +573,20 @@ class Clock:
         return self.now
 
 
-def test_cache_avoids_reverification(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(ring, monkeypatch)
-    verifier = IdentityVerifier(ring, clock=Clock(T0))
-    token = _sign(ring)
+def test_cache_avoids_reverification(keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(keyring, monkeypatch)
+    verifier = IdentityVerifier(keyring, clock=Clock(T0))
+    token = _sign(keyring)
     results = {verifier.verify(token) for _ in range(100)}
     assert spy.calls == 1
     assert len(results) == 1 and next(iter(results)).alloc_id == ALLOC
 
 
-def test_expiry_is_checked_on_cache_hits(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(ring, monkeypatch)
+def test_expiry_is_checked_on_cache_hits(keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(keyring, monkeypatch)
     clock = Clock(T0)
-    verifier = IdentityVerifier(ring, clock=clock)
-    token = _sign(ring, ttl_seconds=60)
+    verifier = IdentityVerifier(keyring, clock=clock)
+    token = _sign(keyring, ttl_seconds=60)
     verifier.verify(token)
     clock.now = T0 + 30
     verifier.verify(token)
@@ -598,11 +602,11 @@ def test_expiry_is_checked_on_cache_hits(ring: Keyring, monkeypatch: pytest.Monk
     assert spy.calls == 2
 
 
-def test_failures_are_cached_briefly(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(ring, monkeypatch)
+def test_failures_are_cached_briefly(keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(keyring, monkeypatch)
     clock = Clock(T0)
-    verifier = IdentityVerifier(ring, clock=clock)
-    h, p, s = _sign(ring).split(".")
+    verifier = IdentityVerifier(keyring, clock=clock)
+    h, p, s = _sign(keyring).split(".")
     forged = f"{h}.{b64(json.dumps(good_payload(nomad_task='admin')).encode())}.{s}"
     for _ in range(50):
         with pytest.raises(IdentityError, match="^bad signature$"):
@@ -614,10 +618,10 @@ def test_failures_are_cached_briefly(ring: Keyring, monkeypatch: pytest.MonkeyPa
     assert spy.calls == 2
 
 
-def test_not_yet_valid_is_not_stuck_in_the_cache(ring: Keyring) -> None:
+def test_not_yet_valid_is_not_stuck_in_the_cache(keyring: Keyring) -> None:
     clock = Clock(T0 - 60)
-    verifier = IdentityVerifier(ring, clock=clock)
-    token = _sign(ring)
+    verifier = IdentityVerifier(keyring, clock=clock)
+    token = _sign(keyring)
     with pytest.raises(IdentityError, match="^token not yet valid$"):
         verifier.verify(token)
     clock.now = T0
@@ -625,20 +629,20 @@ def test_not_yet_valid_is_not_stuck_in_the_cache(ring: Keyring) -> None:
 
 
 def test_oversized_tokens_never_reach_the_keyring(
-    ring: Keyring, monkeypatch: pytest.MonkeyPatch
+    keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spy = Spy(ring, monkeypatch)
-    verifier = IdentityVerifier(ring, clock=Clock(T0))
+    spy = Spy(keyring, monkeypatch)
+    verifier = IdentityVerifier(keyring, clock=Clock(T0))
     for _ in range(3):
         with pytest.raises(IdentityError, match="^token is too large$"):
             verifier.verify("x" * (MAX_TOKEN_BYTES + 1))
     assert spy.calls == 0
 
 
-def test_lru_bound_on_good_entries(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(ring, monkeypatch)
-    verifier = IdentityVerifier(ring, max_entries=2, clock=Clock(T0))
-    a, b, c = (_sign(ring, task=name) for name in "abc")
+def test_lru_bound_on_good_entries(keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(keyring, monkeypatch)
+    verifier = IdentityVerifier(keyring, max_entries=2, clock=Clock(T0))
+    a, b, c = (_sign(keyring, task=name) for name in "abc")
     verifier.verify(a)
     verifier.verify(b)
     verifier.verify(a)  # a is now most recent; b is the eviction candidate
@@ -652,11 +656,11 @@ def test_lru_bound_on_good_entries(ring: Keyring, monkeypatch: pytest.MonkeyPatc
 
 
 def test_garbage_flood_is_bounded_and_spares_good_entries(
-    ring: Keyring, monkeypatch: pytest.MonkeyPatch
+    keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spy = Spy(ring, monkeypatch)
-    verifier = IdentityVerifier(ring, max_entries=4, clock=Clock(T0))
-    good = _sign(ring)
+    spy = Spy(keyring, monkeypatch)
+    verifier = IdentityVerifier(keyring, max_entries=4, clock=Clock(T0))
+    good = _sign(keyring)
     verifier.verify(good)
     garbage = [f"junk-{i}" for i in range(100)]
     for junk in garbage:
@@ -673,12 +677,12 @@ def test_garbage_flood_is_bounded_and_spares_good_entries(
     assert spy.calls == calls + 1
 
 
-def test_forget_alloc(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = Spy(ring, monkeypatch)
-    verifier = IdentityVerifier(ring, clock=Clock(T0))
-    mine = _sign(ring, alloc_id="alloc-1")
-    mine_too = _sign(ring, alloc_id="alloc-1", task="u")
-    theirs = _sign(ring, alloc_id="alloc-2")
+def test_forget_alloc(keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(keyring, monkeypatch)
+    verifier = IdentityVerifier(keyring, clock=Clock(T0))
+    mine = _sign(keyring, alloc_id="alloc-1")
+    mine_too = _sign(keyring, alloc_id="alloc-1", task="u")
+    theirs = _sign(keyring, alloc_id="alloc-2")
     for token in (mine, mine_too, theirs):
         verifier.verify(token)
     verifier.forget_alloc("alloc-1")
@@ -689,7 +693,7 @@ def test_forget_alloc(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
     assert spy.calls == 4
 
 
-def test_verifier_rejects_bad_bound(ring: Keyring) -> None:
+def test_verifier_rejects_bad_bound(keyring: Keyring) -> None:
     with pytest.raises(ValueError, match="max_entries"):
-        IdentityVerifier(ring, max_entries=0)
+        IdentityVerifier(keyring, max_entries=0)
 

@@ -3,6 +3,7 @@ served from it (never from the request's Host header) and the ``iss`` of signed 
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 from collections.abc import AsyncIterator
@@ -19,14 +20,8 @@ from nomad_client.agent.config import (
     advertise_http_url,
     build_agent_config,
 )
-from nomad_client.http.context import ListenerContext
-from nomad_client.http.endpoints import register_all
-from nomad_client.http.listeners import Listener, tcp_socket
-from nomad_client.http.router import Router
-from nomad_client.http.services import Services
 from nomad_client.server.keyring import DEFAULT_AUDIENCE, Keyring
-from nomad_client.server.server import Server
-from nomad_client.server.state import StateStore
+from tests.unit.factories import make_server, serve_api
 
 ISSUER = "https://nomad.example.com/team-a"
 
@@ -110,26 +105,16 @@ def test_advertised_http_url() -> None:
 # -- discovery and tokens ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def keyring_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("keyring")
-
-
 @pytest.fixture
-async def served(keyring_dir: Path) -> AsyncIterator[tuple[str, Keyring]]:
-    """A router with the identity endpoints on a real listener, and its own keyring."""
-    keyring = await Keyring.load_or_create(keyring_dir)
-    router = Router(Server(StateStore(), keyring, region="global", acl_enabled=False))
-    register_all(router, Services(server=router.server, client=None, agent_config={},
-                                  member={"Addr": "127.0.0.1", "Port": 0}))
-    sock = tcp_socket("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    listener = Listener(router, ListenerContext("http"), sock)
-    await listener.start()
+async def served(keyring: Keyring) -> AsyncIterator[tuple[str, Keyring]]:
+    """A router with the identity endpoints on a real listener, and its own keyring (a copy
+    of the session's: the tests set its issuer)."""
+    own = copy.copy(keyring)
+    api = await serve_api(make_server(own))
     try:
-        yield url, keyring
+        yield api.url, own
     finally:
-        await listener.close()
+        await api.close()
 
 
 async def discovery(url: str, host: str) -> tuple[int, str]:
@@ -158,8 +143,8 @@ async def test_discovery_is_off_without_an_issuer(served: tuple[str, Keyring]) -
     assert (status, text) == (404, "OIDC Discovery endpoint disabled")
 
 
-async def test_tokens_carry_the_issuer(keyring_dir: Path) -> None:
-    keyring = await Keyring.load_or_create(keyring_dir)
+async def test_tokens_carry_the_issuer(keyring: Keyring) -> None:
+    keyring = copy.copy(keyring)  # the session's, with an issuer of its own
     fields = dict(namespace="default", job_id="j", alloc_id="a", task="t", group="g",
                   region="global")
     assert "iss" not in jwt.decode(keyring.sign_identity(**fields),

@@ -14,7 +14,8 @@ from nomad_client.server.sealing import DATA_KEY_FILE, Sealer, SealError, is_sea
 from nomad_client.server.state import StateStore
 from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import to_rpc
-from nomad_client.structs.models import ACLToken, Node
+from nomad_client.structs.models import ACLToken
+from tests.unit.factories import node
 
 SECRET = "3f0b8a0e-6c1d-4a8f-9b7e-2d5c1e4f6a70"
 NODE_SECRET = "9d2c7b1a-0e4f-4c3b-8a6d-5f1e2b3c4d5e"
@@ -22,11 +23,6 @@ NODE_SECRET = "9d2c7b1a-0e4f-4c3b-8a6d-5f1e2b3c4d5e"
 
 def token(secret: str = SECRET) -> ACLToken:
     return ACLToken(accessor_id="acc-1", secret_id=secret, name="ops", type="management")
-
-
-def node() -> Node:
-    return Node(id="n1", name="n1", datacenter="dc1", http_addr="127.0.0.1:1",
-                secret_id=NODE_SECRET)
 
 
 def file_bytes(directory: Path) -> bytes:
@@ -71,7 +67,8 @@ async def test_state_file_never_holds_secrets_and_restore_opens_them(tmp_path: P
     sealer = await Sealer.load_or_create(tmp_path / "kr")
     db = await StateDB.open(tmp_path / "server" / "state.db")
     store = StateStore(db, sealer)
-    await store.write({"acl_tokens": [("acc-1", token())], "nodes": [("n1", node())]})
+    await store.write({"acl_tokens": [("acc-1", token())],
+                       "nodes": [("n1", node(secret_id=NODE_SECRET))]})
     assert store.get("acl_tokens", "acc-1").secret_id == SECRET  # in memory: in the clear
     await db.close()
     on_disk = file_bytes(tmp_path / "server")

@@ -12,7 +12,6 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
 import time
 from pathlib import Path
 
@@ -59,10 +58,9 @@ def _make_layout(root: Path) -> Layout:
 
 
 @pytest.fixture
-def root() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="secretsdir-test-") as tmp:
-        os.chmod(tmp, 0o711)  # lets a dropped-privilege child reach the socket
-        yield Path(tmp)
+def root(workdir: Path) -> Path:
+    os.chmod(workdir, 0o711)  # lets a dropped-privilege child reach the socket
+    return workdir
 
 
 @pytest.fixture

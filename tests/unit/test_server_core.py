@@ -11,30 +11,13 @@ import attrs
 import pytest
 
 from nomad_client.allocrunner.taskrunner.restarts import RestartTracker
+from nomad_client.server.keyring import Keyring
 from nomad_client.server.scheduler import plan_job
-from nomad_client.server.sealing import Sealer
 from nomad_client.server.state import JOBS, StateStore
 from nomad_client.state_db import StateDB
-from nomad_client.structs.models import DriverInfo, Node
-
-TEST_SEALER = Sealer("00000000-0000-4000-8000-000000000000", bytes(range(32)))
+from tests.unit.factories import SEALER, job, make_server, node, settle
 
 NS = 1_000_000_000
-
-
-def node(node_id: str = "n1", **kw: Any) -> Node:
-    defaults: dict[str, Any] = dict(
-        id=node_id, name=node_id, datacenter="dc1", http_addr="127.0.0.1:4646",
-        status="ready", attributes={"kernel.name": "linux"}, meta={"rack": "r1"},
-        drivers={"raw_exec": DriverInfo(detected=True, healthy=True)})
-    defaults.update(kw)
-    return Node(**defaults)
-
-
-def job(count: int = 1, driver: str = "raw_exec", **kw: Any) -> dict[str, Any]:
-    return {"ID": "web", "Type": "service", "Datacenters": ["dc*"],
-            "TaskGroups": [{"Name": "g", "Count": count,
-                            "Tasks": [{"Name": "t", "Driver": driver}]}], **kw}
 
 
 async def test_writes_bump_index_and_stamp_records() -> None:
@@ -55,9 +38,9 @@ async def test_blocking_query_waits_and_wakes() -> None:
     assert await store.wait_for_change(("nodes",), index, 0.2) == index
     assert time.monotonic() - started >= 0.19
     waiter = asyncio.create_task(store.wait_for_change(("nodes",), index, 5))
-    await asyncio.sleep(0.05)
+    await settle()  # the waiter is waiting now
     await store.write({"allocs": []})  # another table: must not wake it
-    await asyncio.sleep(0.05)
+    await settle()
     assert not waiter.done()
     new = await store.write({"nodes": [("n2", node("n2"))]})
     assert await asyncio.wait_for(waiter, 1) == new
@@ -65,12 +48,12 @@ async def test_blocking_query_waits_and_wakes() -> None:
 
 async def test_store_survives_restart_through_state_db(tmp_path: Path) -> None:
     db = await StateDB.open(tmp_path / "state.db")
-    store = StateStore(db, TEST_SEALER)
+    store = StateStore(db, SEALER)
     await store.write({"nodes": [("n1", node())], JOBS: [("web", job())]})
     await store.write({}, {JOBS: ["web"]})
     await db.close()
     db = await StateDB.open(tmp_path / "state.db")
-    restored = await StateStore.restore(db, TEST_SEALER)
+    restored = await StateStore.restore(db, SEALER)
     await db.close()
     assert restored.index == store.index
     assert restored.get("nodes", "n1") == store.get("nodes", "n1")
@@ -174,13 +157,10 @@ def test_unrecoverable_start_error_is_not_retried() -> None:
 
 
 async def test_a_job_that_cannot_be_evaluated_never_blocks_node_registration(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
     from nomad_client.server import server as server_mod
-    from nomad_client.server.keyring import Keyring
-    from nomad_client.server.server import Server
 
-    srv = Server(StateStore(), await Keyring.load_or_create(tmp_path / "kr"),
-                 region="global", acl_enabled=False)
+    srv = make_server(keyring)
     await srv.register_job(job(driver="docker"))  # unplaceable: stays queued
     assert srv.job_allocs("web") == []
 

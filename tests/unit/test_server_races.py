@@ -11,18 +11,17 @@ import asyncio
 import hmac
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.scheduler import plan_job
-from nomad_client.server.sealing import Sealer
 from nomad_client.server.server import MAX_EVALS_PER_JOB, Server
 from nomad_client.server.state import JOBS, StateStore
 from nomad_client.state_db import StateDB
-from nomad_client.structs.models import ACLToken, AllocUpdate, DriverInfo, Node
+from nomad_client.structs.models import ACLToken, AllocUpdate, DriverInfo
+from tests.unit.factories import SEALER, job, make_server, node, settle
 
 
 class GatedDB:
@@ -48,37 +47,9 @@ class GatedDB:
             await self.release.wait()
 
 
-def node(node_id: str = "n1", **kw: Any) -> Node:
-    defaults: dict[str, Any] = dict(
-        id=node_id, name=node_id, datacenter="dc1", http_addr="127.0.0.1:4646",
-        status="ready", drivers={"raw_exec": DriverInfo(detected=True, healthy=True)})
-    defaults.update(kw)
-    return Node(**defaults)
-
-
-def job(count: int = 1, driver: str = "raw_exec", **kw: Any) -> dict[str, Any]:
-    return {"ID": "web", "Type": "service", "Datacenters": ["dc*"],
-            "TaskGroups": [{"Name": "g", "Count": count,
-                            "Tasks": [{"Name": "t", "Driver": driver}]}], **kw}
-
-
-@pytest.fixture(scope="module")
-def keyring_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("keyring")
-
-
-async def server(keyring_dir: Path) -> tuple[Server, GatedDB]:
+def server(keyring: Keyring) -> tuple[Server, GatedDB]:
     db = GatedDB()
-    store = StateStore(cast(StateDB, db), await Sealer.load_or_create(keyring_dir))
-    srv = Server(store, await Keyring.load_or_create(keyring_dir), region="global",
-                 acl_enabled=False)
-    return srv, db
-
-
-async def settle() -> None:
-    """Let freshly started tasks run until they block (on the write lock)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+    return make_server(keyring, store=StateStore(cast(StateDB, db), SEALER)), db
 
 
 def running(alloc_id: str) -> AllocUpdate:
@@ -88,8 +59,8 @@ def running(alloc_id: str) -> AllocUpdate:
 
 @pytest.mark.parametrize("client_first", [False, True], ids=["stop-first", "report-first"])
 async def test_a_stop_and_a_client_report_racing_both_survive(
-        keyring_dir: Path, client_first: bool) -> None:
-    srv, db = await server(keyring_dir)
+        keyring: Keyring, client_first: bool) -> None:
+    srv, db = server(keyring)
     await srv.register_node(node())
     await srv.register_job(job())
     (alloc,) = srv.job_allocs("web")
@@ -118,8 +89,8 @@ async def test_a_stop_and_a_client_report_racing_both_survive(
     assert final.alloc_modify_index > alloc.alloc_modify_index
 
 
-async def test_deregister_racing_a_client_report_keeps_the_stop(keyring_dir: Path) -> None:
-    srv, db = await server(keyring_dir)
+async def test_deregister_racing_a_client_report_keeps_the_stop(keyring: Keyring) -> None:
+    srv, db = server(keyring)
     await srv.register_node(node())
     await srv.register_job(job())
     (alloc,) = srv.job_allocs("web")
@@ -135,8 +106,8 @@ async def test_deregister_racing_a_client_report_keeps_the_stop(keyring_dir: Pat
 
 
 async def test_new_allocs_get_the_index_of_the_write_that_created_them(
-        keyring_dir: Path) -> None:
-    srv, db = await server(keyring_dir)
+        keyring: Keyring) -> None:
+    srv, db = server(keyring)
     await srv.register_node(node())
     await srv.store.write({JOBS: [("web", job(count=2))]})
     db.hold_next()
@@ -153,8 +124,8 @@ async def test_new_allocs_get_the_index_of_the_write_that_created_them(
 
 
 async def test_a_purge_racing_the_final_report_still_collects_the_alloc(
-        keyring_dir: Path) -> None:
-    srv, db = await server(keyring_dir)
+        keyring: Keyring) -> None:
+    srv, db = server(keyring)
     await srv.register_node(node())
     await srv.register_job(job())
     (alloc,) = srv.job_allocs("web")
@@ -175,8 +146,8 @@ def evals_of(srv: Server, job_id: str = "web") -> list[Any]:
     return [e for e in srv.store.rows("evals") if e.job_id == job_id]
 
 
-async def test_re_registering_an_unchanged_node_writes_no_evaluation(keyring_dir: Path) -> None:
-    srv, _ = await server(keyring_dir)
+async def test_re_registering_an_unchanged_node_writes_no_evaluation(keyring: Keyring) -> None:
+    srv, _ = server(keyring)
     await srv.register_node(node())
     await srv.register_job(job(driver="docker"))  # cannot be placed: stays queued
     assert len(evals_of(srv)) == 1
@@ -187,8 +158,8 @@ async def test_re_registering_an_unchanged_node_writes_no_evaluation(keyring_dir
 
 
 async def test_a_node_change_that_places_nothing_keeps_the_latest_evaluation(
-        keyring_dir: Path) -> None:
-    srv, _ = await server(keyring_dir)
+        keyring: Keyring) -> None:
+    srv, _ = server(keyring)
     await srv.register_node(node())
     eval_id, _ = await srv.register_job(job(driver="docker"))
     for i in range(5):
@@ -201,8 +172,8 @@ async def test_a_node_change_that_places_nothing_keeps_the_latest_evaluation(
     assert alloc.desired_status == "run"
 
 
-async def test_only_the_newest_evaluations_of_a_job_are_kept(keyring_dir: Path) -> None:
-    srv, _ = await server(keyring_dir)
+async def test_only_the_newest_evaluations_of_a_job_are_kept(keyring: Keyring) -> None:
+    srv, _ = server(keyring)
     await srv.register_node(node())
     ids = [(await srv.register_job(job()))[0] for _ in range(MAX_EVALS_PER_JOB + 5)]
     kept = evals_of(srv)
@@ -230,8 +201,8 @@ def test_plan_stops_allocs_of_a_removed_group() -> None:
     assert not plan.new_allocs
 
 
-async def test_scaling_a_job_down_stops_the_extra_allocs(keyring_dir: Path) -> None:
-    srv, _ = await server(keyring_dir)
+async def test_scaling_a_job_down_stops_the_extra_allocs(keyring: Keyring) -> None:
+    srv, _ = server(keyring)
     await srv.register_node(node())
     await srv.register_job(job(count=3))
     await srv.register_job(job(count=1))
@@ -241,8 +212,8 @@ async def test_scaling_a_job_down_stops_the_extra_allocs(keyring_dir: Path) -> N
 
 # ---- signing and tokens -----------------------------------------------------------------
 async def test_identities_are_signed_off_the_event_loop(
-        keyring_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    srv, _ = await server(keyring_dir)
+        keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, _ = server(keyring)
     loop_thread = threading.get_ident()
     threads: list[int] = []
     sign = srv.keyring.sign_identity
@@ -263,8 +234,8 @@ async def test_identities_are_signed_off_the_event_loop(
 
 
 async def test_token_lookup_compares_secrets_in_constant_time(
-        keyring_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    srv, _ = await server(keyring_dir)
+        keyring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, _ = server(keyring)
     tokens = [ACLToken(accessor_id=f"a{i}", secret_id=f"s{i}", name=f"t{i}", type="client")
               for i in range(3)]
     await srv.store.write({"acl_tokens": [(t.accessor_id, t) for t in tokens]})

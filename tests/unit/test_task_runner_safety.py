@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
-from nomad_client.allocrunner import alloc_runner as ar
+from nomad_client.allocrunner.alloc_dir_hook import AllocDirHook
 from nomad_client.allocrunner.alloc_runner import AllocRunner, AllocRunnerConfig, RestoredTask
-from nomad_client.allocrunner.hooks import AllocHookDeps, TaskContext
+from nomad_client.allocrunner.hooks import AllocHookDeps, AllocHookFactory, TaskContext, TaskHook
 from nomad_client.allocrunner.taskrunner import task_runner as tr_mod
 from nomad_client.client.drivers.base import (
     DriverError,
@@ -180,17 +180,14 @@ class FailingPrerunHook:
         raise OSError(13, "Permission denied")
 
 
-def use_task_hooks(monkeypatch: pytest.MonkeyPatch, *hooks: object) -> None:
-    monkeypatch.setattr(ar, "ALLOC_HOOKS", (ar.AllocDirHook,))
-    monkeypatch.setattr(ar, "TASK_HOOKS", tuple((lambda h=h: h) for h in hooks))
-
-
-def restored_runner(tmp_path: Path, driver: SurvivingDriver, guard: Guard, *,
+def restored_runner(tmp_path: Path, driver: SurvivingDriver, guard: Guard, *hooks: TaskHook,
                     job_type: str = "service", restart: Mapping[str, Any] | None = None,
                     state: str = "running", desired_status: str = "run",
+                    alloc_hooks: Sequence[AllocHookFactory] = (AllocDirHook,),
                     ) -> tuple[AllocRunner, TaskHandle]:
     """An alloc runner as a restarted agent builds it: task ``t`` restored with a handle
-    naming a task that is still running."""
+    naming a task that is still running. ``hooks`` are task ``t``'s hooks (these very
+    instances, so a test can watch them)."""
     alloc = make_alloc([mock_task(run_for="60s")], job_type=job_type, restart=restart)
     alloc = attrs.evolve(alloc, desired_status=desired_status)
     handle = driver.launch(alloc.id, "t")
@@ -198,7 +195,8 @@ def restored_runner(tmp_path: Path, driver: SurvivingDriver, guard: Guard, *,
     restored = RestoredTask(TaskState(state=state, events=events), handle)
     config = AllocRunnerConfig(
         alloc_dir_root=tmp_path / "alloc", driver_state_root=tmp_path / "state",
-        drivers={"mock_driver": driver}, node_view=lambda: NODE, router=None, host_env={},
+        drivers={"mock_driver": driver}, node_view=lambda: NODE, alloc_hooks=alloc_hooks,
+        task_hooks=[(lambda h=h: h) for h in hooks], task_api=None, host_env={},
         persist_task=guard.persist, report=guard.report)
     return AllocRunner(alloc, config, {"t": restored}), handle
 
@@ -234,11 +232,11 @@ def assert_all_gone(driver: SurvivingDriver, guard: Guard, runner: AllocRunner) 
 
 
 async def test_prestart_failing_after_restore_kills_the_task_before_any_retry(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     driver = SurvivingDriver()
     guard = Guard(driver)
-    use_task_hooks(monkeypatch, PrestartHook(failures=None))
-    runner, old = restored_runner(tmp_path, driver, guard, restart=RETRY_TWICE)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook(failures=None),
+                                  restart=RETRY_TWICE)
     await run_to_end(runner)
 
     assert_all_gone(driver, guard, runner)
@@ -254,13 +252,12 @@ async def test_prestart_failing_after_restore_kills_the_task_before_any_retry(
 
 
 async def test_prestart_failing_once_after_restore_restarts_fresh_not_unchecked(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """The retry must not carry on with the restored handle it never re-checked."""
     driver = SurvivingDriver()
     guard = Guard(driver)
     hook = PrestartHook(failures=1)
-    use_task_hooks(monkeypatch, hook)
-    runner, old = restored_runner(tmp_path, driver, guard, restart=RETRY_TWICE)
+    runner, old = restored_runner(tmp_path, driver, guard, hook, restart=RETRY_TWICE)
     runner.start()
     await wait_for(lambda: hook.calls == 2 and guard.saved[-1][0].state == "running")
     assert driver.calls_for(old) == ["stop", "destroy"]
@@ -275,11 +272,10 @@ async def test_prestart_failing_once_after_restore_restarts_fresh_not_unchecked(
 
 @pytest.mark.parametrize("recover", ["false", "raise"])
 async def test_failed_recover_kills_the_old_task_before_starting_a_new_one(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recover: str) -> None:
+        tmp_path: Path, recover: str) -> None:
     driver = SurvivingDriver(recover=recover)
     guard = Guard(driver)
-    use_task_hooks(monkeypatch, PrestartHook())
-    runner, old = restored_runner(tmp_path, driver, guard)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook())
     runner.start()
     await wait_for(lambda: ("start", "") in driver.calls or runner.done)
     order = [method for method, tid in driver.calls if tid in (_tid(old), "")]
@@ -292,11 +288,10 @@ async def test_failed_recover_kills_the_old_task_before_starting_a_new_one(
 
 
 async def test_failed_restart_after_a_failed_recover_still_kills_the_old_task(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     driver = SurvivingDriver(recover="false", start_error="binary vanished")
     guard = Guard(driver)
-    use_task_hooks(monkeypatch, PrestartHook())
-    runner, old = restored_runner(tmp_path, driver, guard)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook())
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["recover", "stop", "destroy"]
@@ -308,12 +303,11 @@ async def test_failed_restart_after_a_failed_recover_still_kills_the_old_task(
 
 
 async def test_failing_poststart_hook_leaves_the_restored_task_supervised(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     driver = SurvivingDriver()
     guard = Guard(driver)
     poststart = FailingPoststartHook()
-    use_task_hooks(monkeypatch, PrestartHook(), poststart)
-    runner, old = restored_runner(tmp_path, driver, guard)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook(), poststart)
     runner.start()
     await asyncio.wait_for(poststart.failed.wait(), 5)
     await asyncio.sleep(0)  # the runner handles the failure
@@ -327,12 +321,11 @@ async def test_failing_poststart_hook_leaves_the_restored_task_supervised(
 
 
 async def test_failed_wait_on_a_restored_task_kills_it_before_going_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A wait_task error says nothing about the process: it may well still run."""
     driver = SurvivingDriver(wait_failures=1)
     guard = Guard(driver)
-    use_task_hooks(monkeypatch, PrestartHook())
-    runner, old = restored_runner(tmp_path, driver, guard)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook())
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["recover", "stop", "destroy"]
@@ -341,12 +334,12 @@ async def test_failed_wait_on_a_restored_task_kills_it_before_going_on(
 
 
 async def test_kill_before_a_restored_task_is_waited_on_kills_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """The allocation was stopped while no agent ran: the runner is killed before its loop."""
     driver = SurvivingDriver()
     guard = Guard(driver)
-    use_task_hooks(monkeypatch, PrestartHook())
-    runner, old = restored_runner(tmp_path, driver, guard, desired_status="stop")
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook(),
+                                  desired_status="stop")
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["stop", "destroy"]
@@ -355,13 +348,12 @@ async def test_kill_before_a_restored_task_is_waited_on_kills_it(
 
 
 async def test_alloc_destroy_during_a_failing_prestart_kills_the_restored_task(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     driver = SurvivingDriver()
     guard = Guard(driver)
     gate = asyncio.Event()
     hook = PrestartHook(failures=None, gate=gate)
-    use_task_hooks(monkeypatch, hook)
-    runner, old = restored_runner(tmp_path, driver, guard, restart=RETRY_TWICE)
+    runner, old = restored_runner(tmp_path, driver, guard, hook, restart=RETRY_TWICE)
     runner.start()
     await asyncio.wait_for(hook.entered.wait(), 5)
     destroying = asyncio.create_task(runner.destroy())
@@ -381,8 +373,7 @@ async def test_runner_fault_after_restore_stops_then_destroys_until_gone(
     driver = SurvivingDriver(destroy_failures=1)
     guard = Guard(driver)
     guard.fail_saves = 1  # the first save after the reattach: disk full
-    use_task_hooks(monkeypatch, PrestartHook())
-    runner, old = restored_runner(tmp_path, driver, guard)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook())
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["recover", "stop", "destroy", "stop", "destroy"]
@@ -395,12 +386,11 @@ async def test_runner_fault_after_restore_stops_then_destroys_until_gone(
 
 
 async def test_alloc_setup_failure_kills_restored_tasks_before_failing_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     driver = SurvivingDriver()
     guard = Guard(driver)
-    use_task_hooks(monkeypatch, PrestartHook())
-    monkeypatch.setattr(ar, "ALLOC_HOOKS", (FailingPrerunHook,))
-    runner, old = restored_runner(tmp_path, driver, guard)
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook(),
+                                  alloc_hooks=(FailingPrerunHook,))
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["stop", "destroy"]
@@ -409,12 +399,11 @@ async def test_alloc_setup_failure_kills_restored_tasks_before_failing_them(
 
 
 async def test_dead_task_restored_with_a_handle_has_its_process_killed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """State an older agent could save: the task dead, its handle (and process) still there."""
     driver = SurvivingDriver()
     guard = Guard(driver, check_reports=False)  # it was reported dead before this agent ran
-    use_task_hooks(monkeypatch, PrestartHook())
-    runner, old = restored_runner(tmp_path, driver, guard, state="dead")
+    runner, old = restored_runner(tmp_path, driver, guard, PrestartHook(), state="dead")
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["stop", "destroy"]

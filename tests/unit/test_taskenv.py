@@ -13,6 +13,7 @@ from nomad_client.client.taskenv import (
     interpolate,
     interpolate_config,
 )
+from nomad_client.structs.node_properties import NODE_FIELDS, NODE_REGION
 
 NODE = NodeView(
     id="node-1234",
@@ -165,6 +166,17 @@ def test_interpolate_node_names() -> None:
         "${node.class} ${node.pool} ${attr.cpu.numcores} ${meta.rack}"
     )
     assert interpolate(text, {}, NODE) == "node-1234 client-1 dc1 global gpu default 8 r1"
+
+
+def test_every_node_property_of_constraints_interpolates() -> None:
+    # One list of ${node.*} names serves constraints and tasks: each one resolves here too.
+    for name in [*NODE_FIELDS, NODE_REGION]:
+        assert interpolate("${" + name + "}", {}, NODE) != "${" + name + "}", name
+
+
+def test_driver_config_spellings_of_attr_and_meta() -> None:
+    text = "${node.attr.kernel.name} ${node.meta.rack} ${node.attr.none}"
+    assert interpolate(text, {}, NODE) == "linux r1 ${node.attr.none}"
 
 
 def test_interpolate_env_first_and_unknowns_verbatim() -> None:

@@ -10,9 +10,10 @@ from typing import Any
 
 import attrs
 
+from nomad_client.durations import SECOND, format_duration
 from nomad_client.structs.models import EVENT_NOT_RESTARTING, EVENT_RESTARTING, EVENT_TERMINATED
 
-NS = 1_000_000_000
+NS = SECOND  # nanoseconds in a second: policy durations are nanoseconds
 REASON_WITHIN_POLICY = "Restart within policy"
 REASON_NO_RESTARTS = "Policy allows no restarts"
 REASON_UNRECOVERABLE = "Error was unrecoverable"
@@ -71,13 +72,6 @@ class RestartTracker:
             return RestartDecision(
                 False, 0, EVENT_NOT_RESTARTING,
                 f'Exceeded allowed attempts {self.attempts} in interval '
-                f'{_fmt(self.interval)} and mode is "fail"', True)
+                f'{format_duration(int(self.interval) * SECOND)} and mode is "fail"', True)
         return RestartDecision(True, self.delay + self.jitter() * self.delay * 0.25,
                                EVENT_RESTARTING, REASON_WITHIN_POLICY, False)
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return (f"{h}h" if h else "") + (f"{m}m" if m or h else "") + f"{s}s"

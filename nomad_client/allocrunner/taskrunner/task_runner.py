@@ -3,7 +3,9 @@ decision -> ... -> stop, recording task state and events, and persisting what an
 restart needs (state + driver handle).
 
 It owns ordering and error handling for its task hooks and calls the alloc-level lifecycle
-observers. It touches its driver, its hooks and the callbacks it was given — nothing else.
+observers, each sorted by phase once, in the constructor. It builds its task's
+``TaskContext`` (whose ``emit`` records into this runner's state) and touches its driver, its
+hooks and the callbacks it was given — nothing else.
 
 Safety rule: the task never becomes dead while its driver handle may still name a live
 process. Any failure after a reattach (or any fault of ours) stops and destroys the handle
@@ -13,6 +15,7 @@ first, and the handle is dropped from the saved state only once the driver says 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,17 +23,24 @@ from typing import Any
 import attrs
 
 from nomad_client.allocrunner.hooks import (
+    AllocHook,
     HookError,
     TaskContext,
     TaskExitedHook,
-    TaskLifecycleObserver,
+    TaskExitedObserver,
+    TaskHook,
     TaskPoststartHook,
     TaskPreKillHook,
     TaskPrestartHook,
+    TaskStartingObserver,
     TaskStopHook,
+    TaskStoppedObserver,
     TaskUpdateHook,
+    WorkloadIdentities,
+    log_failure,
 )
 from nomad_client.allocrunner.taskrunner.restarts import NS, RestartDecision, RestartTracker
+from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers.base import (
     Driver,
     DriverError,
@@ -38,7 +48,12 @@ from nomad_client.client.drivers.base import (
     TaskConfig,
     TaskHandle,
 )
-from nomad_client.client.taskenv import TaskEnvInput, build_task_env, interpolate_config
+from nomad_client.client.taskenv import (
+    NodeView,
+    TaskEnvInput,
+    build_task_env,
+    interpolate_config,
+)
 from nomad_client.structs import models as m
 from nomad_client.structs.jobs import is_batch, task_group
 from nomad_client.structs.models import Allocation, TaskEvent, TaskState, rfc3339
@@ -54,15 +69,29 @@ RESTORE_KILL_REASON = "failed to restore task: killing it"
 
 
 class TaskRunner:
-    def __init__(self, *, ctx: TaskContext, driver: Driver, hooks: Sequence[object],
-                 observers: Sequence[TaskLifecycleObserver], persist: Persist,
-                 on_change: Callable[[], None], driver_state_dir: Path,
+    """``hooks``: this task's own hooks; ``observers``: the allocation's hooks, of which
+    those observing task lifecycles are called."""
+
+    def __init__(self, *, alloc: Allocation, task: Mapping[str, Any], alloc_dir: AllocDir,
+                 node: NodeView, log: logging.Logger, identities: WorkloadIdentities | None,
+                 driver: Driver, hooks: Sequence[TaskHook], observers: Sequence[AllocHook],
+                 persist: Persist, on_change: Callable[[], None], driver_state_dir: Path,
                  host_env: Mapping[str, str], state: TaskState | None = None,
                  handle: TaskHandle | None = None) -> None:
-        self.ctx = ctx
+        self.ctx = ctx = TaskContext(
+            alloc=alloc, task=task, alloc_dir=alloc_dir,
+            task_dir=alloc_dir.task_dir(str(task["Name"])), node=node, emit=self.emit, log=log,
+            identities=identities)
         self.driver = driver
-        self.hooks = list(hooks)
-        self.observers = list(observers)
+        self._prestart_hooks = [h for h in hooks if isinstance(h, TaskPrestartHook)]
+        self._poststart_hooks = [h for h in hooks if isinstance(h, TaskPoststartHook)]
+        self._exited_hooks = [h for h in hooks if isinstance(h, TaskExitedHook)]
+        self._prekill_hooks = [h for h in hooks if isinstance(h, TaskPreKillHook)]
+        self._stop_hooks = [h for h in hooks if isinstance(h, TaskStopHook)]
+        self._update_hooks = [h for h in hooks if isinstance(h, TaskUpdateHook)]
+        self._starting_observers = [h for h in observers if isinstance(h, TaskStartingObserver)]
+        self._exited_observers = [h for h in observers if isinstance(h, TaskExitedObserver)]
+        self._stopped_observers = [h for h in observers if isinstance(h, TaskStoppedObserver)]
         self.state = state or TaskState()
         self.handle = handle
         self._persist = persist
@@ -74,8 +103,7 @@ class TaskRunner:
         group = task_group(ctx.alloc.job, ctx.alloc.task_group)
         policy = ctx.task.get("RestartPolicy") or group.get("RestartPolicy") or {}
         self.restarts = RestartTracker.from_policy(policy, batch=is_batch(ctx.alloc.job))
-        self.log = ctx.log
-        ctx.emit = self.emit
+        self.log = log
 
     @property
     def name(self) -> str:
@@ -176,7 +204,8 @@ class TaskRunner:
                 await self._kill_task(self.handle, RESTORE_KILL_REASON)
             return self.restarts.next(exit_ok=False, start_failed=True)
         env = self._build_env(extra_env)
-        await self._notify("task_starting", self.ctx)
+        for starting in self._starting_observers:
+            await self._observed(starting, "task_starting", starting.task_starting(self.ctx))
         if restoring and self.handle is not None:
             if not await self._recover(self.handle):
                 self.emit(TaskEvent(type=m.EVENT_FAILED_RESTORING,
@@ -198,7 +227,8 @@ class TaskRunner:
         else:
             self._set_state(m.TASK_RUNNING)
         await self._persist(self)
-        await self._run_hooks(TaskPoststartHook, "poststart", self.handle)
+        for poststart in self._poststart_hooks:
+            await self._hooked(poststart, "poststart", poststart.poststart(self.ctx, self.handle))
 
         result = await self._wait_or_kill(self.handle)
         if result is None:
@@ -209,21 +239,23 @@ class TaskRunner:
                             signal=result.signal, message=result.err or "",
                             display_message=_exit_message(result)))
         await self._persist(self)
-        await self._run_hooks(TaskExitedHook, "exited", result)
+        for exited in self._exited_hooks:
+            await self._hooked(exited, "exited", exited.exited(self.ctx, result))
         decision = self.restarts.next(exit_ok=result.successful)
-        await self._notify("task_exited", self.ctx, result, decision.restart)
+        for observer in self._exited_observers:
+            await self._observed(observer, "task_exited",
+                                 observer.task_exited(self.ctx, result, decision.restart))
         return decision
 
     async def _prestart(self) -> dict[str, str]:
         env: dict[str, str] = {}
-        for hook in self.hooks:
-            if isinstance(hook, TaskPrestartHook):
-                try:
-                    env.update(await hook.prestart(self.ctx))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    raise HookError(hook.name, exc) from exc
+        for hook in self._prestart_hooks:
+            try:
+                env.update(await hook.prestart(self.ctx))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise HookError(hook.name, exc) from exc
         return env
 
     async def _recover(self, handle: TaskHandle) -> bool:
@@ -264,7 +296,8 @@ class TaskRunner:
     async def _kill_task(self, handle: TaskHandle, reason: str | None = None) -> None:
         """Stop and destroy ``handle``; forget it (and save that) only once it is gone."""
         reason = self._kill_reason if reason is None else reason
-        await self._run_hooks(TaskPreKillHook, "prekill")
+        for prekill in self._prekill_hooks:
+            await self._hooked(prekill, "prekill", prekill.prekill(self.ctx))
         timeout = self.ctx.task.get("KillTimeout", 5 * NS) / NS
         self.emit(TaskEvent(type=m.EVENT_KILLING, kill_timeout=int(timeout * NS),
                             kill_reason=reason,
@@ -329,35 +362,26 @@ class TaskRunner:
             await self._kill_task(self.handle)
         self._set_state(m.TASK_DEAD)
         await self._persist_logged()  # stop hooks must run regardless
-        await self._run_hooks(TaskStopHook, "stop")
-        await self._notify("task_stopped", self.ctx)
+        for stop in self._stop_hooks:
+            await self._hooked(stop, "stop", stop.stop(self.ctx))
+        for stopped in self._stopped_observers:
+            await self._observed(stopped, "task_stopped", stopped.task_stopped(self.ctx))
 
     async def update(self, alloc: Allocation) -> None:
         self.ctx.alloc = alloc
-        await self._run_hooks(TaskUpdateHook, "update", alloc)
+        for hook in self._update_hooks:
+            await self._hooked(hook, "update", hook.update(self.ctx, alloc))
 
     # ---- helpers -----------------------------------------------------------------------
-    async def _run_hooks(self, kind: type, method: str, *args: Any) -> None:
+    async def _hooked(self, hook: TaskHook, phase: str, call: Awaitable[None]) -> None:
         """Non-prestart phases: every hook runs; failures are logged, not fatal."""
-        for hook in self.hooks:
-            if isinstance(hook, kind):
-                try:
-                    await getattr(hook, method)(self.ctx, *args)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    self.log.exception("task %s: %s hook %s failed", self.name, method,
-                                       getattr(hook, "name", hook))
+        await log_failure(self.log, call, "task %s: %s hook %s failed", self.name, phase,
+                          hook.name)
 
-    async def _notify(self, method: str, *args: Any) -> None:
-        for observer in self.observers:
-            try:
-                await getattr(observer, method)(*args)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.log.exception("task %s: observer %s.%s failed", self.name,
-                                   observer.name, method)
+    async def _observed(self, observer: AllocHook, phase: str, call: Awaitable[None]) -> None:
+        """Observer failures never fail the task."""
+        await log_failure(self.log, call, "task %s: observer %s.%s failed", self.name,
+                          observer.name, phase)
 
     def _build_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
         alloc, task, td = self.ctx.alloc, self.ctx.task, self.ctx.task_dir

@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from nomad_client.durations import parse_duration
+from nomad_client.structs.models import DriverInfo  # fingerprint() returns the API shape
 
 __all__ = [
     "Driver",
@@ -36,16 +37,6 @@ class DriverError(Exception):
     def __init__(self, message: str, *, recoverable: bool = True) -> None:
         super().__init__(message)
         self.recoverable = recoverable
-
-
-@attrs.frozen
-class DriverInfo:
-    """A driver's fingerprint."""
-
-    detected: bool
-    healthy: bool
-    health_description: str
-    attributes: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -111,7 +102,6 @@ class ExitResult:
     exit_code: int
     signal: int = 0
     err: str | None = None
-    oom_killed: bool = False
 
     @property
     def successful(self) -> bool:

@@ -37,7 +37,8 @@ from nomad_client.client.allocdir import (
     SecretReadError,
     SymlinkError,
 )
-from nomad_client.client.nodemeta import MetaLimitError, is_meta_key, shown_key
+from nomad_client.client.nodemeta import MetaLimitError, meta_key_problem, shown_key
+from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request, not_found
 from nomad_client.http.query import query_bool
 from nomad_client.http.router import ApiRequest, Router
@@ -67,11 +68,9 @@ def validate_meta_update(body: Any) -> dict[str, str | None]:
     if not meta or not isinstance(meta, dict):
         raise bad_request("missing required Meta object")
     for key, value in meta.items():
-        if not key:
-            raise bad_request("metadata keys must not be empty")
-        if not is_meta_key(key):
-            raise bad_request(f"{shown_key(key)} is invalid; metadata keys must be valid "
-                              "dotted hcl identifiers")
+        problem = meta_key_problem(key)
+        if problem:
+            raise bad_request(problem)
         if value is not None and not isinstance(value, str):
             raise bad_request(f"metadata value for {shown_key(key)} must be a string or null")
     return meta
@@ -268,122 +267,135 @@ async def _stream_logs(raw: web.BaseRequest, first: OpenedPath, rest: list[str],
     return resp
 
 
+def _local_client(services: Services) -> LocalClient:
+    if services.client is None:
+        raise bad_request("No local Node and node_id not provided")
+    return services.client
+
+
+def _check_node(services: Services, req: ApiRequest, body_node: str = "") -> LocalClient:
+    client = _local_client(services)
+    node_id = req.query.get("node_id") or body_node
+    if node_id and node_id != client.node_id:
+        raise not_found(f"No path to node {node_id}")
+    return client
+
+
+async def read_metadata(services: Services, req: ApiRequest) -> Any:
+    return _check_node(services, req).metadata()
+
+
+async def apply_metadata(services: Services, req: ApiRequest) -> Any:
+    body = await req.json()
+    meta = validate_meta_update(body)
+    client = _check_node(services, req, str(body.get("NodeID") or ""))
+    try:
+        return await client.apply_metadata(meta)
+    except MetaLimitError as err:
+        raise bad_request(str(err)) from None
+
+
+def _alloc_dir(services: Services, req: ApiRequest) -> AllocDir:
+    alloc_id = req.params.get("alloc_id", "")
+    if not alloc_id:
+        raise bad_request("must provide a valid alloc id")
+    found = _local_client(services).alloc_dir_for(alloc_id)
+    if found is None:
+        raise not_found(f"Unknown allocation {alloc_id!r}")
+    return found
+
+
+def _fs_path(req: ApiRequest, *, required: bool) -> str:
+    rel = req.query.get("path", "")
+    if required and not rel:
+        raise bad_request("must provide a file name")
+    return rel or "/"
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run file work in a worker thread; every refusal becomes a plain 4xx."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except SecretReadError as err:
+        raise HTTPError(403, f"Reading secret file prohibited: {err}") from None
+    except SymlinkError as err:
+        raise HTTPError(403, str(err)) from None
+    except HardLinkError as err:
+        raise HTTPError(403, str(err)) from None
+    except PathEscapeError as err:
+        raise HTTPError(403, f"Path escapes the alloc directory: {err}") from None
+    except PathNotFoundError as err:
+        raise not_found(str(err)) from None
+    except AllocPathError as err:
+        raise bad_request(str(err)) from None
+    except FileNotFoundError:
+        raise not_found("no such file or directory") from None
+    except OSError as err:
+        raise bad_request(f"cannot access file: {err.strerror or err}") from None
+
+
+async def _open_for_stream(fn: Callable[..., T], *args: Any) -> T:
+    """Open in a worker thread (refusals are 4xx); should the request be cancelled
+    meanwhile, the descriptor is closed once the open finishes instead of leaking."""
+    opening = asyncio.ensure_future(_in_thread(fn, *args))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_unclaimed)
+        raise
+
+
+async def fs_ls(services: Services, req: ApiRequest) -> Any:
+    return await _in_thread(_ls, _alloc_dir(services, req), _fs_path(req, required=False))
+
+
+async def fs_stat(services: Services, req: ApiRequest) -> Any:
+    return await _in_thread(_stat, _alloc_dir(services, req), _fs_path(req, required=True))
+
+
+async def fs_cat(services: Services, req: ApiRequest) -> web.StreamResponse:
+    opened = await _open_for_stream(_open_file, _alloc_dir(services, req),
+                                    _fs_path(req, required=True))
+    return await _stream_cat(req.raw, opened)
+
+
+async def fs_logs(services: Services, req: ApiRequest) -> web.StreamResponse:
+    task = req.query.get("task", "")
+    kind = req.query.get("type", "")
+    if not task:
+        raise bad_request("must provide task name")
+    if kind not in ("stdout", "stderr"):
+        raise bad_request("must provide log type (stdout/stderr)")
+    if query_bool(req.query, "follow"):
+        raise bad_request("follow is not supported by this agent")
+    adir = _alloc_dir(services, req)
+    alloc = services.server.allocation(req.params["alloc_id"])
+    if alloc is not None and task not in {t["Name"] for g in alloc.job["TaskGroups"]
+                                          if g["Name"] == alloc.task_group
+                                          for t in g["Tasks"]}:
+        raise bad_request(f"unknown task name {task!r}")
+    plain = query_bool(req.query, "plain")
+    names = await _in_thread(_log_names, adir, task, kind)
+    if not names:
+        raise not_found(f"task {task!r} not started yet. No logs available")
+
+    async def open_log(name: str) -> OpenedPath | None:
+        return await _open_for_stream(_open_log, adir, name)
+
+    # The first log file is opened before the response starts, so refusing it (a
+    # symlink, a FIFO) is still a plain 4xx; later files can only cut the stream short.
+    for index, name in enumerate(names):
+        if (first := await open_log(name)) is not None:
+            return await _stream_logs(req.raw, first, names[index + 1:], open_log, plain)
+    # Every file rotated away since the listing.
+    return web.Response(body=b"", content_type="text/plain" if plain else "application/json")
+
+
 def register(router: Router, services: Services) -> None:
-    def local_client() -> LocalClient:
-        if services.client is None:
-            raise bad_request("No local Node and node_id not provided")
-        return services.client
-
-    def check_node(req: ApiRequest, body_node: str = "") -> LocalClient:
-        client = local_client()
-        node_id = req.query.get("node_id") or body_node
-        if node_id and node_id != client.node_id:
-            raise not_found(f"No path to node {node_id}")
-        return client
-
-    async def read_metadata(req: ApiRequest) -> Any:
-        return check_node(req).metadata()
-
-    async def apply_metadata(req: ApiRequest) -> Any:
-        body = await req.json()
-        meta = validate_meta_update(body)
-        client = check_node(req, str(body.get("NodeID") or ""))
-        try:
-            return await client.apply_metadata(meta)
-        except MetaLimitError as err:
-            raise bad_request(str(err)) from None
-
-    def alloc_dir(req: ApiRequest) -> AllocDir:
-        alloc_id = req.params.get("alloc_id", "")
-        if not alloc_id:
-            raise bad_request("must provide a valid alloc id")
-        found = local_client().alloc_dir_for(alloc_id)
-        if found is None:
-            raise not_found(f"Unknown allocation {alloc_id!r}")
-        return found
-
-    async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run file work in a worker thread; every refusal becomes a plain 4xx."""
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except SecretReadError as err:
-            raise HTTPError(403, f"Reading secret file prohibited: {err}") from None
-        except SymlinkError as err:
-            raise HTTPError(403, str(err)) from None
-        except HardLinkError as err:
-            raise HTTPError(403, str(err)) from None
-        except PathEscapeError as err:
-            raise HTTPError(403, f"Path escapes the alloc directory: {err}") from None
-        except PathNotFoundError as err:
-            raise not_found(str(err)) from None
-        except AllocPathError as err:
-            raise bad_request(str(err)) from None
-        except FileNotFoundError:
-            raise not_found("no such file or directory") from None
-        except OSError as err:
-            raise bad_request(f"cannot access file: {err.strerror or err}") from None
-
-    def fs_path(req: ApiRequest, *, required: bool) -> str:
-        rel = req.query.get("path", "")
-        if required and not rel:
-            raise bad_request("must provide a file name")
-        return rel or "/"
-
-    async def fs_ls(req: ApiRequest) -> Any:
-        return await in_thread(_ls, alloc_dir(req), fs_path(req, required=False))
-
-    async def fs_stat(req: ApiRequest) -> Any:
-        return await in_thread(_stat, alloc_dir(req), fs_path(req, required=True))
-
-    async def open_for_stream(fn: Callable[..., T], *args: Any) -> T:
-        """Open in a worker thread (refusals are 4xx); should the request be cancelled
-        meanwhile, the descriptor is closed once the open finishes instead of leaking."""
-        opening = asyncio.ensure_future(in_thread(fn, *args))
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            opening.add_done_callback(_close_unclaimed)
-            raise
-
-    async def fs_cat(req: ApiRequest) -> Any:
-        opened = await open_for_stream(_open_file, alloc_dir(req), fs_path(req, required=True))
-        return await _stream_cat(req.raw, opened)
-
-    async def fs_logs(req: ApiRequest) -> Any:
-        task = req.query.get("task", "")
-        kind = req.query.get("type", "")
-        if not task:
-            raise bad_request("must provide task name")
-        if kind not in ("stdout", "stderr"):
-            raise bad_request("must provide log type (stdout/stderr)")
-        if query_bool(req.query, "follow"):
-            raise bad_request("follow is not supported by this agent")
-        adir = alloc_dir(req)
-        alloc = services.server.store.get("allocs", req.params["alloc_id"])
-        if alloc is not None and task not in {t["Name"] for g in alloc.job["TaskGroups"]
-                                              if g["Name"] == alloc.task_group
-                                              for t in g["Tasks"]}:
-            raise bad_request(f"unknown task name {task!r}")
-        plain = query_bool(req.query, "plain")
-        names = await in_thread(_log_names, adir, task, kind)
-        if not names:
-            raise not_found(f"task {task!r} not started yet. No logs available")
-
-        async def open_log(name: str) -> OpenedPath | None:
-            return await open_for_stream(_open_log, adir, name)
-
-        # The first log file is opened before the response starts, so refusing it (a
-        # symlink, a FIFO) is still a plain 4xx; later files can only cut the stream short.
-        for index, name in enumerate(names):
-            if (first := await open_log(name)) is not None:
-                return await _stream_logs(req.raw, first, names[index + 1:], open_log, plain)
-        # Every file rotated away since the listing.
-        return web.Response(body=b"", content_type="text/plain" if plain
-                            else "application/json")
-
-    router.add(("GET",), "/v1/client/metadata", read_metadata, "node:read")
-    router.add(("POST",), "/v1/client/metadata", apply_metadata, "node:write")
-    router.add(("GET",), "/v1/client/fs/ls/{alloc_id}", fs_ls, "namespace:read-fs")
-    router.add(("GET",), "/v1/client/fs/stat/{alloc_id}", fs_stat, "namespace:read-fs")
-    router.add(("GET",), "/v1/client/fs/cat/{alloc_id}", fs_cat, "namespace:read-fs")
-    router.add(("GET",), "/v1/client/fs/logs/{alloc_id}", fs_logs, "namespace:read-logs")
+    routes = Routes(router, services)
+    routes.add(("GET",), "/v1/client/metadata", read_metadata, "node:read")
+    routes.add(("POST",), "/v1/client/metadata", apply_metadata, "node:write")
+    routes.add(("GET",), "/v1/client/fs/ls/{alloc_id}", fs_ls, "namespace:read-fs")
+    routes.add(("GET",), "/v1/client/fs/stat/{alloc_id}", fs_stat, "namespace:read-fs")
+    routes.add(("GET",), "/v1/client/fs/cat/{alloc_id}", fs_cat, "namespace:read-fs")
+    routes.add(("GET",), "/v1/client/fs/logs/{alloc_id}", fs_logs, "namespace:read-logs")

@@ -10,28 +10,31 @@ from typing import Any
 
 from aiohttp import web
 
+from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import not_found
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import Services
 
 
+async def jwks(services: Services, req: ApiRequest) -> web.Response:
+    return web.json_response(services.server.keyring.jwks(),
+                             headers={"Cache-Control": "max-age=900"})
+
+
+async def openid_configuration(services: Services, req: ApiRequest) -> Any:
+    issuer = services.server.keyring.issuer
+    if not issuer:
+        raise not_found("OIDC Discovery endpoint disabled")
+    return {
+        "issuer": issuer,
+        "jwks_uri": f"{issuer.rstrip('/')}/.well-known/jwks.json",
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+    }
+
+
 def register(router: Router, services: Services) -> None:
-    keyring = services.server.keyring
-
-    async def jwks(req: ApiRequest) -> Any:
-        return web.json_response(keyring.jwks(), headers={"Cache-Control": "max-age=900"})
-
-    async def openid_configuration(req: ApiRequest) -> Any:
-        issuer = keyring.issuer
-        if not issuer:
-            raise not_found("OIDC Discovery endpoint disabled")
-        return {
-            "issuer": issuer,
-            "jwks_uri": f"{issuer.rstrip('/')}/.well-known/jwks.json",
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code"],
-            "subject_types_supported": ["public"],
-        }
-
-    router.add(("GET",), "/.well-known/jwks.json", jwks)
-    router.add(("GET",), "/.well-known/openid-configuration", openid_configuration)
+    routes = Routes(router, services)
+    routes.add(("GET",), "/.well-known/jwks.json", jwks)
+    routes.add(("GET",), "/.well-known/openid-configuration", openid_configuration)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import bad_request, not_found
 from nomad_client.http.query import block, query_bool
 from nomad_client.http.router import ApiRequest, Reply, Router
@@ -15,7 +16,7 @@ from nomad_client.jobspec import (
     canonicalize_job,
     parse_jobspec,
 )
-from nomad_client.server.state import JOBS
+from nomad_client.server.server import Resource, Server
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Allocation
 
@@ -48,105 +49,109 @@ def _object_body(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def register(router: Router, services: Services) -> None:
+def _job_view(server: Server, job: dict[str, Any]) -> dict[str, Any]:
+    return {**job, "Status": server.job_status(job)}
+
+
+async def list_jobs(services: Services, req: ApiRequest) -> Reply:
     server = services.server
-    store = server.store
-
-    def job_view(job: dict[str, Any]) -> dict[str, Any]:
-        return {**job, "Status": server.job_status(job)}
-
-    async def list_jobs(req: ApiRequest) -> Any:
-        index = await block(store, req.query, (JOBS, "allocs"))
-        prefix = req.query.get("prefix", "")
-        stubs = []
-        for job in store.rows(JOBS):
-            if not job["ID"].startswith(prefix):
-                continue
-            stubs.append({k: job.get(k) for k in (
-                "ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool", "Type",
-                "Priority", "Stop", "StatusDescription", "CreateIndex", "ModifyIndex",
-                "SubmitTime")} | {"Status": server.job_status(job),
-                                   "JobModifyIndex": job.get("ModifyIndex")})
-        return Reply(stubs, index)
-
-    async def register_job(req: ApiRequest) -> Any:
-        body = _object_body(await req.json(), REGISTER_KEYS)
-        job = body.get("Job")
-        if not isinstance(job, dict):
-            raise bad_request("Job must be specified")
-        if not job.get("ID"):
-            raise bad_request("Job ID hasn't been provided")
-        path_id = req.params.get("job_id")
-        if path_id is not None and path_id != job["ID"]:
-            raise bad_request("Job ID does not match name")
-        try:
-            job = canonicalize_job(job)
-        except JobValidationError as err:
-            raise bad_request(str(err)) from None
-        eval_id, index = await server.register_job(job)
-        return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
-                      "Warnings": "", "Index": index, "LastContact": 0,
-                      "KnownLeader": True, "NextToken": ""}, index)
-
-    async def parse(req: ApiRequest) -> Any:
-        body = _object_body(await req.json(), PARSE_KEYS)
-        hcl = body.get("JobHCL")
-        if not isinstance(hcl, str) or not hcl.strip():
-            raise bad_request("Job spec is empty")
-        if len(hcl) > MAX_JOBSPEC_CHARS:
-            # The HCL parser needs a few hundred bytes of memory per byte of input.
-            raise bad_request(f"Job spec is too large (limit {MAX_JOBSPEC_CHARS} characters)")
-        variables = body.get("Variables") or None
-        try:
-            # Parsing is CPU work on caller input: keep it off the event loop.
-            job = await asyncio.to_thread(_parse, hcl, variables,
-                                          bool(body.get("Canonicalize")))
-        except (JobspecError, JobValidationError) as err:
-            raise bad_request(f"Failed to parse job: {err}") from None
-        return job
-
-    async def get_job(req: ApiRequest) -> Any:
-        index = await block(store, req.query, (JOBS, "allocs"))
-        job = store.get(JOBS, req.params["job_id"])
-        if job is None:
-            raise not_found("job not found")
-        return Reply(job_view(job), index)
-
-    async def delete_job(req: ApiRequest) -> Any:
-        purge = query_bool(req.query, "purge")
-        eval_id, index = await server.deregister_job(req.params["job_id"], purge=purge)
-        return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
-                      "Index": index, "LastContact": 0, "KnownLeader": True,
-                      "NextToken": ""}, index)
-
-    async def job_allocations(req: ApiRequest) -> Any:
-        index = await block(store, req.query, ("allocs",))
-        allocs = server.job_allocs(req.params["job_id"])
-        return Reply([alloc_stub(a) for a in allocs], index)
-
-    async def job_evaluations(req: ApiRequest) -> Any:
-        index = await block(store, req.query, ("evals",))
-        evals = [to_api(e) for e in store.rows("evals") if e.job_id == req.params["job_id"]]
-        return Reply(evals, index)
-
-    async def get_evaluation(req: ApiRequest) -> Any:
-        index = await block(store, req.query, ("evals",))
-        ev = store.get("evals", req.params["eval_id"])
-        if ev is None:
-            raise not_found("eval not found")
-        return Reply(to_api(ev), index)
-
-    async def job_with_id_post(req: ApiRequest) -> Any:
-        return await register_job(req)
-
-    router.add(("GET",), "/v1/jobs", list_jobs, "namespace:list-jobs")
-    router.add(("PUT", "POST"), "/v1/jobs", register_job, "namespace:submit-job")
-    router.add(("PUT", "POST"), "/v1/jobs/parse", parse, "namespace:parse-job")
-    router.add(("GET",), "/v1/job/{job_id}", get_job, "namespace:read-job")
-    router.add(("PUT", "POST"), "/v1/job/{job_id}", job_with_id_post, "namespace:submit-job")
-    router.add(("DELETE",), "/v1/job/{job_id}", delete_job, "namespace:submit-job")
-    router.add(("GET",), "/v1/job/{job_id}/allocations", job_allocations, "namespace:read-job")
-    router.add(("GET",), "/v1/job/{job_id}/evaluations", job_evaluations, "namespace:read-job")
-    router.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, "namespace:read-job")
+    index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
+    prefix = req.query.get("prefix", "")
+    stubs = []
+    for job in server.jobs():
+        if not job["ID"].startswith(prefix):
+            continue
+        stubs.append({k: job.get(k) for k in (
+            "ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool", "Type",
+            "Priority", "Stop", "StatusDescription", "CreateIndex", "ModifyIndex",
+            "SubmitTime")} | {"Status": server.job_status(job),
+                               "JobModifyIndex": job.get("ModifyIndex")})
+    return Reply(stubs, index)
 
 
+async def register_job(services: Services, req: ApiRequest) -> Reply:
+    """PUT/POST /v1/jobs, and /v1/job/:id (whose ID must then match the job's)."""
+    body = _object_body(await req.json(), REGISTER_KEYS)
+    job = body.get("Job")
+    if not isinstance(job, dict):
+        raise bad_request("Job must be specified")
+    if not job.get("ID"):
+        raise bad_request("Job ID hasn't been provided")
+    path_id = req.params.get("job_id")
+    if path_id is not None and path_id != job["ID"]:
+        raise bad_request("Job ID does not match name")
+    try:
+        job = canonicalize_job(job)
+    except JobValidationError as err:
+        raise bad_request(str(err)) from None
+    eval_id, index = await services.server.register_job(job)
+    return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
+                  "Warnings": "", "Index": index, "LastContact": 0,
+                  "KnownLeader": True, "NextToken": ""}, index)
+
+
+async def parse(services: Services, req: ApiRequest) -> Any:
+    body = _object_body(await req.json(), PARSE_KEYS)
+    hcl = body.get("JobHCL")
+    if not isinstance(hcl, str) or not hcl.strip():
+        raise bad_request("Job spec is empty")
+    if len(hcl) > MAX_JOBSPEC_CHARS:
+        # The HCL parser needs a few hundred bytes of memory per byte of input.
+        raise bad_request(f"Job spec is too large (limit {MAX_JOBSPEC_CHARS} characters)")
+    variables = body.get("Variables") or None
+    try:
+        # Parsing is CPU work on caller input: keep it off the event loop.
+        job = await asyncio.to_thread(_parse, hcl, variables, bool(body.get("Canonicalize")))
+    except (JobspecError, JobValidationError) as err:
+        raise bad_request(f"Failed to parse job: {err}") from None
+    return job
+
+
+async def get_job(services: Services, req: ApiRequest) -> Reply:
+    server = services.server
+    index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
+    job = server.job(req.params["job_id"])
+    if job is None:
+        raise not_found("job not found")
+    return Reply(_job_view(server, job), index)
+
+
+async def delete_job(services: Services, req: ApiRequest) -> Reply:
+    purge = query_bool(req.query, "purge")
+    eval_id, index = await services.server.deregister_job(req.params["job_id"], purge=purge)
+    return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
+                  "Index": index, "LastContact": 0, "KnownLeader": True,
+                  "NextToken": ""}, index)
+
+
+async def job_allocations(services: Services, req: ApiRequest) -> Reply:
+    index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
+    allocs = services.server.job_allocs(req.params["job_id"])
+    return Reply([alloc_stub(a) for a in allocs], index)
+
+
+async def job_evaluations(services: Services, req: ApiRequest) -> Reply:
+    index = await block(services.server, req.query, (Resource.EVALUATIONS,))
+    evals = services.server.job_evaluations(req.params["job_id"])
+    return Reply([to_api(e) for e in evals], index)
+
+
+async def get_evaluation(services: Services, req: ApiRequest) -> Reply:
+    index = await block(services.server, req.query, (Resource.EVALUATIONS,))
+    ev = services.server.evaluation(req.params["eval_id"])
+    if ev is None:
+        raise not_found("eval not found")
+    return Reply(to_api(ev), index)
+
+
+def register(router: Router, services: Services) -> None:
+    routes = Routes(router, services)
+    routes.add(("GET",), "/v1/jobs", list_jobs, "namespace:list-jobs")
+    routes.add(("PUT", "POST"), "/v1/jobs", register_job, "namespace:submit-job")
+    routes.add(("PUT", "POST"), "/v1/jobs/parse", parse, "namespace:parse-job")
+    routes.add(("GET",), "/v1/job/{job_id}", get_job, "namespace:read-job")
+    routes.add(("PUT", "POST"), "/v1/job/{job_id}", register_job, "namespace:submit-job")
+    routes.add(("DELETE",), "/v1/job/{job_id}", delete_job, "namespace:submit-job")
+    routes.add(("GET",), "/v1/job/{job_id}/allocations", job_allocations, "namespace:read-job")
+    routes.add(("GET",), "/v1/job/{job_id}/evaluations", job_evaluations, "namespace:read-job")
+    routes.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, "namespace:read-job")

@@ -6,11 +6,13 @@ import asyncio
 from typing import Any
 
 from nomad_client.http.endpoints.jobs import alloc_stub
+from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import bad_request, not_found
 from nomad_client.http.query import block
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
 from nomad_client.server.bexpr import Filter, FilterError, FilterSyntaxError, compile_filter
+from nomad_client.server.server import Resource
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Node
 
@@ -44,37 +46,38 @@ def _filtered_stubs(nodes: list[Node], node_filter: Filter | None) -> list[dict[
     return out
 
 
+async def list_nodes(services: Services, req: ApiRequest) -> Reply:
+    expression = req.query.get("filter")
+    node_filter = None
+    if expression:
+        try:
+            node_filter = compile_filter(expression)
+        except FilterSyntaxError as err:
+            raise bad_request(f"failed to read filter expression: {err}") from None
+    index = await block(services.server, req.query, (Resource.NODES,))
+    prefix = req.query.get("prefix", "")
+    nodes = [n for n in services.server.nodes() if n.id.startswith(prefix)]
+    # A caller's filter is CPU work on caller input: evaluate it off the event loop.
+    out = await asyncio.to_thread(_filtered_stubs, nodes, node_filter)
+    return Reply(out, index)
+
+
+async def get_node(services: Services, req: ApiRequest) -> Reply:
+    index = await block(services.server, req.query, (Resource.NODES,))
+    node = services.server.node(req.params["node_id"])
+    if node is None:
+        raise not_found("node not found")
+    return Reply(node_api(node), index)
+
+
+async def node_allocs(services: Services, req: ApiRequest) -> Reply:
+    index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
+    allocs = services.server.node_allocs(req.params["node_id"])
+    return Reply([alloc_stub(a) for a in allocs], index)
+
+
 def register(router: Router, services: Services) -> None:
-    store = services.server.store
-
-    async def list_nodes(req: ApiRequest) -> Any:
-        expression = req.query.get("filter")
-        node_filter = None
-        if expression:
-            try:
-                node_filter = compile_filter(expression)
-            except FilterSyntaxError as err:
-                raise bad_request(f"failed to read filter expression: {err}") from None
-        index = await block(store, req.query, ("nodes",))
-        prefix = req.query.get("prefix", "")
-        nodes = [n for n in store.rows("nodes") if n.id.startswith(prefix)]
-        # A caller's filter is CPU work on caller input: evaluate it off the event loop.
-        out = await asyncio.to_thread(_filtered_stubs, nodes, node_filter)
-        return Reply(out, index)
-
-    async def get_node(req: ApiRequest) -> Any:
-        index = await block(store, req.query, ("nodes",))
-        node = store.get("nodes", req.params["node_id"])
-        if node is None:
-            raise not_found("node not found")
-        return Reply(node_api(node), index)
-
-    async def node_allocs(req: ApiRequest) -> Any:
-        index = await block(store, req.query, ("allocs",))
-        allocs = [alloc_stub(a) for a in store.rows("allocs")
-                  if a.node_id == req.params["node_id"]]
-        return Reply(allocs, index)
-
-    router.add(("GET",), "/v1/nodes", list_nodes, "node:read")
-    router.add(("GET",), "/v1/node/{node_id}", get_node, "node:read")
-    router.add(("GET",), "/v1/node/{node_id}/allocations", node_allocs, "node:read")
+    routes = Routes(router, services)
+    routes.add(("GET",), "/v1/nodes", list_nodes, "node:read")
+    routes.add(("GET",), "/v1/node/{node_id}", get_node, "node:read")
+    routes.add(("GET",), "/v1/node/{node_id}/allocations", node_allocs, "node:read")

@@ -1,10 +1,11 @@
-"""Go-style command-line flags on top of argparse.
+"""Go-style command-line flags on top of argparse, and Go's spellings of a boolean.
 
 Nomad's tools take long flags with a single dash (``-address=X``, ``-detach``) and boolean
 flags that may carry an explicit value (``-purge=false``).  This module adapts argparse to
 that convention (a double dash is accepted too) and turns every parse failure into a
 :class:`UsageError` instead of printing and exiting, so callers decide how to report it.
-It touches nothing outside the arguments it is given.
+:func:`parse_go_bool` is the one reading of a boolean the Go way, shared by flags, query
+strings and filter literals.  It touches nothing outside the arguments it is given.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import argparse
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-_TRUE = {"1", "t", "true", "TRUE", "True"}
-_FALSE = {"0", "f", "false", "FALSE", "False"}
+# Exactly the spellings Go's strconv.ParseBool accepts.
+_GO_BOOLS = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
 
 
 class UsageError(Exception):
@@ -33,13 +37,16 @@ class HelpRequested(Exception):
         self.text = text
 
 
-def parse_bool(value: str) -> bool:
-    """Parse a boolean the way Go's strconv.ParseBool does."""
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
+def parse_go_bool(text: str) -> bool | None:
+    """The boolean ``text`` spells for Go's strconv.ParseBool, or None when it spells none."""
+    return _GO_BOOLS.get(text)
+
+
+def _bool_flag_value(text: str) -> bool:
+    value = parse_go_bool(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+    return value
 
 
 class _GoHelpFormatter(argparse.HelpFormatter):
@@ -78,7 +85,7 @@ class GoArgumentParser(argparse.ArgumentParser):
         self._bool_flags.update({f"-{name}", f"--{name}"})
         return super().add_argument(
             f"-{name}", f"--{name}", dest=dest or name.replace("-", "_"), nargs="?",
-            const=True, default=default, type=parse_bool, help=help,
+            const=True, default=default, type=_bool_flag_value, help=help,
         )
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:

@@ -5,6 +5,9 @@ Starts a dev agent (temporary data dir, a free port), runs
 ``$NOMAD_SECRETS_DIR/api.sock`` with its workload identity to set dynamic node metadata —
 then shows the node found by ``node status -filter 'Meta.example == "Hello World!"'`` and the
 node's metadata, using the project's own CLI. Stops the agent afterwards.
+
+It lives in the repository, not the package: it reads the example job from ``testdata/``,
+which only a checkout has. Run it from anywhere: ``python scripts/demo.py``.
 """
 
 from __future__ import annotations

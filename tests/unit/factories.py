@@ -1,0 +1,282 @@
+"""Builders the unit tests share; the fixtures built from them are in ``conftest.py``.
+
+* records in the shapes the server stores: ``node``, ``job``, ``make_alloc``, ``acl_token``;
+* a real API: a server, the router with every endpoint, served on real sockets
+  (``serve_api``), and optionally a real client running mock tasks (``start_agent``);
+* waiting on conditions, never for a fixed time: ``wait_until``, ``settle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from nomad_client.agent.client import Client, ClientSettings
+from nomad_client.client.allocdir import AllocDir
+from nomad_client.client.drivers.base import Driver
+from nomad_client.client.drivers.mock import MockDriver
+from nomad_client.client.servers import ServerRPC
+from nomad_client.http.context import TCP_LISTENER, ListenerContext
+from nomad_client.http.endpoints import register_all
+from nomad_client.http.listeners import Listener, tcp_socket
+from nomad_client.http.router import Router
+from nomad_client.http.services import LocalClient, Services
+from nomad_client.http.taskapi import TaskAPIServer
+from nomad_client.server.keyring import Keyring
+from nomad_client.server.rpc import InProcessTransport
+from nomad_client.server.sealing import Sealer
+from nomad_client.server.server import Server
+from nomad_client.server.state import StateStore
+from nomad_client.state_db import StateDB
+from nomad_client.structs.models import ACLToken, Allocation, DriverInfo, Node
+
+T = TypeVar("T")
+
+# Seals the credential fields of a state store's records (a fixed test key).
+SEALER = Sealer("00000000-0000-4000-8000-000000000000", bytes(range(32)))
+# The Task API listener ``serve_api`` adds: task "t" of allocation "a".
+TASK_CONTEXT = ListenerContext("task-api", task_api=True, alloc_id="a", task="t")
+
+
+# ---- records ---------------------------------------------------------------------------
+def node(node_id: str = "n1", **changes: Any) -> Node:
+    """A ready linux node in dc1 (meta ``rack = r1``) with a healthy raw_exec driver."""
+    fields: dict[str, Any] = dict(
+        id=node_id, name=node_id, datacenter="dc1", http_addr="127.0.0.1:4646",
+        status="ready", attributes={"kernel.name": "linux"}, meta={"rack": "r1"},
+        drivers={"raw_exec": DriverInfo(detected=True, healthy=True)})
+    return Node(**(fields | changes))
+
+
+def job(count: int = 1, driver: str = "raw_exec", *, task: Mapping[str, Any] | None = None,
+        **fields: Any) -> dict[str, Any]:
+    """Service job "web" for any ``dc*``: group "g" runs ``count`` copies of task "t".
+    ``task`` adds fields to the task, ``fields`` to the job."""
+    return {"ID": "web", "Type": "service", "Datacenters": ["dc*"],
+            "TaskGroups": [{"Name": "g", "Count": count,
+                            "Tasks": [{"Name": "t", "Driver": driver, **(task or {})}]}],
+            **fields}
+
+
+def make_alloc(**changes: Any) -> Allocation:
+    """A running allocation of job "j" (group "g", task "t") on node "n"."""
+    alloc = Allocation(id=str(uuid.uuid4()), namespace="default", eval_id="e", name="j.g[0]",
+                       node_id="n", node_name="n", job_id="j",
+                       job={"ID": "j", "TaskGroups": [{"Name": "g", "Tasks": [{"Name": "t"}]}]},
+                       task_group="g", client_status="running")
+    return attrs.evolve(alloc, **changes)
+
+
+def acl_token(kind: str = "management", expires: float | None = None) -> ACLToken:
+    """A new ACL token: management, or a client token holding policy "p"."""
+    return ACLToken(accessor_id=str(uuid.uuid4()), secret_id=str(uuid.uuid4()), name="t",
+                    type=kind, policies=() if kind == "management" else ("p",),
+                    expiration_time=expires)
+
+
+def identity_token(keyring: Keyring, alloc: Allocation, task: str = "t", **kw: Any) -> str:
+    """The workload identity of ``task`` in ``alloc``, signed by ``keyring``."""
+    return keyring.sign_identity(namespace=alloc.namespace, job_id=alloc.job_id,
+                                 alloc_id=alloc.id, task=task, group=alloc.task_group,
+                                 region="global", **kw)
+
+
+async def seed(server: Server, *, tokens: tuple[ACLToken, ...] = (),
+               allocs: tuple[Allocation, ...] = ()) -> None:
+    """Write ACL tokens and allocations straight into the server's state."""
+    await server.store.write({"acl_tokens": [(t.accessor_id, t) for t in tokens],
+                              "allocs": [(a.id, a) for a in allocs]})
+
+
+# ---- a real API --------------------------------------------------------------------------
+def make_server(keyring: Keyring, *, acl: bool = False, store: StateStore | None = None
+                ) -> Server:
+    """A server of region "global" (an in-memory store unless ``store`` is given)."""
+    return Server(store if store is not None else StateStore(), keyring, region="global",
+                  acl_enabled=acl)
+
+
+@attrs.define
+class OneAllocClient:
+    """The local client as the endpoints see it: one allocation's directory."""
+
+    adir: AllocDir
+    node_id: str = "node-1"
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+    async def apply_metadata(self, meta: dict[str, str | None]) -> dict[str, Any]:
+        return {}
+
+    def alloc_dir_for(self, alloc_id: str) -> AllocDir | None:
+        return self.adir if alloc_id == self.adir.alloc_id else None
+
+    def healthy(self) -> tuple[bool, str]:
+        return True, "ok"
+
+
+def unix_socket(path: Path) -> socket.socket:
+    """A listening, non-blocking Unix socket bound at ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@attrs.define
+class ServedAPI:
+    """A server's API on real listeners: a TCP port of 127.0.0.1 and any added sockets."""
+
+    server: Server
+    router: Router
+    tcp: tuple[str, int]
+    task_sock: Path | None = None
+    listeners: list[Listener] = attrs.field(factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.tcp[0]}:{self.tcp[1]}"
+
+    async def listen(self, ctx: ListenerContext, sock: socket.socket) -> None:
+        """Serve the router on ``sock`` too, as the listener ``ctx`` describes."""
+        listener = Listener(self.router, ctx, sock)
+        self.listeners.append(listener)  # closed by close() even if it fails to start
+        await listener.start()
+
+    async def close(self) -> None:
+        for listener in self.listeners:
+            await listener.close()
+
+
+async def serve_api(server: Server, *, client: LocalClient | None = None,
+                    router: Router | None = None, task_sock: Path | None = None) -> ServedAPI:
+    """Register every endpoint on ``router`` (a new one by default) and serve it over TCP
+    and, with ``task_sock``, as the Task API of task "t" of allocation "a" there."""
+    router = router if router is not None else Router(server)
+    register_all(router, Services(server=server, client=client, agent_config={},
+                                  member={"Name": "unit", "Addr": "127.0.0.1", "Port": 0}))
+    tsock = tcp_socket("127.0.0.1", 0)
+    api = ServedAPI(server, router, tsock.getsockname()[:2], task_sock)
+    try:
+        await api.listen(TCP_LISTENER, tsock)
+        if task_sock is not None:
+            await api.listen(TASK_CONTEXT, unix_socket(task_sock))
+    except BaseException:
+        await api.close()
+        raise
+    return api
+
+
+@attrs.define
+class InProcessAgent:
+    """A server with its API on real sockets and, optionally, a client of its own."""
+
+    server: Server
+    api: ServedAPI
+    client: Client | None = None
+
+    async def stop(self) -> None:
+        try:
+            if self.client is not None:
+                await self.client.shutdown(stop_tasks=True)
+                await self.client.db.close()
+        finally:
+            await self.api.close()
+
+
+async def start_agent(base: Path, keyring: Keyring, *, acl: bool = False,
+                      with_client: bool = True, task_sock: Path | None = None,
+                      node_name: str = "client-1",
+                      static_meta: Mapping[str, str] | None = None,
+                      drivers: Mapping[str, Driver] | None = None,
+                      router_type: Callable[[Server], Router] = Router) -> InProcessAgent:
+    """An agent in this process: server, router (a ``router_type``) and listeners (see
+    ``serve_api``) and, with ``with_client``, a client in dc1 keeping its files under
+    ``base``. The client's drivers are ``drivers``, by default only the mock driver: whatever
+    a test (or a fuzzed request) registers, no process runs."""
+    base.mkdir(parents=True, exist_ok=True)
+    server = make_server(keyring, acl=acl)
+    router = router_type(server)
+    client = None
+    if with_client:
+        settings = ClientSettings(
+            data_dir=base, alloc_dir=base / "alloc", state_dir=base / "client",
+            name=node_name, datacenter="dc1", region="global", http_addr="127.0.0.1:0",
+            static_meta=dict(static_meta or {}))
+        client = Client(settings, ServerRPC(InProcessTransport(server)),
+                        await StateDB.open(base / "client" / "state.db"), TaskAPIServer(router),
+                        drivers=drivers or {"mock_driver": MockDriver()})
+    try:
+        api = await serve_api(server, client=client, router=router, task_sock=task_sock)
+    except BaseException:
+        if client is not None:
+            await client.db.close()
+        raise
+    agent = InProcessAgent(server, api, client)
+    try:
+        if client is not None:
+            await client.start()
+    except BaseException:
+        await agent.stop()
+        raise
+    return agent
+
+
+# ---- directories, loops and waiting ------------------------------------------------------
+@contextlib.contextmanager
+def fresh_dir(prefix: str, mode: int | None = None) -> Iterator[Path]:
+    """A new directory outside pytest's tmp tree (its paths are short enough for a socket's
+    ``sun_path``), with ``mode`` if given; removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        if mode is not None:
+            path.chmod(mode)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_in_own_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a new event loop in a worker thread and return its result: for
+    synchronous (e.g. session-scoped) fixtures, without touching this thread's loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll ``check`` (a function or a coroutine function) until it returns something true,
+    and return that; fail naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def settle() -> None:
+    """Let freshly started tasks run until they block: each gets the loop many times over,
+    so one that would finish without outside help has finished."""
+    for _ in range(20):
+        await asyncio.sleep(0)
