@@ -9,10 +9,9 @@ from nomad_client.api import ApiClient
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
     CommandError,
-    command_parser,
+    CommandParser,
     out,
     reporting,
-    require_args,
     resolve_prefix,
     run_with_client,
     write_bytes,
@@ -55,12 +54,11 @@ def _events_table(events: list[dict[str, Any]]) -> str:
 
 
 def status_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("alloc status", "alloc status [options] <alloc>",
-                       "Show an allocation and the state of its tasks.")
-    p.add_argument("alloc", nargs="*")
+    p = CommandParser("alloc status", "alloc status [options] <alloc>",
+                      "Show an allocation and the state of its tasks.")
+    p.add_positionals("alloc", 1, 1)
     p.add_bool_flag("verbose", help="show full IDs and exact times")
     ns = p.parse(argv)
-    require_args(ns.alloc, 1, 1, "alloc status [options] <alloc>")
 
     async def body(client: ApiClient) -> int:
         alloc = await _get_alloc(client, ns.alloc[0])
@@ -97,12 +95,11 @@ def status_cmd(argv: Sequence[str]) -> int:
 
 
 def logs_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("alloc logs", "alloc logs [options] <alloc> [task]",
-                       "Print the stdout (or stderr) log of a task.")
-    p.add_argument("args", nargs="*")
+    p = CommandParser("alloc logs", "alloc logs [options] <alloc> [task]",
+                      "Print the stdout (or stderr) log of a task.")
+    p.add_positionals("args", 1, 2)
     p.add_bool_flag("stderr", help="show stderr instead of stdout")
     ns = p.parse(argv)
-    require_args(ns.args, 1, 2, "alloc logs [options] <alloc> [task]")
 
     async def body(client: ApiClient) -> int:
         alloc = await _get_alloc(client, ns.args[0])
@@ -127,11 +124,10 @@ def logs_cmd(argv: Sequence[str]) -> int:
 
 
 def fs_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("alloc fs", "alloc fs [options] <alloc> [path]",
-                       "List a directory or print a file of an allocation's directory.")
-    p.add_argument("args", nargs="*")
+    p = CommandParser("alloc fs", "alloc fs [options] <alloc> [path]",
+                      "List a directory or print a file of an allocation's directory.")
+    p.add_positionals("args", 1, 2)
     ns = p.parse(argv)
-    require_args(ns.args, 1, 2, "alloc fs [options] <alloc> [path]")
     path = ns.args[1] if len(ns.args) == 2 else "/"
 
     async def body(client: ApiClient) -> int:

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from nomad_client.api import ApiClient, ApiConnectionError, ApiError
-from nomad_client.cli import format as fmt
 from nomad_client.goflags import GoArgumentParser
 
 
@@ -22,14 +21,34 @@ class CommandError(Exception):
     """A failure to report as one line on stderr with exit code 1."""
 
 
-def command_parser(prog: str, usage: str, description: str) -> GoArgumentParser:
-    """A parser for one command, with the global -address/-token flags already added."""
-    p = GoArgumentParser(f"nomad-client {prog}", description=description,
+class CommandParser(GoArgumentParser):
+    """The parser of one API command: the global -address/-token flags are already added, and
+    :meth:`parse` checks the count of positional arguments against the command's usage line."""
+
+    def __init__(self, prog: str, usage: str, description: str) -> None:
+        super().__init__(f"nomad-client {prog}", description=description,
                          usage=f"nomad-client {usage}")
-    p.add_flag("address", metavar="ADDR",
-               help="agent address (default: $NOMAD_ADDR or http://127.0.0.1:4646)")
-    p.add_flag("token", metavar="TOKEN", help="ACL token (default: $NOMAD_TOKEN)")
-    return p
+        self._command_usage = usage
+        self._positional_range: tuple[str, int, int] | None = None
+        self.add_flag("address", metavar="ADDR",
+                      help="agent address (default: $NOMAD_ADDR or http://127.0.0.1:4646)")
+        self.add_flag("token", metavar="TOKEN", help="ACL token (default: $NOMAD_TOKEN)")
+
+    def add_positionals(self, dest: str, low: int, high: int, help: str | None = None) -> None:
+        """Collect the positional arguments in ``dest``; :meth:`parse` wants ``low`` to
+        ``high`` of them."""
+        self.add_argument(dest, nargs="*", help=help)
+        self._positional_range = (dest, low, high)
+
+    def parse(self, argv: Sequence[str]) -> argparse.Namespace:
+        ns = super().parse(argv)
+        if self._positional_range is not None:
+            dest, low, high = self._positional_range
+            if not low <= len(getattr(ns, dest)) <= high:
+                want = f"{low}" if low == high else f"{low} to {high}"
+                raise CommandError(f"This command takes {want} argument(s): "
+                                   f"{self._command_usage}")
+        return ns
 
 
 def make_client(ns: argparse.Namespace) -> ApiClient:
@@ -75,12 +94,6 @@ def write_bytes(data: bytes) -> None:
         buffer.flush()
 
 
-def require_args(ns_args: Sequence[str], low: int, high: int, usage: str) -> None:
-    if not low <= len(ns_args) <= high:
-        want = f"{low}" if low == high else f"{low} to {high}"
-        raise CommandError(f"This command takes {want} argument(s): {usage}")
-
-
 async def resolve_prefix(list_call: Awaitable[Any], ident: str, kind: str, plural: str,
                          render_many: Callable[[list[dict[str, Any]]], str]) -> str:
     """Resolve an ID prefix with a ``?prefix=`` list call to exactly one full ID."""
@@ -94,7 +107,3 @@ async def resolve_prefix(list_call: Awaitable[Any], ident: str, kind: str, plura
     if len(items) > 1:
         raise CommandError(f"Prefix matched multiple {plural}\n\n{render_many(items)}")
     return str(items[0]["ID"])
-
-
-def short(value: str | None, verbose: bool) -> str:
-    return fmt.short_id(value, verbose)

@@ -14,10 +14,9 @@ from nomad_client.api import ApiClient, ApiError
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
     CommandError,
-    command_parser,
+    CommandParser,
     out,
     reporting,
-    require_args,
     resolve_prefix,
     run_with_client,
 )
@@ -56,9 +55,9 @@ def _parse_job(path: str, var_flags: Sequence[str], var_files: Sequence[str]) ->
 
 
 def run_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("job run", "job run [options] <path>",
-                       "Parse a job file locally, submit it, and monitor the evaluation.")
-    p.add_argument("path", nargs="*", help="job file")
+    p = CommandParser("job run", "job run [options] <path>",
+                      "Parse a job file locally, submit it, and monitor the evaluation.")
+    p.add_positionals("path", 1, 1, help="job file")
     p.add_flag("var", action="append", default=[], metavar="KEY=VALUE",
                help="set an input variable (repeatable)")
     p.add_flag("var-file", action="append", default=[], metavar="FILE",
@@ -66,7 +65,6 @@ def run_cmd(argv: Sequence[str]) -> int:
     p.add_bool_flag("detach", help="return right after submitting, without monitoring")
     p.add_bool_flag("verbose", help="show full IDs")
     ns = p.parse(argv)
-    require_args(ns.path, 1, 1, "job run [options] <path>")
     job = _parse_job(ns.path[0], ns.var, ns.var_file)
 
     async def body(client: ApiClient) -> int:
@@ -93,6 +91,12 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
         [[j.get("ID"), j.get("Type"), j.get("Priority"), j.get("Status"),
           fmt.format_unix_nanos(j.get("SubmitTime"))] for j in jobs],
     )
+
+
+async def _resolve_job(client: ApiClient, ident: str) -> str:
+    """The full ID of the one job whose ID is or starts with ``ident``."""
+    return await resolve_prefix(client.jobs_list(prefix=ident), ident, "job", "jobs",
+                                _jobs_table)
 
 
 def _allocs_table(allocs: list[dict[str, Any]], verbose: bool) -> str:
@@ -147,12 +151,11 @@ async def _show_job(client: ApiClient, job_id: str, verbose: bool) -> None:
 
 
 def status_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("job status", "job status [options] [job]",
-                       "List jobs, or show one job and its allocations.")
-    p.add_argument("job", nargs="*")
+    p = CommandParser("job status", "job status [options] [job]",
+                      "List jobs, or show one job and its allocations.")
+    p.add_positionals("job", 0, 1)
     p.add_bool_flag("verbose", help="show full IDs and exact times")
     ns = p.parse(argv)
-    require_args(ns.job, 0, 1, "job status [options] [job]")
 
     async def body(client: ApiClient) -> int:
         if not ns.job:
@@ -161,8 +164,7 @@ def status_cmd(argv: Sequence[str]) -> int:
             out(_jobs_table(jobs) if jobs else "No running jobs")
             return 0
         with reporting("Error querying job"):
-            job_id = await resolve_prefix(client.jobs_list(prefix=ns.job[0]), ns.job[0], "job",
-                                          "jobs", _jobs_table)
+            job_id = await _resolve_job(client, ns.job[0])
         await _show_job(client, job_id, ns.verbose)
         return 0
 
@@ -170,19 +172,17 @@ def status_cmd(argv: Sequence[str]) -> int:
 
 
 def stop_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("job stop", "job stop [options] <job>",
-                       "Stop a job (and with -purge remove it) and monitor the evaluation.")
-    p.add_argument("job", nargs="*")
+    p = CommandParser("job stop", "job stop [options] <job>",
+                      "Stop a job (and with -purge remove it) and monitor the evaluation.")
+    p.add_positionals("job", 1, 1)
     p.add_bool_flag("purge", help="remove the job immediately instead of keeping it dead")
     p.add_bool_flag("detach", help="return right after submitting, without monitoring")
     p.add_bool_flag("verbose", help="show full IDs")
     ns = p.parse(argv)
-    require_args(ns.job, 1, 1, "job stop [options] <job>")
 
     async def body(client: ApiClient) -> int:
         with reporting("Error deregistering job"):
-            job_id = await resolve_prefix(client.jobs_list(prefix=ns.job[0]), ns.job[0], "job",
-                                          "jobs", _jobs_table)
+            job_id = await _resolve_job(client, ns.job[0])
             resp = await client.job_deregister(job_id, purge=ns.purge)
         eval_id = (resp or {}).get("EvalID") or ""
         if ns.detach or not eval_id:

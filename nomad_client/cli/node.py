@@ -13,10 +13,9 @@ from nomad_client.api import ApiClient
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
     CommandError,
-    command_parser,
+    CommandParser,
     out,
     reporting,
-    require_args,
     resolve_prefix,
     run_with_client,
 )
@@ -64,13 +63,12 @@ def _show_node(node: Mapping[str, Any], verbose: bool) -> None:
 
 
 def status_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("node status", "node status [options] [node]",
-                       "List client nodes, or show one node.")
-    p.add_argument("node", nargs="*")
+    p = CommandParser("node status", "node status [options] [node]",
+                      "List client nodes, or show one node.")
+    p.add_positionals("node", 0, 1)
     p.add_flag("filter", metavar="EXPR", help="filter expression applied to the node list")
     p.add_bool_flag("verbose", help="show full IDs")
     ns = p.parse(argv)
-    require_args(ns.node, 0, 1, "node status [options] [node]")
 
     async def body(client: ApiClient) -> int:
         if not ns.node:
@@ -96,13 +94,12 @@ def _meta_section(title: str, meta: Mapping[str, Any] | None) -> str:
 
 
 def meta_read_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("node meta read", "node meta read [options]",
-                       "Show a client node's metadata: merged, dynamic and static.")
+    p = CommandParser("node meta read", "node meta read [options]",
+                      "Show a client node's metadata: merged, dynamic and static.")
     p.add_flag("node-id", metavar="ID", help="node to read (default: the agent's own node)")
     p.add_bool_flag("json", help="print the raw JSON response")
-    p.add_argument("rest", nargs="*")
+    p.add_positionals("rest", 0, 0)
     ns = p.parse(argv)
-    require_args(ns.rest, 0, 0, "node meta read [options]")
 
     async def body(client: ApiClient) -> int:
         with reporting("Error reading dynamic node metadata"):
@@ -135,8 +132,8 @@ def _parse_pairs(pairs: Sequence[str], unset: Sequence[str]) -> dict[str, str | 
 
 
 def meta_apply_cmd(argv: Sequence[str]) -> int:
-    p = command_parser("node meta apply", "node meta apply [options] key=value...",
-                       "Set or unset dynamic metadata on a client node.")
+    p = CommandParser("node meta apply", "node meta apply [options] key=value...",
+                      "Set or unset dynamic metadata on a client node.")
     p.add_flag("node-id", metavar="ID", help="node to change (default: the agent's own node)")
     p.add_flag("unset", action="append", default=[], metavar="KEY,...",
                help="comma-separated keys to remove")

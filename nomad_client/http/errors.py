@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
 
 class HTTPError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -16,6 +20,13 @@ def bad_request(message: str) -> HTTPError:
 
 def not_found(message: str) -> HTTPError:
     return HTTPError(404, message)
+
+
+def found_or_404(value: _T | None, missing: str) -> _T:
+    """``value``, unless the lookup that gave it found nothing: then a 404 saying ``missing``."""
+    if value is None:
+        raise not_found(missing)
+    return value
 
 
 PERMISSION_DENIED = "Permission denied"

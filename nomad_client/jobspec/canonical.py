@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from nomad_client.durations import HOUR, MINUTE, SECOND
@@ -74,6 +74,17 @@ _RESCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
         "MaxDelay": 0,
         "Unlimited": False,
     },
+}
+# A named identity's defaults; the default identity also gets its name and an audience.
+_IDENTITY_DEFAULTS: dict[str, Any] = {
+    "Name": None,
+    "Audience": None,
+    "Env": False,
+    "File": False,
+    "Filepath": None,
+    "TTL": None,
+    "ChangeMode": "noop",
+    "ChangeSignal": None,
 }
 _IDENTITY_NAME_RE = re.compile(r"\A[a-zA-Z0-9_-]{1,128}\Z")  # \Z: `$` accepts a trailing newline
 
@@ -218,40 +229,15 @@ def _fill_task(task: dict[str, Any], group_restart: dict[str, Any]) -> None:
     task["RestartPolicy"] = _merge(group_restart, task.get("RestartPolicy"))
     _default(task, "KillTimeout", DEFAULT_KILL_TIMEOUT)
     _default(task, "Leader", False)
-    identity = _merge(
-        {
-            "Name": "default",
-            "Audience": [DEFAULT_AUDIENCE],
-            "Env": False,
-            "File": False,
-            "Filepath": None,
-            "TTL": None,
-            "ChangeMode": "noop",
-            "ChangeSignal": None,
-        },
-        task.get("Identity"),
-    )
-    task["Identity"] = identity
+    # A fresh audience list per job: filled-in jobs must not share one mutable default.
+    default_identity = {**_IDENTITY_DEFAULTS, "Name": "default", "Audience": [DEFAULT_AUDIENCE]}
+    task["Identity"] = _merge(default_identity, task.get("Identity"))
     named = task.get("Identities")
     if named is None:
         task["Identities"] = []
     elif isinstance(named, list):
         task["Identities"] = [
-            _merge(
-                {
-                    "Name": None,
-                    "Audience": None,
-                    "Env": False,
-                    "File": False,
-                    "Filepath": None,
-                    "TTL": None,
-                    "ChangeMode": "noop",
-                    "ChangeSignal": None,
-                },
-                ident,
-            )
-            if isinstance(ident, Mapping)
-            else ident
+            _merge(_IDENTITY_DEFAULTS, ident) if isinstance(ident, Mapping) else ident
             for ident in named
         ]
 
@@ -284,6 +270,14 @@ def _id_problem(job_id: str) -> str | None:
             f"job ID {job_id!r} contains {found} at position {pos}; "
             "IDs must not contain whitespace or control characters"
         )
+    return None
+
+
+def _task_name_problem(name: str) -> str | None:
+    if name == "alloc" or name.startswith(".") or "/" in name or "\x00" in name:
+        # The task's directory sits beside the shared "alloc" dir and the agent's
+        # own dot-directories in the allocation directory.
+        return "task name must not be 'alloc', start with '.' or contain '/'"
     return None
 
 
@@ -332,21 +326,37 @@ class _JobChecker:
             return self.problems
         if not groups:
             self.add("", "job has no task groups")
-        seen: set[str] = set()
-        for i, group in enumerate(groups):
-            if not isinstance(group, dict):
-                self.add(f"group {i}", "must be an object")
-                continue
-            name = group.get("Name")
-            where = f"group {name!r}" if isinstance(name, str) and name else f"group {i}"
-            if not name or not isinstance(name, str):
-                self.add(where, "missing group name")
-            elif name in seen:
-                self.add(where, "duplicate group name")
-            else:
-                seen.add(name)
+        for where, group in self._members("group", "group", groups):
             self._group(where, group)
         return self.problems
+
+    def _members(
+        self,
+        prefix: str,
+        kind: str,
+        members: list[Any],
+        name_problem: Callable[[str], str | None] = lambda name: None,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each object of ``members`` (a job's groups, a group's tasks) with where it stands;
+        reports the others, and missing, repeated or refused (``name_problem``) names."""
+        seen: set[str] = set()
+        for i, member in enumerate(members):
+            if not isinstance(member, dict):
+                self.add(f"{prefix} {i}", "must be an object")
+                continue
+            name = member.get("Name")
+            if not isinstance(name, str) or not name:
+                where = f"{prefix} {i}"
+                self.add(where, f"missing {kind} name")
+            else:
+                where = f"{prefix} {name!r}"
+                if name in seen:
+                    self.add(where, f"duplicate {kind} name")
+                elif (problem := name_problem(name)) is not None:
+                    self.add(where, problem)
+                else:
+                    seen.add(name)
+            yield where, member
 
     def _group(self, where: str, group: dict[str, Any]) -> None:
         count = group["Count"]
@@ -364,25 +374,7 @@ class _JobChecker:
             return
         if not tasks:
             self.add(where, "group has no tasks")
-        seen: set[str] = set()
-        for i, task in enumerate(tasks):
-            if not isinstance(task, dict):
-                self.add(f"{where} task {i}", "must be an object")
-                continue
-            name = task.get("Name")
-            twhere = (
-                f"{where} task {name!r}" if isinstance(name, str) and name else f"{where} task {i}"
-            )
-            if not name or not isinstance(name, str):
-                self.add(twhere, "missing task name")
-            elif name in seen:
-                self.add(twhere, "duplicate task name")
-            elif name == "alloc" or name.startswith(".") or "/" in name or "\x00" in name:
-                # The task's directory sits beside the shared "alloc" dir and the agent's
-                # own dot-directories in the allocation directory.
-                self.add(twhere, "task name must not be 'alloc', start with '.' or contain '/'")
-            else:
-                seen.add(name)
+        for twhere, task in self._members(f"{where} task", "task", tasks, _task_name_problem):
             self._task(twhere, task)
 
     def _task(self, where: str, task: dict[str, Any]) -> None:

@@ -325,38 +325,39 @@ def _constraint(dec: _Decoder, block: Block, path: str) -> dict[str, str] | None
     return c
 
 
-def _restart(r: _Reader) -> dict[str, Any] | None:
-    block = r.one_block("restart")
+def _optional_block(
+    r: _Reader, name: str, read: Callable[[_Reader], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The fields ``read`` takes from the one unlabelled ``name`` block, or None without one."""
+    block = r.one_block(name)
     if block is None:
         return None
-    dec = r.dec
-    rr = _Reader(dec, block.body, f"{r.path}.restart")
-    policy = {
-        "Attempts": rr.get("attempts", dec.to_int),
-        "Interval": rr.get("interval", dec.to_duration),
-        "Delay": rr.get("delay", dec.to_duration),
-        "Mode": rr.get("mode", dec.to_str),
-    }
+    rr = _Reader(r.dec, block.body, f"{r.path}.{name}")
+    fields = read(rr)
     rr.finish()
-    return policy
+    return fields
 
 
-def _reschedule(r: _Reader) -> dict[str, Any] | None:
-    block = r.one_block("reschedule")
-    if block is None:
-        return None
-    dec = r.dec
-    rr = _Reader(dec, block.body, f"{r.path}.reschedule")
-    policy = {
-        "Attempts": rr.get("attempts", dec.to_int),
-        "Interval": rr.get("interval", dec.to_duration),
-        "Delay": rr.get("delay", dec.to_duration),
-        "DelayFunction": rr.get("delay_function", dec.to_str),
-        "MaxDelay": rr.get("max_delay", dec.to_duration),
-        "Unlimited": rr.get("unlimited", dec.to_bool),
+def _retry_window(r: _Reader) -> dict[str, Any]:
+    """The fields restart and reschedule share: attempts per interval, the delay between."""
+    return {
+        "Attempts": r.get("attempts", r.dec.to_int),
+        "Interval": r.get("interval", r.dec.to_duration),
+        "Delay": r.get("delay", r.dec.to_duration),
     }
-    rr.finish()
-    return policy
+
+
+def _restart_policy(r: _Reader) -> dict[str, Any]:
+    return {**_retry_window(r), "Mode": r.get("mode", r.dec.to_str)}
+
+
+def _reschedule_policy(r: _Reader) -> dict[str, Any]:
+    return {
+        **_retry_window(r),
+        "DelayFunction": r.get("delay_function", r.dec.to_str),
+        "MaxDelay": r.get("max_delay", r.dec.to_duration),
+        "Unlimited": r.get("unlimited", r.dec.to_bool),
+    }
 
 
 def _group(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
@@ -367,8 +368,8 @@ def _group(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
         "Count": r.get("count", dec.to_int),
         "Constraints": _constraints(r),
         "Meta": r.string_map("meta"),
-        "RestartPolicy": _restart(r),
-        "ReschedulePolicy": _reschedule(r),
+        "RestartPolicy": _optional_block(r, "restart", _restart_policy),
+        "ReschedulePolicy": _optional_block(r, "reschedule", _reschedule_policy),
         "Tasks": [_task(dec, t, r) for t in _labelled(r, "task")] or None,
     }
     r.finish()
@@ -387,8 +388,8 @@ def _task(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
         "Env": r.string_map("env"),
         "Meta": r.string_map("meta"),
         "Constraints": _constraints(r),
-        "Resources": _resources(r),
-        "RestartPolicy": _restart(r),
+        "Resources": _optional_block(r, "resources", _resources),
+        "RestartPolicy": _optional_block(r, "restart", _restart_policy),
         "KillTimeout": r.get("kill_timeout", dec.to_duration),
         "Leader": bool(r.get("leader", dec.to_bool)),
         "Identity": identity,
@@ -398,14 +399,8 @@ def _task(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
     return task
 
 
-def _resources(r: _Reader) -> dict[str, Any] | None:
-    block = r.one_block("resources")
-    if block is None:
-        return None
-    rr = _Reader(r.dec, block.body, f"{r.path}.resources")
-    res = {"CPU": rr.get("cpu", r.dec.to_int), "MemoryMB": rr.get("memory", r.dec.to_int)}
-    rr.finish()
-    return res
+def _resources(r: _Reader) -> dict[str, Any]:
+    return {"CPU": r.get("cpu", r.dec.to_int), "MemoryMB": r.get("memory", r.dec.to_int)}
 
 
 def _identities(r: _Reader) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:

@@ -35,6 +35,7 @@ from nomad_client.jobspec.syntax import (
     Source,
     decode_escapes,
     heredoc_text,
+    object_elements,
     parse_expression,
     subtrees,
 )
@@ -300,14 +301,10 @@ class Evaluator:
         return [self.value(e) for e in subtrees(node)]
 
     def _x_object(self, node: Tree) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for elem in subtrees(node):
-            key_node, value_node = subtrees(elem)
-            key = self._object_key(key_node)
-            if key in out:
-                raise self.source.error(elem, f"duplicate object key {key!r}")
-            out[key] = self.value(value_node)
-        return out
+        return {
+            key: self.value(value_node)
+            for _, key, value_node in object_elements(node, self._object_key, self.source)
+        }
 
     def _object_key(self, node: Tree) -> str:
         inner = subtrees(node)[0] if subtrees(node) else node

@@ -25,6 +25,7 @@ from nomad_client.jobspec.syntax import (
     Body,
     Source,
     heredoc_text,
+    object_elements,
     parse_body,
     string_literal,
     subtrees,
@@ -142,11 +143,7 @@ class _PlainReader:
 
     def _object(self, term: Tree, path: KeyPath | None, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for elem in subtrees(term):
-            key_node, value_node = subtrees(elem)
-            key = self._object_key(key_node)
-            if key in out:
-                raise self.source.error(elem, f"duplicate object key {key!r}")
+        for elem, key, value_node in object_elements(term, self._object_key, self.source):
             elem_path = None if path is None else (*path, key)
             self._set_line(elem_path, self.source.line_of(elem))
             out[key] = self.value(value_node, elem_path, depth + 1)

@@ -11,6 +11,7 @@ its own error) and leaves expressions as Lark trees for ``evaluate`` (jobspecs) 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 
 import attrs
 import hcl2
@@ -181,6 +182,21 @@ def parse_expression(text: str, filename: str, line_offset: int = 0) -> tuple[Tr
 def subtrees(node: Tree) -> list[Tree]:
     """Child trees of ``node``, ignoring newlines and comments."""
     return [c for c in node.children if isinstance(c, Tree) and c.data != "new_line_or_comment"]
+
+
+def object_elements(
+    node: Tree, key_of: Callable[[Tree], str], source: Source
+) -> Iterator[tuple[Tree, str, Tree]]:
+    """``(element, key, value node)`` of an object constructor, its keys read by ``key_of``;
+    a key given twice is an error."""
+    seen: set[str] = set()
+    for elem in subtrees(node):
+        key_node, value_node = subtrees(elem)
+        key = key_of(key_node)
+        if key in seen:
+            raise source.error(elem, f"duplicate object key {key!r}")
+        seen.add(key)
+        yield elem, key, value_node
 
 
 def _name_of(node: Tree | Token, source: Source) -> str:

@@ -281,49 +281,45 @@ def _make_getter(sel: _Selector, bound: frozenset[str]) -> _Getter:
     return getter
 
 
-def _op_equal(get: _Getter, lit: _Literal, where: str, negate: bool) -> _Pred:
+def _op_on_value(get: _Getter, negate: bool, test: Callable[[Any, _Scope], bool]) -> _Pred:
+    """``test`` on the selected value; a missing or null value fails it (its negation holds)."""
+
     def pred(obj: Mapping[str, Any], scope: _Scope) -> bool:
         value = get(obj, scope)
         if value is _MISSING or value is None:
             return negate
-        return _equal(value, lit, where) is not negate
+        return test(value, scope) is not negate
 
     return pred
+
+
+def _op_equal(get: _Getter, lit: _Literal, where: str, negate: bool) -> _Pred:
+    return _op_on_value(get, negate, lambda value, scope: _equal(value, lit, where))
 
 
 def _op_in(get: _Getter, lit: _Literal, where: str, negate: bool) -> _Pred:
-    def pred(obj: Mapping[str, Any], scope: _Scope) -> bool:
-        value = get(obj, scope)
-        if value is _MISSING or value is None:
-            return negate
-        if isinstance(value, str):
-            found = lit.text in value
-        elif isinstance(value, Mapping):
-            found = lit.text in value
-        elif isinstance(value, list | tuple):
+    def contains(value: Any, scope: _Scope) -> bool:
+        if isinstance(value, str | Mapping):
+            return lit.text in value
+        if isinstance(value, list | tuple):
             scope[_BUDGET].spend(len(value))
-            found = any(_equal(item, lit, f"element of {where}") for item in value)
-        else:
-            raise FilterEvalError(
-                f"cannot test membership of {lit.text!r} in {where}: value is a {_kind(value)}"
-            )
-        return found is not negate
+            return any(_equal(item, lit, f"element of {where}") for item in value)
+        raise FilterEvalError(
+            f"cannot test membership of {lit.text!r} in {where}: value is a {_kind(value)}"
+        )
 
-    return pred
+    return _op_on_value(get, negate, contains)
 
 
 def _op_matches(get: _Getter, pattern: UntrustedPattern, where: str, negate: bool) -> _Pred:
-    def pred(obj: Mapping[str, Any], scope: _Scope) -> bool:
-        value = get(obj, scope)
-        if value is _MISSING or value is None:
-            return negate
+    def matches(value: Any, scope: _Scope) -> bool:
         if not isinstance(value, str):
             raise FilterEvalError(
                 f"cannot match {where} against a regex: value is a {_kind(value)}"
             )
-        return scope[_BUDGET].search(pattern, value) is not negate
+        return scope[_BUDGET].search(pattern, value)
 
-    return pred
+    return _op_on_value(get, negate, matches)
 
 
 def _op_empty(get: _Getter, where: str, negate: bool) -> _Pred:
@@ -354,39 +350,33 @@ def _op_not(inner: _Pred) -> _Pred:
 
 
 def _op_and(preds: list[_Pred]) -> _Pred:
-    if len(preds) == 2:
-        left, right = preds
-
-        def pred2(obj: Mapping[str, Any], scope: _Scope) -> bool:
-            return left(obj, scope) and right(obj, scope)
-
-        return pred2
-    items = tuple(preds)
-
-    def pred(obj: Mapping[str, Any], scope: _Scope) -> bool:
-        for p in items:
-            if not p(obj, scope):
-                return False
-        return True
-
-    return pred
+    return _short_circuit(preds, decided_by=False)
 
 
 def _op_or(preds: list[_Pred]) -> _Pred:
+    return _short_circuit(preds, decided_by=True)
+
+
+def _short_circuit(preds: list[_Pred], decided_by: bool) -> _Pred:
+    """``preds`` in order until one returns ``decided_by``, the result then (``and``: False,
+    ``or``: True); otherwise ``not decided_by``."""
     if len(preds) == 2:
         left, right = preds
 
+        # The common ``a and b`` / ``a or b``, without a loop.
         def pred2(obj: Mapping[str, Any], scope: _Scope) -> bool:
-            return left(obj, scope) or right(obj, scope)
+            if left(obj, scope) is decided_by:
+                return decided_by
+            return right(obj, scope)
 
         return pred2
     items = tuple(preds)
 
     def pred(obj: Mapping[str, Any], scope: _Scope) -> bool:
         for p in items:
-            if p(obj, scope):
-                return True
-        return False
+            if p(obj, scope) is decided_by:
+                return decided_by
+        return not decided_by
 
     return pred
 

@@ -1,10 +1,10 @@
 """The package's dependency direction, enforced over the real import graph.
 
 Layers, lowest first (docs/design.md): base modules at the package root -> structs, jobspec
--> server, client -> allocrunner -> http, api -> agent -> cli -> ``__main__``. An import may
-point down, or stay inside its own package; it never points up, and packages that share a
-layer do not import each other (the client reaches the server only through the RPC-named
-interface).
+-> acl -> server, client -> allocrunner -> http, api -> agent -> cli -> ``__main__``. An
+import may point down, or stay inside its own package; it never points up, and packages that
+share a layer do not import each other (the client reaches the server only through the
+RPC-named interface).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nomad_client"
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"__init__", "durations", "goflags", "logredact", "safefs",
                "state_db", "untrusted_regex"}),
-    frozenset({"structs", "jobspec", "acl"}),
+    frozenset({"structs", "jobspec"}),
+    frozenset({"acl"}),
     frozenset({"server", "client"}),
     frozenset({"allocrunner"}),
     frozenset({"http", "api"}),

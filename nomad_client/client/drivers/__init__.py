@@ -6,15 +6,9 @@ the raw_exec executor (run as a module of this package) starts without them.
 
 from __future__ import annotations
 
-from .base import (
-    Driver,
-    DriverError,
-    DriverInfo,
-    ExitResult,
-    TaskConfig,
-    TaskHandle,
-    parse_duration,
-)
+from nomad_client.durations import parse_duration
+
+from .base import Driver, DriverError, DriverInfo, ExitResult, TaskConfig, TaskHandle
 
 __all__ = [
     "Driver",

@@ -11,18 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from nomad_client.durations import parse_duration
 from nomad_client.structs.models import DriverInfo  # fingerprint() returns the API shape
-
-__all__ = [
-    "Driver",
-    "DriverError",
-    "DriverInfo",
-    "ExitResult",
-    "TaskConfig",
-    "TaskHandle",
-    "parse_duration",
-]
 
 
 class DriverError(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nomad_client.http.endpoints.jobs import alloc_stub
 from nomad_client.http.endpoints.routes import Routes
-from nomad_client.http.errors import not_found
+from nomad_client.http.errors import found_or_404
 from nomad_client.http.query import block, query_bool
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
@@ -29,9 +29,7 @@ async def list_allocs(services: Services, req: ApiRequest) -> Reply:
 
 async def get_alloc(services: Services, req: ApiRequest) -> Reply:
     index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
-    alloc = services.server.allocation(req.params["alloc_id"])
-    if alloc is None:
-        raise not_found("alloc not found")
+    alloc = found_or_404(services.server.allocation(req.params["alloc_id"]), "alloc not found")
     return Reply(to_api(alloc), index)
 
 

@@ -39,7 +39,7 @@ from nomad_client.client.allocdir import (
 )
 from nomad_client.client.nodemeta import MetaLimitError, meta_key_problem, shown_key
 from nomad_client.http.endpoints.routes import Routes
-from nomad_client.http.errors import HTTPError, bad_request, not_found
+from nomad_client.http.errors import HTTPError, bad_request, found_or_404, not_found
 from nomad_client.http.query import query_bool
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import LocalClient, Services
@@ -299,10 +299,8 @@ def _alloc_dir(services: Services, req: ApiRequest) -> AllocDir:
     alloc_id = req.params.get("alloc_id", "")
     if not alloc_id:
         raise bad_request("must provide a valid alloc id")
-    found = _local_client(services).alloc_dir_for(alloc_id)
-    if found is None:
-        raise not_found(f"Unknown allocation {alloc_id!r}")
-    return found
+    return found_or_404(_local_client(services).alloc_dir_for(alloc_id),
+                        f"Unknown allocation {alloc_id!r}")
 
 
 def _fs_path(req: ApiRequest, *, required: bool) -> str:

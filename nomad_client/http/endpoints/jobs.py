@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from nomad_client.http.endpoints.routes import Routes
-from nomad_client.http.errors import bad_request, not_found
+from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import block, query_bool
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
@@ -110,9 +110,7 @@ async def parse(services: Services, req: ApiRequest) -> Any:
 async def get_job(services: Services, req: ApiRequest) -> Reply:
     server = services.server
     index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
-    job = server.job(req.params["job_id"])
-    if job is None:
-        raise not_found("job not found")
+    job = found_or_404(server.job(req.params["job_id"]), "job not found")
     return Reply(_job_view(server, job), index)
 
 
@@ -138,9 +136,7 @@ async def job_evaluations(services: Services, req: ApiRequest) -> Reply:
 
 async def get_evaluation(services: Services, req: ApiRequest) -> Reply:
     index = await block(services.server, req.query, (Resource.EVALUATIONS,))
-    ev = services.server.evaluation(req.params["eval_id"])
-    if ev is None:
-        raise not_found("eval not found")
+    ev = found_or_404(services.server.evaluation(req.params["eval_id"]), "eval not found")
     return Reply(to_api(ev), index)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from nomad_client.http.endpoints.jobs import alloc_stub
 from nomad_client.http.endpoints.routes import Routes
-from nomad_client.http.errors import bad_request, not_found
+from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import block
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
@@ -64,9 +64,7 @@ async def list_nodes(services: Services, req: ApiRequest) -> Reply:
 
 async def get_node(services: Services, req: ApiRequest) -> Reply:
     index = await block(services.server, req.query, (Resource.NODES,))
-    node = services.server.node(req.params["node_id"])
-    if node is None:
-        raise not_found("node not found")
+    node = found_or_404(services.server.node(req.params["node_id"]), "node not found")
     return Reply(node_api(node), index)
 
 
