@@ -68,7 +68,8 @@ class Agent:
         keyring_dir = data_dir / "server" / "keyring"
         keyring = await Keyring.load_or_create(keyring_dir)
         store = await StateStore.restore(server_db, await Sealer.load_or_create(keyring_dir))
-        self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled)
+        self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled,
+                             data_dir=data_dir / "server")
         self.router = Router(self.server)
 
         sock = tcp_socket(cfg.bind_addr, cfg.ports.http)

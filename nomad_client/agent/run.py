@@ -69,6 +69,9 @@ async def _serve(config: AgentConfig) -> int:
     mode = "dev mode" if config.dev_mode else "agent"
     print(f"==> nomad-client {mode} started! HTTP API: http://{agent.http_addr} "
           f"(data dir {agent.data_dir})", flush=True)
+    if config.acl.enabled:
+        print("==> ACLs are enabled: run 'nomad-client acl bootstrap' to create the management "
+              "token", flush=True)
     try:
         await stop.wait()
     finally:

@@ -324,3 +324,68 @@ class ApiClient:
             f"/v1/client/fs/logs/{_seg(alloc_id)}",
             {"task": task, "type": "stderr" if stderr else "stdout", "plain": "true"},
         )
+
+    # -- ACL (bodies and answers in Nomad's shapes; writes use PUT, as Nomad's CLI does) --
+
+    async def acl_bootstrap(self, secret: str | None = None) -> dict[str, Any]:
+        """The new management token; ``secret``, when given, becomes its SecretID."""
+        body = {"BootstrapSecret": secret} if secret else None
+        return await self.put("/v1/acl/bootstrap", body)
+
+    async def acl_policies(self) -> list[dict[str, Any]]:
+        return await self.get("/v1/acl/policies") or []
+
+    async def acl_policy(self, name: str) -> dict[str, Any]:
+        return await self.get(f"/v1/acl/policy/{_seg(name)}")
+
+    async def acl_policies_self(self) -> list[dict[str, Any]]:
+        """The policies that apply to the caller (for a workload identity: those attached
+        to its job)."""
+        return await self.get("/v1/acl/policy/self") or []
+
+    async def acl_policy_apply(self, policy: Mapping[str, Any]) -> None:
+        """Create or replace the policy named ``policy["Name"]``."""
+        await self.put(f"/v1/acl/policy/{_seg(str(policy['Name']))}", dict(policy))
+
+    async def acl_policy_delete(self, name: str) -> None:
+        await self.delete(f"/v1/acl/policy/{_seg(name)}")
+
+    async def acl_tokens(self) -> list[dict[str, Any]]:
+        return await self.get("/v1/acl/tokens") or []
+
+    async def acl_token(self, accessor_id: str) -> dict[str, Any]:
+        return await self.get(f"/v1/acl/token/{_seg(accessor_id)}")
+
+    async def acl_token_self(self) -> dict[str, Any]:
+        return await self.get("/v1/acl/token/self")
+
+    async def acl_token_create(self, token: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.put("/v1/acl/token", dict(token))
+
+    async def acl_token_update(self, token: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``token`` over the stored token ``token["AccessorID"]``."""
+        path = f"/v1/acl/token/{_seg(str(token['AccessorID']))}"
+        return await self.put(path, dict(token))
+
+    async def acl_token_delete(self, accessor_id: str) -> None:
+        await self.delete(f"/v1/acl/token/{_seg(accessor_id)}")
+
+    async def acl_roles(self) -> list[dict[str, Any]]:
+        return await self.get("/v1/acl/roles") or []
+
+    async def acl_role(self, role_id: str) -> dict[str, Any]:
+        return await self.get(f"/v1/acl/role/{_seg(role_id)}")
+
+    async def acl_role_by_name(self, name: str) -> dict[str, Any]:
+        return await self.get(f"/v1/acl/role/name/{_seg(name)}")
+
+    async def acl_role_create(self, role: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.put("/v1/acl/role", dict(role))
+
+    async def acl_role_update(self, role: Mapping[str, Any]) -> dict[str, Any]:
+        """Write ``role`` over the stored role ``role["ID"]``."""
+        path = f"/v1/acl/role/{_seg(str(role['ID']))}"
+        return await self.put(path, dict(role))
+
+    async def acl_role_delete(self, role_id: str) -> None:
+        await self.delete(f"/v1/acl/role/{_seg(role_id)}")

@@ -1,7 +1,7 @@
 """Entry point of the ``nomad-client`` command line: dispatches to command groups and
 turns every failure into a message on stderr and an exit code (never a traceback).
 
-Command groups live in their own modules (job, alloc, node); ``agent`` is handed to the
+Command groups live in their own modules (job, alloc, node, acl); ``agent`` is handed to the
 agent runner untouched.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from nomad_client.cli import alloc, job, node
+from nomad_client.cli import acl, alloc, job, node
 from nomad_client.cli.common import CommandError
 from nomad_client.goflags import HelpRequested, UsageError
 
@@ -21,6 +21,7 @@ GROUPS: Mapping[str, Mapping[str, Command]] = {
     "job": job.COMMANDS,
     "alloc": alloc.COMMANDS,
     "node": node.COMMANDS,
+    "acl": acl.COMMANDS,
 }
 
 USAGE = """\
@@ -36,6 +37,10 @@ Commands:
     alloc fs       List or print files of an allocation
     node status    List nodes or show one node
     node meta      Read or apply dynamic node metadata
+    acl bootstrap  Bootstrap the ACL system and print the management token
+    acl policy     Apply, list, show or delete ACL policies
+    acl token      Create, list, show, update or delete ACL tokens (self: the one in use)
+    acl role       Create, list, show, update or delete ACL roles
 
 Global flags for API commands: -address=<addr> (or $NOMAD_ADDR), -token=<token> (or
 $NOMAD_TOKEN). Flags take one dash (-detach) or two (--detach).

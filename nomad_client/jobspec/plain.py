@@ -2,7 +2,8 @@
 each key is set on.
 
 The data has python-hcl2's dict shape: an attribute is its value, a block type is a list of
-bodies (one per block, its labels nesting as keys). A value must be a literal: a string
+bodies (one per block, its labels nesting as keys); each body is a ``PlainBody``, a dict that
+also knows its lines. A value must be a literal: a string
 (escapes resolved; nothing is interpolated, ``${...}`` stays as written), a number, a bool,
 null, or a list or object of literals. Anything else becomes an ``Expression`` holding its
 source text, for the caller to refuse by name. Pure computation: no I/O.
@@ -35,9 +36,22 @@ from nomad_client.jobspec.values import Expression
 KeyPath = tuple[str, ...]
 
 
+class PlainBody(dict[str, Any]):
+    """A body's data (the file's, or a block's), which also knows the line of its block and
+    the first line each of its keys is set on: repeated blocks share one key path in
+    ``PlainDocument.lines``, their bodies tell them apart."""
+
+    __slots__ = ("line", "key_lines")
+
+    def __init__(self, line: int | None = None) -> None:
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[str, int] = {}
+
+
 @attrs.frozen
 class PlainDocument:
-    data: dict[str, Any]
+    data: PlainBody
     # The line each key path is set on; list elements have no path of their own.
     lines: Mapping[KeyPath, int]
 
@@ -68,13 +82,15 @@ class _PlainReader:
         if path is not None and line is not None:
             self.lines[path] = line
 
-    def body(self, body: Body, path: KeyPath) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def body(self, body: Body, path: KeyPath, line: int | None = None) -> PlainBody:
+        out = PlainBody(line)
         kinds: dict[str, tuple[type, int | None]] = {}  # first use of each name
         # In source order, so the caller meets problems in the order a reader would.
         items: list[Attribute | Block] = [*body.attributes, *body.blocks]
         for item in sorted(items, key=lambda i: i.line or 0):
             name = item.name if isinstance(item, Attribute) else item.type
+            if item.line is not None:
+                out.key_lines.setdefault(name, item.line)
             first_kind, first_line = kinds.setdefault(name, (type(item), item.line))
             if first_kind is not type(item):
                 raise JobspecError(
@@ -97,7 +113,7 @@ class _PlainReader:
         for label in block.labels:
             block_path = (*block_path, label)
             self._set_line(block_path, block.line)
-        value: Any = self.body(block.body, block_path)
+        value: Any = self.body(block.body, block_path, block.line)
         for label in reversed(block.labels):
             value = {label: value}
         return value

@@ -15,18 +15,29 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 
+from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.scheduler import plan_job
-from nomad_client.server.state import DELETE, JOBS, RowUpdate, StateStore
+from nomad_client.server.state import (
+    ACL_POLICIES,
+    ACL_ROLES,
+    ACL_TOKENS,
+    DELETE,
+    JOBS,
+    RowUpdate,
+    StateStore,
+)
 from nomad_client.structs.jobs import tasks as job_tasks
 from nomad_client.structs.models import (
     DESIRED_RUN,
     EVAL_COMPLETE,
     NODE_READY,
+    TOKEN_MANAGEMENT,
     ACLToken,
     Allocation,
     AllocUpdate,
@@ -52,15 +63,21 @@ class Resource(enum.StrEnum):
     ALLOCATIONS = "allocs"
     EVALUATIONS = "evals"
     NODES = "nodes"
+    ACL_TOKENS = ACL_TOKENS
+    ACL_POLICIES = ACL_POLICIES
+    ACL_ROLES = ACL_ROLES
 
 
 class Server:
     def __init__(self, store: StateStore, keyring: Keyring, *, region: str,
-                 acl_enabled: bool) -> None:
+                 acl_enabled: bool, data_dir: Path | None = None) -> None:
+        """``data_dir`` is the server's own data directory (where an operator may put the
+        ACL bootstrap reset file); None for a server that keeps no files."""
         self.store = store
         self.keyring = keyring
         self.region = region
         self.acl_enabled = acl_enabled
+        self.acls = ACLs(store, data_dir)
         self.identities = IdentityVerifier(keyring)
         # One scheduling pass at a time, as a single-leader cluster would do.
         self._plan_lock = asyncio.Lock()
@@ -329,12 +346,30 @@ class Server:
 
     # ---- authentication ----------------------------------------------------------------
     def token_by_secret(self, secret: str) -> ACLToken | None:
-        wanted = secret.encode()
-        for token in self.store.values("acl_tokens"):
-            # Constant time: how far a guess matches must not show in the response time.
-            if hmac.compare_digest(token.secret_id.encode(), wanted):
-                return token
-        return None
+        """The token whose secret ID is ``secret`` (expired or not): one dict lookup."""
+        return self.acls.token_by_secret(secret)
+
+    def identity_policy_names(self, token: ACLToken | None, claims: IdentityClaims | None
+                              ) -> frozenset[str] | None:
+        """The names of the policies a caller holds; None for a management token (all).
+        A caller with neither a token nor claims is anonymous."""
+        if token is not None:
+            if token.type == TOKEN_MANAGEMENT:
+                return None
+            return self.acls.token_policy_names(token)
+        if claims is not None:
+            return self.workload_policy_names(claims)
+        return frozenset({ANONYMOUS_POLICY})
+
+    def workload_policy_names(self, claims: IdentityClaims) -> frozenset[str]:
+        """The policies a workload identity gets: those attached by JobACL to its namespace,
+        job (a dispatched or periodic child counts as its parent), group or task."""
+        alloc = self.store.get("allocs", claims.alloc_id)
+        if alloc is None:
+            return frozenset()
+        job_id = alloc.job.get("ParentID") or alloc.job_id
+        return self.acls.workload_policy_names(alloc.namespace, job_id, alloc.task_group,
+                                               claims.task)
 
     def verify_workload_identity(self, token: str) -> IdentityClaims:
         """A workload identity is valid while its signature, time claims and allocation are."""

@@ -1,5 +1,6 @@
-"""The server's state store: tables of jobs, evaluations, allocations, nodes and ACL tokens,
-a Raft-style index bumped by every write, and blocking queries that wake on change.
+"""The server's state store: tables of jobs, evaluations, allocations, nodes and the ACL
+records (tokens, policies, roles, the bootstrap marker), a Raft-style index bumped by every
+write, and blocking queries that wake on change.
 
 The store is in memory and, when given a ``StateDB``, writes every change through to disk so a
 restarted agent finds its jobs and allocations again. Only the server package touches it.
@@ -9,13 +10,18 @@ the file never holds a secret in the clear.
 Read-modify-write callers pass *row updates* (``fn(current_row_or_None, index)``) rather than
 whole rows they read earlier: the function runs under the write lock against the latest row,
 so two writers changing different fields of one row never undo each other.
+
+A few tables have unique secondary indexes (``SECONDARY_INDEXES``): an ACL token is found by
+the SHA-256 digest of its secret, a role by its name, each with one dict lookup. They are
+kept in step by every write and rebuilt on restore.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -23,15 +29,30 @@ import attrs
 from nomad_client.server.sealing import Sealer, seal_record, unseal_record
 from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
-from nomad_client.structs.models import ACLToken, Allocation, Evaluation, Node
+from nomad_client.structs.models import (
+    ACLPolicy,
+    ACLRole,
+    ACLToken,
+    Allocation,
+    Evaluation,
+    Node,
+)
 
+ACL_TOKENS = "acl_tokens"
+ACL_POLICIES = "acl_policies"
+ACL_ROLES = "acl_roles"
 TABLE_TYPES: dict[str, type] = {
     "nodes": Node,
     "allocs": Allocation,
     "evals": Evaluation,
-    "acl_tokens": ACLToken,
+    ACL_TOKENS: ACLToken,
+    ACL_POLICIES: ACLPolicy,
+    ACL_ROLES: ACLRole,
 }
 JOBS = "jobs"
+# One row, present once ACLs have been bootstrapped; its ModifyIndex is the reset index.
+ACL_BOOTSTRAP = "acl_bootstrap"
+PLAIN_TABLES = (JOBS, ACL_BOOTSTRAP)  # rows are plain dicts
 # The cap on how long any blocking query may wait, whatever wait the caller asked for; the
 # HTTP layer's own default wait is only what it asks for when the request names none.
 MAX_BLOCKING_WAIT = 300.0
@@ -49,13 +70,30 @@ DELETE: Final = _Delete()
 RowUpdate = Callable[[Any | None, int], Any]
 
 
+def secret_digest(secret: str) -> bytes:
+    """The key a secret is indexed under: its SHA-256 digest, so finding a token is one dict
+    lookup whose timing says nothing about how much of a guess was right."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+# table -> index name -> the row's key in that unique index (None: not indexed).
+SECONDARY_INDEXES: Mapping[str, Mapping[str, Callable[[Any], Hashable | None]]] = {
+    ACL_TOKENS: {"secret": lambda t: secret_digest(t.secret_id) if t.secret_id else None},
+    ACL_ROLES: {"name": lambda r: r.name},
+}
+
+
 class StateStore:
     def __init__(self, db: StateDB | None = None, sealer: Sealer | None = None) -> None:
         if db is not None and sealer is None:
             raise ValueError("a persisted store needs a sealer for its secrets")
         self._db = db
         self._sealer = sealer
-        self._tables: dict[str, dict[str, Any]] = {name: {} for name in (*TABLE_TYPES, JOBS)}
+        self._tables: dict[str, dict[str, Any]] = {
+            name: {} for name in (*TABLE_TYPES, *PLAIN_TABLES)}
+        # (table, index name) -> index key -> primary key
+        self._indexes: dict[tuple[str, str], dict[Hashable, str]] = {
+            (table, name): {} for table, named in SECONDARY_INDEXES.items() for name in named}
         self._table_index: dict[str, int] = dict.fromkeys(self._tables, 0)
         self.index = 0
         self._changed = asyncio.Event()
@@ -74,7 +112,9 @@ class StateStore:
                     in_the_clear.append((f"table/{table}", key, seal_record(sealer, table, key,
                                                                             raw)))
                 cls_ = TABLE_TYPES.get(table)
-                store._tables[table][key] = from_rpc(raw, cls_) if cls_ else raw
+                row = from_rpc(raw, cls_) if cls_ else raw
+                store._tables[table][key] = row
+                store._index_row(table, key, None, row)
             store._table_index[table] = store.index
         if in_the_clear:  # written before secrets were sealed: seal them now
             await db.write_batch(in_the_clear, [])
@@ -91,6 +131,11 @@ class StateStore:
     def values(self, table: str) -> list[Any]:
         """Every row in no particular order: for scans that need no order."""
         return list(self._tables[table].values())
+
+    def lookup(self, table: str, index: str, value: Hashable) -> Any | None:
+        """The row whose ``index`` key (see ``SECONDARY_INDEXES``) is ``value``, if any."""
+        key = self._indexes[table, index].get(value)
+        return None if key is None else self._tables[table].get(key)
 
     def table_index(self, *tables: str) -> int:
         return max(self._table_index[t] for t in tables) or 1
@@ -162,15 +207,29 @@ class StateStore:
             for table, rows in pending.items():
                 live = self._tables[table]
                 for key, value in rows.items():
-                    if value is DELETE:
-                        live.pop(key, None)
-                    else:
-                        live[key] = value
+                    row = None if value is DELETE else value
+                    previous = live.pop(key, None)
+                    if row is not None:
+                        live[key] = row
+                    self._index_row(table, key, previous, row)
                 self._table_index[table] = index
             self.index = index
             self._changed.set()
             self._changed = asyncio.Event()
             return index
+
+    def _index_row(self, table: str, key: str, previous: Any | None, row: Any | None) -> None:
+        """Move ``key``'s secondary index entries from ``previous`` to ``row``."""
+        for name, index_key in SECONDARY_INDEXES.get(table, {}).items():
+            entries = self._indexes[table, name]
+            if previous is not None:
+                old = index_key(previous)
+                if old is not None and entries.get(old) == key:
+                    del entries[old]
+            if row is not None:
+                new = index_key(row)
+                if new is not None:
+                    entries[new] = key
 
     def _on_disk(self, table: str, key: str, value: Any) -> Any:
         raw = to_rpc(value) if attrs.has(type(value)) else value

@@ -1,5 +1,5 @@
 """The records the server stores and the client reports: allocations, task states and events,
-nodes, evaluations, ACL tokens.
+nodes, evaluations, ACL tokens, policies and roles.
 
 Jobs are kept as their canonical API dict (see ``nomad_client.jobspec.canonicalize_job``):
 they arrive as JSON, are stored and served as JSON, and the runners only read a handful of
@@ -9,8 +9,9 @@ a new value (``attrs.evolve``) written back to the state store.
 
 from __future__ import annotations
 
+import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -28,6 +29,38 @@ def rfc3339(ts: float | None = None) -> str:
     """Go's time.Time JSON form, with nanoseconds."""
     when = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND_NS = 1_000_000_000
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+                      r"(?:Z|([+-])(\d{2}):(\d{2}))")
+
+
+def rfc3339_ns(ns: int) -> str:
+    """Unix nanoseconds exactly as Go writes a ``time.Time`` in JSON (RFC 3339, UTC, the
+    fraction's trailing zeros dropped), so ``parse_rfc3339_ns`` gives back the same value."""
+    seconds, fraction = divmod(ns, _SECOND_NS)
+    text = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    if fraction:
+        text += "." + f"{fraction:09d}".rstrip("0")
+    return text + "Z"
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """An RFC 3339 time (as Go's JSON decoder reads one) in unix nanoseconds; ValueError if
+    it is not one."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 time")
+    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
+    when = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                    tzinfo=UTC)
+    seconds = (when - _EPOCH) // timedelta(seconds=1)
+    if sign:
+        offset = int(off_h) * 3600 + int(off_m) * 60
+        seconds -= offset if sign == "+" else -offset
+    return seconds * _SECOND_NS + int((fraction or "").ljust(9, "0"))
 
 
 # Task event types (the vocabulary Nomad's clients use).
@@ -204,20 +237,70 @@ class Evaluation:
     modify_time: int = attrs.field(factory=now_ns)
 
 
+TOKEN_CLIENT = "client"
+TOKEN_MANAGEMENT = "management"
+
+
 @attrs.frozen
 class ACLToken:
+    """An ACL token. Times are unix nanoseconds; ``roles`` are role IDs (a role's name can
+    change, its ID cannot: names are looked up again whenever a token is shown)."""
+
     accessor_id: str
-    secret_id: str
+    secret_id: str = attrs.field(repr=False)  # never in a log line by way of a repr
     name: str
-    type: str  # "client" | "management"
+    type: str  # TOKEN_CLIENT | TOKEN_MANAGEMENT
     policies: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
     global_: bool = False
-    expiration_time: float | None = None  # unix seconds; None = never
+    create_time: int = attrs.field(factory=now_ns)
+    expiration_time: int | None = None  # None = never
+    expiration_ttl: int = 0  # what the creator asked for; 0 = none
+    hash: str = ""  # base64 BLAKE2b-256, as Nomad's
     create_index: int = 0
     modify_index: int = 0
 
     def expired(self, now: float) -> bool:
-        return self.expiration_time is not None and now >= self.expiration_time
+        """Whether the token has expired at ``now`` (unix seconds)."""
+        return self.expiration_time is not None and now * 1e9 >= self.expiration_time
+
+
+@attrs.frozen
+class PolicyJobACL:
+    """The workloads a policy is attached to (Nomad's ``JobACL``): every workload of
+    ``namespace``, or of one job, group or task there."""
+
+    namespace: str = ""
+    job_id: str = ""
+    group: str = ""
+    task: str = ""
+
+
+@attrs.frozen
+class ACLPolicy:
+    """An ACL policy as stored: its rules are the text the operator wrote (parsed again
+    when it is compiled or shown)."""
+
+    name: str
+    description: str = ""
+    rules: str = ""
+    job_acl: PolicyJobACL | None = None
+    hash: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@attrs.frozen
+class ACLRole:
+    """A named set of policies that tokens link to by ID."""
+
+    id: str
+    name: str
+    description: str = ""
+    policies: tuple[str, ...] = ()  # policy names
+    hash: str = ""
+    create_index: int = 0
+    modify_index: int = 0
 
 
 @attrs.frozen

@@ -187,7 +187,8 @@ async def test_identity_with_a_ttl_stops_working_when_it_expires(agent: AgentPro
 def _acl_token(name: str, type_: str, expiration_time: float | None = None) -> ACLToken:
     return ACLToken(accessor_id=str(uuid.uuid4()), secret_id=str(uuid.uuid4()), name=name,
                     type=type_, policies=() if type_ == "management" else ("readonly",),
-                    expiration_time=expiration_time)
+                    expiration_time=(None if expiration_time is None
+                                     else int(expiration_time * 1e9)))
 
 
 async def seed_acl_tokens(data_dir: Path, *tokens: ACLToken) -> None:

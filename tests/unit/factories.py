@@ -82,7 +82,7 @@ def acl_token(kind: str = "management", expires: float | None = None) -> ACLToke
     """A new ACL token: management, or a client token holding policy "p"."""
     return ACLToken(accessor_id=str(uuid.uuid4()), secret_id=str(uuid.uuid4()), name="t",
                     type=kind, policies=() if kind == "management" else ("p",),
-                    expiration_time=expires)
+                    expiration_time=None if expires is None else int(expires * 1e9))
 
 
 def identity_token(keyring: Keyring, alloc: Allocation, task: str = "t", **kw: Any) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from nomad_client.http.endpoints import agent, allocs, client, identity, jobs, nodes
+from nomad_client.http.endpoints import acl, agent, allocs, client, identity, jobs, nodes
 from nomad_client.http.router import Router
 from nomad_client.http.services import Services
 
 
 def register_all(router: Router, services: Services) -> None:
-    for module in (agent, jobs, allocs, nodes, client, identity):
+    for module in (agent, jobs, allocs, nodes, client, identity, acl):
         module.register(router, services)
