@@ -21,11 +21,25 @@ in-process agent (server only) supplies the real ``Router``, served through the 
 sockets of ``--sockets`` tasks (1,000 by default) through ``task_starting`` /
 ``task_stopped``, one after the other; time, RSS and open fds are measured around it.
 
-May touch: a temp dir it creates (agent data dir, baseline socket, h2load logs), processes it
-starts (the agent, its task, the baseline server, h2load), 127.0.0.1 and Unix sockets under
-that temp dir. It removes all of them before it exits.
+Part 3, what ACLs cost. ``GET /v1/client/metadata`` (it needs ``node`` read, unlike health)
+over a task's socket of two agents whose state is the same (a policy granting
+``node { policy = "read" }``, attached to the task's job and held by a client token) and whose
+only difference is ``acl { enabled }``. Both are set up with ACLs on, then restarted (their
+tasks are reattached), one with ACLs off, so that one holds a client token too:
+  (e) ACLs on, the task's workload identity (authorized through the attached policy),
+  (f) ACLs off, the same kind of identity,
+  (g) ACLs on, the client token,
+  (h) ACLs off, the same client token.
+Runs alternate e, f, g, h; each "on" median is compared with its "off" median. Before the
+runs, each credential is checked to be refused ``GET /v1/jobs`` with ACLs on (the policy
+grants no namespace access) and allowed it with ACLs off, so "on" really evaluates policies.
+
+May touch: a temp dir it creates (agent data dirs, baseline socket, h2load logs), processes
+it starts (the agents, their tasks, the baseline server, h2load), 127.0.0.1 and Unix sockets
+under that temp dir. It removes all of them before it exits.
 
 Usage: python bench/taskapi_bench.py [--duration 5] [--rounds 3] [--sockets 1000]
+                                     [--parts http,churn,acl]
 """
 
 from __future__ import annotations
@@ -50,11 +64,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from nomad_client.client.secretsdir import DEFAULT_SOCKET_NAME
+
+if TYPE_CHECKING:
+    from nomad_client.api.client import ApiClient
 
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parents[1]
@@ -62,6 +79,11 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
 HEALTH_PATH = "/v1/agent/health"
+METADATA_PATH = "/v1/client/metadata"  # node read
+JOBS_PATH = "/v1/jobs"  # namespace list-jobs: what the ACL part's policy does not grant
+NODE_READ_POLICY = "bench-node-read"
+NODE_READ_RULES_FILE = REPO / "testdata" / "policies" / "node-read.hcl"
+PARTS = ("http", "churn", "acl")
 # Same shape and size as the agent's health reply, so only the serving path differs.
 BASELINE_BODY = json.dumps({"client": {"message": "ok", "ok": True},
                             "server": {"message": "ok", "ok": True}}, separators=(",", ":"))
@@ -75,6 +97,7 @@ TARGET_RATIO = 0.80
 TARGET_MS = 2.0
 TARGET_KIB = 20.0
 TARGET_FDS = 1
+TARGET_ACL_OVERHEAD = 0.10  # ACLs on may cost less than 10 % over ACLs off
 
 T = TypeVar("T")
 
@@ -210,13 +233,19 @@ async def run_h2load(h2load: str, target: str, url: str, unix_path: str | None, 
 
 class AgentUnderTest:
     """A real agent process (same command and config shape as the integration tests), one
-    raw_exec service task with a workload identity, its token and its Task API socket."""
+    raw_exec service task with a workload identity, its token and its Task API socket.
+    With ACLs on, ``setup_acls`` bootstraps them (API calls then use the management token)
+    and gives the task's job, and a client token, the node-read policy."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str = "agent", *, acl: bool = False) -> None:
         self.root = root
-        self.data_dir = root / "agent"
+        self.name = name
+        self.data_dir = root / name
+        self.acl = acl
         self.address = ""
         self.token = ""
+        self.management_token = ""
+        self.client_token = ""
         self.socket_path = ""
         self.alloc_id = ""
         self._proc: asyncio.subprocess.Process | None = None
@@ -237,9 +266,9 @@ class AgentUnderTest:
             "data_dir": str(self.data_dir), "bind_addr": "127.0.0.1",
             # INFO, the default: DEBUG logging would cost every request, not just ours.
             "log_level": "INFO", "ports": {"http": 0}, "server": {"enabled": True},
-            "client": {"enabled": True}, "acl": {"enabled": False},
+            "client": {"enabled": True}, "acl": {"enabled": self.acl},
         }
-        config_path = self.root / "agent.json"
+        config_path = self.root / f"{self.name}.json"
         config_path.write_text(json.dumps(config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("NOMAD_")}
         env["PYTHONUNBUFFERED"] = "1"
@@ -266,8 +295,50 @@ class AgentUnderTest:
         if not started.done():
             started.set_exception(RuntimeError("agent exited"))
 
-    async def run_task(self, timeout: float = 30.0) -> None:
+    def api(self, timeout: float = 60.0) -> ApiClient:
         from nomad_client.api.client import ApiClient
+
+        return ApiClient(self.address, token=self.management_token, timeout=timeout)
+
+    async def setup_acls(self) -> None:
+        """Bootstrap; write the node-read policy, attached to the bench job; make a client
+        token holding it."""
+        async with self.api() as api:
+            self.management_token = str((await api.acl_bootstrap())["SecretID"])
+        rules = await asyncio.to_thread(NODE_READ_RULES_FILE.read_text)
+        async with self.api() as api:
+            await api.acl_policy_apply({"Name": NODE_READ_POLICY, "Rules": rules,
+                                        "JobACL": {"Namespace": "default", "JobID": JOB_ID}})
+            token = await api.acl_token_create({"Name": "bench-client", "Type": "client",
+                                                "Policies": [NODE_READ_POLICY]})
+        self.client_token = str(token["SecretID"])
+
+    async def restart(self, *, acl: bool, timeout: float = 30.0) -> None:
+        """Stop the agent (its task runs on), start it again on the same data dir with ACLs
+        ``acl``, and wait until the reattached task's socket serves the client token."""
+        await self.stop()
+        self.acl = acl
+        await self.start()
+        if not acl:
+            self.management_token = ""  # ACLs off: the API takes no token
+        assert self.socket_path
+
+        async def serving() -> bool:
+            import aiohttp
+
+            try:
+                status, _ = await request_status(f"http://localhost{METADATA_PATH}",
+                                                 self.socket_path, self.client_token)
+            except (aiohttp.ClientError, OSError):
+                return False  # not listening again yet
+            return status == 200
+
+        await poll(serving, timeout, "the reattached task's socket")
+        # A restored task gets a fresh identity at once: read the file it now holds.
+        token_file = Path(self.socket_path).parent / "nomad_token"
+        self.token = (await asyncio.to_thread(token_file.read_text)).strip()
+
+    async def run_task(self, timeout: float = 30.0) -> None:
         from nomad_client.jobspec import canonicalize_job
 
         # = job "taskapi-bench" { type = "service"; group "g" { task "t" {
@@ -278,7 +349,7 @@ class AgentUnderTest:
                 "Name": TASK, "Driver": "raw_exec",
                 "Config": {"command": "sleep", "args": ["3600"]},
                 "Identity": {"Env": True, "File": True}}]}]})
-        async with ApiClient(self.address) as api:
+        async with self.api() as api:
             await api.job_register(job)
 
             async def running_alloc() -> str | None:
@@ -308,10 +379,8 @@ class AgentUnderTest:
         """Deregister the job so the agent stops the task itself (best effort)."""
         if not self.address or self._proc is None or self._proc.returncode is not None:
             return
-        from nomad_client.api.client import ApiClient
-
         with contextlib.suppress(Exception):
-            async with ApiClient(self.address, timeout=10) as api:
+            async with self.api(timeout=10) as api:
                 await api.job_deregister(JOB_ID)
 
                 async def stopped() -> bool:
@@ -459,6 +528,7 @@ class Target:
     url: str
     unix_path: str | None
     pid: int  # the process serving it
+    token: str  # sent as ``Authorization: Bearer``
 
 
 def cpu_seconds(pid: int) -> float:
@@ -477,26 +547,67 @@ class HttpResults:
         return statistics.median(getattr(r, field) for r in self.runs[key])
 
 
-async def sanity_check(target: Target, token: str) -> None:
-    """One request with and one without the token, so a misconfigured target is caught
-    before a whole run is spent on it."""
+async def request_status(url: str, unix_path: str | None, token: str | None
+                         ) -> tuple[int, str]:
+    """One GET (over ``unix_path`` if given), with ``token`` as a bearer token unless None:
+    status and body."""
     import aiohttp
 
-    connector: aiohttp.BaseConnector = (aiohttp.UnixConnector(path=target.unix_path)
-                                        if target.unix_path else aiohttp.TCPConnector())
+    connector: aiohttp.BaseConnector = (aiohttp.UnixConnector(path=unix_path)
+                                        if unix_path else aiohttp.TCPConnector())
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(target.url,
-                               headers={"Authorization": f"Bearer {token}"}) as resp:
-            body = await resp.text()
-            if resp.status != 200:
-                raise BenchError(f"{target.label}: GET {HEALTH_PATH} with the token answered "
-                                 f"{resp.status}: {body[:300]}")
-        if target.key == "a":
-            async with session.get(target.url) as resp:
-                if resp.status != 401:
-                    raise BenchError(f"{target.label}: a request without a token answered "
-                                     f"{resp.status}, expected 401")
+        async with session.get(url, headers=headers) as resp:
+            return resp.status, await resp.text()
+
+
+async def expect_status(target: Target, wanted: int, url: str | None = None,
+                        token: str | None = "") -> None:
+    """Fail unless GET ``url`` (default: the target's) with ``token`` (default: the
+    target's; None: no token) answers ``wanted``: a misconfigured target is caught before a
+    whole run is spent on it."""
+    url = url or target.url
+    status, body = await request_status(url, target.unix_path,
+                                        target.token if token == "" else token)
+    if status != wanted:
+        sent = "without a token" if token is None else "with the token"
+        raise BenchError(f"{target.label}: GET {url} {sent} answered {status}, expected "
+                         f"{wanted}: {body[:300]}")
+
+
+async def sanity_check(target: Target) -> None:
+    """One request with and one without the token."""
+    await expect_status(target, 200)
+    if target.key == "a":
+        await expect_status(target, 401, token=None)
+
+
+async def alternate_runs(h2load: str, root: Path, targets: Sequence[Target], duration: int,
+                         rounds: int) -> HttpResults:
+    """Warm each target up, then run h2load against each in turn, ``rounds`` times."""
+    for target in targets:
+        # Untimed warm-up: first-request costs (imports, caches) are not the steady state.
+        await run_h2load(h2load, target.key, target.url, target.unix_path, target.token,
+                         1, root / "warmup.tsv")
+    print(f"h2load --h1 -c {H2LOAD_CLIENTS} -D {duration}, {rounds} round(s), "
+          f"order {','.join(t.key for t in targets)} per round\n", flush=True)
+    print(f"{'round':>5} {'target':<25} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'mean ms':>8} {'requests':>9} {'srv CPU us/req':>14}")
+    runs: dict[str, list[LoadResult]] = {t.key: [] for t in targets}
+    for rnd in range(1, rounds + 1):
+        for target in targets:
+            cpu_before = cpu_seconds(target.pid)
+            result = await run_h2load(h2load, f"{target.key}: {target.label}", target.url,
+                                      target.unix_path, target.token, duration,
+                                      root / f"h2load-{rnd}-{target.key}.tsv")
+            cpu_used = cpu_seconds(target.pid) - cpu_before
+            result = attrs.evolve(result, server_cpu_us=cpu_used * 1e6 / result.requests)
+            runs[target.key].append(result)
+            print(f"{rnd:>5} {target.key + ') ' + target.label:<25} {result.rps:>10.0f} "
+                  f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.mean_ms:>8.2f} "
+                  f"{result.requests:>9} {result.server_cpu_us:>14.1f}", flush=True)
+    return HttpResults(runs=runs, targets=tuple(targets))
 
 
 async def http_benchmark(h2load: str, root: Path, duration: int, rounds: int
@@ -511,39 +622,21 @@ async def http_benchmark(h2load: str, root: Path, duration: int, rounds: int
         await baseline.start()
         await baseline_uv.start()
         host_port = agent.address.removeprefix("http://")
+        health = f"http://localhost{HEALTH_PATH}"
         targets = (
-            Target("a", "task socket (agent)", f"http://localhost{HEALTH_PATH}",
-                   agent.socket_path, agent.pid),
-            Target("b", "TCP API (agent)", f"http://{host_port}{HEALTH_PATH}", None, agent.pid),
-            Target("c", "baseline web.Server", f"http://localhost{HEALTH_PATH}",
-                   str(baseline.path), baseline.pid),
-            Target("d", "baseline on uvloop", f"http://localhost{HEALTH_PATH}",
-                   str(baseline_uv.path), baseline_uv.pid),
+            Target("a", "task socket (agent)", health, agent.socket_path, agent.pid,
+                   agent.token),
+            Target("b", "TCP API (agent)", f"http://{host_port}{HEALTH_PATH}", None, agent.pid,
+                   agent.token),
+            Target("c", "baseline web.Server", health, str(baseline.path), baseline.pid,
+                   agent.token),
+            Target("d", "baseline on uvloop", health, str(baseline_uv.path), baseline_uv.pid,
+                   agent.token),
         )
         for target in targets:
-            await sanity_check(target, agent.token)
-            # Untimed warm-up: first-request costs (imports, caches) are not the steady state.
-            await run_h2load(h2load, target.key, target.url, target.unix_path, agent.token,
-                             1, root / "warmup.tsv")
+            await sanity_check(target)
         print(f"agent {agent.address}, task socket {agent.socket_path}", flush=True)
-        print(f"h2load --h1 -c {H2LOAD_CLIENTS} -D {duration}, {rounds} round(s), "
-              "order a,b,c,d per round\n", flush=True)
-        print(f"{'round':>5} {'target':<22} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'mean ms':>8} {'requests':>9} {'srv CPU us/req':>14}")
-        runs: dict[str, list[LoadResult]] = {t.key: [] for t in targets}
-        for rnd in range(1, rounds + 1):
-            for target in targets:
-                cpu_before = cpu_seconds(target.pid)
-                result = await run_h2load(h2load, f"{target.key}: {target.label}", target.url,
-                                          target.unix_path, agent.token, duration,
-                                          root / f"h2load-{rnd}-{target.key}.tsv")
-                cpu_used = cpu_seconds(target.pid) - cpu_before
-                result = attrs.evolve(result, server_cpu_us=cpu_used * 1e6 / result.requests)
-                runs[target.key].append(result)
-                print(f"{rnd:>5} {target.key + ') ' + target.label:<22} {result.rps:>10.0f} "
-                      f"{result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.mean_ms:>8.2f} "
-                      f"{result.requests:>9} {result.server_cpu_us:>14.1f}", flush=True)
-        return HttpResults(runs=runs, targets=targets)
+        return await alternate_runs(h2load, root, targets, duration, rounds)
     except BenchError:
         if agent.output:
             print("---- agent output (last lines) ----\n" + agent.output, file=sys.stderr)
@@ -577,6 +670,102 @@ def print_http_results(res: HttpResults) -> tuple[float, float]:
     print("(p50/p99 are nearest-rank percentiles of h2load's per-request --log-file timings; "
           "baseline = aiohttp low-level web.Server, not a web.Application)")
     return ratio_a, cpu_a
+
+
+# ------------------------------------------------------------------------------ part 3
+
+
+@attrs.frozen
+class AclPair:
+    """One credential's "ACLs on" target against its "ACLs off" twin."""
+
+    label: str
+    on: str  # target keys
+    off: str
+
+
+ACL_PAIRS = (AclPair("workload identity", "e", "f"), AclPair("client token", "g", "h"))
+
+
+@attrs.frozen
+class AclCost:
+    label: str
+    on: str
+    off: str
+    rps_on: float
+    rps_off: float
+    cpu_on: float  # server CPU us per request
+    cpu_off: float
+
+    @property
+    def overhead(self) -> float:
+        """Extra time per request with ACLs on, from throughput (0.05 = 5 % slower)."""
+        return self.rps_off / self.rps_on - 1
+
+    @property
+    def cpu_overhead(self) -> float:
+        return self.cpu_on / self.cpu_off - 1
+
+
+async def acl_benchmark(h2load: str, root: Path, duration: int, rounds: int
+                        ) -> list[AclCost]:
+    # Both are set up alike with ACLs on, then restarted, one with them off: the two
+    # processes differ in nothing else (not even in having been restarted).
+    on, off = AgentUnderTest(root, "acl-on", acl=True), AgentUnderTest(root, "acl-off", acl=True)
+    try:
+        print("\nACL cost: starting two agents (ACLs on / off) and their tasks ...", flush=True)
+        for agent in (on, off):
+            await agent.start()
+            await agent.setup_acls()
+            await agent.run_task()
+            await agent.restart(acl=agent is on)
+        metadata = f"http://localhost{METADATA_PATH}"
+        targets = (
+            Target("e", "ACLs on, identity", metadata, on.socket_path, on.pid, on.token),
+            Target("f", "ACLs off, identity", metadata, off.socket_path, off.pid, off.token),
+            Target("g", "ACLs on, client token", metadata, on.socket_path, on.pid,
+                   on.client_token),
+            Target("h", "ACLs off, client token", metadata, off.socket_path, off.pid,
+                   off.client_token),
+        )
+        jobs = f"http://localhost{JOBS_PATH}"
+        for target in targets:
+            acls_on = target.pid == on.pid
+            await expect_status(target, 200)
+            await expect_status(target, 401, token=None)
+            # The policy grants node read only: with ACLs on a jobs list must be refused.
+            await expect_status(target, 403 if acls_on else 200, url=jobs)
+        print(f"GET {METADATA_PATH} over the task sockets of {on.address} (ACLs on) and "
+              f"{off.address} (ACLs off)", flush=True)
+        res = await alternate_runs(h2load, root, targets, duration, rounds)
+    except BenchError:
+        for agent in (on, off):
+            if agent.output:
+                print(f"---- {agent.name} output (last lines) ----\n{agent.output}",
+                      file=sys.stderr)
+        raise
+    finally:
+        for agent in (on, off):
+            await agent.stop_task()
+            await agent.stop()
+        await asyncio.to_thread(kill_leftovers, root)
+    return [AclCost(label=pair.label, on=pair.on, off=pair.off,
+                    rps_on=res.median(pair.on, "rps"), rps_off=res.median(pair.off, "rps"),
+                    cpu_on=res.median(pair.on, "server_cpu_us"),
+                    cpu_off=res.median(pair.off, "server_cpu_us"))
+            for pair in ACL_PAIRS]
+
+
+def print_acl_results(costs: Sequence[AclCost]) -> None:
+    print("\nmedians over rounds, ACLs on vs off (GET /v1/client/metadata, task socket):")
+    print(f"{'credential':<23} {'req/s on':>9} {'req/s off':>9} {'on/off':>7} "
+          f"{'CPU us/req on':>13} {'off':>6} {'cost (req/s)':>12} {'cost (CPU)':>10}")
+    for c in costs:
+        print(f"{c.label + f' ({c.on}/{c.off})':<23} {c.rps_on:>9.0f} {c.rps_off:>9.0f} "
+              f"{c.rps_on / c.rps_off:>7.2f} {c.cpu_on:>13.1f} {c.cpu_off:>6.1f} "
+              f"{c.overhead:>+12.1%} {c.cpu_overhead:>+10.1%}")
+    print("(cost (req/s) = req/s off / req/s on - 1: extra time per request with ACLs on; "
+          "cost (CPU) = server CPU per request on / off - 1)")
 
 
 # ------------------------------------------------------------------------------ part 2
@@ -793,10 +982,16 @@ def print_churn_results(res: ChurnResults) -> None:
 # ------------------------------------------------------------------------------ summary
 
 
-def print_summary(ratio_a: float, cpu_a: float, churn: ChurnResults) -> None:
-    rows = [
-        ("throughput a/c (task socket vs baseline)", f">= {TARGET_RATIO:.2f}",
-         f"{ratio_a:.2f}", ratio_a >= TARGET_RATIO),
+SummaryRow = tuple[str, str, str, bool]  # measure, target, measured, met
+
+
+def http_rows(ratio_a: float) -> list[SummaryRow]:
+    return [("throughput a/c (task socket vs baseline)", f">= {TARGET_RATIO:.2f}",
+             f"{ratio_a:.2f}", ratio_a >= TARGET_RATIO)]
+
+
+def churn_rows(churn: ChurnResults) -> list[SummaryRow]:
+    return [
         ("avg create per socket", f"<= {TARGET_MS:.1f} ms", f"{churn.create_ms:.3f} ms",
          churn.create_ms <= TARGET_MS),
         ("avg remove per socket", f"<= {TARGET_MS:.1f} ms", f"{churn.remove_ms:.3f} ms",
@@ -806,13 +1001,26 @@ def print_summary(ratio_a: float, cpu_a: float, churn: ChurnResults) -> None:
         ("fds per idle socket", f"== {TARGET_FDS}", f"{churn.fds_per_socket:.3f}",
          churn.fds_live - churn.fds_before == TARGET_FDS * churn.sockets),
     ]
+
+
+def acl_rows(costs: Sequence[AclCost]) -> list[SummaryRow]:
+    return [(f"ACLs on vs off, {c.label} ({c.on}/{c.off})", f"< {TARGET_ACL_OVERHEAD:.0%}",
+             f"{c.overhead:+.1%}", c.overhead < TARGET_ACL_OVERHEAD) for c in costs]
+
+
+def print_summary(rows: Sequence[SummaryRow], cpu_a: float | None,
+                  costs: Sequence[AclCost]) -> None:
     print("\nsummary")
     print(f"{'measure':<42} {'target':<10} {'measured':<12} result")
     for name, target, measured, met in rows:
         print(f"{name:<42} {target:<10} {measured:<12} {'met' if met else 'NOT met'}")
     # CPU per request barely moves with other load on the machine; req/s does.
-    print(f"(for reference: a/c from server CPU per request would be {1 / cpu_a:.2f} "
-          "when serving is CPU-bound)")
+    if cpu_a is not None:
+        print(f"(for reference: a/c from server CPU per request would be {1 / cpu_a:.2f} "
+              "when serving is CPU-bound)")
+    for c in costs:
+        print(f"(for reference: ACLs on vs off, {c.label}, from server CPU per request: "
+              f"{c.cpu_overhead:+.1%})")
 
 
 # ------------------------------------------------------------------------------ main
@@ -822,8 +1030,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark the Task API (see module docstring).")
     # Whole seconds: h2load's -D takes no fractions.
     p.add_argument("--duration", type=int, default=5, help="seconds per h2load run")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of a,b,c,d runs")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of a,b,c,d runs (and of e,f,g,h for the acl part)")
     p.add_argument("--sockets", type=int, default=1000, help="task sockets for the churn part")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
     p.add_argument("--serve-baseline", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--baseline-loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help=argparse.SUPPRESS)
@@ -836,17 +1047,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--rounds must be within 1..50, got {args.rounds}")
         if not 11 <= args.sockets <= 10000:
             p.error(f"--sockets must be within 11..10000, got {args.sockets}")
+        args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+        unknown = sorted(set(args.parts) - set(PARTS))
+        if unknown or not args.parts:
+            p.error(f"--parts takes some of {','.join(PARTS)}, got {','.join(unknown) or 'none'}")
     return args
 
 
 async def run(args: argparse.Namespace, h2load: str) -> None:
     root = Path(tempfile.mkdtemp(prefix="taskapi-bench-"))
+    rows: list[SummaryRow] = []
+    cpu_a: float | None = None
+    costs: list[AclCost] = []
     try:
-        http = await http_benchmark(h2load, root, args.duration, args.rounds)
-        ratio_a, cpu_a = print_http_results(http)
-        churn = await churn_in_child(root, args.sockets)
-        print_churn_results(churn)
-        print_summary(ratio_a, cpu_a, churn)
+        if "http" in args.parts:
+            http = await http_benchmark(h2load, root, args.duration, args.rounds)
+            ratio_a, cpu_a = print_http_results(http)
+            rows += http_rows(ratio_a)
+        if "churn" in args.parts:
+            churn = await churn_in_child(root, args.sockets)
+            print_churn_results(churn)
+            rows += churn_rows(churn)
+        if "acl" in args.parts:
+            costs = await acl_benchmark(h2load, root, args.duration, args.rounds)
+            print_acl_results(costs)
+            rows += acl_rows(costs)
+        print_summary(rows, cpu_a, costs)
     finally:
         await asyncio.to_thread(kill_leftovers, root)
         await asyncio.to_thread(shutil.rmtree, root, True)

@@ -301,10 +301,16 @@ class ACLCache:
         self._max_entries = max_entries
         self._entries: OrderedDict[Hashable, ACL] = OrderedDict()
 
-    def get(self, key: Hashable, build: Callable[[], ACL]) -> ACL:
+    def peek(self, key: Hashable) -> ACL | None:
+        """The ACL cached for ``key``, or None (nothing is built)."""
         acl = self._entries.get(key)
         if acl is not None:
             self._entries.move_to_end(key)
+        return acl
+
+    def get(self, key: Hashable, build: Callable[[], ACL]) -> ACL:
+        acl = self.peek(key)
+        if acl is not None:
             return acl
         acl = build()
         self._entries[key] = acl

@@ -9,26 +9,46 @@ Rules by listener:
 * TCP API: with ACLs disabled everyone is allowed; with ACLs enabled a missing token means
   the anonymous identity and an invalid one is 403.
 
-Authorization: with ACLs disabled every check passes. With ACLs enabled, management tokens
-pass; policy evaluation for other identities is not implemented yet, so they fail closed
-(403) except on endpoints that need no permission.
+Authorization: an authenticated identity carries its compiled ACL (``Server.resolve_acl``:
+everything with ACLs disabled; for anonymous, the ``anonymous`` policy or nothing). Each
+route declares a ``Need``, checked before its handler, a namespaced one in the namespace the
+request names (``?namespace=``, default ``default``). Handlers that look an object up check
+its own namespace too (``require``), and lists keep only what the caller may see
+(``allows``). A refusal is 403 ``Permission denied``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar
 
-from nomad_client.http.context import ACLS_DISABLED, ANONYMOUS, Identity, ListenerContext
+import attrs
+from multidict import MultiMapping
+
+from nomad_client.acl import ACL
+from nomad_client.acl.capabilities import NAMESPACE_CAPABILITIES
+from nomad_client.http.context import ACLS_DISABLED, Identity, ListenerContext
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
-from nomad_client.server.keyring import IdentityError
+from nomad_client.server.keyring import IdentityClaims, IdentityError
 from nomad_client.server.server import Server
+from nomad_client.structs.models import ACLToken
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from nomad_client.http.router import ApiRequest
 
 log = logging.getLogger(__name__)
 
 UNAUTHORIZED = HTTPError(401, "Unauthorized")
 FORBIDDEN = HTTPError(403, "Forbidden")
+TOKEN_NOT_FOUND = HTTPError(403, "ACL token not found")
+PERMISSION_REFUSED = HTTPError(403, PERMISSION_DENIED)
+DEFAULT_NAMESPACE = "default"
+# In a request: every namespace. To the ACL, a check in it asks "in any namespace?".
+ALL_NAMESPACES = "*"
 
 
 def request_token(headers: Mapping[str, str]) -> str:
@@ -61,45 +81,119 @@ def _is_token_text(token: str) -> bool:
     return token.isascii() and token.isprintable()
 
 
-def resolve_credential(server: Server, token: str) -> Identity | None:
-    """A real credential's identity, or None. Never raises for bad input."""
+def _credential(server: Server, token: str
+                ) -> tuple[ACLToken | None, IdentityClaims | None] | None:
+    """A real credential's ACL token or workload identity claims; None if it is not one.
+    Never raises for bad input."""
     if not _is_token_text(token):
         return None
     if _looks_like_jwt(token):
         try:
-            claims = server.verify_workload_identity(token)
+            return None, server.verify_workload_identity(token)
         except IdentityError:
             return None
-        return Identity(None, claims)  # positional: hot path
     acl_token = server.token_by_secret(token)
     if acl_token is None or acl_token.expired(time.time()):
         return None
-    return Identity(token=acl_token)
+    return acl_token, None
 
 
-def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext) -> Identity:
+async def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext
+                       ) -> Identity:
     token = request_token(headers)
     if ctx.task_api:
         if not token:
-            raise UNAUTHORIZED
-        identity = resolve_credential(server, token)
-        if identity is None:
-            raise FORBIDDEN
-        return identity
-    if not server.acl_enabled:
+            raise UNAUTHORIZED  # never anonymous
+    elif not server.acl_enabled:
         return ACLS_DISABLED
-    if not token:
-        return ANONYMOUS
-    identity = resolve_credential(server, token)
-    if identity is None:
-        raise HTTPError(403, "ACL token not found")
-    return identity
+    elif not token:
+        return Identity(None, None, await server.resolve_acl(None, None))  # anonymous
+    credential = _credential(server, token)
+    if credential is None:
+        raise FORBIDDEN if ctx.task_api else TOKEN_NOT_FOUND
+    acl_token, claims = credential
+    acl = server.cached_acl(acl_token, claims)
+    if acl is None:
+        acl = await server.resolve_acl(acl_token, claims)
+    return Identity(acl_token, claims, acl)
 
 
-def authorize(server: Server, identity: Identity, capability: str | None) -> None:
-    """Raise 403 unless ``identity`` holds ``capability`` (None = no permission needed)."""
-    if capability is None or not server.acl_enabled:
+# ---- authorization ---------------------------------------------------------------------
+Check = Callable[[ACL, str], bool]
+
+
+@attrs.frozen
+class Need:
+    """What a route asks of the caller's ACL, built once when the route is registered:
+    ``Need.none``, ``Need.management``, ``Need.agent_read``, ``Need.node_read``,
+    ``Need.node_write``, or ``Need.namespace(cap, ...)`` (any one of the capabilities, in
+    the namespace asked about)."""
+
+    name: str
+    # (acl, namespace) -> allowed; None when the route needs no permission at all.
+    check: Check | None = attrs.field(eq=False, repr=False)
+    namespaced: bool = False
+
+    none: ClassVar[Need]
+    management: ClassVar[Need]
+    agent_read: ClassVar[Need]
+    node_read: ClassVar[Need]
+    node_write: ClassVar[Need]
+
+    @classmethod
+    def namespace(cls, *capabilities: str) -> Need:
+        unknown = [c for c in capabilities if c not in NAMESPACE_CAPABILITIES]
+        if not capabilities or unknown:
+            raise ValueError(f"not namespace capabilities: {unknown or 'none given'}")
+        first = capabilities[0]
+        if len(capabilities) == 1:  # the common case, without a generator per check
+            def check(acl: ACL, ns: str) -> bool:
+                return acl.allow_namespace_op(ns, first)
+        else:
+            def check(acl: ACL, ns: str) -> bool:
+                return any(acl.allow_namespace_op(ns, c) for c in capabilities)
+        return cls("namespace:" + "|".join(capabilities), check, namespaced=True)
+
+    def allows(self, acl: ACL, namespace: str) -> bool:
+        return self.check is None or acl.management or self.check(acl, namespace)
+
+
+Need.none = Need("none", None)
+Need.management = Need("management", lambda acl, ns: acl.management)
+Need.agent_read = Need("agent:read", lambda acl, ns: acl.allow_agent_read())
+Need.node_read = Need("node:read", lambda acl, ns: acl.allow_node_read())
+Need.node_write = Need("node:write", lambda acl, ns: acl.allow_node_write())
+
+
+def request_namespace(query: MultiMapping[str]) -> str:
+    """The namespace a request names (``?namespace=``; ``*`` means all of them)."""
+    return query.get("namespace") or DEFAULT_NAMESPACE
+
+
+def authorize(identity: Identity, need: Need, request: web.BaseRequest) -> None:
+    """Raise 403 unless ``identity`` meets the route's ``need`` in the namespace the request
+    names (for ``*``: in some namespace)."""
+    if need.check is None or identity.acl.management:
         return
-    if identity.is_management:
-        return
-    raise HTTPError(403, PERMISSION_DENIED)
+    namespace = request_namespace(request.query) if need.namespaced else ""
+    if not need.check(identity.acl, namespace):
+        raise PERMISSION_REFUSED
+
+
+def require_in_request(req: ApiRequest, need: Need) -> None:
+    """``authorize`` again, for a need the handler only knows once it has read the request
+    (stricter than the one its route declares)."""
+    authorize(req.identity, need, req.raw)
+
+
+def allows(req: ApiRequest, namespace: str, need: Need) -> bool:
+    """Whether the caller meets ``need`` in ``namespace``, an object's own (for filters).
+    No object lives in ``*``, so here it never stands for "some namespace"."""
+    acl = req.identity.acl
+    return acl.management or (namespace != ALL_NAMESPACES and need.allows(acl, namespace))
+
+
+def require(req: ApiRequest, namespace: str, need: Need) -> None:
+    """Raise 403 unless the caller meets ``need`` in ``namespace``, an object's own."""
+    if not allows(req, namespace, need):
+        raise PERMISSION_REFUSED

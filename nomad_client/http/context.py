@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import attrs
 
+from nomad_client.acl import ACL, DENY_ALL, MANAGEMENT
 from nomad_client.server.keyring import IdentityClaims
 from nomad_client.structs.models import ACLToken
 
@@ -17,8 +18,7 @@ class ListenerContext:
 
     name: str
     task_api: bool = False
-    # The task a Task API listener serves (None on the TCP listener). Named in its log lines
-    # now; the ACL system (the next piece of work) reads them to authorize per identity.
+    # The task a Task API listener serves (None on the TCP listener), named in its log lines.
     alloc_id: str | None = None
     task: str | None = None
 
@@ -27,19 +27,19 @@ TCP_LISTENER = ListenerContext(name="http")
 
 
 class Identity(NamedTuple):
-    """The authenticated caller: an ACL token, a workload identity, or neither (anonymous).
-    A NamedTuple (immutable, and cheap to build on every Task API request)."""
+    """The authenticated caller: an ACL token, a workload identity, or neither (anonymous),
+    with the ACL it holds, compiled once when the request is authenticated. A NamedTuple
+    (immutable, and cheap to build on every Task API request)."""
 
     token: ACLToken | None = None
-    # Not read yet: the ACL system (the next piece of work) finds a workload identity's
-    # policies from the job, group and task its claims name.
     claims: IdentityClaims | None = None
+    # What the caller may do; an identity built without one may do nothing.
+    acl: ACL = DENY_ALL
 
     @property
     def is_management(self) -> bool:
         return self.token is not None and self.token.type == "management"
 
 
-ANONYMOUS = Identity()
-# With ACLs off nobody is identified either; authorize() lets every request through.
-ACLS_DISABLED = ANONYMOUS
+# With ACLs off nobody is identified, and every check passes.
+ACLS_DISABLED = Identity(acl=MANAGEMENT)

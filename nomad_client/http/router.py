@@ -2,7 +2,7 @@
 ``Router.dispatch(request, listener_context)``; no endpoint exists twice.
 
 Dispatch order: authenticate (Task API: before routing, so even unknown paths need a
-credential) -> match route (404 / 405) -> authorize the route's capability -> call the
+credential) -> match route (404 / 405) -> authorize the route's ``Need`` -> call the
 handler -> encode. Handlers return a JSON-able value, a ``Reply`` (value + index headers) or
 a ready ``web.StreamResponse``; they raise ``HTTPError`` for anything the caller got wrong.
 """
@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiMapping
 
-from nomad_client.http.auth import authenticate, authorize
+from nomad_client.http.auth import Need, authenticate, authorize
 from nomad_client.http.context import Identity, ListenerContext
 from nomad_client.http.errors import HTTPError
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
@@ -82,7 +82,7 @@ class Route:
     methods: frozenset[str]
     segments: tuple[str, ...]  # "{name}" captures one segment, "{name*}" the rest
     handler: Handler
-    capability: str | None
+    need: Need
 
 
 class Router:
@@ -92,9 +92,9 @@ class Router:
         self._dynamic: list[Route] = []
 
     def add(self, methods: Iterable[str], path: str, handler: Handler,
-            capability: str | None = None) -> None:
+            need: Need = Need.none) -> None:
         segments = tuple(path.strip("/").split("/"))
-        route = Route(frozenset(methods), segments, handler, capability)
+        route = Route(frozenset(methods), segments, handler, need)
         if any(s.startswith("{") for s in segments):
             self._dynamic.append(route)
         else:
@@ -120,9 +120,9 @@ class Router:
     async def dispatch(self, request: web.BaseRequest, ctx: ListenerContext
                        ) -> web.StreamResponse:
         try:
-            identity = authenticate(self.server, request.headers, ctx)
+            identity = await authenticate(self.server, request.headers, ctx)
             route, params = self.match(request.method, _route_path(request))
-            authorize(self.server, identity, route.capability)
+            authorize(identity, route.need, request)
             result = await route.handler(ApiRequest(request, ctx, identity, params))
         except HTTPError as err:
             response = error_response(err.status, err.message)

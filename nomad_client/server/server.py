@@ -20,6 +20,8 @@ from typing import Any
 
 import attrs
 
+from nomad_client.acl import ACL, DENY_ALL, MANAGEMENT
+from nomad_client.server.acl_resolver import ACLResolver, workload_key
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.scheduler import plan_job
@@ -78,6 +80,7 @@ class Server:
         self.region = region
         self.acl_enabled = acl_enabled
         self.acls = ACLs(store, data_dir)
+        self.acl_resolver = ACLResolver(self.acls)
         self.identities = IdentityVerifier(keyring)
         # One scheduling pass at a time, as a single-leader cluster would do.
         self._plan_lock = asyncio.Lock()
@@ -367,9 +370,32 @@ class Server:
         alloc = self.store.get("allocs", claims.alloc_id)
         if alloc is None:
             return frozenset()
-        job_id = alloc.job.get("ParentID") or alloc.job_id
-        return self.acls.workload_policy_names(alloc.namespace, job_id, alloc.task_group,
-                                               claims.task)
+        return self.acls.workload_policy_names(*workload_key(alloc, claims.task))
+
+    def cached_acl(self, token: ACLToken | None, claims: IdentityClaims | None) -> ACL | None:
+        """``resolve_acl``'s answer when it needs no compiling (almost every request), with
+        no coroutine on the request path; None when it does."""
+        if not self.acl_enabled:
+            return MANAGEMENT
+        if token is not None:
+            return self.acl_resolver.cached_for_token(token)
+        if claims is not None:
+            return self.acl_resolver.cached_for_workload(claims.alloc_id, claims.task)
+        return None  # anonymous: rare enough to take the general path
+
+    async def resolve_acl(self, token: ACLToken | None, claims: IdentityClaims | None) -> ACL:
+        """The compiled ACL of an authenticated caller: ``token``, else the workload identity
+        ``claims``, else anonymous. With ACLs disabled, everything is allowed."""
+        if not self.acl_enabled:
+            return MANAGEMENT
+        if token is not None:
+            return await self.acl_resolver.for_token(token)
+        if claims is not None:
+            alloc = self.store.get("allocs", claims.alloc_id)
+            if alloc is None:
+                return DENY_ALL  # gone since it was verified: no policy, so nothing
+            return await self.acl_resolver.for_workload(alloc, claims.task)
+        return await self.acl_resolver.for_anonymous()
 
     def verify_workload_identity(self, token: str) -> IdentityClaims:
         """A workload identity is valid while its signature, time claims and allocation are."""

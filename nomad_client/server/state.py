@@ -138,6 +138,8 @@ class StateStore:
         return None if key is None else self._tables[table].get(key)
 
     def table_index(self, *tables: str) -> int:
+        if len(tables) == 1:  # the request path's case (ACL resolution): no generator
+            return self._table_index[tables[0]] or 1
         return max(self._table_index[t] for t in tables) or 1
 
     async def wait_for_change(self, tables: Iterable[str], min_index: int, wait: float) -> int:

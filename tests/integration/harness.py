@@ -23,6 +23,7 @@ from nomad_client.jobspec import canonicalize_job, parse_jobspec
 
 _STARTED = re.compile(r"HTTP API: (http://[0-9.]+:\d+)")
 REPO = Path(__file__).resolve().parents[2]
+POLICY_DIR = REPO / "testdata" / "policies"
 
 
 class AgentProcess:
@@ -183,6 +184,29 @@ async def wait_client_status(api: ApiClient, alloc_id: str, *statuses: str,
         alloc = await api.allocation_get(alloc_id)
         return alloc if alloc["ClientStatus"] in statuses else None
     return await eventually(check, timeout=timeout, message=f"alloc status in {statuses}")
+
+
+# ---------------------------------------------------------------------- ACLs
+
+
+async def bootstrap_acls(agent: AgentProcess) -> str:
+    """Bootstrap ACLs on a started agent; the management token's secret."""
+    async with agent.api() as api:
+        token = await api.acl_bootstrap()
+    return str(token["SecretID"])
+
+
+async def apply_policy(api: ApiClient, name: str, rules_file: str) -> None:
+    """Write the policy ``name`` with the rules of ``testdata/policies/<rules_file>.hcl``."""
+    rules = (POLICY_DIR / f"{rules_file}.hcl").read_text()
+    await api.acl_policy_apply({"Name": name, "Rules": rules})
+
+
+async def client_token(api: ApiClient, name: str, *policies: str) -> dict[str, Any]:
+    """A new client token holding ``policies`` (as the API answers: SecretID, AccessorID,
+    ...)."""
+    return await api.acl_token_create({"Name": name, "Type": "client",
+                                       "Policies": list(policies)})
 
 
 def task_dir(agent: AgentProcess, alloc_id: str, task: str) -> Path:

@@ -1,10 +1,10 @@
 """/v1/acl/*: bootstrap, policies, tokens and roles, with Nomad's shapes, codes and texts.
 
-Who may call what follows Nomad. Management-only routes declare the ``management``
-capability, so the router refuses anyone else before the handler runs. Routes whose answer
-depends on who asks (a token reading itself, a policy read by a holder, lists showing only
-what the caller holds) declare none and decide here, from ``req.identity``. With ACLs
-disabled every route answers ``400 ACL support disabled``, except ``token/self``.
+Who may call what follows Nomad. Management-only routes declare ``Need.management``, so
+the router refuses anyone else before the handler runs. Routes whose answer depends on who
+asks (a token reading itself, a policy read by a holder, lists showing only what the caller
+holds) declare none and decide here, from ``req.identity``. With ACLs disabled every route
+answers ``400 ACL support disabled``, except ``token/self``.
 
 Request bodies are read as Go's encoding/json reads them: keys matched case-insensitively,
 unknown keys ignored, ``null`` meaning "not given".
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from nomad_client.acl import PolicyError, parse_policy, policy_to_rules_json
 from nomad_client.durations import DurationError, format_duration, parse_duration_ns
+from nomad_client.http.auth import Need
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError, bad_request, not_found
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
@@ -42,7 +43,7 @@ from nomad_client.structs.models import (
     rfc3339_ns,
 )
 
-MANAGEMENT = "management"
+MANAGEMENT = Need.management
 GET = ("GET",)
 WRITE = ("PUT", "POST")
 DELETE = ("DELETE",)

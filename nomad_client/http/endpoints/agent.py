@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from nomad_client.http.auth import Need
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import Services
@@ -60,5 +61,5 @@ async def leader(services: Services, req: ApiRequest) -> Any:
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(GET, "/v1/agent/health", health)
-    routes.add(GET, "/v1/agent/self", agent_self, capability="agent:read")
+    routes.add(GET, "/v1/agent/self", agent_self, Need.agent_read)
     routes.add(GET, "/v1/status/leader", leader)

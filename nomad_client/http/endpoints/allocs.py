@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from nomad_client.http.endpoints.jobs import alloc_stub
+from nomad_client.http.auth import allows, require
+from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import found_or_404
 from nomad_client.http.query import block, query_bool
@@ -19,7 +20,7 @@ async def list_allocs(services: Services, req: ApiRequest) -> Reply:
     with_states = query_bool(req.query, "task_states", default=True)
     stubs = []
     for alloc in server.allocations():
-        if alloc.id.startswith(prefix):
+        if alloc.id.startswith(prefix) and allows(req, alloc.namespace, READ_JOB):
             stub = alloc_stub(alloc)
             if not with_states:
                 stub.pop("TaskStates")
@@ -30,10 +31,11 @@ async def list_allocs(services: Services, req: ApiRequest) -> Reply:
 async def get_alloc(services: Services, req: ApiRequest) -> Reply:
     index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
     alloc = found_or_404(services.server.allocation(req.params["alloc_id"]), "alloc not found")
+    require(req, alloc.namespace, READ_JOB)
     return Reply(to_api(alloc), index)
 
 
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
-    routes.add(("GET",), "/v1/allocations", list_allocs, "namespace:read-job")
-    routes.add(("GET",), "/v1/allocation/{alloc_id}", get_alloc, "namespace:read-job")
+    routes.add(("GET",), "/v1/allocations", list_allocs, READ_JOB)
+    routes.add(("GET",), "/v1/allocation/{alloc_id}", get_alloc, READ_JOB)

@@ -38,6 +38,7 @@ from nomad_client.client.allocdir import (
     SymlinkError,
 )
 from nomad_client.client.nodemeta import MetaLimitError, meta_key_problem, shown_key
+from nomad_client.http.auth import ALL_NAMESPACES, Need, require
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404, not_found
 from nomad_client.http.query import query_bool
@@ -56,6 +57,9 @@ MAX_LOG_BYTES = 16 * 1024 * 1024
 # Largest data payload of one log frame, as Nomad's.
 LOG_FRAME_BYTES = 64 * 1024
 T = TypeVar("T")
+
+READ_FS = Need.namespace("read-fs")
+READ_LOGS = Need.namespace("read-logs", "read-fs")
 
 
 def validate_meta_update(body: Any) -> dict[str, str | None]:
@@ -295,12 +299,18 @@ async def apply_metadata(services: Services, req: ApiRequest) -> Any:
         raise bad_request(str(err)) from None
 
 
-def _alloc_dir(services: Services, req: ApiRequest) -> AllocDir:
+def _alloc_dir(services: Services, req: ApiRequest, need: Need) -> AllocDir:
+    """The allocation's directory, if the caller meets ``need`` in its namespace."""
     alloc_id = req.params.get("alloc_id", "")
     if not alloc_id:
         raise bad_request("must provide a valid alloc id")
-    return found_or_404(_local_client(services).alloc_dir_for(alloc_id),
+    adir = found_or_404(_local_client(services).alloc_dir_for(alloc_id),
                         f"Unknown allocation {alloc_id!r}")
+    alloc = services.server.allocation(alloc_id)
+    # What is left of an allocation the server has forgotten has no namespace to check in:
+    # it counts as in every namespace, which only an allow-all caller may read.
+    require(req, ALL_NAMESPACES if alloc is None else alloc.namespace, need)
+    return adir
 
 
 def _fs_path(req: ApiRequest, *, required: bool) -> str:
@@ -344,15 +354,17 @@ async def _open_for_stream(fn: Callable[..., T], *args: Any) -> T:
 
 
 async def fs_ls(services: Services, req: ApiRequest) -> Any:
-    return await _in_thread(_ls, _alloc_dir(services, req), _fs_path(req, required=False))
+    return await _in_thread(_ls, _alloc_dir(services, req, READ_FS),
+                            _fs_path(req, required=False))
 
 
 async def fs_stat(services: Services, req: ApiRequest) -> Any:
-    return await _in_thread(_stat, _alloc_dir(services, req), _fs_path(req, required=True))
+    return await _in_thread(_stat, _alloc_dir(services, req, READ_FS),
+                            _fs_path(req, required=True))
 
 
 async def fs_cat(services: Services, req: ApiRequest) -> web.StreamResponse:
-    opened = await _open_for_stream(_open_file, _alloc_dir(services, req),
+    opened = await _open_for_stream(_open_file, _alloc_dir(services, req, READ_FS),
                                     _fs_path(req, required=True))
     return await _stream_cat(req.raw, opened)
 
@@ -366,7 +378,7 @@ async def fs_logs(services: Services, req: ApiRequest) -> web.StreamResponse:
         raise bad_request("must provide log type (stdout/stderr)")
     if query_bool(req.query, "follow"):
         raise bad_request("follow is not supported by this agent")
-    adir = _alloc_dir(services, req)
+    adir = _alloc_dir(services, req, READ_LOGS)
     alloc = services.server.allocation(req.params["alloc_id"])
     if alloc is not None and task not in {t["Name"] for g in alloc.job["TaskGroups"]
                                           if g["Name"] == alloc.task_group
@@ -391,9 +403,9 @@ async def fs_logs(services: Services, req: ApiRequest) -> web.StreamResponse:
 
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
-    routes.add(("GET",), "/v1/client/metadata", read_metadata, "node:read")
-    routes.add(("POST",), "/v1/client/metadata", apply_metadata, "node:write")
-    routes.add(("GET",), "/v1/client/fs/ls/{alloc_id}", fs_ls, "namespace:read-fs")
-    routes.add(("GET",), "/v1/client/fs/stat/{alloc_id}", fs_stat, "namespace:read-fs")
-    routes.add(("GET",), "/v1/client/fs/cat/{alloc_id}", fs_cat, "namespace:read-fs")
-    routes.add(("GET",), "/v1/client/fs/logs/{alloc_id}", fs_logs, "namespace:read-logs")
+    routes.add(("GET",), "/v1/client/metadata", read_metadata, Need.node_read)
+    routes.add(("POST",), "/v1/client/metadata", apply_metadata, Need.node_write)
+    routes.add(("GET",), "/v1/client/fs/ls/{alloc_id}", fs_ls, READ_FS)
+    routes.add(("GET",), "/v1/client/fs/stat/{alloc_id}", fs_stat, READ_FS)
+    routes.add(("GET",), "/v1/client/fs/cat/{alloc_id}", fs_cat, READ_FS)
+    routes.add(("GET",), "/v1/client/fs/logs/{alloc_id}", fs_logs, READ_LOGS)

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
+from nomad_client.http.auth import (
+    DEFAULT_NAMESPACE,
+    Need,
+    allows,
+    request_namespace,
+    require,
+    require_in_request,
+)
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import block, query_bool
@@ -25,6 +34,19 @@ REGISTER_KEYS = {"Job", "EnforceIndex", "JobModifyIndex", "PolicyOverride", "Pre
                  "SecretID"}
 PARSE_KEYS = {"JobHCL", "Variables", "Canonicalize"}
 MAX_JOBSPEC_CHARS = 256 * 1024
+# Nomad's rule for namespace names; "*" (every namespace) can hold no job.
+NAMESPACE_NAME = re.compile(r"[a-zA-Z0-9-]{1,128}")
+
+LIST_JOBS = Need.namespace("list-jobs")
+SUBMIT_JOB = Need.namespace("submit-job", "register-job")
+PARSE_JOB = Need.namespace("parse-job", "submit-job")
+READ_JOB = Need.namespace("read-job")
+DEREGISTER_JOB = Need.namespace("submit-job", "purge-job", "deregister-job")
+PURGE_JOB = Need.namespace("submit-job", "purge-job")
+
+
+def job_namespace(job: dict[str, Any]) -> str:
+    return job.get("Namespace") or DEFAULT_NAMESPACE
 
 
 def alloc_stub(alloc: Allocation) -> dict[str, Any]:
@@ -59,7 +81,7 @@ async def list_jobs(services: Services, req: ApiRequest) -> Reply:
     prefix = req.query.get("prefix", "")
     stubs = []
     for job in server.jobs():
-        if not job["ID"].startswith(prefix):
+        if not job["ID"].startswith(prefix) or not allows(req, job_namespace(job), LIST_JOBS):
             continue
         stubs.append({k: job.get(k) for k in (
             "ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool", "Type",
@@ -80,10 +102,21 @@ async def register_job(services: Services, req: ApiRequest) -> Reply:
     path_id = req.params.get("job_id")
     if path_id is not None and path_id != job["ID"]:
         raise bad_request("Job ID does not match name")
+    if not job.get("Namespace"):  # as Nomad: a job names its namespace, or the request does
+        job = {**job, "Namespace": request_namespace(req.query)}
     try:
         job = canonicalize_job(job)
     except JobValidationError as err:
         raise bad_request(str(err)) from None
+    namespace = job_namespace(job)
+    if not NAMESPACE_NAME.fullmatch(namespace):
+        raise bad_request("invalid namespace: a namespace name is 1 to 128 letters, digits "
+                          "and dashes")
+    require(req, namespace, SUBMIT_JOB)
+    # Job IDs are unique across namespaces here: replacing one needs its namespace's right too.
+    existing = services.server.job(job["ID"])
+    if existing is not None:
+        require(req, job_namespace(existing), SUBMIT_JOB)
     eval_id, index = await services.server.register_job(job)
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
                   "Warnings": "", "Index": index, "LastContact": 0,
@@ -111,11 +144,26 @@ async def get_job(services: Services, req: ApiRequest) -> Reply:
     server = services.server
     index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
     job = found_or_404(server.job(req.params["job_id"]), "job not found")
+    require(req, job_namespace(job), READ_JOB)
     return Reply(_job_view(server, job), index)
+
+
+def _readable_job(services: Services, req: ApiRequest) -> None:
+    """403 unless the caller may read the job the path names (when it exists)."""
+    job = services.server.job(req.params["job_id"])
+    if job is not None:
+        require(req, job_namespace(job), READ_JOB)
 
 
 async def delete_job(services: Services, req: ApiRequest) -> Reply:
     purge = query_bool(req.query, "purge")
+    need = DEREGISTER_JOB  # what the route declares
+    if purge:
+        need = PURGE_JOB
+        require_in_request(req, need)
+    job = services.server.job(req.params["job_id"])
+    if job is not None:
+        require(req, job_namespace(job), need)
     eval_id, index = await services.server.deregister_job(req.params["job_id"], purge=purge)
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
                   "Index": index, "LastContact": 0, "KnownLeader": True,
@@ -123,31 +171,34 @@ async def delete_job(services: Services, req: ApiRequest) -> Reply:
 
 
 async def job_allocations(services: Services, req: ApiRequest) -> Reply:
+    _readable_job(services, req)
     index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
     allocs = services.server.job_allocs(req.params["job_id"])
-    return Reply([alloc_stub(a) for a in allocs], index)
+    return Reply([alloc_stub(a) for a in allocs if allows(req, a.namespace, READ_JOB)], index)
 
 
 async def job_evaluations(services: Services, req: ApiRequest) -> Reply:
+    _readable_job(services, req)
     index = await block(services.server, req.query, (Resource.EVALUATIONS,))
     evals = services.server.job_evaluations(req.params["job_id"])
-    return Reply([to_api(e) for e in evals], index)
+    return Reply([to_api(e) for e in evals if allows(req, e.namespace, READ_JOB)], index)
 
 
 async def get_evaluation(services: Services, req: ApiRequest) -> Reply:
     index = await block(services.server, req.query, (Resource.EVALUATIONS,))
     ev = found_or_404(services.server.evaluation(req.params["eval_id"]), "eval not found")
+    require(req, ev.namespace, READ_JOB)
     return Reply(to_api(ev), index)
 
 
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
-    routes.add(("GET",), "/v1/jobs", list_jobs, "namespace:list-jobs")
-    routes.add(("PUT", "POST"), "/v1/jobs", register_job, "namespace:submit-job")
-    routes.add(("PUT", "POST"), "/v1/jobs/parse", parse, "namespace:parse-job")
-    routes.add(("GET",), "/v1/job/{job_id}", get_job, "namespace:read-job")
-    routes.add(("PUT", "POST"), "/v1/job/{job_id}", register_job, "namespace:submit-job")
-    routes.add(("DELETE",), "/v1/job/{job_id}", delete_job, "namespace:submit-job")
-    routes.add(("GET",), "/v1/job/{job_id}/allocations", job_allocations, "namespace:read-job")
-    routes.add(("GET",), "/v1/job/{job_id}/evaluations", job_evaluations, "namespace:read-job")
-    routes.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, "namespace:read-job")
+    routes.add(("GET",), "/v1/jobs", list_jobs, LIST_JOBS)
+    routes.add(("PUT", "POST"), "/v1/jobs", register_job, SUBMIT_JOB)
+    routes.add(("PUT", "POST"), "/v1/jobs/parse", parse, PARSE_JOB)
+    routes.add(("GET",), "/v1/job/{job_id}", get_job, READ_JOB)
+    routes.add(("PUT", "POST"), "/v1/job/{job_id}", register_job, SUBMIT_JOB)
+    routes.add(("DELETE",), "/v1/job/{job_id}", delete_job, DEREGISTER_JOB)
+    routes.add(("GET",), "/v1/job/{job_id}/allocations", job_allocations, READ_JOB)
+    routes.add(("GET",), "/v1/job/{job_id}/evaluations", job_evaluations, READ_JOB)
+    routes.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, READ_JOB)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from nomad_client.http.endpoints.jobs import alloc_stub
+from nomad_client.http.auth import Need, allows
+from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import block
@@ -71,11 +72,11 @@ async def get_node(services: Services, req: ApiRequest) -> Reply:
 async def node_allocs(services: Services, req: ApiRequest) -> Reply:
     index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
     allocs = services.server.node_allocs(req.params["node_id"])
-    return Reply([alloc_stub(a) for a in allocs], index)
+    return Reply([alloc_stub(a) for a in allocs if allows(req, a.namespace, READ_JOB)], index)
 
 
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
-    routes.add(("GET",), "/v1/nodes", list_nodes, "node:read")
-    routes.add(("GET",), "/v1/node/{node_id}", get_node, "node:read")
-    routes.add(("GET",), "/v1/node/{node_id}/allocations", node_allocs, "node:read")
+    routes.add(("GET",), "/v1/nodes", list_nodes, Need.node_read)
+    routes.add(("GET",), "/v1/node/{node_id}", get_node, Need.node_read)
+    routes.add(("GET",), "/v1/node/{node_id}/allocations", node_allocs, Need.node_read)

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from nomad_client.http.auth import Need
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import Services
 
@@ -26,5 +27,5 @@ class Routes:
     services: Services
 
     def add(self, methods: Iterable[str], path: str, handler: Endpoint,
-            capability: str | None = None) -> None:
-        self.router.add(methods, path, functools.partial(handler, self.services), capability)
+            need: Need = Need.none) -> None:
+        self.router.add(methods, path, functools.partial(handler, self.services), need)

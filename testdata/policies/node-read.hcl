@@ -1,0 +1,4 @@
+# Read node metadata and status (GET /v1/client/metadata, /v1/nodes).
+node {
+  policy = "read"
+}
