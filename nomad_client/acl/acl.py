@@ -16,21 +16,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 import attrs
 
 from nomad_client.acl.capabilities import DENY, LIST, READ, WRITE
-from nomad_client.acl.jobacl import JobACL, job_acl_matches, validate_job_acl
 from nomad_client.acl.policy import Policy
 from nomad_client.acl.table import EMPTY, EMPTY_TABLE, CapabilityTable
-
-__all__ = [
-    "ACL",
-    "DENY_ALL",
-    "MANAGEMENT",
-    "ACLCache",
-    "JobACL",
-    "WorkloadClaim",
-    "compile_acl",
-    "job_acl_matches",
-    "validate_job_acl",
-]
 
 # Variable keys join the namespace label and the path spec with a byte neither may hold.
 _KEY_SEPARATOR = "\x00"

@@ -94,10 +94,16 @@ _NAMESPACE_WRITE = (
     "submit-recommendation",
     "host-volume-create",
 )
+
+
+def _levels(read: Iterable[str], write: Iterable[str]) -> dict[str, frozenset[str]]:
+    """What the coarse levels grant: ``deny`` only itself, ``read`` and ``write`` the
+    capabilities given."""
+    return {DENY: frozenset({DENY}), READ: frozenset(read), WRITE: frozenset(write)}
+
+
 NAMESPACE_EXPANSION: Mapping[str, frozenset[str]] = {
-    DENY: frozenset({DENY}),
-    READ: frozenset(_NAMESPACE_READ),
-    WRITE: frozenset(_NAMESPACE_WRITE),
+    **_levels(_NAMESPACE_READ, _NAMESPACE_WRITE),
     SCALE: frozenset({
         "list-scaling-policies",
         "read-scaling-policy",
@@ -120,18 +126,12 @@ NAMESPACE_IMPLIED: Mapping[str, frozenset[str]] = {
 VARIABLE_CAPABILITIES: tuple[str, ...] = ("read", "list", "write", "destroy", "deny")
 
 NODE_POOL_CAPABILITIES: tuple[str, ...] = ("read", "write", "delete", "deny")
-NODE_POOL_EXPANSION: Mapping[str, frozenset[str]] = {
-    DENY: frozenset({DENY}),
-    READ: frozenset({"read"}),
-    WRITE: frozenset({"delete", "read", "write"}),
-}
+NODE_POOL_EXPANSION: Mapping[str, frozenset[str]] = _levels(
+    read={"read"}, write={"delete", "read", "write"})
 
 HOST_VOLUME_CAPABILITIES: tuple[str, ...] = ("mount-readonly", "mount-readwrite", "deny")
-HOST_VOLUME_EXPANSION: Mapping[str, frozenset[str]] = {
-    DENY: frozenset({DENY}),
-    READ: frozenset({"mount-readonly"}),
-    WRITE: frozenset({"mount-readonly", "mount-readwrite"}),
-}
+HOST_VOLUME_EXPANSION: Mapping[str, frozenset[str]] = _levels(
+    read={"mount-readonly"}, write={"mount-readonly", "mount-readwrite"})
 
 OPERATOR_CAPABILITIES: tuple[str, ...] = (
     "snapshot-save",
@@ -141,13 +141,10 @@ OPERATOR_CAPABILITIES: tuple[str, ...] = (
     "keyring-delete",
     "deny",
 )
-OPERATOR_EXPANSION: Mapping[str, frozenset[str]] = {
-    DENY: frozenset({DENY}),
-    READ: frozenset({"license-read", "keyring-read"}),
-    WRITE: frozenset({
-        "snapshot-save", "license-read", "keyring-rotate", "keyring-read", "keyring-delete",
-    }),
-}
+OPERATOR_EXPANSION: Mapping[str, frozenset[str]] = _levels(
+    read={"license-read", "keyring-read"},
+    write={"snapshot-save", "license-read", "keyring-rotate", "keyring-read", "keyring-delete"},
+)
 
 SENTINEL_CAPABILITIES: tuple[str, ...] = (
     "sentinel-read",
@@ -155,11 +152,8 @@ SENTINEL_CAPABILITIES: tuple[str, ...] = (
     "sentinel-delete",
     "deny",
 )
-SENTINEL_EXPANSION: Mapping[str, frozenset[str]] = {
-    DENY: frozenset({DENY}),
-    READ: frozenset({"sentinel-read"}),
-    WRITE: frozenset({"sentinel-read", "sentinel-submit", "sentinel-delete"}),
-}
+SENTINEL_EXPANSION: Mapping[str, frozenset[str]] = _levels(
+    read={"sentinel-read"}, write={"sentinel-read", "sentinel-submit", "sentinel-delete"})
 
 
 def expand(

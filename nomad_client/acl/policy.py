@@ -352,18 +352,23 @@ class _LabelChecks:
                 raise PolicyError(self.bad_capability(block, cap), block.capabilities_line)
 
 
-def _with_dump(go_type: str, prefix: str) -> Callable[[_Block], str]:
-    return lambda block: f"{prefix}: {_go_dump(go_type, block)}"
+def _checks_with_dump(
+    name: re.Pattern[str], vocabulary: tuple[str, ...], kind: str, go_type: str
+) -> _LabelChecks:
+    """Checks whose texts end with the whole block as Go prints it (Nomad's wording for
+    namespaces and host volumes)."""
+    return _LabelChecks(
+        name,
+        vocabulary,
+        bad_name=lambda block: f"Invalid {kind} name: {_go_dump(go_type, block)}",
+        bad_policy=lambda block: f"Invalid {kind} policy: {_go_dump(go_type, block)}",
+        bad_capability=lambda block, cap: (
+            f"Invalid {kind} capability '{cap}': {_go_dump(go_type, block)}"),
+    )
 
 
-_NAMESPACE_CHECKS = _LabelChecks(
-    NAMESPACE_NAME,
-    NAMESPACE_CAPABILITIES,
-    bad_name=_with_dump("NamespacePolicy", "Invalid namespace name"),
-    bad_policy=_with_dump("NamespacePolicy", "Invalid namespace policy"),
-    bad_capability=lambda block, cap: (
-        f"Invalid namespace capability '{cap}': {_go_dump('NamespacePolicy', block)}"),
-)
+_NAMESPACE_CHECKS = _checks_with_dump(
+    NAMESPACE_NAME, NAMESPACE_CAPABILITIES, "namespace", "NamespacePolicy")
 _NODE_POOL_CHECKS = _LabelChecks(
     NODE_POOL_NAME,
     NODE_POOL_CAPABILITIES,
@@ -371,14 +376,8 @@ _NODE_POOL_CHECKS = _LabelChecks(
     bad_policy=lambda block: f"Invalid node pool policy '{block.policy}' for '{block.label}'",
     bad_capability=lambda block, cap: f"Invalid node pool capability '{cap}' for '{block.label}'",
 )
-_HOST_VOLUME_CHECKS = _LabelChecks(
-    HOST_VOLUME_NAME,
-    HOST_VOLUME_CAPABILITIES,
-    bad_name=_with_dump("HostVolumePolicy", "Invalid host volume name"),
-    bad_policy=_with_dump("HostVolumePolicy", "Invalid host volume policy"),
-    bad_capability=lambda block, cap: (
-        f"Invalid host volume capability '{cap}': {_go_dump('HostVolumePolicy', block)}"),
-)
+_HOST_VOLUME_CHECKS = _checks_with_dump(
+    HOST_VOLUME_NAME, HOST_VOLUME_CAPABILITIES, "host volume", "HostVolumePolicy")
 
 
 def _namespace_rule(block: _Block) -> NamespaceRule:

@@ -228,6 +228,52 @@ def _act_and_say(ns: argparse.Namespace, failure: str,
     return run_with_client(ns, body)
 
 
+def _one_argument_parser(name: str, argument: str, description: str) -> AclParser:
+    """The parser of a command that takes exactly one ``<argument>``."""
+    return AclParser(name, f"[options] <{argument}>", description, low=1, high=1,
+                     complaint=f"This command takes one argument: <{argument}>")
+
+
+def _list_command(group: str, plural: str, description: str,
+                  call: Callable[[ApiClient], Awaitable[Document]],
+                  render: Callable[[Any], str]) -> Command:
+    """``acl <group> list``: print what ``call`` answers."""
+    def command(argv: Sequence[str]) -> int:
+        p = AclParser(f"acl {group} list", "[options]", description)
+        p.add_json_flag(plural)
+        return _fetch_and_show(p.parse(argv), f"Error listing ACL {plural}", call, render)
+
+    return command
+
+
+def _info_command(group: str, argument: str, description: str, failure: str,
+                  call: Callable[[ApiClient, str], Awaitable[Document]],
+                  render: Callable[[Any], str]) -> Command:
+    """``acl <group> info <argument>``: print the object ``call`` answers for it."""
+    def command(argv: Sequence[str]) -> int:
+        p = _one_argument_parser(f"acl {group} info", argument, description)
+        p.add_json_flag(group)
+        ns = p.parse(argv)
+        return _fetch_and_show(ns, failure, lambda client: call(client, ns.args[0]), render)
+
+    return command
+
+
+def _delete_command(group: str, argument: str, failure: str,
+                    call: Callable[[ApiClient, str], Awaitable[None]], done: str) -> Command:
+    """``acl <group> delete <argument>``: delete the object, then print ``done`` with the
+    argument in place of ``{}``."""
+    def command(argv: Sequence[str]) -> int:
+        p = _one_argument_parser(f"acl {group} delete", argument,
+                                 f"Delete an ACL {group}. Requires a management token.")
+        ns = p.parse(argv)
+        ident = ns.args[0]
+        return _act_and_say(ns, failure, lambda client: call(client, ident),
+                            done.format(ident))
+
+    return command
+
+
 # ---- bootstrap -----------------------------------------------------------------------------
 
 def bootstrap_cmd(argv: Sequence[str]) -> int:
@@ -289,33 +335,15 @@ def policy_apply_cmd(argv: Sequence[str]) -> int:
                         f'Successfully wrote "{name}" ACL policy!')
 
 
-def policy_list_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl policy list", "[options]",
-                  "List ACL policies (a non-management token sees its own).")
-    p.add_json_flag("policies")
-    ns = p.parse(argv)
-    return _fetch_and_show(ns, "Error listing ACL policies",
-                           lambda client: client.acl_policies(), format_policies)
-
-
-def policy_info_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl policy info", "[options] <name>", "Show an ACL policy and its rules.",
-                  low=1, high=1, complaint="This command takes one argument: <name>")
-    p.add_json_flag("policy")
-    ns = p.parse(argv)
-    return _fetch_and_show(ns, "Error fetching info on ACL policy",
-                           lambda client: client.acl_policy(ns.args[0]), format_policy)
-
-
-def policy_delete_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl policy delete", "[options] <name>",
-                  "Delete an ACL policy. Requires a management token.",
-                  low=1, high=1, complaint="This command takes one argument: <name>")
-    ns = p.parse(argv)
-    name = ns.args[0]
-    return _act_and_say(ns, "Error deleting ACL policy",
-                        lambda client: client.acl_policy_delete(name),
-                        f"Successfully deleted {name} policy!")
+policy_list_cmd = _list_command(
+    "policy", "policies", "List ACL policies (a non-management token sees its own).",
+    lambda client: client.acl_policies(), format_policies)
+policy_info_cmd = _info_command(
+    "policy", "name", "Show an ACL policy and its rules.", "Error fetching info on ACL policy",
+    lambda client, name: client.acl_policy(name), format_policy)
+policy_delete_cmd = _delete_command(
+    "policy", "name", "Error deleting ACL policy",
+    lambda client, name: client.acl_policy_delete(name), "Successfully deleted {} policy!")
 
 
 # ---- token ---------------------------------------------------------------------------------
@@ -372,23 +400,12 @@ def token_create_cmd(argv: Sequence[str]) -> int:
     return run_with_client(ns, body)
 
 
-def token_list_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl token list", "[options]",
-                  "List ACL tokens. Requires a management token.")
-    p.add_json_flag("tokens")
-    ns = p.parse(argv)
-    return _fetch_and_show(ns, "Error listing ACL tokens",
-                           lambda client: client.acl_tokens(), format_tokens)
-
-
-def token_info_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl token info", "[options] <token_accessor_id>", "Show an ACL token.",
-                  low=1, high=1, complaint="This command takes one argument: "
-                                           "<token_accessor_id>")
-    p.add_json_flag("token")
-    ns = p.parse(argv)
-    return _fetch_and_show(ns, "Error fetching token",
-                           lambda client: client.acl_token(ns.args[0]), format_token)
+token_list_cmd = _list_command(
+    "token", "tokens", "List ACL tokens. Requires a management token.",
+    lambda client: client.acl_tokens(), format_tokens)
+token_info_cmd = _info_command(
+    "token", "token_accessor_id", "Show an ACL token.", "Error fetching token",
+    lambda client, accessor: client.acl_token(accessor), format_token)
 
 
 def token_self_cmd(argv: Sequence[str]) -> int:
@@ -421,11 +438,10 @@ def token_self_cmd(argv: Sequence[str]) -> int:
 
 
 def token_update_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl token update", "[options] <token_accessor_id>",
-                  "Update an ACL token; flags not given leave their field unchanged, lists "
-                  "given replace the stored ones. Requires a management token.",
-                  low=1, high=1, complaint="This command takes one argument: "
-                                           "<token_accessor_id>")
+    p = _one_argument_parser(
+        "acl token update", "token_accessor_id",
+        "Update an ACL token; flags not given leave their field unchanged, lists given "
+        "replace the stored ones. Requires a management token.")
     p.add_flag("name", default="", help="a new name")
     p.add_flag("type", default="", help='a new type: "client" or "management"')
     _add_link_flags(p)
@@ -449,22 +465,12 @@ def _updated_token(ns: argparse.Namespace, current: Mapping[str, Any]) -> dict[s
     return token
 
 
-def token_delete_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl token delete", "[options] <token_accessor_id>",
-                  "Delete an ACL token. Requires a management token.",
-                  low=1, high=1, complaint="This command takes one argument: "
-                                           "<token_accessor_id>")
-    ns = p.parse(argv)
-    accessor = ns.args[0]
-    return _act_and_say(ns, "Error deleting token",
-                        lambda client: client.acl_token_delete(accessor),
-                        f"Token {accessor} successfully deleted")
+token_delete_cmd = _delete_command(
+    "token", "token_accessor_id", "Error deleting token",
+    lambda client, accessor: client.acl_token_delete(accessor), "Token {} successfully deleted")
 
 
 # ---- role ----------------------------------------------------------------------------------
-
-ROLE_ID_ARGUMENT = "This command takes one argument: <acl_role_id>"
-
 
 def _policy_links(names: Sequence[str]) -> list[dict[str, str]]:
     return [{"Name": n} for n in dict.fromkeys(names)]
@@ -497,17 +503,12 @@ def role_create_cmd(argv: Sequence[str]) -> int:
                            lambda client: client.acl_role_create(role), format_role)
 
 
-def role_list_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl role list", "[options]", "List ACL roles.")
-    p.add_json_flag("roles")
-    ns = p.parse(argv)
-    return _fetch_and_show(ns, "Error listing ACL roles",
-                           lambda client: client.acl_roles(), format_roles)
+role_list_cmd = _list_command(
+    "role", "roles", "List ACL roles.", lambda client: client.acl_roles(), format_roles)
 
 
 def role_info_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl role info", "[options] <acl_role_id>", "Show an ACL role.",
-                  low=1, high=1, complaint=ROLE_ID_ARGUMENT)
+    p = _one_argument_parser("acl role info", "acl_role_id", "Show an ACL role.")
     p.add_bool_flag("by-name", help="the argument is the role's name, not its ID")
     p.add_json_flag("role")
     ns = p.parse(argv)
@@ -535,10 +536,10 @@ def _updated_role(ns: argparse.Namespace, current: Mapping[str, Any]) -> dict[st
 
 
 def role_update_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl role update", "[options] <acl_role_id>",
-                  "Update an ACL role: the flags given are merged into it (policies added), "
-                  "or with -no-merge replace it. Requires a management token.",
-                  low=1, high=1, complaint=ROLE_ID_ARGUMENT)
+    p = _one_argument_parser(
+        "acl role update", "acl_role_id",
+        "Update an ACL role: the flags given are merged into it (policies added), or with "
+        "-no-merge replace it. Requires a management token.")
     _add_role_flags(p)
     p.add_bool_flag("no-merge", help="replace the role with exactly what the flags say")
     ns = p.parse(argv)
@@ -552,15 +553,9 @@ def role_update_cmd(argv: Sequence[str]) -> int:
                           read_failure="Error when retrieving ACL role")
 
 
-def role_delete_cmd(argv: Sequence[str]) -> int:
-    p = AclParser("acl role delete", "[options] <acl_role_id>",
-                  "Delete an ACL role. Requires a management token.",
-                  low=1, high=1, complaint=ROLE_ID_ARGUMENT)
-    ns = p.parse(argv)
-    role_id = ns.args[0]
-    return _act_and_say(ns, "Error deleting ACL role",
-                        lambda client: client.acl_role_delete(role_id),
-                        f"ACL role {role_id} successfully deleted")
+role_delete_cmd = _delete_command(
+    "role", "acl_role_id", "Error deleting ACL role",
+    lambda client, role_id: client.acl_role_delete(role_id), "ACL role {} successfully deleted")
 
 
 # ---- command groups ------------------------------------------------------------------------

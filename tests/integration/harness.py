@@ -213,6 +213,25 @@ def task_dir(agent: AgentProcess, alloc_id: str, task: str) -> Path:
     return agent.data_dir / "alloc" / alloc_id / task
 
 
+def sparse(path: Path, size: int, head: bytes = b"") -> None:
+    """A file that looks ``size`` bytes long but costs the task no disk."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+
+
+def fds_on(path: Path, pid: int | str = "self") -> int:
+    """How many of a process's descriptors are open on ``path``."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                count += 1
+        except OSError:
+            continue  # closed while we looked
+    return count
+
+
 def new_marker() -> str:
     """A unique word to put in a task's command line, to find its processes by."""
     return f"itest-{uuid.uuid4().hex}"

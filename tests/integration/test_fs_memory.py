@@ -20,8 +20,10 @@ import pytest
 from tests.integration.harness import (
     AgentProcess,
     eventually,
+    fds_on,
     raw_exec_job,
     run_job,
+    sparse,
     task_dir,
     wait_task_state,
 )
@@ -65,12 +67,6 @@ async def running(agent: AgentProcess) -> AsyncIterator[Running]:
         yield Running(agent, alloc["ID"])
 
 
-def sparse(path: Path, size: int, head: bytes = b"") -> None:
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(size)
-
-
 class PeakMemory:
     """A process's peak resident memory over a stretch of time, from the kernel's own
     high-water mark (``VmHWM``), so no short spike between samples is missed."""
@@ -110,17 +106,6 @@ async def many_readers(url: str, params: dict[str, str]) -> list[tuple[int, int,
     connector = aiohttp.TCPConnector(limit=READERS)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         return await asyncio.gather(*(read_all(session, url, params) for _ in range(READERS)))
-
-
-def fds_on(pid: int, path: Path) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                count += 1
-        except OSError:
-            continue  # closed while we looked
-    return count
 
 
 async def test_concurrent_cats_of_a_large_file_keep_memory_bounded(running: Running) -> None:
@@ -168,9 +153,9 @@ async def test_a_client_hanging_up_mid_cat_releases_the_file(running: Running) -
         assert resp.status == 200
         await resp.content.readexactly(MIB)
         # The reader has stopped reading: the agent waits, holding the file open.
-        assert fds_on(running.pid, big) == 1
+        assert fds_on(big, running.pid) == 1
         resp.close()  # hang up mid-body
-        await eventually(lambda: fds_on(running.pid, big) == 0, message="the file closed")
+        await eventually(lambda: fds_on(big, running.pid) == 0, message="the file closed")
     # And the agent serves on.
     async with aiohttp.ClientSession() as session:
         status, size, _ = await read_all(session, running.url("cat"),

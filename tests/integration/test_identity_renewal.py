@@ -61,14 +61,21 @@ def _call_log(agent: AgentProcess, alloc_id: str) -> str:
     return (local_dir(agent, alloc_id) / "calls").read_text()
 
 
-async def test_a_file_identity_with_a_ttl_is_renewed_before_it_expires(
-        short_agent_factory: Callable[..., AgentProcess]) -> None:
+async def _start_calling_task(agent_factory: Callable[..., AgentProcess], job_id: str
+                              ) -> tuple[AgentProcess, str]:
+    """A started agent and the allocation of its task that runs ``CALL_LOOP``."""
     _need_curl()
-    agent = short_agent_factory()
+    agent = agent_factory()
     await agent.start()
     async with agent.api() as api:
-        alloc_id = await start_task(agent, api, raw_exec_job("renew", CALL_LOOP,
+        alloc_id = await start_task(agent, api, raw_exec_job(job_id, CALL_LOOP,
                                                              identity=TTL_IDENTITY))
+    return agent, alloc_id
+
+
+async def test_a_file_identity_with_a_ttl_is_renewed_before_it_expires(
+        short_agent_factory: Callable[..., AgentProcess]) -> None:
+    agent, alloc_id = await _start_calling_task(short_agent_factory, "renew")
     first = read_token(agent, alloc_id)
     first_claims = _claims(first)
     assert first_claims["exp"] - first_claims["iat"] <= TTL_S + 1
@@ -85,12 +92,7 @@ async def test_a_file_identity_with_a_ttl_is_renewed_before_it_expires(
 
 async def test_renewal_resumes_after_an_agent_restart_even_if_the_identity_expired(
         short_agent_factory: Callable[..., AgentProcess]) -> None:
-    _need_curl()
-    agent = short_agent_factory()
-    await agent.start()
-    async with agent.api() as api:
-        alloc_id = await start_task(agent, api, raw_exec_job("resume", CALL_LOOP,
-                                                             identity=TTL_IDENTITY))
+    agent, alloc_id = await _start_calling_task(short_agent_factory, "resume")
     assert await agent.stop() == 0, agent.output  # the task keeps running
     stale = read_token(agent, alloc_id)
     expired_at = _claims(stale)["exp"] + 1  # the verifier's one-second leeway

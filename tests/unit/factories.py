@@ -239,7 +239,7 @@ async def start_agent(base: Path, keyring: Keyring, *, acl: bool = False,
     return agent
 
 
-# ---- directories, loops and waiting ------------------------------------------------------
+# ---- directories, files, loops and waiting ---------------------------------------------
 @contextlib.contextmanager
 def fresh_dir(prefix: str, mode: int | None = None) -> Iterator[Path]:
     """A new directory outside pytest's tmp tree (its paths are short enough for a socket's
@@ -251,6 +251,13 @@ def fresh_dir(prefix: str, mode: int | None = None) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def write_file(directory: Path, name: str, text: str) -> Path:
+    """The file ``name`` in ``directory``, holding ``text``."""
+    path = directory / name
+    path.write_text(text)
+    return path
 
 
 def run_in_own_loop(coro: Coroutine[Any, Any, T]) -> T:

@@ -15,14 +15,16 @@ from nomad_client.agent.config import (
     load_config_file,
     parse_agent_args,
 )
+from tests.unit.factories import write_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "testdata" / "configs"
 
 
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+def load_error(path: Path) -> ConfigError:
+    """The ConfigError that loading the config file at ``path`` must raise."""
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path)
+    return info.value
 
 
 def test_sample_dev_config() -> None:
@@ -46,7 +48,7 @@ def test_json_config() -> None:
 
 
 def test_defaults_and_api_dict(tmp_path: Path) -> None:
-    f = write(tmp_path, "a.hcl", 'data_dir = "/d"\nclient { enabled = true }\n')
+    f = write_file(tmp_path, "a.hcl", 'data_dir = "/d"\nclient { enabled = true }\n')
     cfg = build_agent_config([f], AgentFlags())
     assert cfg == AgentConfig(data_dir="/d", name=socket.gethostname(),
                               client=cfg.client, dev_mode=False)
@@ -58,9 +60,9 @@ def test_defaults_and_api_dict(tmp_path: Path) -> None:
 
 
 def test_later_files_override_and_maps_merge(tmp_path: Path) -> None:
-    a = write(tmp_path, "a.hcl", 'data_dir = "/a"\nregion = "r1"\n'
-              'client {\n  enabled = true\n  meta {\n    rack = "r1"\n    x = "1"\n  }\n}\n')
-    b = write(tmp_path, "b.json", '{"region": "r2", "client": {"meta": {"rack": "r2"}}}')
+    a = write_file(tmp_path, "a.hcl", 'data_dir = "/a"\nregion = "r1"\n'
+                   'client {\n  enabled = true\n  meta {\n    rack = "r1"\n    x = "1"\n  }\n}\n')
+    b = write_file(tmp_path, "b.json", '{"region": "r2", "client": {"meta": {"rack": "r2"}}}')
     cfg = build_agent_config([a, b], AgentFlags())
     assert cfg.region == "r2" and cfg.data_dir == "/a"
     assert cfg.client.meta == {"rack": "r2", "x": "1"}
@@ -68,16 +70,16 @@ def test_later_files_override_and_maps_merge(tmp_path: Path) -> None:
 
 
 def test_directory_expands_to_its_config_files(tmp_path: Path) -> None:
-    write(tmp_path, "10-base.hcl", 'data_dir = "/a"\nserver { enabled = true }\n')
-    write(tmp_path, "20-over.json", '{"data_dir": "/b"}')
-    write(tmp_path, "README", "not a config")
+    write_file(tmp_path, "10-base.hcl", 'data_dir = "/a"\nserver { enabled = true }\n')
+    write_file(tmp_path, "20-over.json", '{"data_dir": "/b"}')
+    write_file(tmp_path, "README", "not a config")
     cfg = build_agent_config([tmp_path], AgentFlags())
     assert cfg.data_dir == "/b" and cfg.server.enabled
 
 
 def test_flags_override_files(tmp_path: Path) -> None:
-    f = write(tmp_path, "a.hcl", 'data_dir = "/a"\nbind_addr = "10.0.0.1"\n'
-              'client {\n  enabled = true\n  meta = { rack = "r1" }\n}\n')
+    f = write_file(tmp_path, "a.hcl", 'data_dir = "/a"\nbind_addr = "10.0.0.1"\n'
+                   'client {\n  enabled = true\n  meta = { rack = "r1" }\n}\n')
     flags = parse_agent_args(["-data-dir", "/flag", "-bind=0.0.0.0", "-acl-enabled",
                               "-log-level", "warn", "-meta", "rack=r9", "--meta=zone=z",
                               "-http-port", "0"])
@@ -98,7 +100,7 @@ def test_dev_mode() -> None:
 def test_non_dev_requirements(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least one of server or client"):
         build_agent_config([], AgentFlags(data_dir="/x"))
-    f = write(tmp_path, "c.hcl", "client { enabled = true }\n")
+    f = write_file(tmp_path, "c.hcl", "client { enabled = true }\n")
     with pytest.raises(ConfigError, match="data_dir is required"):
         build_agent_config([f], AgentFlags())
 
@@ -126,10 +128,9 @@ def test_non_dev_requirements(tmp_path: Path) -> None:
     ],
 )
 def test_hcl_errors_name_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
-    f = write(tmp_path, "agent.hcl", text)
-    with pytest.raises(ConfigError) as info:
-        load_config_file(f)
-    assert str(info.value).startswith(expected.format(f=f))
+    f = write_file(tmp_path, "agent.hcl", text)
+    err = load_error(f)
+    assert str(err).startswith(expected.format(f=f))
 
 
 @pytest.mark.parametrize(
@@ -142,68 +143,64 @@ def test_hcl_errors_name_file_line_and_key(tmp_path: Path, text: str, expected: 
     ],
 )
 def test_json_errors(tmp_path: Path, text: str, expected: str) -> None:
-    f = write(tmp_path, "agent.json", text)
-    with pytest.raises(ConfigError) as info:
-        load_config_file(f)
-    assert str(info.value).startswith(f"{f}")
-    assert expected in str(info.value)
+    f = write_file(tmp_path, "agent.json", text)
+    err = load_error(f)
+    assert str(err).startswith(f"{f}")
+    assert expected in str(err)
 
 
 def test_unknown_key_is_reported_at_the_line_that_sets_it(tmp_path: Path) -> None:
     # Text that looks like the key, earlier in the file, must not be taken for it.
-    f = write(tmp_path, "agent.hcl", 'data_dir = "/d"\n'
-              "client {\n"
-              "  enabled = true\n"
-              "  meta {\n"
-              "    motd = <<EOF\n"
-              "bogus = 1\n"
-              "EOF\n"
-              "  }\n"
-              "  # bogus = 0\n"
-              "  bogus = 2\n"
-              "}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config_file(f)
-    assert (info.value.line, info.value.key) == (10, "client.bogus")
-    assert str(info.value) == f"{f}:10: client.bogus: unknown configuration key"
+    f = write_file(tmp_path, "agent.hcl", 'data_dir = "/d"\n'
+                   "client {\n"
+                   "  enabled = true\n"
+                   "  meta {\n"
+                   "    motd = <<EOF\n"
+                   "bogus = 1\n"
+                   "EOF\n"
+                   "  }\n"
+                   "  # bogus = 0\n"
+                   "  bogus = 2\n"
+                   "}\n")
+    err = load_error(f)
+    assert (err.line, err.key) == (10, "client.bogus")
+    assert str(err) == f"{f}:10: client.bogus: unknown configuration key"
 
 
 def test_syntax_error_is_reported_at_its_line(tmp_path: Path) -> None:
-    f = write(tmp_path, "agent.hcl", 'data_dir = "/d"\n'
-              "client {\n"
-              "  meta {\n"
-              '    rack = "r1"\n'
-              '    zone = = "z"\n'
-              "  }\n"
-              "}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config_file(f)
-    assert info.value.line == 5
-    assert str(info.value).startswith(
+    f = write_file(tmp_path, "agent.hcl", 'data_dir = "/d"\n'
+                   "client {\n"
+                   "  meta {\n"
+                   '    rack = "r1"\n'
+                   '    zone = = "z"\n'
+                   "  }\n"
+                   "}\n")
+    err = load_error(f)
+    assert err.line == 5
+    assert str(err).startswith(
         f"{f}:5: syntax error at column 12: unexpected '= '; expected an expression")
 
 
 def test_hcl_reading_rules_are_the_jobspecs(tmp_path: Path) -> None:
     # One HCL front-end: an attribute set twice is refused with both lines, as in a jobspec.
-    f = write(tmp_path, "agent.hcl", 'data_dir = "/a"\nregion = "r"\ndata_dir = "/b"\n')
+    f = write_file(tmp_path, "agent.hcl", 'data_dir = "/a"\nregion = "r"\ndata_dir = "/b"\n')
     with pytest.raises(ConfigError, match=rf"^{f}:3: attribute 'data_dir' is set more than "
                                           r"once \(first at line 1\)$"):
         load_config_file(f)
     # Config values are never interpolated: ${...} is kept as written.
-    f = write(tmp_path, "agent.hcl", 'data_dir = "/srv/${node}"\nname = "a\\tb"\n')
+    f = write_file(tmp_path, "agent.hcl", 'data_dir = "/srv/${node}"\nname = "a\\tb"\n')
     assert load_config_file(f) == {"data_dir": "/srv/${node}", "name": "a\tb"}
 
 
 def test_json_semantic_errors_name_the_line_of_the_key(tmp_path: Path) -> None:
-    f = write(tmp_path, "agent.json", '{\n  "region": "has \\"meta\\": ]",\n'
-              '  "client": {\n    "enabled": true,\n    "meta": {"rack": 1}\n  }\n}\n')
-    with pytest.raises(ConfigError) as info:
-        load_config_file(f)
-    assert str(info.value) == f"{f}:5: client.meta.rack: expected a string, got number"
+    f = write_file(tmp_path, "agent.json", '{\n  "region": "has \\"meta\\": ]",\n'
+                   '  "client": {\n    "enabled": true,\n    "meta": {"rack": 1}\n  }\n}\n')
+    err = load_error(f)
+    assert str(err) == f"{f}:5: client.meta.rack: expected a string, got number"
 
 
 def test_json_syntax_error_has_line(tmp_path: Path) -> None:
-    f = write(tmp_path, "agent.json", '{\n  "region": "x",\n  oops\n}')
+    f = write_file(tmp_path, "agent.json", '{\n  "region": "x",\n  oops\n}')
     with pytest.raises(ConfigError, match=rf"^{f}:3: invalid JSON"):
         load_config_file(f)
 
@@ -264,13 +261,13 @@ def test_bad_flag_values_rejected_at_build() -> None:
 def test_meta_limits_defaults_hcl_json_and_merge(tmp_path: Path) -> None:
     from nomad_client.client.nodemeta import MetaLimits
 
-    base = write(tmp_path, "a.hcl", 'data_dir = "/d"\nclient { enabled = true }\n')
+    base = write_file(tmp_path, "a.hcl", 'data_dir = "/d"\nclient { enabled = true }\n')
     assert build_agent_config([base], AgentFlags()).client.meta_limits == MetaLimits(
         max_keys=512, max_key_length=128, max_value_length=4096, max_total_bytes=65536)
-    hcl = write(tmp_path, "b.hcl", "client {\n  meta_limits {\n    max_keys = 10\n"
-                "    max_value_length = 100\n  }\n}\n")
-    json_file = write(tmp_path, "c.json", '{"client": {"meta_limits": {"max_keys": 20, '
-                      '"max_total_bytes": 1000}}}')
+    hcl = write_file(tmp_path, "b.hcl", "client {\n  meta_limits {\n    max_keys = 10\n"
+                     "    max_value_length = 100\n  }\n}\n")
+    json_file = write_file(tmp_path, "c.json", '{"client": {"meta_limits": {"max_keys": 20, '
+                           '"max_total_bytes": 1000}}}')
     cfg = build_agent_config([base, hcl, json_file], AgentFlags())
     # Later files override key by key; unset limits keep their defaults.
     assert cfg.client.meta_limits == MetaLimits(max_keys=20, max_key_length=128,
@@ -289,14 +286,14 @@ def test_meta_limits_defaults_hcl_json_and_merge(tmp_path: Path) -> None:
 ])
 def test_meta_limits_errors_name_file_line_and_key(tmp_path: Path, limits: str,
                                                    expected: str) -> None:
-    f = write(tmp_path, "agent.hcl", f"client {{\n  meta_limits {{\n    {limits}\n  }}\n}}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config_file(f)
-    assert str(info.value).startswith(expected.format(f=f))
+    f = write_file(tmp_path, "agent.hcl",
+                   f"client {{\n  meta_limits {{\n    {limits}\n  }}\n}}\n")
+    err = load_error(f)
+    assert str(err).startswith(expected.format(f=f))
 
 
 def test_meta_key_with_trailing_newline_is_refused(tmp_path: Path) -> None:
-    f = write(tmp_path, "agent.json", '{"client": {"meta": {"rack\\n": "r1"}}}')
+    f = write_file(tmp_path, "agent.json", '{"client": {"meta": {"rack\\n": "r1"}}}')
     with pytest.raises(ConfigError, match="is invalid"):
         load_config_file(f)
     with pytest.raises(ConfigError, match="is invalid"):

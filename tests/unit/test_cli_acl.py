@@ -20,7 +20,7 @@ import pytest
 from nomad_client.cli.acl import format_token, go_time
 from nomad_client.cli.main import main
 from nomad_client.server.keyring import Keyring
-from tests.unit.factories import InProcessAgent, start_agent
+from tests.unit.factories import InProcessAgent, start_agent, write_file
 from tests.unit.test_cli import RecordingRouter, Seen, cli
 
 READ_RULES = 'namespace "default" {\n  policy = "read"\n}\n'
@@ -143,8 +143,7 @@ def test_usage_errors_use_nomads_words(capsys: Capsys, monkeypatch: pytest.Monke
 
 
 def test_policy_apply_needs_each_outer_workload_flag(capsys: Capsys, tmp_path: Path) -> None:
-    rules = tmp_path / "p.hcl"
-    rules.write_text(READ_RULES)
+    rules = write_file(tmp_path, "p.hcl", READ_RULES)
     for flags, message in ((["-job", "web"], "-namespace is required if -job is set"),
                            (["-namespace", "default", "-group", "g"],
                             "-job is required if -group is set"),
@@ -205,8 +204,7 @@ async def test_bootstrap_with_an_operator_chosen_secret(
         tmp_path: Path, source: str) -> None:
     secret = str(uuid.uuid4())
     if source == "file":
-        path = tmp_path / "secret"
-        path.write_text(secret + "\n")  # as `echo` writes it
+        path = write_file(tmp_path, "secret", secret + "\n")  # as `echo` writes it
         argv = ["acl", "bootstrap", "-json", str(path)]
     else:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(secret.encode())))
@@ -220,8 +218,7 @@ async def test_bootstrap_with_an_operator_chosen_secret(
 
 async def test_bootstrap_refuses_a_malformed_secret_without_echoing_it(
         capsys: Capsys, agent: InProcessAgent, tmp_path: Path) -> None:
-    path = tmp_path / "secret"
-    path.write_text("my-not-so-secret-word\n")
+    path = write_file(tmp_path, "secret", "my-not-so-secret-word\n")
     err = await fails(capsys, "acl", "bootstrap", str(path))
     assert err.startswith("Error bootstrapping: Unexpected response code: 400 ("), err
     assert "not-so-secret" not in err
@@ -239,8 +236,7 @@ async def test_policy_apply_list_info_delete(capsys: Capsys, agent: InProcessAge
                                              monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
     await bootstrap(capsys, monkeypatch)
-    rules = tmp_path / "readonly.hcl"
-    rules.write_text(READ_RULES)
+    rules = write_file(tmp_path, "readonly.hcl", READ_RULES)
     assert await ok(capsys, "acl", "policy", "apply", "-description", "Read only",
                     "readonly", str(rules)) == 'Successfully wrote "readonly" ACL policy!\n'
     assert requests(agent)[-1] == ("PUT", "/v1/acl/policy/readonly")
@@ -291,8 +287,7 @@ async def test_policy_apply_reports_the_servers_refusal(capsys: Capsys, agent: I
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
     await bootstrap(capsys, monkeypatch)
-    rules = tmp_path / "bad.hcl"
-    rules.write_text('namespace "default" { policy = "own" }')
+    rules = write_file(tmp_path, "bad.hcl", 'namespace "default" { policy = "own" }')
     err = await fails(capsys, "acl", "policy", "apply", "bad", str(rules))
     assert err.startswith("Error writing ACL policy: Unexpected response code: 400 (policy 0 "
                           "invalid: "), err
@@ -307,8 +302,7 @@ async def test_token_create_list_info_self_update_delete(
         capsys: Capsys, agent: InProcessAgent, monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> None:
     boot = await bootstrap(capsys, monkeypatch)
-    rules = tmp_path / "readonly.hcl"
-    rules.write_text(READ_RULES)
+    rules = write_file(tmp_path, "readonly.hcl", READ_RULES)
     await ok(capsys, "acl", "policy", "apply", "readonly", str(rules))
 
     # A policy that does not exist is only warned about, as Nomad's CLI does.
@@ -401,8 +395,7 @@ async def test_role_create_list_info_update_delete(
         capsys: Capsys, agent: InProcessAgent, monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> None:
     await bootstrap(capsys, monkeypatch)
-    rules = tmp_path / "rules.hcl"
-    rules.write_text(READ_RULES)
+    rules = write_file(tmp_path, "rules.hcl", READ_RULES)
     for name in ("readonly", "deployer", "auditor"):
         await ok(capsys, "acl", "policy", "apply", name, str(rules))
 

@@ -27,6 +27,7 @@ import pytest
 from nomad_client.client.allocdir import AllocDir
 from nomad_client.http.endpoints.client import LOG_FRAME_BYTES, MAX_LOG_BYTES
 from nomad_client.server.keyring import Keyring
+from tests.integration.harness import fds_on, sparse
 from tests.unit.factories import OneAllocClient, make_server, serve_api, wait_until
 
 IS_ROOT = os.geteuid() == 0
@@ -89,13 +90,6 @@ def frames(body: bytes) -> list[dict[str, Any]]:
         frame, pos = decoder.raw_decode(text, pos)
         out.append(frame)
     return out
-
-
-def sparse(path: Path, size: int, head: bytes) -> None:
-    """A file that looks ``size`` bytes long but costs the task no disk."""
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(size)
 
 
 # -- symlinks ---------------------------------------------------------------------------
@@ -354,18 +348,6 @@ async def test_no_logs_yet_is_404(agent: Agent) -> None:
 # -- streaming --------------------------------------------------------------------------
 
 
-def _fds_on(path: Path, pid: int | str = "self") -> int:
-    """How many of a process's descriptors are open on ``path``."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                count += 1
-        except OSError:
-            continue  # closed while we looked
-    return count
-
-
 async def test_cat_streams_a_file_larger_than_the_old_cap(agent: Agent) -> None:
     big = agent.local / "big"
     sparse(big, 80 * MIB, b"head of the file")
@@ -416,9 +398,9 @@ async def test_a_client_hanging_up_mid_cat_releases_the_file(agent: Agent) -> No
         assert resp.status == 200
         await resp.content.readexactly(MIB)
         # The agent is now held up by a reader that stopped reading: the file is open.
-        assert _fds_on(big) == 1
+        assert fds_on(big) == 1
         resp.close()  # drops the connection mid-body
-        await wait_until(lambda: _fds_on(big) == 0, "the file closed")
+        await wait_until(lambda: fds_on(big) == 0, "the file closed")
 
 
 async def test_logs_stream_across_files_in_order(agent: Agent) -> None:

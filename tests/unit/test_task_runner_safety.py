@@ -221,6 +221,11 @@ def killing_reasons(runner: AllocRunner) -> list[str]:
     return [e.kill_reason for e in runner.task_runners["t"].state.events if e.type == "Killing"]
 
 
+def assert_dead_and_failed(runner: AllocRunner) -> None:
+    state = runner.task_runners["t"].state
+    assert state.state == "dead" and state.failed
+
+
 def assert_all_gone(driver: SurvivingDriver, guard: Guard, runner: AllocRunner) -> None:
     assert guard.violations == []
     assert driver.alive() == set()
@@ -247,8 +252,7 @@ async def test_prestart_failing_after_restore_kills_the_task_before_any_retry(
     assert seen[2:6] == ["Task hook failed", "Killing", "Killed", "Restarting"]
     assert seen.count("Task hook failed") == 3 and seen[-1] == "Not Restarting"
     assert killing_reasons(runner) == [RESTORE_REASON]
-    state = runner.task_runners["t"].state
-    assert state.state == "dead" and state.failed
+    assert_dead_and_failed(runner)
 
 
 async def test_prestart_failing_once_after_restore_restarts_fresh_not_unchecked(
@@ -378,8 +382,7 @@ async def test_runner_fault_after_restore_stops_then_destroys_until_gone(
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["recover", "stop", "destroy", "stop", "destroy"]
     assert killing_reasons(runner) == ["task runner failed: killing it"]
-    state = runner.task_runners["t"].state
-    assert state.state == "dead" and state.failed
+    assert_dead_and_failed(runner)
 
 
 # ---- the alloc runner's own paths -----------------------------------------------------------
@@ -394,8 +397,7 @@ async def test_alloc_setup_failure_kills_restored_tasks_before_failing_them(
     await run_to_end(runner)
     assert_all_gone(driver, guard, runner)
     assert driver.calls_for(old) == ["stop", "destroy"]
-    state = runner.task_runners["t"].state
-    assert state.state == "dead" and state.failed
+    assert_dead_and_failed(runner)
 
 
 async def test_dead_task_restored_with_a_handle_has_its_process_killed(
