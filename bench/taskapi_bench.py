@@ -38,8 +38,14 @@ May touch: a temp dir it creates (agent data dirs, baseline socket, h2load logs)
 it starts (the agents, their tasks, the baseline server, h2load), 127.0.0.1 and Unix sockets
 under that temp dir. It removes all of them before it exits.
 
+Part 4, reading a variable. ``GET /v1/var/nomad/jobs/<job>`` over a task's socket with the
+task's workload identity (ACLs on: the read is allowed by Nomad's implicit grant of a job's
+own variable paths, and the items are decrypted on every request), against
+``GET /v1/agent/health`` on the same socket in the same run:
+  (v) health, (w) the variable. Runs alternate v, w; the ratio of the medians is reported.
+
 Usage: python bench/taskapi_bench.py [--duration 5] [--rounds 3] [--sockets 1000]
-                                     [--parts http,churn,acl]
+                                     [--parts http,churn,acl,vars]
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ METADATA_PATH = "/v1/client/metadata"  # node read
 JOBS_PATH = "/v1/jobs"  # namespace list-jobs: what the ACL part's policy does not grant
 NODE_READ_POLICY = "bench-node-read"
 NODE_READ_RULES_FILE = REPO / "testdata" / "policies" / "node-read.hcl"
-PARTS = ("http", "churn", "acl")
+PARTS = ("http", "churn", "acl", "vars")
 # Same shape and size as the agent's health reply, so only the serving path differs.
 BASELINE_BODY = json.dumps({"client": {"message": "ok", "ok": True},
                             "server": {"message": "ok", "ok": True}}, separators=(",", ":"))
@@ -768,6 +774,71 @@ def print_acl_results(costs: Sequence[AclCost]) -> None:
           "cost (CPU) = server CPU per request on / off - 1)")
 
 
+# ------------------------------------------------------------------------------ part 4
+
+VARIABLE_PATH = f"/v1/var/nomad/jobs/{JOB_ID}"
+
+
+@attrs.frozen
+class VarsCost:
+    rps_health: float
+    rps_var: float
+    cpu_health: float  # server CPU us per request
+    cpu_var: float
+
+    @property
+    def ratio(self) -> float:
+        return self.rps_var / self.rps_health
+
+
+async def vars_benchmark(h2load: str, root: Path, duration: int, rounds: int) -> VarsCost:
+    agent = AgentUnderTest(root, "vars", acl=True)
+    try:
+        print("\nvariables: starting an agent (ACLs on) and its task ...", flush=True)
+        await agent.start()
+        await agent.setup_acls()
+        async with agent.api() as api:
+            await api.variable_write(f"nomad/jobs/{JOB_ID}",
+                                     {"user": "bench", "password": "x" * 32})
+        await agent.run_task()
+        targets = (
+            Target("v", "health, task socket", f"http://localhost{HEALTH_PATH}",
+                   agent.socket_path, agent.pid, agent.token),
+            Target("w", "variable, task socket", f"http://localhost{VARIABLE_PATH}",
+                   agent.socket_path, agent.pid, agent.token),
+        )
+        for target in targets:
+            await expect_status(target, 200)
+            await expect_status(target, 401, token=None)
+        # the identity reads its own job's variable only: another path must be refused
+        await expect_status(targets[1], 403, url="http://localhost/v1/var/nomad/jobs/other")
+        print(f"GET {VARIABLE_PATH} vs {HEALTH_PATH} over {agent.socket_path}", flush=True)
+        res = await alternate_runs(h2load, root, targets, duration, rounds)
+    except BenchError:
+        if agent.output:
+            print(f"---- agent output (last lines) ----\n{agent.output}", file=sys.stderr)
+        raise
+    finally:
+        await agent.stop_task()
+        await agent.stop()
+        await asyncio.to_thread(kill_leftovers, root)
+    return VarsCost(rps_health=res.median("v", "rps"), rps_var=res.median("w", "rps"),
+                    cpu_health=res.median("v", "server_cpu_us"),
+                    cpu_var=res.median("w", "server_cpu_us"))
+
+
+def print_vars_results(cost: VarsCost) -> None:
+    print("\nmedians over rounds, variable read vs health (task socket, workload identity):")
+    print(f"health {cost.rps_health:.0f} req/s ({cost.cpu_health:.1f} CPU us/req), "
+          f"variable {cost.rps_var:.0f} req/s ({cost.cpu_var:.1f} CPU us/req)")
+    print(f"throughput ratio w/v = {cost.ratio:.2f}; server CPU per request w/v = "
+          f"{cost.cpu_var / cost.cpu_health:.2f}x")
+
+
+def vars_rows(cost: VarsCost) -> list[SummaryRow]:
+    return [("variable read vs health (w/v, req/s)", "-", f"{cost.ratio:.2f}", True)]
+
+
 # ------------------------------------------------------------------------------ part 2
 
 
@@ -1072,6 +1143,10 @@ async def run(args: argparse.Namespace, h2load: str) -> None:
             costs = await acl_benchmark(h2load, root, args.duration, args.rounds)
             print_acl_results(costs)
             rows += acl_rows(costs)
+        if "vars" in args.parts:
+            cost = await vars_benchmark(h2load, root, args.duration, args.rounds)
+            print_vars_results(cost)
+            rows += vars_rows(cost)
         print_summary(rows, cpu_a, costs)
     finally:
         await asyncio.to_thread(kill_leftovers, root)

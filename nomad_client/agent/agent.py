@@ -67,7 +67,11 @@ class Agent:
         server_db = await self._open_db(data_dir / "server" / "state.db")
         keyring_dir = data_dir / "server" / "keyring"
         keyring = await Keyring.load_or_create(keyring_dir)
-        store = await StateStore.restore(server_db, await Sealer.load_or_create(keyring_dir))
+        # The store seals with whichever root key is active, and follows rotations.
+        store = await StateStore.restore(server_db, Sealer.for_keyring(keyring))
+        if keyring.rekeying:  # a full rotation stopped before it had re-sealed everything
+            await store.reseal()
+            await keyring.finish_rekeying()
         self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled,
                              data_dir=data_dir / "server")
         self.router = Router(self.server)
@@ -114,6 +118,8 @@ class Agent:
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
+        if self.server is not None:
+            await self.server.close()
         for db in reversed(self._dbs):
             await db.close()
         self._dbs.clear()

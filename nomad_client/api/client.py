@@ -389,3 +389,76 @@ class ApiClient:
 
     async def acl_role_delete(self, role_id: str) -> None:
         await self.delete(f"/v1/acl/role/{_seg(role_id)}")
+
+    # -- Operator: the root keyring (Nomad's /v1/operator/keyring/*) --
+
+    async def keyring_keys(self) -> list[dict[str, Any]]:
+        """Every root key's metadata (``KeyID``, ``State``, ``CreateTime`` in unix ns…)."""
+        return await self.get("/v1/operator/keyring/keys") or []
+
+    async def keyring_rotate(self, *, full: bool = False) -> dict[str, Any]:
+        """A new active root key; ``full`` re-seals everything stored with the new one.
+        Answers ``{"Key": <metadata>, "Index": N}``."""
+        return await self.put("/v1/operator/keyring/rotate", None,
+                              {"full": "true" if full else None})
+
+    # -- Variables (Nomad's /v1/vars and /v1/var/:path; 409 arrives as ApiError.status) --
+
+    @staticmethod
+    def _var_route(path: str) -> str:
+        # As Nomad's Go client: surrounding slashes and spaces are not part of the path, and
+        # the slashes inside it are path separators of the route, not escaped.
+        return "/v1/var/" + quote(path.strip(" /"), safe="/")
+
+    async def variables_list(self, prefix: str = "",
+                             namespace: str | None = None) -> list[dict[str, Any]]:
+        """Metadata (no Items) of the variables under ``prefix`` the caller may list."""
+        return await self.get("/v1/vars", {"prefix": prefix or None,
+                                           "namespace": namespace or None}) or []
+
+    async def variable_read(self, path: str, namespace: str | None = None) -> dict[str, Any]:
+        return await self.get(self._var_route(path), {"namespace": namespace or None})
+
+    async def variable_read_blocking(self, path: str, index: int, wait: str = "5s",
+                                     namespace: str | None = None,
+                                     ) -> tuple[dict[str, Any], int]:
+        """The variable once its ModifyIndex passes ``index`` (or the wait runs out), with
+        the index to pass next."""
+        return await self.get_blocking(self._var_route(path), index, wait,
+                                       {"namespace": namespace or None})
+
+    async def variable_write(self, path: str, items: Mapping[str, str], *,
+                             cas: int | None = None,
+                             namespace: str | None = None) -> dict[str, Any]:
+        """Write ``items``; with ``cas`` only if the stored ModifyIndex equals it (0: only if
+        absent), else ApiError 409 whose body is the stored variable."""
+        return await self.put(self._var_route(path), {"Items": dict(items)},
+                              {"cas": cas, "namespace": namespace or None})
+
+    async def variable_delete(self, path: str, *, cas: int | None = None,
+                              namespace: str | None = None) -> None:
+        await self._checked("DELETE", self._var_route(path),
+                            params={"cas": cas, "namespace": namespace or None})
+
+    async def variable_lock_acquire(self, path: str, lock: Mapping[str, Any],
+                                    items: Mapping[str, str] | None = None,
+                                    namespace: str | None = None) -> dict[str, Any]:
+        """Take the lock (``{"TTL": "15s", "LockDelay": "15s"}``); the answer's ``Lock.ID``
+        names the holder. Held by another → ApiError 409. Nomad replaces the stored items
+        with ``items`` (none when not given)."""
+        body: dict[str, Any] = {"Lock": dict(lock)}
+        if items:
+            body["Items"] = dict(items)
+        return await self.put(self._var_route(path), body,
+                              {"lock-acquire": "", "namespace": namespace or None})
+
+    async def variable_lock_renew(self, path: str, lock_id: str,
+                                  namespace: str | None = None) -> dict[str, Any]:
+        """Extend the lock; ApiError 409 when it is no longer ours."""
+        return await self.put(self._var_route(path), {"Lock": {"ID": lock_id}},
+                              {"lock-renew": "", "namespace": namespace or None})
+
+    async def variable_lock_release(self, path: str, lock_id: str,
+                                    namespace: str | None = None) -> dict[str, Any]:
+        return await self.put(self._var_route(path), {"Lock": {"ID": lock_id}},
+                              {"lock-release": "", "namespace": namespace or None})

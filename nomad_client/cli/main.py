@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from nomad_client.cli import acl, alloc, job, node
+from nomad_client.cli import acl, alloc, job, node, operator, var
 from nomad_client.cli.common import CommandError
 from nomad_client.goflags import HelpRequested, UsageError
 
@@ -22,6 +22,8 @@ GROUPS: Mapping[str, Mapping[str, Command]] = {
     "alloc": alloc.COMMANDS,
     "node": node.COMMANDS,
     "acl": acl.COMMANDS,
+    "var": var.COMMANDS,
+    "operator": operator.COMMANDS,
 }
 
 USAGE = """\
@@ -41,6 +43,14 @@ Commands:
     acl policy     Apply, list, show or delete ACL policies
     acl token      Create, list, show, update or delete ACL tokens (self: the one in use)
     acl role       Create, list, show, update or delete ACL roles
+    var get        Read a variable (or one item of it)
+    var put        Create or update a variable (check-and-set unless -force)
+    var list       List variables
+    var purge      Delete a variable
+    var lock       Run a command while holding a variable's lock
+    var init       Write an example variable specification
+    operator root keyring list    List the root keys
+    operator root keyring rotate  Make a new active root key (-full: re-encrypt everything)
 
 Global flags for API commands: -address=<addr> (or $NOMAD_ADDR), -token=<token> (or
 $NOMAD_TOKEN). Flags take one dash (-detach) or two (--detach).

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 from multidict import MultiMapping
 
-from nomad_client.acl import ACL
-from nomad_client.acl.capabilities import NAMESPACE_CAPABILITIES
+from nomad_client.acl import ACL, WorkloadClaim
+from nomad_client.acl.capabilities import NAMESPACE_CAPABILITIES, OPERATOR_CAPABILITIES
 from nomad_client.http.context import ACLS_DISABLED, Identity, ListenerContext
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
+from nomad_client.server.acl_resolver import workload_key
 from nomad_client.server.keyring import IdentityClaims, IdentityError
 from nomad_client.server.server import Server
 from nomad_client.structs.models import ACLToken
@@ -154,6 +155,15 @@ class Need:
                 return any(acl.allow_namespace_op(ns, c) for c in capabilities)
         return cls("namespace:" + "|".join(capabilities), check, namespaced=True)
 
+    @classmethod
+    def operator_capability(cls, capability: str) -> Need:
+        """An ``operator`` capability (``keyring-read``, ``keyring-rotate``, …): granted by
+        ``operator { policy = "write" }`` or by naming it in ``capabilities``."""
+        if capability not in OPERATOR_CAPABILITIES or capability == "deny":
+            raise ValueError(f"not an operator capability: {capability!r}")
+        return cls("operator:" + capability,
+                   lambda acl, ns: acl.allow_operator_capability(capability))
+
     def allows(self, acl: ACL, namespace: str) -> bool:
         return self.check is None or acl.management or self.check(acl, namespace)
 
@@ -197,3 +207,32 @@ def require(req: ApiRequest, namespace: str, need: Need) -> None:
     """Raise 403 unless the caller meets ``need`` in ``namespace``, an object's own."""
     if not allows(req, namespace, need):
         raise PERMISSION_REFUSED
+
+
+# ---- variables -------------------------------------------------------------------------
+# The variable operations a workload identity's implicit grants can answer (Nomad passes
+# the claim only to the Read and List RPCs): never writes, deletes or locks.
+_CLAIMED_VARIABLE_OPS = frozenset({"read", "list"})
+
+
+def _workload_claim(server: Server, claims: IdentityClaims) -> WorkloadClaim | None:
+    alloc = server.allocation(claims.alloc_id)
+    if alloc is None:
+        return None
+    namespace, job_id, group, task = workload_key(alloc, claims.task)
+    return WorkloadClaim(namespace=namespace, job_id=job_id, group=group, task=task)
+
+
+def allows_variable(req: ApiRequest, server: Server, namespace: str, path: str, op: str
+                    ) -> bool:
+    """Whether the caller may ``op`` (read, list, write, destroy) the variable at ``path``.
+    Variable capabilities come only from ``variables`` rules and, for read and list, a
+    workload's implicit grant of its own ``nomad/jobs/...`` paths."""
+    acl = req.identity.acl
+    if acl.management:
+        return True
+    claims = req.identity.claims
+    claim = None
+    if claims is not None and op in _CLAIMED_VARIABLE_OPS:
+        claim = _workload_claim(server, claims)
+    return acl.allow_variable_op(namespace, path, op, claim)

@@ -1,8 +1,14 @@
-"""Workload-identity keyring: signs task identity tokens and verifies them.
+"""The root keyring: signs task identity tokens, verifies them, and holds the data keys.
 
-This module is the single home of identity token checks. It owns one RSA-2048
-signing key, kept in a keyring directory as a PEM file plus a JSON metadata
-file, and it touches nothing but that directory.
+This module is the single home of identity token checks. It holds every root key,
+as Nomad does: each has an ID, a create time, a state (``KeyState``), an RSA-2048
+signing key and a 32-byte AES-256-GCM data key (``sealing.Sealer`` uses those).
+New tokens are signed with the active key; a token signed with any key still held
+verifies (until it expires), and the JWKS lists them all. ``rotate`` adds a new
+active key. The keys live in the keyring directory (0700) in two 0600 files, the
+key pairs (``KEY_FILE``) and their metadata (``META_FILE``), and this module
+touches nothing but that directory. The files of a single-key agent
+(``LEGACY_*``) are taken over on load, their IDs kept.
 
 Tokens are compact JWS (RS256) carrying the claims of a Nomad default task
 identity. PyJWT's JWS layer signs them and checks their signatures, pinned to
@@ -19,11 +25,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import enum
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -45,14 +54,27 @@ __all__ = [
     "IdentityClaims",
     "IdentityError",
     "IdentityVerifier",
+    "KeyState",
     "Keyring",
     "KeyringError",
+    "RootKey",
 ]
 
 DEFAULT_AUDIENCE = "nomadproject.io"
 ALGORITHM = "RS256"
-KEY_FILE = "identity_key.pem"
-META_FILE = "identity_key.json"
+# The one data-key algorithm, as Nomad names it (``RootKeyMeta.Algorithm``).
+DATA_KEY_ALGORITHM = "aes256-gcm"
+# Every root key's secret material, one PEM pair per key in the order of META_FILE: its RSA
+# signing key (PKCS#8) and its 32-byte data key.
+KEY_FILE = "root_keys.pem"
+# What is known about each root key (ID, create time, state, public key fingerprint) and
+# which one is active; no secrets.
+META_FILE = "root_keys.json"
+# The files of agents from before rotation (one signing key, one separate data key),
+# migrated on load with their IDs kept.
+LEGACY_KEY_FILE = "identity_key.pem"
+LEGACY_META_FILE = "identity_key.json"
+LEGACY_DATA_KEY_FILE = "data_key.json"
 
 # Tokens we sign are ~1 KiB; anything far larger is rejected before any parsing.
 MAX_TOKEN_BYTES = 16 * 1024
@@ -69,6 +91,10 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _IDENTITY_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _RSA_BITS = 2048
 _RSA_EXPONENT = 65537
+DATA_KEY_BYTES = 32
+_SIGNING_BLOCK = b"PRIVATE KEY"
+_DATA_KEY_BLOCK = b"NOMAD DATA KEY"
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----\r?\n?", re.S)
 
 # The JWS codec. Only RS256 is registered, and each decode pins it again.
 _JWS = jwt.PyJWS(algorithms=[ALGORITHM])
@@ -178,95 +204,132 @@ def _non_empty(name: str, value: object) -> str:
     return value
 
 
-class Keyring:
-    """One persisted RSA signing key: signs, publishes (JWKS) and verifies tokens."""
+class KeyState(enum.StrEnum):
+    """A root key's state, spelled as Nomad's ``RootKeyState`` values."""
 
-    def __init__(
-        self, *, key_id: str, private_key: rsa.RSAPrivateKey, create_time: float
-    ) -> None:
-        self.key_id = key_id
-        self.create_time = create_time
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    # Older keys during a full rotation, until every value sealed with them is re-sealed.
+    REKEYING = "rekeying"
+    PREPUBLISHED = "prepublished"
+    DEPRECATED = "deprecated"
+
+
+@attrs.frozen
+class RootKey:
+    """One root key, as in Nomad: an RSA key that signs workload identities (its ID is their
+    ``kid``) and a 32-byte AES-256-GCM data key (its ID names the values it sealed)."""
+
+    key_id: str
+    create_time: float
+    state: KeyState
+    private_key: rsa.RSAPrivateKey = attrs.field(repr=False, eq=False)
+    data_key: bytes = attrs.field(repr=False)
+    # A migrated agent's data key had an ID of its own; values sealed then still name it.
+    legacy_data_key_id: str | None = None
+
+    @classmethod
+    def generate(cls, state: KeyState = KeyState.ACTIVE) -> RootKey:
+        return cls(key_id=str(uuid.uuid4()), create_time=time.time(), state=state,
+                   private_key=_new_rsa_key(), data_key=secrets.token_bytes(DATA_KEY_BYTES))
+
+    def meta(self) -> dict[str, Any]:
+        """Nomad's ``RootKeyMeta`` (the shape of ``/v1/operator/keyring/keys``). The keys are
+        not raft entries here, so their indexes are 0, as Nomad's rotate answer shows them."""
+        return {"KeyID": self.key_id, "Algorithm": DATA_KEY_ALGORITHM,
+                "CreateTime": int(self.create_time * 1e9), "CreateIndex": 0,
+                "ModifyIndex": 0, "State": str(self.state), "PublishTime": 0}
+
+
+class Keyring:
+    """Every root key held: signs with the active one (and publishes and verifies with all),
+    hands the data keys to the sealer, rotates, and persists the set in its directory."""
+
+    def __init__(self, keys: Sequence[RootKey], directory: Path | None = None) -> None:
+        actives = [k for k in keys if k.state is KeyState.ACTIVE]
+        if len(actives) != 1:
+            raise ValueError(f"a keyring needs exactly one active key, got {len(actives)}")
         # The ``iss`` of every token signed, and what OIDC discovery advertises; the agent
         # sets it once its address is known. None: no ``iss``, and discovery is off.
         self.issuer: str | None = None
-        self._private_key = private_key
-        self._public_key = private_key.public_key()
+        self._directory = directory
+        self._rotate_lock = asyncio.Lock()
+        self._install(keys)
+
+    def _install(self, keys: Sequence[RootKey]) -> None:
+        # One assignment per attribute: a reader on the loop never sees half a rotation.
+        self._keys = {key.key_id: key for key in keys}
+        self._active = next(k for k in keys if k.state is KeyState.ACTIVE)
         # Verification keys by ``kid``: a token's header can only pick one of these.
-        self._verification_keys = {key_id: self._public_key}
+        self._verification_keys = {k.key_id: k.private_key.public_key() for k in keys}
+        data_keys = {k.key_id: k.data_key for k in keys}
+        data_keys.update({k.legacy_data_key_id: k.data_key for k in keys
+                          if k.legacy_data_key_id})
+        self._data_keys = data_keys
+
+    @property
+    def key_id(self) -> str:
+        """The active key's ID: the ``kid`` of tokens signed now."""
+        return self._active.key_id
+
+    @property
+    def create_time(self) -> float:
+        return self._active.create_time
+
+    def keys(self) -> list[RootKey]:
+        """Every root key held, oldest first."""
+        return list(self._keys.values())
+
+    def active_data_key(self) -> tuple[str, bytes]:
+        return self._active.key_id, self._active.data_key
+
+    def data_key(self, key_id: str) -> bytes | None:
+        return self._data_keys.get(key_id)
+
+    @property
+    def rekeying(self) -> bool:
+        """Whether a full rotation is unfinished (its re-sealing still to do)."""
+        return any(k.state is KeyState.REKEYING for k in self._keys.values())
+
+    # ------------------------------------------------------------------ rotation
+
+    async def rotate(self, *, full: bool = False) -> RootKey:
+        """Make a new active key; the old ones stay for verifying and unsealing. With
+        ``full`` they are marked ``rekeying`` until ``finish_rekeying`` (the caller re-seals
+        every stored value in between). The new set is on disk before it is used."""
+        async with self._rotate_lock:
+            new = await asyncio.to_thread(RootKey.generate)
+            retired = KeyState.REKEYING if full else KeyState.INACTIVE
+            keys = [k if k.state is not KeyState.ACTIVE else attrs.evolve(k, state=retired)
+                    for k in self._keys.values()]
+            await self._commit([*keys, new])
+            return new
+
+    async def finish_rekeying(self) -> None:
+        """Every value is sealed with the active key now: ``rekeying`` keys become inactive."""
+        async with self._rotate_lock:
+            if self.rekeying:
+                await self._commit([attrs.evolve(k, state=KeyState.INACTIVE)
+                                    if k.state is KeyState.REKEYING else k
+                                    for k in self._keys.values()])
+
+    async def _commit(self, keys: list[RootKey]) -> None:
+        if self._directory is not None:
+            await asyncio.to_thread(_write_keys, self._directory, keys, new_ring=False)
+        self._install(keys)
 
     # ------------------------------------------------------------------ persistence
 
     @classmethod
     async def load_or_create(cls, keyring_dir: Path) -> Keyring:
-        """Load the key from ``keyring_dir``, creating both on first use.
+        """Load the root keys from ``keyring_dir``, creating the first one on first use and
+        migrating the files of a single-key agent (IDs kept).
 
         Runs in a worker thread: RSA key generation takes tens to hundreds of
         milliseconds and the file I/O is blocking.
         """
-        return await asyncio.to_thread(cls._load_or_create_sync, Path(keyring_dir))
-
-    @classmethod
-    def _load_or_create_sync(cls, keyring_dir: Path) -> Keyring:
-        ensure_private_dir(keyring_dir)
-        key_path = keyring_dir / KEY_FILE
-        meta_path = keyring_dir / META_FILE
-        # The key file is the commit point: metadata is written first, so a
-        # crash during creation leaves metadata without a key, and nothing can
-        # have been signed yet. A key without metadata is never guessed at.
-        if not os.path.lexists(key_path):
-            return cls._create(keyring_dir)
-        if not os.path.lexists(meta_path):
-            raise KeyringError(
-                f"{meta_path}: missing, but {key_path.name} exists; "
-                "refusing to replace an existing signing key"
-            )
-        return cls._load(key_path, meta_path)
-
-    @classmethod
-    def _create(cls, keyring_dir: Path) -> Keyring:
-        private_key = rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=_RSA_BITS)
-        keyring = cls(key_id=str(uuid.uuid4()), private_key=private_key, create_time=time.time())
-        meta = {
-            "key_id": keyring.key_id,
-            "algorithm": ALGORITHM,
-            "create_time": keyring.create_time,
-            "public_key_sha256": _public_fingerprint(keyring._public_key),
-        }
-        pem = private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        write_keyring_file(keyring_dir, META_FILE, json.dumps(meta, indent=2).encode() + b"\n")
-        write_keyring_file(keyring_dir, KEY_FILE, pem)
-        return keyring
-
-    @classmethod
-    def _load(cls, key_path: Path, meta_path: Path) -> Keyring:
-        meta_raw = read_private_file(meta_path)
-        try:
-            meta = json.loads(meta_raw)
-            key_id = meta["key_id"]
-            create_time = meta["create_time"]
-            fingerprint = meta["public_key_sha256"]
-            if meta["algorithm"] != ALGORITHM:
-                raise ValueError(f"unsupported algorithm {meta['algorithm']!r}")
-            uuid.UUID(key_id)
-            if not isinstance(create_time, int | float) or isinstance(create_time, bool):
-                raise ValueError("create_time is not a number")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KeyringError(f"{meta_path}: corrupt keyring metadata ({exc})") from None
-
-        pem = read_private_file(key_path)
-        try:
-            private_key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as exc:
-            raise KeyringError(f"{key_path}: corrupt signing key ({exc})") from None
-        if not isinstance(private_key, rsa.RSAPrivateKey) or private_key.key_size < _RSA_BITS:
-            raise KeyringError(f"{key_path}: not an RSA key of at least {_RSA_BITS} bits")
-        if _public_fingerprint(private_key.public_key()) != fingerprint:
-            raise KeyringError(f"{key_path}: does not match the key recorded in {meta_path.name}")
-        return cls(key_id=key_id, private_key=private_key, create_time=float(create_time))
+        directory = Path(keyring_dir)
+        return cls(await asyncio.to_thread(_load_or_create_keys, directory), directory)
 
     # ------------------------------------------------------------------ signing
 
@@ -284,7 +347,7 @@ class Keyring:
         ttl_seconds: float | None = None,
         now: float | None = None,
     ) -> str:
-        """Sign a task identity token (RS256, header ``kid`` = our key id)."""
+        """Sign a task identity token (RS256, header ``kid`` = the active key's id)."""
         for label, value in (
             ("namespace", namespace),
             ("job_id", job_id),
@@ -321,26 +384,17 @@ class Keyring:
         if self.issuer:
             claims["iss"] = self.issuer
         payload = json.dumps(claims, separators=(",", ":")).encode("utf-8")
-        # The header is {"alg": "RS256", "kid": <our key id>, "typ": "JWT"}.
+        # The header is {"alg": "RS256", "kid": <the active key's id>, "typ": "JWT"}.
+        active = self._active
         return _JWS.encode(
-            payload, self._private_key, algorithm=ALGORITHM, headers={"kid": self.key_id}
+            payload, active.private_key, algorithm=ALGORITHM, headers={"kid": active.key_id}
         )
 
     def jwks(self) -> dict[str, Any]:
-        """The public key set, as served at ``/.well-known/jwks.json``."""
-        numbers = self._public_key.public_numbers()
-        return {
-            "keys": [
-                {
-                    "kty": "RSA",
-                    "kid": self.key_id,
-                    "use": "sig",
-                    "alg": ALGORITHM,
-                    "n": _b64url_encode(_int_bytes(numbers.n)),
-                    "e": _b64url_encode(_int_bytes(numbers.e)),
-                }
-            ]
-        }
+        """The public key set, as served at ``/.well-known/jwks.json``: every key held, so
+        identities signed before a rotation keep verifying elsewhere too."""
+        return {"keys": [_jwk(key_id, public_key)
+                         for key_id, public_key in self._verification_keys.items()]}
 
     # ------------------------------------------------------------------ verification
 
@@ -503,6 +557,22 @@ def _int_bytes(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
+def _jwk(key_id: str, public_key: rsa.RSAPublicKey) -> dict[str, Any]:
+    numbers = public_key.public_numbers()
+    return {
+        "kty": "RSA",
+        "kid": key_id,
+        "use": "sig",
+        "alg": ALGORITHM,
+        "n": _b64url_encode(_int_bytes(numbers.n)),
+        "e": _b64url_encode(_int_bytes(numbers.e)),
+    }
+
+
+def _new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=_RSA_BITS)
+
+
 def _public_fingerprint(public_key: rsa.RSAPublicKey) -> str:
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -537,3 +607,208 @@ def read_private_file(path: Path) -> bytes:
         raise KeyringError(f"{path}: {exc.strerror}") from None
     except OSError as exc:
         raise KeyringError(f"{path}: cannot open ({exc.strerror})") from None
+
+
+# ---------------------------------------------------------------------- the root key files
+# Runs in worker threads (``Keyring.load_or_create``, ``Keyring._commit``).
+
+
+def _load_or_create_keys(directory: Path) -> list[RootKey]:
+    ensure_private_dir(directory)
+    key_path, meta_path = directory / KEY_FILE, directory / META_FILE
+    if os.path.lexists(key_path):
+        if not os.path.lexists(meta_path):
+            raise KeyringError(
+                f"{meta_path}: missing, but {KEY_FILE} exists; "
+                "refusing to replace existing root keys"
+            )
+        keys = _read_keys(key_path, meta_path)
+    else:
+        # No key file: a new ring (or one whose creation was interrupted before its commit
+        # point), or the files of a single-key agent to take over.
+        keys = _read_legacy_keys(directory) or [RootKey.generate()]
+        _write_keys(directory, keys, new_ring=True)
+    # This code never writes the single-key files: once the ring holds their keys they go.
+    for name in (LEGACY_KEY_FILE, LEGACY_META_FILE, LEGACY_DATA_KEY_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    return keys
+
+
+def _write_keys(directory: Path, keys: Sequence[RootKey], *, new_ring: bool) -> None:
+    """Write both files (0600, atomically each). The commit point of a new ring is the key
+    file: metadata without keys is an interrupted creation, started again, and nothing can
+    have been signed or sealed with it. The commit point of a change to an existing ring is
+    the metadata: key pairs past the ones it lists are an interrupted rotation, ignored."""
+    active = next(k for k in keys if k.state is KeyState.ACTIVE)
+    meta = {
+        "key_id": active.key_id,
+        "keys": [
+            {
+                "key_id": key.key_id,
+                "algorithm": DATA_KEY_ALGORITHM,
+                "create_time": key.create_time,
+                "state": str(key.state),
+                "public_key_sha256": _public_fingerprint(key.private_key.public_key()),
+                **({"legacy_data_key_id": key.legacy_data_key_id}
+                   if key.legacy_data_key_id else {}),
+            }
+            for key in keys
+        ],
+    }
+    files = [
+        (META_FILE, json.dumps(meta, indent=2).encode() + b"\n"),
+        (KEY_FILE, b"".join(_key_pair_pem(key) for key in keys)),
+    ]
+    for name, data in files if new_ring else reversed(files):
+        write_keyring_file(directory, name, data)
+
+
+def _key_pair_pem(key: RootKey) -> bytes:
+    signing = key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    body = base64.encodebytes(key.data_key)  # 64-character lines, as PEM has them
+    label = _DATA_KEY_BLOCK
+    return signing + b"-----BEGIN " + label + b"-----\n" + body + b"-----END " + label + b"-----\n"
+
+
+@attrs.frozen
+class _KeyMeta:
+    key_id: str
+    create_time: float
+    state: KeyState
+    fingerprint: str
+    legacy_data_key_id: str | None
+
+
+def _read_keys(key_path: Path, meta_path: Path) -> list[RootKey]:
+    entries = _read_meta(meta_path)
+    pem = read_private_file(key_path)
+    blocks = [(m.group(1), m.group(0), m.group(2)) for m in _PEM_BLOCK.finditer(pem)]
+    pairs = list(zip(blocks[0::2], blocks[1::2], strict=False))[: len(entries)]
+    if len(pairs) < len(entries) or any(
+        signing[0] != _SIGNING_BLOCK or data[0] != _DATA_KEY_BLOCK for signing, data in pairs
+    ):
+        raise KeyringError(
+            f"{key_path}: corrupt data key or signing key "
+            f"(expected {len(entries)} key pairs, as {meta_path.name} lists)"
+        )
+    keys = []
+    for entry, (signing, data) in zip(entries, pairs, strict=True):
+        private_key = _load_signing_key(key_path, signing[1])
+        if _public_fingerprint(private_key.public_key()) != entry.fingerprint:
+            raise KeyringError(f"{key_path}: does not match the key recorded in {meta_path.name}")
+        try:
+            data_key = base64.b64decode(b"".join(data[2].split()), validate=True)
+        except (binascii.Error, ValueError):
+            data_key = b""
+        if len(data_key) != DATA_KEY_BYTES:
+            raise KeyringError(f"{key_path}: corrupt data key of root key {entry.key_id}")
+        keys.append(RootKey(key_id=entry.key_id, create_time=entry.create_time,
+                            state=entry.state, private_key=private_key, data_key=data_key,
+                            legacy_data_key_id=entry.legacy_data_key_id))
+    return keys
+
+
+def _read_meta(meta_path: Path) -> list[_KeyMeta]:
+    try:
+        meta = json.loads(read_private_file(meta_path))
+        entries = [_key_meta(entry) for entry in meta["keys"]]
+        actives = [e.key_id for e in entries if e.state is KeyState.ACTIVE]
+        if actives != [meta["key_id"]]:
+            raise ValueError("exactly one key, the one named by key_id, must be active")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise KeyringError(f"{meta_path}: corrupt keyring metadata ({exc})") from None
+    return entries
+
+
+def _key_meta(entry: dict[str, Any]) -> _KeyMeta:
+    _check_algorithm(entry["algorithm"], DATA_KEY_ALGORITHM)
+    legacy = entry.get("legacy_data_key_id")
+    return _KeyMeta(
+        key_id=str(uuid.UUID(entry["key_id"])),
+        create_time=_number(entry["create_time"]),
+        state=KeyState(entry["state"]),
+        fingerprint=str(entry["public_key_sha256"]),
+        legacy_data_key_id=str(uuid.UUID(legacy)) if legacy else None,
+    )
+
+
+def _check_algorithm(algorithm: object, expected: str) -> None:
+    if algorithm != expected:
+        raise ValueError(f"unsupported algorithm {algorithm!r}")
+
+
+def _number(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError("create_time is not a number")
+    return float(value)
+
+
+def _load_signing_key(path: Path, pem: bytes) -> rsa.RSAPrivateKey:
+    try:
+        private_key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyringError(f"{path}: corrupt signing key ({exc})") from None
+    if not isinstance(private_key, rsa.RSAPrivateKey) or private_key.key_size < _RSA_BITS:
+        raise KeyringError(f"{path}: not an RSA key of at least {_RSA_BITS} bits")
+    return private_key
+
+
+# ---- the files of a single-key agent
+
+
+def _read_legacy_keys(directory: Path) -> list[RootKey] | None:
+    """The one root key a single-key agent's files make, both IDs kept (tokens name the
+    signing key's, sealed values the data key's); None when there are no such files."""
+    key_path, meta_path = directory / LEGACY_KEY_FILE, directory / LEGACY_META_FILE
+    data_path = directory / LEGACY_DATA_KEY_FILE
+    signing = None
+    if os.path.lexists(key_path):
+        if not os.path.lexists(meta_path):
+            raise KeyringError(
+                f"{meta_path}: missing, but {key_path.name} exists; "
+                "refusing to replace an existing signing key"
+            )
+        signing = _read_legacy_signing_key(key_path, meta_path)
+    data = _read_legacy_data_key(data_path) if os.path.lexists(data_path) else None
+    if signing is None and data is None:
+        return None
+    key_id, create_time, private_key = signing or (str(uuid.uuid4()), time.time(),
+                                                   _new_rsa_key())
+    data_key_id, data_key = data or (key_id, secrets.token_bytes(DATA_KEY_BYTES))
+    return [RootKey(key_id=key_id, create_time=create_time, state=KeyState.ACTIVE,
+                    private_key=private_key, data_key=data_key,
+                    legacy_data_key_id=data_key_id if data_key_id != key_id else None)]
+
+
+def _read_legacy_signing_key(key_path: Path, meta_path: Path
+                             ) -> tuple[str, float, rsa.RSAPrivateKey]:
+    try:
+        meta = json.loads(read_private_file(meta_path))
+        key_id = str(uuid.UUID(meta["key_id"]))
+        create_time = _number(meta["create_time"])
+        fingerprint = meta["public_key_sha256"]
+        _check_algorithm(meta["algorithm"], ALGORITHM)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise KeyringError(f"{meta_path}: corrupt keyring metadata ({exc})") from None
+    private_key = _load_signing_key(key_path, read_private_file(key_path))
+    if _public_fingerprint(private_key.public_key()) != fingerprint:
+        raise KeyringError(f"{key_path}: does not match the key recorded in {meta_path.name}")
+    return key_id, create_time, private_key
+
+
+def _read_legacy_data_key(path: Path) -> tuple[str, bytes]:
+    raw = read_private_file(path)
+    try:
+        record = json.loads(raw)
+        key = base64.b64decode(record["key"], validate=True)
+        if len(key) != DATA_KEY_BYTES:
+            raise ValueError("wrong length")
+        return str(uuid.UUID(record["key_id"])), key
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        # The type only: the message could quote the key.
+        raise KeyringError(f"{path}: corrupt data key ({type(exc).__name__})") from None

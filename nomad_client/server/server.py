@@ -12,9 +12,10 @@ import asyncio
 import enum
 import hmac
 import logging
+import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,18 @@ from nomad_client.server.acl_resolver import ACLResolver, workload_key
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.scheduler import plan_job
+from nomad_client.server.sealing import Sealer
 from nomad_client.server.state import (
     ACL_POLICIES,
     ACL_ROLES,
     ACL_TOKENS,
     DELETE,
     JOBS,
+    VARIABLES,
     RowUpdate,
     StateStore,
 )
+from nomad_client.server.variables import Sealing, Variables
 from nomad_client.structs.jobs import tasks as job_tasks
 from nomad_client.structs.models import (
     DESIRED_RUN,
@@ -68,13 +72,18 @@ class Resource(enum.StrEnum):
     ACL_TOKENS = ACL_TOKENS
     ACL_POLICIES = ACL_POLICIES
     ACL_ROLES = ACL_ROLES
+    VARIABLES = VARIABLES
 
 
 class Server:
     def __init__(self, store: StateStore, keyring: Keyring, *, region: str,
-                 acl_enabled: bool, data_dir: Path | None = None) -> None:
+                 acl_enabled: bool, data_dir: Path | None = None,
+                 sealer: Sealing | None = None, clock: Callable[[], float] = time.time
+                 ) -> None:
         """``data_dir`` is the server's own data directory (where an operator may put the
-        ACL bootstrap reset file); None for a server that keeps no files."""
+        ACL bootstrap reset file); None for a server that keeps no files. ``sealer`` seals
+        variables' items (default: the store's; a store kept only in memory gets a key of
+        its own that dies with it). ``clock`` (unix seconds) times variable locks."""
         self.store = store
         self.keyring = keyring
         self.region = region
@@ -84,6 +93,12 @@ class Server:
         self.identities = IdentityVerifier(keyring)
         # One scheduling pass at a time, as a single-leader cluster would do.
         self._plan_lock = asyncio.Lock()
+        self.variables = Variables(store, sealer or store.sealer or _ephemeral_sealer(),
+                                   clock=clock)
+
+    async def close(self) -> None:
+        """Stop the server's background work (the variable lock reaper)."""
+        await self.variables.close()
 
     # ---- reads (what the HTTP API serves; listings are in ID order) ----------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -407,6 +422,11 @@ class Server:
             raise IdentityError("allocation is terminal")
         return claims
 
+
+
+def _ephemeral_sealer() -> Sealer:
+    # Nothing sealed with it is ever written to disk: a random key, lost with the process.
+    return Sealer(str(uuid.uuid4()), secrets.token_bytes(32))
 
 
 def _placed(alloc: Allocation) -> RowUpdate:

@@ -1,5 +1,6 @@
 """The server's state store: tables of jobs, evaluations, allocations, nodes and the ACL
-records (tokens, policies, roles, the bootstrap marker), a Raft-style index bumped by every
+records (tokens, policies, roles, the bootstrap marker), variables (items sealed by
+``server.variables`` before they reach a row), a Raft-style index bumped by every
 write, and blocking queries that wake on change.
 
 The store is in memory and, when given a ``StateDB``, writes every change through to disk so a
@@ -26,7 +27,13 @@ from typing import Any, Final
 
 import attrs
 
-from nomad_client.server.sealing import Sealer, seal_record, unseal_record
+from nomad_client.server.sealing import (
+    SECRET_FIELDS,
+    Sealer,
+    row_context,
+    seal_record,
+    unseal_record,
+)
 from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
 from nomad_client.structs.models import (
@@ -36,11 +43,14 @@ from nomad_client.structs.models import (
     Allocation,
     Evaluation,
     Node,
+    Variable,
 )
 
 ACL_TOKENS = "acl_tokens"
 ACL_POLICIES = "acl_policies"
 ACL_ROLES = "acl_roles"
+# Keyed by ``variable_key(namespace, path)``; items sealed in the record itself.
+VARIABLES = "variables"
 TABLE_TYPES: dict[str, type] = {
     "nodes": Node,
     "allocs": Allocation,
@@ -48,6 +58,7 @@ TABLE_TYPES: dict[str, type] = {
     ACL_TOKENS: ACLToken,
     ACL_POLICIES: ACLPolicy,
     ACL_ROLES: ACLRole,
+    VARIABLES: Variable,
 }
 JOBS = "jobs"
 # One row, present once ACLs have been bootstrapped; its ModifyIndex is the reset index.
@@ -68,6 +79,11 @@ DELETE: Final = _Delete()
 
 # fn(current row or None, index of this write) -> new row, DELETE, or None for "no change".
 RowUpdate = Callable[[Any | None, int], Any]
+
+
+def variable_key(namespace: str, path: str) -> str:
+    """A variable's key in the ``variables`` table: sorts by namespace, then path."""
+    return f"{namespace}\x00{path}"
 
 
 def secret_digest(secret: str) -> bytes:
@@ -119,6 +135,11 @@ class StateStore:
         if in_the_clear:  # written before secrets were sealed: seal them now
             await db.write_batch(in_the_clear, [])
         return store
+
+    @property
+    def sealer(self) -> Sealer | None:
+        """What seals this store's secrets on disk (None for a store kept only in memory)."""
+        return self._sealer
 
     # ---- reads -------------------------------------------------------------------------
     def get(self, table: str, key: str) -> Any | None:
@@ -220,6 +241,52 @@ class StateStore:
             self._changed = asyncio.Event()
             return index
 
+    async def reseal(self) -> int:
+        """Seal every sealed value of the state again with the sealer's active key (a full
+        keyring rotation); return the index after it. Nothing is lost on the way: each step
+        is one transaction, and a value it misses still opens with its older key.
+
+        Two kinds of sealed values, found generically:
+        * credential fields (``SECRET_FIELDS``) are in the clear in memory and sealed on their
+          way to disk, so their rows' disk form is written again; no index moves.
+        * any other string value starting with ``SEALED_PREFIX`` at the top level of a stored
+          record (RPC form) is sealed in memory too and bound to its row
+          (``sealing.row_context``), e.g. a variable's items. Those rows are rewritten in one
+          batch of row updates (so a concurrent write is never undone), bumping their
+          ``ModifyIndex`` as Nomad's rekeying does, and a ``KeyID`` field in the record
+          follows its value's new key.
+        A store kept only in memory has nothing at rest: it returns at once.
+        """
+        sealer = self._sealer
+        if sealer is None:
+            return self.index
+        updates = {
+            table: [(key, self._resealed(table, key, sealer)) for key, row in rows.items()
+                    if any(map(sealer.is_stale, _record(row).values()))]
+            for table, rows in self._tables.items()
+        }
+        index = await self.write(updates={t: u for t, u in updates.items() if u})
+        async with self._write_lock:
+            batch = [(f"table/{table}", key, self._on_disk(table, key, row))
+                     for table in SECRET_FIELDS for key, row in self._tables[table].items()]
+            if batch and self._db is not None:
+                await self._db.write_batch(batch, [])
+        return index
+
+    def _resealed(self, table: str, key: str, sealer: Sealer) -> RowUpdate:
+        def apply(current: Any | None, index: int) -> Any:
+            raw = _record(current)
+            stale = [name for name, value in raw.items() if sealer.is_stale(value)]
+            if current is None or not stale:
+                return None
+            raw = {**raw, **{name: sealer.reseal(raw[name], row_context(table, key))
+                             for name in stale}}
+            if "KeyID" in raw:
+                raw["KeyID"] = sealer.key_id
+            cls_ = TABLE_TYPES.get(table)
+            return from_rpc(raw, cls_) if cls_ else raw
+        return apply
+
     def _index_row(self, table: str, key: str, previous: Any | None, row: Any | None) -> None:
         """Move ``key``'s secondary index entries from ``previous`` to ``row``."""
         for name, index_key in SECONDARY_INDEXES.get(table, {}).items():
@@ -237,6 +304,14 @@ class StateStore:
         raw = to_rpc(value) if attrs.has(type(value)) else value
         assert self._sealer is not None  # a store with a db always has one
         return seal_record(self._sealer, table, key, raw)
+
+
+def _record(row: Any) -> dict[str, Any]:
+    """A row's RPC form (what is sealed and stored), or {} for no row."""
+    if attrs.has(type(row)):
+        raw: dict[str, Any] = to_rpc(row)
+        return raw
+    return row if isinstance(row, dict) else {}
 
 
 def _stamp(value: Any, previous: Any | None, index: int) -> Any:

@@ -311,3 +311,30 @@ class AllocUpdate:
     client_status: str
     client_description: str
     task_states: dict[str, TaskState]
+
+
+@attrs.frozen
+class VariableLock:
+    """The lock on a variable. Durations are nanoseconds. When it expires is the server's
+    bookkeeping (``server.variables``), not part of the record: a renewal is no write."""
+
+    id: str = attrs.field(repr=False)  # the holder's proof of holding: never in a log line
+    ttl: int = 0
+    lock_delay: int = 0
+
+
+@attrs.frozen
+class Variable:
+    """A variable as stored: its items are one sealed blob (``data``, the JSON of the items
+    sealed under the key ``key_id`` with namespace and path as associated data), so the
+    state file never holds them in the clear. Times are unix nanoseconds."""
+
+    namespace: str
+    path: str
+    data: str = attrs.field(repr=False)
+    key_id: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+    create_time: int = 0
+    modify_time: int = 0
+    lock: VariableLock | None = None

@@ -310,3 +310,50 @@ def parse_raw_response(data: bytes) -> ApiResponse:
     length = headers.get("Content-Length")
     return ApiResponse(int(status_line.split()[1]), headers,
                        body[:int(length)] if length is not None else body)
+
+
+# ---------------------------------------------------------------------- Variables
+
+
+async def rotate_keyring_full(api: ApiClient) -> dict[str, Any]:
+    """``operator root keyring rotate -full`` through the API: a new active root key, and
+    every variable re-encrypted with it."""
+    resp = await api.request("PUT", "/v1/operator/keyring/rotate", params={"full": ""})
+    assert resp.status == 200, (resp.status, resp.text())
+    answer: dict[str, Any] = resp.json()
+    return answer
+
+
+def variable_job(job_id: str, script: str, *, job_type: str = "batch",
+                 count: int = 1) -> dict[str, Any]:
+    """A canonical job from a jobspec whose raw_exec task runs ``/bin/sh -c script`` with
+    ``env { NOMAD_ADDR = "${NOMAD_UNIX_ADDR}" }`` and ``identity { env = true }``: the
+    project's CLI in ``script`` talks to the agent over the task's socket as the task."""
+    # JSON string escapes are valid HCL; `${` would be interpolated by the jobspec.
+    assert "${" not in script
+    text = f"""
+job {json.dumps(job_id)} {{
+  type = {json.dumps(job_type)}
+  group "g" {{
+    count = {count}
+    restart {{
+      attempts = 0
+      mode     = "fail"
+    }}
+    task "t" {{
+      driver = "raw_exec"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", {json.dumps(script)}]
+      }}
+      env {{
+        NOMAD_ADDR = "${{NOMAD_UNIX_ADDR}}"
+      }}
+      identity {{
+        env = true
+      }}
+    }}
+  }}
+}}
+"""
+    return canonicalize_job(parse_jobspec(text, f"{job_id}.nomad.hcl"))

@@ -120,11 +120,13 @@ async def live_agent(base: Path, keyring: Keyring, *, acl: bool) -> LiveAgent:
 
 
 @pytest.fixture(scope="module")
-def agents(keyring: Keyring) -> Iterator[dict[bool, LiveAgent]]:
+def agents() -> Iterator[dict[bool, LiveAgent]]:
     with fresh_dir("bad-input-") as base:
         runner = LoopThread()
         started: dict[bool, LiveAgent] = {}
         try:
+            # Not the session's keyring: a fuzzed PUT /v1/operator/keyring/rotate rotates it.
+            keyring = runner.run(Keyring.load_or_create(base / "keyring"))
             for acl in (False, True):
                 started[acl] = runner.run(live_agent(base / f"acl-{acl}", keyring, acl=acl))
             yield started

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from nomad_client.http.endpoints import acl, agent, allocs, client, identity, jobs, nodes
+from nomad_client.http.endpoints import (
+    acl,
+    agent,
+    allocs,
+    client,
+    identity,
+    jobs,
+    nodes,
+    operator,
+    variables,
+)
 from nomad_client.http.router import Router
 from nomad_client.http.services import Services
 
 
 def register_all(router: Router, services: Services) -> None:
-    for module in (agent, jobs, allocs, nodes, client, identity, acl):
+    for module in (agent, jobs, allocs, nodes, client, identity, acl, variables,
+                   operator):
         module.register(router, services)
