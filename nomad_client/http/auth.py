@@ -29,7 +29,7 @@ from multidict import MultiMapping
 
 from nomad_client.acl import ACL, WorkloadClaim
 from nomad_client.acl.capabilities import NAMESPACE_CAPABILITIES, OPERATOR_CAPABILITIES
-from nomad_client.http.context import ACLS_DISABLED, Identity, ListenerContext
+from nomad_client.http.context import ACLS_DISABLED, UNRESOLVED, Identity, ListenerContext
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
 from nomad_client.server.acl_resolver import workload_key
 from nomad_client.server.keyring import IdentityClaims, IdentityError
@@ -76,10 +76,11 @@ def _looks_like_jwt(token: str) -> bool:
 
 
 def _is_token_text(token: str) -> bool:
-    # Every real credential (a UUID, a JWT) is printable ASCII. aiohttp decodes header bytes
-    # as UTF-8 with surrogateescape, so bytes that are not UTF-8 arrive here as lone
-    # surrogates, which later code could not even encode: refuse them all up front.
-    return token.isascii() and token.isprintable()
+    # Every real credential (a UUID, a JWT) is ASCII. aiohttp decodes header bytes as UTF-8
+    # with surrogateescape, so bytes that are not UTF-8 arrive here as lone surrogates, which
+    # later code could not even encode: refuse them all up front. (isascii is O(1); control
+    # characters need no check of their own: no credential matches them.)
+    return token.isascii()
 
 
 def _credential(server: Server, token: str
@@ -99,8 +100,11 @@ def _credential(server: Server, token: str
     return acl_token, None
 
 
-async def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext
-                       ) -> Identity:
+def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext
+                 ) -> Identity:
+    """The caller, or 401/403. Synchronous, so the request path pays no coroutine: when the
+    caller's ACL still has to be compiled, the identity carries ``UNRESOLVED`` (which allows
+    nothing) and ``resolve`` must be awaited."""
     token = request_token(headers)
     if ctx.task_api:
         if not token:
@@ -108,15 +112,17 @@ async def authenticate(server: Server, headers: Mapping[str, str], ctx: Listener
     elif not server.acl_enabled:
         return ACLS_DISABLED
     elif not token:
-        return Identity(None, None, await server.resolve_acl(None, None))  # anonymous
+        return Identity(None, None, UNRESOLVED)  # anonymous
     credential = _credential(server, token)
     if credential is None:
         raise FORBIDDEN if ctx.task_api else TOKEN_NOT_FOUND
     acl_token, claims = credential
-    acl = server.cached_acl(acl_token, claims)
-    if acl is None:
-        acl = await server.resolve_acl(acl_token, claims)
-    return Identity(acl_token, claims, acl)
+    return Identity(acl_token, claims, server.cached_acl(acl_token, claims) or UNRESOLVED)
+
+
+async def resolve(server: Server, identity: Identity) -> Identity:
+    """``identity`` with its compiled ACL (for one ``authenticate`` left unresolved)."""
+    return identity._replace(acl=await server.resolve_acl(identity.token, identity.claims))
 
 
 # ---- authorization ---------------------------------------------------------------------

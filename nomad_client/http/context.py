@@ -41,5 +41,7 @@ class Identity(NamedTuple):
         return self.token is not None and self.token.type == "management"
 
 
+# The ACL of an identity whose ACL is still to be compiled (``auth.resolve``): allows nothing.
+UNRESOLVED = ACL()
 # With ACLs off nobody is identified, and every check passes.
 ACLS_DISABLED = Identity(acl=MANAGEMENT)

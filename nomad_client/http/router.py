@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiMapping
 
-from nomad_client.http.auth import Need, authenticate, authorize
-from nomad_client.http.context import Identity, ListenerContext
+from nomad_client.http.auth import Need, authenticate, authorize, resolve
+from nomad_client.http.context import UNRESOLVED, Identity, ListenerContext
 from nomad_client.http.errors import HTTPError
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
 from nomad_client.server.server import Server
@@ -120,7 +120,9 @@ class Router:
     async def dispatch(self, request: web.BaseRequest, ctx: ListenerContext
                        ) -> web.StreamResponse:
         try:
-            identity = await authenticate(self.server, request.headers, ctx)
+            identity = authenticate(self.server, request.headers, ctx)
+            if identity.acl is UNRESOLVED:  # rare: a cached caller's ACL is already there
+                identity = await resolve(self.server, identity)
             route, params = self.match(request.method, _route_path(request))
             authorize(identity, route.need, request)
             result = await route.handler(ApiRequest(request, ctx, identity, params))
