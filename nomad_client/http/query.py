@@ -9,6 +9,7 @@ from multidict import MultiMapping
 from nomad_client.durations import parse_duration
 from nomad_client.goflags import parse_go_bool
 from nomad_client.http.errors import HTTPError
+from nomad_client.server.bexpr import Filter, FilterSyntaxError, compile_filter
 from nomad_client.server.server import Resource, Server
 from nomad_client.server.state import MAX_BLOCKING_WAIT
 
@@ -53,3 +54,14 @@ async def block(server: Server, query: MultiMapping[str], resources: Iterable[Re
     if index > 0:
         return await server.wait_for_change(watched, index, wait)
     return server.index_of(*watched)
+
+
+def query_filter(query: MultiMapping[str]) -> Filter | None:
+    """The ``?filter=`` expression of a list request, compiled; None without one."""
+    expression = query.get("filter")
+    if not expression:
+        return None
+    try:
+        return compile_filter(expression)
+    except FilterSyntaxError as err:
+        raise HTTPError(400, f"failed to read filter expression: {err}") from None

@@ -9,10 +9,10 @@ from nomad_client.http.auth import Need, allows
 from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import bad_request, found_or_404
-from nomad_client.http.query import block
+from nomad_client.http.query import block, query_filter
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
-from nomad_client.server.bexpr import Filter, FilterError, FilterSyntaxError, compile_filter
+from nomad_client.server.bexpr import Filter, FilterError
 from nomad_client.server.server import Resource
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Node
@@ -48,13 +48,7 @@ def _filtered_stubs(nodes: list[Node], node_filter: Filter | None) -> list[dict[
 
 
 async def list_nodes(services: Services, req: ApiRequest) -> Reply:
-    expression = req.query.get("filter")
-    node_filter = None
-    if expression:
-        try:
-            node_filter = compile_filter(expression)
-        except FilterSyntaxError as err:
-            raise bad_request(f"failed to read filter expression: {err}") from None
+    node_filter = query_filter(req.query)
     index = await block(services.server, req.query, (Resource.NODES,))
     prefix = req.query.get("prefix", "")
     nodes = [n for n in services.server.nodes() if n.id.startswith(prefix)]

@@ -22,10 +22,10 @@ from nomad_client.http.auth import (
 )
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request
-from nomad_client.http.query import block, blocking_params
+from nomad_client.http.query import block, blocking_params, query_filter
 from nomad_client.http.router import ApiRequest, Reply, Router, json_response
 from nomad_client.http.services import Services
-from nomad_client.server.bexpr import Filter, FilterError, FilterSyntaxError, compile_filter
+from nomad_client.server.bexpr import Filter, FilterError
 from nomad_client.server.server import Resource
 from nomad_client.server.variables import (
     DEFAULT_LOCK_DELAY,
@@ -177,13 +177,7 @@ def _require(services: Services, req: ApiRequest, namespace: str, path: str, op:
 async def list_variables(services: Services, req: ApiRequest) -> web.StreamResponse:
     variables = services.server.variables
     namespace = request_namespace(req.query)
-    expression = req.query.get("filter")
-    var_filter = None
-    if expression:
-        try:
-            var_filter = compile_filter(expression)
-        except FilterSyntaxError as err:
-            raise bad_request(f"failed to read filter expression: {err}") from None
+    var_filter = query_filter(req.query)
     per_page = _per_page(req)
     next_token = req.query.get("next_token", "")
     index = await block(services.server, req.query, (Resource.VARIABLES,))
