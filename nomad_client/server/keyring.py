@@ -613,15 +613,19 @@ def read_private_file(path: Path) -> bytes:
 # Runs in worker threads (``Keyring.load_or_create``, ``Keyring._commit``).
 
 
+def _refuse_keys_without_metadata(key_path: Path, meta_path: Path, what: str) -> None:
+    # The key file is the commit point and metadata is written first, so a key without its
+    # metadata was never created by us: it is never guessed at, nor replaced.
+    if not os.path.lexists(meta_path):
+        raise KeyringError(f"{meta_path}: missing, but {key_path.name} exists; "
+                           f"refusing to replace {what}")
+
+
 def _load_or_create_keys(directory: Path) -> list[RootKey]:
     ensure_private_dir(directory)
     key_path, meta_path = directory / KEY_FILE, directory / META_FILE
     if os.path.lexists(key_path):
-        if not os.path.lexists(meta_path):
-            raise KeyringError(
-                f"{meta_path}: missing, but {KEY_FILE} exists; "
-                "refusing to replace existing root keys"
-            )
+        _refuse_keys_without_metadata(key_path, meta_path, "existing root keys")
         keys = _read_keys(key_path, meta_path)
     else:
         # No key file: a new ring (or one whose creation was interrupted before its commit
@@ -768,11 +772,7 @@ def _read_legacy_keys(directory: Path) -> list[RootKey] | None:
     data_path = directory / LEGACY_DATA_KEY_FILE
     signing = None
     if os.path.lexists(key_path):
-        if not os.path.lexists(meta_path):
-            raise KeyringError(
-                f"{meta_path}: missing, but {key_path.name} exists; "
-                "refusing to replace an existing signing key"
-            )
+        _refuse_keys_without_metadata(key_path, meta_path, "an existing signing key")
         signing = _read_legacy_signing_key(key_path, meta_path)
     data = _read_legacy_data_key(data_path) if os.path.lexists(data_path) else None
     if signing is None and data is None:

@@ -12,14 +12,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import json
 import shutil
 import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+import aiohttp
 import attrs
 
 from nomad_client.agent.client import Client, ClientSettings
@@ -287,3 +289,28 @@ async def settle() -> None:
     so one that would finish without outside help has finished."""
     for _ in range(20):
         await asyncio.sleep(0)
+
+
+class HttpAnswer(NamedTuple):
+    """What an HTTP call to a test server answered."""
+
+    status: int
+    body: Any  # decoded JSON, or the plain text of an error / empty write answer
+    headers: Mapping[str, str]
+
+    @property
+    def nomad_index(self) -> int | None:
+        index = self.headers.get("X-Nomad-Index")
+        return int(index) if index else None
+
+
+async def call_http(session: aiohttp.ClientSession, url: str, method: str, path: str,
+                    body: Any = None, *, token: str = "", data: bytes | None = None
+                    ) -> HttpAnswer:
+    """One request with ``token`` (none if empty) and a JSON ``body`` (or raw ``data``)."""
+    headers = {"X-Nomad-Token": token} if token else {}
+    payload = json.dumps(body).encode() if body is not None else data
+    async with session.request(method, url + path, headers=headers, data=payload) as r:
+        text = await r.text()
+        decoded = json.loads(text) if r.content_type == "application/json" else text
+        return HttpAnswer(r.status, decoded, r.headers)

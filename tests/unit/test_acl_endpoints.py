@@ -5,13 +5,12 @@ refused at once when deleted or expired; and ACL state across a restore of the s
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiohttp
 import attrs
@@ -25,7 +24,9 @@ from nomad_client.state_db import StateDB
 from nomad_client.structs.models import ACLToken, parse_rfc3339_ns, rfc3339_ns
 from tests.unit.factories import (
     SEALER,
+    HttpAnswer,
     acl_token,
+    call_http,
     identity_token,
     make_alloc,
     seed,
@@ -35,12 +36,6 @@ from tests.unit.factories import (
 
 READ_RULES = 'namespace "default" {\n  policy = "read"\n}\nnode {\n  policy = "read"\n}\n'
 WRITE_RULES = 'namespace "default" {\n  policy = "write"\n}\n'
-
-
-class Answer(NamedTuple):
-    status: int
-    body: Any  # decoded JSON, or the plain text of an error / empty write answer
-    nomad_index: int | None  # the X-Nomad-Index header
 
 
 @attrs.define
@@ -53,17 +48,10 @@ class ACLAPI:
     management: str = ""  # the bootstrap token's secret, once bootstrapped
 
     async def call(self, method: str, path: str, body: Any = None, *,
-                   token: str | None = None, data: bytes | None = None) -> Answer:
+                   token: str | None = None, data: bytes | None = None) -> HttpAnswer:
         """``token`` None means the management token (if any); "" means no token."""
-        secret = self.management if token is None else token
-        headers = {"X-Nomad-Token": secret} if secret else {}
-        payload = json.dumps(body).encode() if body is not None else data
-        async with self.session.request(method, self.url + path, headers=headers,
-                                        data=payload) as r:
-            text = await r.text()
-            index = r.headers.get("X-Nomad-Index")
-            decoded = json.loads(text) if r.content_type == "application/json" else text
-            return Answer(r.status, decoded, int(index) if index else None)
+        return await call_http(self.session, self.url, method, path, body, data=data,
+                               token=self.management if token is None else token)
 
     async def ok(self, method: str, path: str, body: Any = None, *,
                  token: str | None = None) -> Any:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import aiohttp
 import attrs
@@ -18,13 +17,15 @@ import pytest
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.server import Server
 from nomad_client.server.state import StateStore
-from tests.unit.factories import SEALER, identity_token, make_alloc, seed, serve_api
-
-
-class Answer(NamedTuple):
-    status: int
-    body: Any
-    headers: Any
+from tests.unit.factories import (
+    SEALER,
+    HttpAnswer,
+    call_http,
+    identity_token,
+    make_alloc,
+    seed,
+    serve_api,
+)
 
 
 @attrs.define
@@ -35,15 +36,9 @@ class VarAPI:
     token: str = ""
 
     async def call(self, method: str, path: str, body: Any = None, *,
-                   token: str | None = None) -> Answer:
-        secret = self.token if token is None else token
-        headers = {"X-Nomad-Token": secret} if secret else {}
-        data = json.dumps(body).encode() if body is not None else None
-        async with self.session.request(method, self.url + path, headers=headers,
-                                        data=data) as r:
-            text = await r.text()
-            decoded = json.loads(text) if r.content_type == "application/json" else text
-            return Answer(r.status, decoded, r.headers)
+                   token: str | None = None) -> HttpAnswer:
+        return await call_http(self.session, self.url, method, path, body,
+                               token=self.token if token is None else token)
 
 
 @contextlib.asynccontextmanager
