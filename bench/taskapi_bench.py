@@ -44,8 +44,23 @@ own variable paths, and the items are decrypted on every request), against
 ``GET /v1/agent/health`` on the same socket in the same run:
   (v) health, (w) the variable. Runs alternate v, w; the ratio of the medians is reported.
 
+Part 5, fairness and what the Task API controls cost. One agent with the default
+``client { task_api }`` settings runs two tasks. ``GET /v1/agent/health`` is measured one
+request at a time (a Python client: latency, not throughput) over the quiet task's socket and
+over the TCP API, first with the agent idle, then while the other task floods its own socket
+with ``h2load --h1 -c 64``; the p99 ratio flooded / idle is held against 2x. The same on an
+agent with the rate limit off, for reference. Then three agents differing only in
+``task_api`` — (x) plain (no rate limit, no peer check, no audit), (y) audit on, (z)
+``peer_credentials = "enforce"`` — are driven alternately by h2load as in part 1; y/x and
+z/x are reported, with the one-off per-connection cost of the peer check of a non-root task
+process measured in-process on real processes.
+
+Every agent but the fairness part's default one runs with ``rate_limit { requests_per_second
+= 0 }``: h2load drives a task socket far past any per-task rate on purpose, and a 429 would
+void the run.
+
 Usage: python bench/taskapi_bench.py [--duration 5] [--rounds 3] [--sockets 1000]
-                                     [--parts http,churn,acl,vars]
+                                     [--parts http,churn,acl,vars,fairness]
 """
 
 from __future__ import annotations
@@ -89,7 +104,7 @@ METADATA_PATH = "/v1/client/metadata"  # node read
 JOBS_PATH = "/v1/jobs"  # namespace list-jobs: what the ACL part's policy does not grant
 NODE_READ_POLICY = "bench-node-read"
 NODE_READ_RULES_FILE = REPO / "testdata" / "policies" / "node-read.hcl"
-PARTS = ("http", "churn", "acl", "vars")
+PARTS = ("http", "churn", "acl", "vars", "fairness")
 # Same shape and size as the agent's health reply, so only the serving path differs.
 BASELINE_BODY = json.dumps({"client": {"message": "ok", "ok": True},
                             "server": {"message": "ok", "ok": True}}, separators=(",", ":"))
@@ -97,6 +112,10 @@ H2LOAD_CLIENTS = 16
 SUN_PATH_MAX = 107  # h2load connects by path, so the kernel's sun_path limit applies
 JOB_ID = "taskapi-bench"
 TASK = "t"
+# ``client { task_api }`` of the agents of every part but the fairness part: h2load drives
+# one task's socket at thousands of requests per second, which any sensible per-task rate
+# limit refuses (and a 429 voids the run).
+UNLIMITED_TASK_API: dict[str, Any] = {"rate_limit": {"requests_per_second": 0}}
 
 # Targets (see the summary table).
 TARGET_RATIO = 0.80
@@ -237,17 +256,31 @@ async def run_h2load(h2load: str, target: str, url: str, unix_path: str | None, 
 # ------------------------------------------------------------------------------ processes
 
 
+@attrs.frozen
+class TaskSocket:
+    """A running bench task: its allocation, its Task API socket and its identity."""
+
+    alloc_id: str
+    socket_path: str
+    token: str
+
+
 class AgentUnderTest:
     """A real agent process (same command and config shape as the integration tests), one
     raw_exec service task with a workload identity, its token and its Task API socket.
     With ACLs on, ``setup_acls`` bootstraps them (API calls then use the management token)
-    and gives the task's job, and a client token, the node-read policy."""
+    and gives the task's job, and a client token, the node-read policy. ``task_api`` is its
+    ``client { task_api { ... } }`` block (by default the rate limit is off: every part but
+    the fairness part drives a task socket far past any per-task rate on purpose)."""
 
-    def __init__(self, root: Path, name: str = "agent", *, acl: bool = False) -> None:
+    def __init__(self, root: Path, name: str = "agent", *, acl: bool = False,
+                 task_api: dict[str, Any] | None = None) -> None:
         self.root = root
         self.name = name
         self.data_dir = root / name
         self.acl = acl
+        self.task_api = UNLIMITED_TASK_API if task_api is None else task_api
+        self.jobs: list[str] = []
         self.address = ""
         self.token = ""
         self.management_token = ""
@@ -272,7 +305,8 @@ class AgentUnderTest:
             "data_dir": str(self.data_dir), "bind_addr": "127.0.0.1",
             # INFO, the default: DEBUG logging would cost every request, not just ours.
             "log_level": "INFO", "ports": {"http": 0}, "server": {"enabled": True},
-            "client": {"enabled": True}, "acl": {"enabled": self.acl},
+            "client": {"enabled": True, "task_api": self.task_api},
+            "acl": {"enabled": self.acl},
         }
         config_path = self.root / f"{self.name}.json"
         config_path.write_text(json.dumps(config))
@@ -344,22 +378,25 @@ class AgentUnderTest:
         token_file = Path(self.socket_path).parent / "nomad_token"
         self.token = (await asyncio.to_thread(token_file.read_text)).strip()
 
-    async def run_task(self, timeout: float = 30.0) -> None:
+    async def run_task(self, timeout: float = 30.0, job_id: str = JOB_ID) -> TaskSocket:
+        """Run the bench job ``job_id``; its task becomes this agent's ``socket_path`` and
+        ``token`` (and is returned)."""
         from nomad_client.jobspec import canonicalize_job
 
         # = job "taskapi-bench" { type = "service"; group "g" { task "t" {
         #     driver = "raw_exec"; config { command = "sleep"; args = ["3600"] }
         #     identity { env = true; file = true } } } }
-        job = canonicalize_job({"ID": JOB_ID, "Type": "service", "TaskGroups": [{
+        job = canonicalize_job({"ID": job_id, "Type": "service", "TaskGroups": [{
             "Name": "g", "Count": 1, "Tasks": [{
                 "Name": TASK, "Driver": "raw_exec",
                 "Config": {"command": "sleep", "args": ["3600"]},
                 "Identity": {"Env": True, "File": True}}]}]})
         async with self.api() as api:
             await api.job_register(job)
+            self.jobs.append(job_id)
 
             async def running_alloc() -> str | None:
-                for stub in await api.job_allocations(JOB_ID):
+                for stub in await api.job_allocations(job_id):
                     alloc = await api.allocation_get(stub["ID"])
                     state = (alloc.get("TaskStates") or {}).get(TASK) or {}
                     if state.get("State") == "running":
@@ -380,22 +417,25 @@ class AgentUnderTest:
         if len(os.fsencode(self.socket_path)) > SUN_PATH_MAX:
             raise BenchError(f"task socket path too long for h2load to connect to: "
                              f"{self.socket_path}")
+        return TaskSocket(self.alloc_id, self.socket_path, self.token)
 
     async def stop_task(self) -> None:
-        """Deregister the job so the agent stops the task itself (best effort)."""
+        """Deregister the jobs so the agent stops their tasks itself (best effort)."""
         if not self.address or self._proc is None or self._proc.returncode is not None:
             return
         with contextlib.suppress(Exception):
             async with self.api(timeout=10) as api:
-                await api.job_deregister(JOB_ID)
+                for job_id in self.jobs:
+                    await api.job_deregister(job_id)
 
                 async def stopped() -> bool:
-                    for stub in await api.job_allocations(JOB_ID):
-                        if stub.get("ClientStatus") not in ("complete", "failed", "lost"):
-                            return False
+                    for job_id in self.jobs:
+                        for stub in await api.job_allocations(job_id):
+                            if stub.get("ClientStatus") not in ("complete", "failed", "lost"):
+                                return False
                     return True
 
-                await poll(stopped, 15.0, "the bench task to stop")
+                await poll(stopped, 15.0, "the bench tasks to stop")
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -495,8 +535,11 @@ async def end_process(proc: asyncio.subprocess.Process, grace: float = 30.0) -> 
 
 
 def kill_leftovers(root: Path) -> int:
-    """Kill processes still working under ``root`` (a task the agent left running)."""
+    """Kill processes still working under ``root`` (a task the agent left running), and
+    detach the secrets tmpfs mounts they kept (no agent is left to unmount them)."""
     import psutil
+
+    from nomad_client.client import tmpfs
 
     inside = str(root) + os.sep  # with the separator: no sibling dir sharing the prefix
     killed = 0
@@ -509,6 +552,8 @@ def kill_leftovers(root: Path) -> int:
                 killed += 1
         except (psutil.Error, OSError):
             continue
+    for mount in tmpfs.mounts_under(root):
+        tmpfs.unmount(mount.mount_point)
     return killed
 
 
@@ -839,6 +884,327 @@ def vars_rows(cost: VarsCost) -> list[SummaryRow]:
     return [("variable read vs health (w/v, req/s)", "-", f"{cost.ratio:.2f}", True)]
 
 
+# ------------------------------------------------------------------------------ part 5
+
+FLOOD_CLIENTS = 64
+# The quiet task's pace (requests per second to its socket, and as many to the TCP API):
+# well within the default rate limit, as a task that is not flooding would be.
+QUIET_RATE = 50
+FLOOD_JOB = "taskapi-flood"
+QUIET_JOB = "taskapi-quiet"
+TARGET_FLOOD_P99 = 2.0  # the quiet task's and the TCP API's p99 under a flood vs idle
+# How the fairness agents differ: the defaults, and the same with the rate limit off (for
+# reference: what the flood would do without it).
+DEFAULT_TASK_API: dict[str, Any] = {}
+COST_CONFIGS: dict[str, dict[str, Any]] = {
+    # The plain Task API: nothing counted, checked or recorded per request.
+    "x": {"rate_limit": {"requests_per_second": 0}, "peer_credentials": "off"},
+    "y": {"rate_limit": {"requests_per_second": 0}, "peer_credentials": "off",
+          "audit": {"enabled": True}},
+    "z": {"rate_limit": {"requests_per_second": 0}, "peer_credentials": "enforce"},
+}
+COST_LABELS = {"x": "plain Task API", "y": "audit on", "z": "peer check enforce"}
+
+
+@attrs.frozen
+class Latencies:
+    """p50 / p99 (ms) of one request at a time over the quiet task's socket and the TCP API."""
+
+    quiet_p50: float
+    quiet_p99: float
+    tcp_p50: float
+    tcp_p99: float
+
+
+@attrs.frozen
+class FloodOutcome:
+    """What the flooding task's h2load got (answers per second)."""
+
+    served: float
+    refused: float
+    other: float
+    agent_cpu: float  # the agent's CPU time per wall second during the flood
+
+
+@attrs.frozen
+class FairnessRound:
+    idle: Latencies
+    flooded: Latencies
+    flood: FloodOutcome
+
+
+async def quiet_latencies(agent: AgentUnderTest, quiet: TaskSocket, seconds: float
+                          ) -> Latencies:
+    """``GET /v1/agent/health`` one request at a time for ``seconds``, alternating the quiet
+    task's socket and the TCP API (one kept-alive connection each), ``QUIET_RATE`` pairs a
+    second."""
+    import aiohttp
+
+    health = f"http://localhost{HEALTH_PATH}"
+    headers = {"Authorization": f"Bearer {quiet.token}"}
+    socket_times: list[float] = []
+    tcp_times: list[float] = []
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=quiet.socket_path),
+                                     timeout=timeout) as unix, \
+            aiohttp.ClientSession(timeout=timeout) as tcp:
+        start = time.perf_counter()
+        for slot in range(int(seconds * QUIET_RATE)):
+            await asyncio.sleep(max(0.0, start + slot / QUIET_RATE - time.perf_counter()))
+            for session, url, times in ((unix, health, socket_times),
+                                        (tcp, agent.address + HEALTH_PATH, tcp_times)):
+                t0 = time.perf_counter()
+                async with session.get(url, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise BenchError(f"quiet request to {url} answered {resp.status}")
+                times.append((time.perf_counter() - t0) * 1000)
+    socket_times.sort()
+    tcp_times.sort()
+    return Latencies(percentile(socket_times, 50), percentile(socket_times, 99),
+                     percentile(tcp_times, 50), percentile(tcp_times, 99))
+
+
+async def run_flood(h2load: str, flood: TaskSocket, duration: int
+                    ) -> tuple[dict[str, int], float]:
+    """h2load --h1 -c 64 against the flooding task's socket for ``duration`` s: the count
+    of answers by class (2xx, 4xx, other) and the seconds it ran. 429s are expected."""
+    proc = await asyncio.create_subprocess_exec(
+        h2load, "--h1", "-c", str(FLOOD_CLIENTS), "-D", str(duration),
+        "-H", f"Authorization: Bearer {flood.token}", "-B", f"unix:{flood.socket_path}",
+        f"http://localhost{HEALTH_PATH}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    started = time.monotonic()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), duration + 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError(f"flood: h2load did not finish within {duration + 60}s") from None
+    elapsed = time.monotonic() - started
+    text = out.decode(errors="replace")
+    status = _STATUS.search(text)
+    if proc.returncode != 0 or status is None:
+        raise BenchError(f"flood: h2load exited {proc.returncode}:\n{text}")
+    s2xx, s3xx, s4xx, s5xx = map(int, status.groups())
+    return {"2xx": s2xx, "4xx": s4xx, "other": s3xx + s5xx}, elapsed
+
+
+async def flood_in_effect(agent: AgentUnderTest, flood: TaskSocket, limited: bool) -> bool:
+    """Whether the flood is on: with a rate limit, the flooding task's bucket is empty (a
+    probe on its socket gets 429) or its connections are all taken (the probe's is closed);
+    without one, the agent is busy serving it."""
+    if limited:
+        import aiohttp
+
+        try:
+            status, _ = await request_status(f"http://localhost{HEALTH_PATH}",
+                                             flood.socket_path, flood.token)
+        except (aiohttp.ClientConnectionError, OSError):
+            return True  # the flood holds every connection the socket admits
+        return status == 429
+    before = cpu_seconds(agent.pid)
+    await asyncio.sleep(0.2)
+    return (cpu_seconds(agent.pid) - before) / 0.2 > 0.3
+
+
+async def fairness_round(h2load: str, agent: AgentUnderTest, quiet: TaskSocket,
+                         flood: TaskSocket, duration: int, limited: bool) -> FairnessRound:
+    idle = await quiet_latencies(agent, quiet, duration)
+    # The flood runs a little longer than the measurement, which starts once it is going.
+    flooding = asyncio.create_task(run_flood(h2load, flood, duration + 3))
+    try:
+        await poll(lambda: flood_in_effect(agent, flood, limited), 10, "the flood to start")
+        cpu_before, wall_before = cpu_seconds(agent.pid), time.monotonic()
+        flooded = await quiet_latencies(agent, quiet, duration)
+        cpu = (cpu_seconds(agent.pid) - cpu_before) / (time.monotonic() - wall_before)
+    finally:
+        counts, elapsed = await flooding
+    return FairnessRound(idle, flooded, FloodOutcome(
+        served=counts["2xx"] / elapsed, refused=counts["4xx"] / elapsed,
+        other=counts["other"] / elapsed, agent_cpu=cpu))
+
+
+@attrs.frozen
+class FairnessResults:
+    label: str
+    rounds: tuple[FairnessRound, ...]
+
+    def median(self, pick: Callable[[FairnessRound], float]) -> float:
+        return statistics.median(pick(r) for r in self.rounds)
+
+    @property
+    def quiet_ratio(self) -> float:
+        return self.median(lambda r: r.flooded.quiet_p99) / self.median(
+            lambda r: r.idle.quiet_p99)
+
+    @property
+    def tcp_ratio(self) -> float:
+        return self.median(lambda r: r.flooded.tcp_p99) / self.median(lambda r: r.idle.tcp_p99)
+
+
+async def fairness_on(h2load: str, root: Path, name: str, task_api: dict[str, Any],
+                      duration: int, rounds: int) -> FairnessResults:
+    agent = AgentUnderTest(root, name, task_api=task_api)
+    try:
+        await agent.start()
+        quiet = await agent.run_task(job_id=QUIET_JOB)
+        flood = await agent.run_task(job_id=FLOOD_JOB)
+        for task in (quiet, flood):
+            status, body = await request_status(f"http://localhost{HEALTH_PATH}",
+                                                task.socket_path, task.token)
+            if status != 200:
+                raise BenchError(f"{name}: task socket {task.socket_path} answered {status}: "
+                                 f"{body[:200]}")
+        done = []
+        for rnd in range(1, rounds + 1):
+            result = await fairness_round(h2load, agent, quiet, flood, duration,
+                                          limited=task_api is not UNLIMITED_TASK_API)
+            done.append(result)
+            print(f"{rnd:>5} {name:<16} idle quiet p50/p99 {result.idle.quiet_p50:6.2f}/"
+                  f"{result.idle.quiet_p99:6.2f} ms, TCP {result.idle.tcp_p50:6.2f}/"
+                  f"{result.idle.tcp_p99:6.2f} | flooded quiet {result.flooded.quiet_p50:6.2f}/"
+                  f"{result.flooded.quiet_p99:6.2f}, TCP {result.flooded.tcp_p50:6.2f}/"
+                  f"{result.flooded.tcp_p99:6.2f} | flood got {result.flood.served:.0f} 2xx/s, "
+                  f"{result.flood.refused:.0f} 429/s; agent CPU "
+                  f"{result.flood.agent_cpu:.0%}", flush=True)
+        return FairnessResults(name, tuple(done))
+    except BenchError:
+        if agent.output:
+            print(f"---- {name} output (last lines) ----\n{agent.output}", file=sys.stderr)
+        raise
+    finally:
+        await agent.stop_task()
+        await agent.stop()
+        await asyncio.to_thread(kill_leftovers, root)
+
+
+@attrs.frozen
+class ControlCost:
+    runs: HttpResults
+    peer_check_us: float  # one connection's peer check: a non-root task process
+
+
+def peer_check_cost(samples: int = 2000) -> float:
+    """Microseconds for ``peer_is_task`` on a non-root process that is the child of the
+    task's root (what a task's own connection costs under ``log`` / ``enforce``, once per
+    connection): the real check on real processes, run as nobody."""
+    import pwd
+    import subprocess
+
+    import psutil
+
+    from nomad_client.http.peercred import PeerCred, peer_is_task
+
+    nobody = pwd.getpwnam("nobody")
+    # In a process group of its own, so the shell and its child both go at the end.
+    shell = subprocess.Popen(["sh", "-c", "sleep 60; true"], user=nobody.pw_uid,
+                             group=nobody.pw_gid, extra_groups=[], cwd="/",
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not psutil.Process(shell.pid).children():
+            if time.monotonic() > deadline:
+                raise BenchError("the peer-check helper started no child")
+            time.sleep(0.01)
+        child = psutil.Process(shell.pid).children()[0].pid
+        root_proc = (shell.pid, psutil.Process(shell.pid).create_time())
+        peer = PeerCred(child, nobody.pw_uid, nobody.pw_gid)
+        t0 = time.perf_counter()
+        for _ in range(samples):
+            if not peer_is_task(peer, root_proc):
+                raise BenchError("the peer check refused the task's own process")
+        return (time.perf_counter() - t0) * 1e6 / samples
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+
+
+async def control_cost(h2load: str, root: Path, duration: int, rounds: int) -> ControlCost:
+    agents = {key: AgentUnderTest(root, f"cost-{key}", task_api=config)
+              for key, config in COST_CONFIGS.items()}
+    try:
+        print("\nTask API controls: starting three agents (plain, audit, enforce) ...",
+              flush=True)
+        targets = []
+        for key, agent in agents.items():
+            await agent.start()
+            task = await agent.run_task()
+            targets.append(Target(key, COST_LABELS[key], f"http://localhost{HEALTH_PATH}",
+                                  task.socket_path, agent.pid, task.token))
+        for target in targets:
+            await expect_status(target, 200)
+            await expect_status(target, 401, token=None)
+        audit_log = agents["y"].data_dir / "audit" / "task-api.log"
+        if not await asyncio.to_thread(audit_log.is_file):
+            raise BenchError(f"audit on, but no audit log at {audit_log}")
+        runs = await alternate_runs(h2load, root, targets, duration, rounds)
+    except BenchError:
+        for agent in agents.values():
+            if agent.output:
+                print(f"---- {agent.name} output (last lines) ----\n{agent.output}",
+                      file=sys.stderr)
+        raise
+    finally:
+        for agent in agents.values():
+            await agent.stop_task()
+            await agent.stop()
+        await asyncio.to_thread(kill_leftovers, root)
+    return ControlCost(runs, await asyncio.to_thread(peer_check_cost))
+
+
+async def fairness_benchmark(h2load: str, root: Path, duration: int, rounds: int
+                             ) -> tuple[list[FairnessResults], ControlCost]:
+    print(f"\nfairness: two tasks on one agent; the quiet task's socket and the TCP API "
+          f"measured one request at a time, idle and while the other task floods its socket "
+          f"(h2load --h1 -c {FLOOD_CLIENTS}), {rounds} round(s) of {duration} s each",
+          flush=True)
+    results = [
+        await fairness_on(h2load, root, "defaults", DEFAULT_TASK_API, duration, rounds),
+        await fairness_on(h2load, root, "rate limit off", UNLIMITED_TASK_API, duration,
+                          rounds),
+    ]
+    return results, await control_cost(h2load, root, duration, rounds)
+
+
+def print_fairness_results(results: Sequence[FairnessResults], cost: ControlCost) -> None:
+    print("\nmedians over rounds, p99 flooded / idle (one request at a time):")
+    for res in results:
+        print(f"  {res.label:<16} quiet task socket {res.quiet_ratio:.2f}x "
+              f"({res.median(lambda r: r.idle.quiet_p99):.2f} -> "
+              f"{res.median(lambda r: r.flooded.quiet_p99):.2f} ms), TCP API "
+              f"{res.tcp_ratio:.2f}x ({res.median(lambda r: r.idle.tcp_p99):.2f} -> "
+              f"{res.median(lambda r: r.flooded.tcp_p99):.2f} ms); the flood got "
+              f"{res.median(lambda r: r.flood.served):.0f} 2xx/s and "
+              f"{res.median(lambda r: r.flood.refused):.0f} 429/s, agent CPU "
+              f"{res.median(lambda r: r.flood.agent_cpu):.0%}")
+    runs = cost.runs
+    print("\nmedians over rounds, Task API controls (GET /v1/agent/health, task socket):")
+    for key in ("y", "z"):
+        cpu = runs.median(key, "server_cpu_us") / runs.median("x", "server_cpu_us")
+        print(f"  {COST_LABELS[key]} vs plain ({key}/x): req/s "
+              f"{runs.median(key, 'rps') / runs.median('x', 'rps'):.2f}, server CPU per "
+              f"request {cpu:.2f}x")
+    print(f"  peer check of a non-root task process: {cost.peer_check_us:.0f} us, once per "
+          "connection, inline on the event loop (h2load runs as root: its connections pass "
+          "on uid 0 without the walk; every request then reads the connection's verdict)")
+
+
+def fairness_rows(results: Sequence[FairnessResults], cost: ControlCost) -> list[SummaryRow]:
+    defaults = results[0]
+    runs = cost.runs
+    rows: list[SummaryRow] = [
+        ("flood: quiet socket p99 flooded/idle", f"<= {TARGET_FLOOD_P99:.0f}x",
+         f"{defaults.quiet_ratio:.2f}x", defaults.quiet_ratio <= TARGET_FLOOD_P99),
+        ("flood: TCP API p99 flooded/idle", f"<= {TARGET_FLOOD_P99:.0f}x",
+         f"{defaults.tcp_ratio:.2f}x", defaults.tcp_ratio <= TARGET_FLOOD_P99),
+    ]
+    rows += [(f"{COST_LABELS[key]} vs plain ({key}/x, req/s)", "-",
+              f"{runs.median(key, 'rps') / runs.median('x', 'rps'):.2f}", True)
+             for key in ("y", "z")]
+    return rows
+
+
 # ------------------------------------------------------------------------------ part 2
 
 
@@ -891,6 +1257,7 @@ async def churn_benchmark(root: Path, count: int) -> ChurnResults:
     from nomad_client.allocrunner.hooks import AllocHookDeps, TaskContext
     from nomad_client.allocrunner.taskapi_hook import TaskAPIHook
     from nomad_client.client.allocdir import AllocDir
+    from nomad_client.client.taskapi_config import LiveTaskAPIConfig
     from nomad_client.client.taskenv import NodeView
     from nomad_client.http.taskapi import TaskAPIServer
     from nomad_client.structs.models import Allocation, TaskEvent
@@ -929,8 +1296,12 @@ async def churn_benchmark(root: Path, count: int) -> ChurnResults:
                     for task in job["TaskGroups"][0]["Tasks"]]
 
         contexts = await asyncio.to_thread(build)
+        # The Task API server as the agent wires it, on the default config.
+        live = LiveTaskAPIConfig()
+        hook_server = TaskAPIServer(agent.router, live, audit_path=root / "churn-audit.log",
+                                    node_id=lambda: "bench-node")
         hook = TaskAPIHook(AllocHookDeps(alloc=alloc, alloc_dir=alloc_dir,
-                                         task_api=TaskAPIServer(agent.router), log=log))
+                                         task_api=hook_server, log=log, task_api_config=live))
         # Warm-up on a few tasks so lazy one-time costs (worker threads, the private staging
         # dir, imports) are not billed to the measured sockets.
         for ctx in contexts[:10]:
@@ -979,6 +1350,7 @@ async def churn_benchmark(root: Path, count: int) -> ChurnResults:
     finally:
         if hook is not None:
             await hook.shutdown()
+            await hook_server.close()
         await agent.stop()
 
 
@@ -1147,6 +1519,11 @@ async def run(args: argparse.Namespace, h2load: str) -> None:
             cost = await vars_benchmark(h2load, root, args.duration, args.rounds)
             print_vars_results(cost)
             rows += vars_rows(cost)
+        if "fairness" in args.parts:
+            fairness, controls = await fairness_benchmark(h2load, root, args.duration,
+                                                          args.rounds)
+            print_fairness_results(fairness, controls)
+            rows += fairness_rows(fairness, controls)
         print_summary(rows, cpu_a, costs)
     finally:
         await asyncio.to_thread(kill_leftovers, root)

@@ -1,24 +1,32 @@
 """The agent: wires the embedded server, the client, the router and the TCP listener, and
-owns their start and stop.
+owns their start, stop and live reload.
 
 Start order: data dir -> server state + keyring -> router + endpoints -> TCP listener ->
 client (which restores allocations, recreating their Task API sockets). Stop order is the
 reverse; with ``dev_mode`` tasks are killed and the temporary data dir removed, otherwise
 tasks keep running for the next agent to reattach.
+
+Reload: only ``client { task_api { ... } }`` changes while the agent runs. The one
+``LiveTaskAPIConfig`` is shared by the client (who gets a socket) and the Task API server
+(rules, limits, peer checks, audit), which read it per decision, request or connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from nomad_client.agent.client import Client, ClientSettings
 from nomad_client.agent.config import AgentConfig, advertise_http_url
 from nomad_client.client.servers import ServerRPC
+from nomad_client.client.taskapi_config import LiveTaskAPIConfig, TaskAPIConfig
 from nomad_client.http.context import TCP_LISTENER
 from nomad_client.http.endpoints import register_all
 from nomad_client.http.listeners import Listener, tcp_socket
@@ -34,10 +42,17 @@ from nomad_client.state_db import StateDB
 
 log = logging.getLogger(__name__)
 
+# The one part of the config a reload applies; everything else keeps its start-up value.
+RELOADABLE = "client.task_api"
+
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
+        # Replaced (never mutated) by a reload, together with ``task_api_config``.
         self.config = config
+        self.task_api_config = LiveTaskAPIConfig(config.client.task_api)
+        self._task_api_server: TaskAPIServer | None = None
+        self._reload_lock = asyncio.Lock()
         self.data_dir: Path | None = None
         self._temp_data_dir = False
         self.server: Server | None = None
@@ -85,15 +100,19 @@ class Agent:
         if cfg.client.enabled or cfg.dev_mode:
             state_dir = Path(cfg.client.state_dir or data_dir / "client")
             client_db = await self._open_db(state_dir / "state.db")
+            self._task_api_server = TaskAPIServer(
+                self.router, self.task_api_config,
+                audit_path=data_dir / "audit" / "task-api.log", node_id=self._node_id)
             settings = ClientSettings(
                 data_dir=data_dir, alloc_dir=Path(cfg.client.alloc_dir or data_dir / "alloc"),
                 state_dir=state_dir, name=cfg.name, datacenter=cfg.datacenter,
                 region=cfg.region, http_addr=self.http_addr,
-                static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits)
+                static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits,
+                task_api=self.task_api_config)
             self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
-                                 client_db, TaskAPIServer(self.router))
+                                 client_db, self._task_api_server)
         register_all(self.router, Services(
-            server=self.server, client=self.client, agent_config=cfg.to_api_dict(),
+            server=self.server, client=self.client, agent_config=self._api_config,
             member=self._member()))
         await self._listener.start()
         log.info("HTTP API listening on http://%s", self.http_addr)
@@ -105,16 +124,69 @@ class Agent:
         self._dbs.append(db)
         return db
 
+    def _node_id(self) -> str:
+        return self.client.node_id if self.client is not None else ""
+
+    def _api_config(self) -> dict[str, Any]:
+        # Read per request: GET /v1/agent/self shows the config as the last reload left it.
+        return self.config.to_api_dict()
+
     def _member(self) -> dict[str, Any]:
         host, port = self.http_address or ("", 0)
         return {"Name": f"{self.config.name}.{self.config.region}", "Addr": host, "Port": port,
                 "Tags": {"region": self.config.region, "dc": self.config.datacenter},
                 "Status": "alive"}
 
+    async def reload(self, new: AgentConfig) -> None:
+        """Apply ``new`` (the config read again from the same files and flags) as far as a
+        running agent can: ``client.task_api`` is replaced and every part that reads it is
+        told; every other setting keeps its value, with one warning naming those that
+        differ. Reloads run one at a time. If applying fails, the previous Task API config
+        is put back."""
+        async with self._reload_lock:
+            old = self.config
+            kept = _changed_settings(old, _with_task_api(new, old.client.task_api))
+            if kept:
+                log.warning("config reload: these settings cannot change while the agent "
+                            "runs and keep their current values: %s",
+                            ", ".join(name for name, _, _ in kept))
+            changes = [f"{name}: {json.dumps(before)} -> {json.dumps(after)}"
+                       for name, before, after in _changed_settings(
+                           old.client.task_api, new.client.task_api, f"{RELOADABLE}.")]
+            if not changes:
+                log.info("config reload: no change to %s", RELOADABLE)
+                return
+            try:
+                await self._apply_task_api(new.client.task_api)
+            except Exception:
+                log.exception("config reload: applying %s failed; putting the previous "
+                              "Task API config back", RELOADABLE)
+                await self._restore_task_api(old.client.task_api)
+                return
+            log.info("config reload: applied %s changes: %s", RELOADABLE, "; ".join(changes))
+
+    async def _apply_task_api(self, task_api: TaskAPIConfig) -> None:
+        # The record (agent/self) and the live holder change together, before anyone awaits.
+        self.config = _with_task_api(self.config, task_api)
+        self.task_api_config.replace(task_api)
+        if self._task_api_server is not None:
+            await self._task_api_server.reconfigure()
+        if self.client is not None:
+            await self.client.apply_task_api_config()
+
+    async def _restore_task_api(self, task_api: TaskAPIConfig) -> None:
+        try:
+            await self._apply_task_api(task_api)
+        except Exception:
+            log.exception("config reload: putting the previous Task API config back failed")
+
     async def stop(self) -> None:
         if self.client is not None:
             await self.client.shutdown(stop_tasks=self.config.dev_mode)
             self.client = None
+        if self._task_api_server is not None:  # after the client: its sockets are closed
+            await self._task_api_server.close()
+            self._task_api_server = None
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
@@ -125,6 +197,31 @@ class Agent:
         self._dbs.clear()
         if self._temp_data_dir and self.data_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+
+def _with_task_api(config: AgentConfig, task_api: TaskAPIConfig) -> AgentConfig:
+    return attrs.evolve(config, client=attrs.evolve(config.client, task_api=task_api))
+
+
+def _settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting of an attrs config object, by its dotted config name (blocks are
+    followed, maps and lists are one setting each)."""
+    out: dict[str, Any] = {}
+    for field in attrs.fields(type(config)):
+        name = f"{prefix}{field.name}"
+        value = getattr(config, field.name)
+        if attrs.has(type(value)):
+            out.update(_settings(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _changed_settings(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(name, old value, new value) of each setting that differs."""
+    before, after = _settings(old, prefix), _settings(new, prefix)
+    return [(name, value, after[name]) for name, value in before.items()
+            if after[name] != value]
 
 
 def _prepare_data_dir(configured: str | None) -> tuple[Path, bool]:

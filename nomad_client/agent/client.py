@@ -22,13 +22,14 @@ import attrs
 from nomad_client.allocrunner.alloc_runner import AllocRunner, AllocRunnerConfig, RestoredTask
 from nomad_client.allocrunner.builtin_hooks import BUILTIN_ALLOC_HOOKS, BUILTIN_TASK_HOOKS
 from nomad_client.allocrunner.hooks import TaskSocketServer
-from nomad_client.client.allocdir import AllocDir
+from nomad_client.client.allocdir import AllocDir, unmount_orphaned_tmpfs
 from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.drivers.base import Driver, TaskHandle
 from nomad_client.client.fingerprint import fingerprint_node
 from nomad_client.client.identities import IdentityManager
 from nomad_client.client.nodemeta import MetaLimitError, MetaLimits, check_meta_update
 from nomad_client.client.servers import ServerRPC
+from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import NodeView
 from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
@@ -68,6 +69,9 @@ class ClientSettings:
     static_meta: Mapping[str, str]
     node_class: str = ""
     meta_limits: MetaLimits = attrs.field(factory=MetaLimits)
+    # The agent's live Task API config, replaced whole on a reload (then the agent calls
+    # Client.apply_task_api_config).
+    task_api: LiveTaskAPIConfig = attrs.field(factory=LiveTaskAPIConfig)
 
 
 class Client:
@@ -78,6 +82,9 @@ class Client:
         self.rpc = rpc
         self.db = db
         self.task_api = task_api
+        # Each namespace's Task API capability as last read: the answer when the servers
+        # cannot be reached (the last thing they said, never a guess).
+        self._namespace_modes: dict[str, str | None] = {}
         self.drivers = dict(drivers or builtin_drivers())
         self.node_id = ""
         self._secret_id = ""
@@ -211,7 +218,29 @@ class Client:
             drivers=self.drivers, node_view=self.node_view, alloc_hooks=BUILTIN_ALLOC_HOOKS,
             task_hooks=BUILTIN_TASK_HOOKS, task_api=self.task_api,
             host_env=dict(os.environ), persist_task=self._persist_task,
-            report=self._queue_report, identities=self.identities)
+            report=self._queue_report, identities=self.identities,
+            task_api_config=self.settings.task_api, namespaces=self)
+
+    # ---- the Task API ------------------------------------------------------------------
+    async def namespace_task_api_mode(self, namespace: str) -> str | None:
+        """``Capabilities.TaskAPI`` of ``namespace`` (None when it has no say), from the
+        servers; the last answer if they cannot be reached."""
+        try:
+            mode = await self.rpc.namespace_task_api_mode(namespace)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if namespace in self._namespace_modes:
+                return self._namespace_modes[namespace]
+            raise
+        self._namespace_modes[namespace] = mode
+        return mode
+
+    async def apply_task_api_config(self) -> None:
+        """After the agent replaced ``settings.task_api``: every allocation's running tasks
+        get or lose their Task API socket as the new config says (each with an event);
+        tasks not running follow it on their next start."""
+        await asyncio.gather(*(runner.config_reloaded() for runner in self.runners.values()))
 
     async def _sign_identities(self, alloc_id: str, tasks: Sequence[str]) -> dict[str, str]:
         return await self.rpc.alloc_sign_identities(self.node_id, self._secret_id, alloc_id,
@@ -229,10 +258,24 @@ class Client:
             handle = TaskHandle.from_dict(raw["handle"]) if raw.get("handle") else None
             tasks.setdefault(alloc_id, {})[task] = RestoredTask(
                 from_rpc(raw["state"], TaskState), handle)
-        for alloc_id, raw in await self.db.items(B_ALLOCS):
+        allocs = await self.db.items(B_ALLOCS)
+        await self._unmount_orphans({alloc_id for alloc_id, _ in allocs})
+        for alloc_id, raw in allocs:
             alloc = from_rpc(raw, Allocation)
             log.info("restoring allocation %s", alloc_id)
             self._start_runner(alloc, tasks.get(alloc_id, {}))
+
+    async def _unmount_orphans(self, restored: set[str]) -> None:
+        """Secrets tmpfs mounts an earlier agent left (it crashed, or was killed) for
+        allocations it no longer has: nothing else would ever unmount them."""
+        try:
+            gone = await asyncio.to_thread(unmount_orphaned_tmpfs, self.settings.alloc_dir,
+                                           restored)
+        except Exception as err:  # the client can still run; the operator must know
+            log.warning("could not unmount leftover task secrets mounts: %s", err)
+            return
+        for mount_point in gone:
+            log.info("unmounted leftover task secrets mount %s", mount_point)
 
     def _start_runner(self, alloc: Allocation,
                       restored: Mapping[str, RestoredTask] | None = None) -> None:

@@ -11,14 +11,16 @@ order given (later files override earlier ones key by key, maps merge), then fla
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,19 @@ import attrs
 import psutil
 
 from nomad_client.client.nodemeta import MetaLimits, meta_key_problem
+from nomad_client.client.taskapi_config import PEER_CREDENTIALS_MODES, TaskAPIConfig
 from nomad_client.goflags import GoArgumentParser, UsageError
+from nomad_client.http.endpoint_rules import parse_endpoint_rule
 from nomad_client.jobspec.errors import JobspecError, type_name
 from nomad_client.jobspec.plain import parse_plain
+from nomad_client.structs.taskapi import AGENT_DEFAULT_MODES
 
 # Nomad's log level names and the Python level each runs the agent at (no TRACE below DEBUG).
 LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
               "WARN": logging.WARNING, "ERROR": logging.ERROR}
 DEFAULT_HTTP_PORT = 4646
+# The smallest audit file worth rotating: a few lines.
+MIN_AUDIT_FILE_SIZE = 4096
 
 
 class ConfigError(Exception):
@@ -83,6 +90,10 @@ def _meta_limits(value: MetaLimits | Mapping[str, int]) -> MetaLimits:
     return value if isinstance(value, MetaLimits) else MetaLimits(**value)
 
 
+def _task_api(value: TaskAPIConfig | Mapping[str, Any]) -> TaskAPIConfig:
+    return value if isinstance(value, TaskAPIConfig) else TaskAPIConfig(**value)
+
+
 @attrs.frozen
 class ClientConfig:
     enabled: bool = False
@@ -91,6 +102,7 @@ class ClientConfig:
     meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     options: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     meta_limits: MetaLimits = attrs.field(factory=MetaLimits, converter=_meta_limits)
+    task_api: TaskAPIConfig = attrs.field(factory=TaskAPIConfig, converter=_task_api)
 
 
 @attrs.frozen
@@ -135,6 +147,7 @@ class AgentConfig:
                 "StateDir": self.client.state_dir or "",
                 "Meta": dict(self.client.meta),
                 "Options": dict(self.client.options),
+                "TaskAPI": self.client.task_api.to_api_dict(),
             },
             "ACL": {"Enabled": self.acl.enabled},
             "DevMode": self.dev_mode,
@@ -155,7 +168,8 @@ class AgentFlags:
 
 # --------------------------------------------------------------------------------------
 # Schema.  A field kind is one of: "string", "bool", "port", "bind", "level", "path",
-# "limit", "meta", "options", or a nested dict (a block).
+# "limit", "meta", "options", the Task API's "default_mode", "peer_credentials",
+# "endpoint_rules", "rate" and "audit_size", or a nested dict (a block).
 
 _SCHEMA: dict[str, Any] = {
     "data_dir": "path",
@@ -173,6 +187,19 @@ _SCHEMA: dict[str, Any] = {
         "meta": "meta",
         "options": "options",
         "meta_limits": {field.name: "limit" for field in attrs.fields(MetaLimits)},
+        "task_api": {
+            "enabled": "bool",
+            "default_mode": "default_mode",
+            "allowed_endpoints": "endpoint_rules",
+            "denied_endpoints": "endpoint_rules",
+            "max_connections_per_task": "limit",
+            "rate_limit": {"requests_per_second": "rate", "burst": "limit"},
+            "audit": {"enabled": "bool", "path": "path", "max_size": "audit_size",
+                      "max_files": "limit"},
+            "peer_credentials": "peer_credentials",
+            "bind_identity_to_socket": "bool",
+            "secrets_tmpfs": "bool",
+        },
     },
     "acl": {"enabled": "bool"},
 }
@@ -217,6 +244,8 @@ def _read_json(name: str, text: str) -> tuple[dict[str, Any], _Source]:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"invalid JSON: {exc.msg}", file=name, line=exc.lineno) from exc
+    except ValueError:  # e.g. an integer beyond Python's digit limit
+        raise ConfigError("invalid JSON: a number is too large", file=name) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a JSON object at top level, got {type_name(raw)}",
                           file=name)
@@ -355,12 +384,44 @@ def _check_bind(value: Any, src: _Source, path: list[str]) -> str:
     return s
 
 
-def _check_limit(value: Any, src: _Source, path: list[str]) -> int:
+def _check_limit(value: Any, src: _Source, path: list[str], *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise src.error(path, f"expected a whole number, got {type_name(value)}")
-    if value < 1:
-        raise src.error(path, f"must be at least 1, got {value}")
+    if value < minimum:
+        raise src.error(path, f"must be at least {minimum}, got {value}")
     return value
+
+
+def _check_rate(value: Any, src: _Source, path: list[str]) -> float:
+    """A number of requests per second: 0 (off) or more, fractions allowed."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise src.error(path, f"expected a number, got {type_name(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise src.error(path, f"must be a finite number of at least 0, got {value}")
+    return float(value)
+
+
+def _check_choice(value: Any, src: _Source, path: list[str], *,
+                  choices: Sequence[str]) -> str:
+    s = _check_string(value, src, path)
+    if s not in choices:
+        wanted = ", ".join(f'"{c}"' for c in choices)
+        raise src.error(path, f"unknown value {s!r} (want one of {wanted})")
+    return s
+
+
+def _check_endpoint_rules(value: Any, src: _Source, path: list[str]) -> list[str]:
+    """A list of "METHOD /path/glob" rules, each checked by the HTTP layer's own parser."""
+    if not isinstance(value, list):
+        raise src.error(path, f"expected a list of strings, got {type_name(value)}")
+    for number, rule in enumerate(value, 1):
+        if not isinstance(rule, str):
+            raise src.error(path, f"rule {number}: expected a string, got {type_name(rule)}")
+        try:
+            parse_endpoint_rule(rule)
+        except ValueError as exc:
+            raise src.error(path, f"rule {number}: {exc}") from None
+    return list(value)
 
 
 def _check_level(value: Any, src: _Source, path: list[str]) -> str:
@@ -390,7 +451,7 @@ def _check_string_map(value: Any, src: _Source, path: list[str], *,
     return out
 
 
-_CHECKS = {
+_CHECKS: dict[str, Callable[[Any, _Source, list[str]], Any]] = {
     "string": _check_string,
     "bool": _check_bool,
     "port": _check_port,
@@ -399,6 +460,11 @@ _CHECKS = {
     "limit": _check_limit,
     "path": _check_path,
     "issuer": _check_issuer,
+    "rate": _check_rate,
+    "audit_size": functools.partial(_check_limit, minimum=MIN_AUDIT_FILE_SIZE),
+    "default_mode": functools.partial(_check_choice, choices=AGENT_DEFAULT_MODES),
+    "peer_credentials": functools.partial(_check_choice, choices=PEER_CREDENTIALS_MODES),
+    "endpoint_rules": _check_endpoint_rules,
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 
 from nomad_client.allocrunner.hooks import (
+    AllocConfigReloadHook,
     AllocDestroyHook,
     AllocHookDeps,
     AllocHookFactory,
@@ -23,6 +24,7 @@ from nomad_client.allocrunner.hooks import (
     AllocPrerunHook,
     AllocShutdownHook,
     AllocUpdateHook,
+    NamespaceTaskAPIModes,
     TaskHookFactory,
     TaskSocketServer,
     WorkloadIdentities,
@@ -31,6 +33,7 @@ from nomad_client.allocrunner.hooks import (
 from nomad_client.allocrunner.taskrunner.task_runner import TaskRunner
 from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers.base import Driver, TaskHandle
+from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import NodeView
 from nomad_client.structs import models as m
 from nomad_client.structs.jobs import tasks as job_tasks
@@ -48,7 +51,9 @@ class RestoredTask:
 @attrs.frozen
 class AllocRunnerConfig:
     """What every alloc runner of a client shares. ``alloc_hooks`` and ``task_hooks`` make
-    each runner's hooks, in run order; ``task_api`` serves Task API sockets (None: none)."""
+    each runner's hooks, in run order; ``task_api`` serves Task API sockets (None: none);
+    ``task_api_config`` is the agent's live Task API configuration and ``namespaces`` tells
+    a namespace's Task API capability (None: the defaults, and no say)."""
 
     alloc_dir_root: Path
     driver_state_root: Path
@@ -61,6 +66,8 @@ class AllocRunnerConfig:
     persist_task: Callable[[str, str, TaskState, TaskHandle | None], Awaitable[None]]
     report: Callable[[AllocUpdate], None]
     identities: WorkloadIdentities | None = None
+    task_api_config: LiveTaskAPIConfig | None = None
+    namespaces: NamespaceTaskAPIModes | None = None
 
 
 def client_status(states: Mapping[str, TaskState]) -> str:
@@ -85,11 +92,13 @@ class AllocRunner:
         self.alloc_dir = AllocDir(config.alloc_dir_root, alloc.id)
         self.log = log.getChild(alloc.id[:8])
         deps = AllocHookDeps(alloc=alloc, alloc_dir=self.alloc_dir, task_api=config.task_api,
-                             log=self.log)
+                             log=self.log, task_api_config=config.task_api_config,
+                             namespaces=config.namespaces)
         self.hooks = [factory(deps) for factory in config.alloc_hooks]
         self._prerun_hooks = [h for h in self.hooks if isinstance(h, AllocPrerunHook)]
         self._update_hooks = [h for h in self.hooks if isinstance(h, AllocUpdateHook)]
         self._postrun_hooks = [h for h in self.hooks if isinstance(h, AllocPostrunHook)]
+        self._reload_hooks = [h for h in self.hooks if isinstance(h, AllocConfigReloadHook)]
         # Teardown runs in reverse order: what was set up last (listeners in the alloc
         # dir) goes before what it lives in (the alloc dir).
         teardown = self.hooks[::-1]
@@ -166,7 +175,8 @@ class AllocRunner:
                 driver_state_dir=self.config.driver_state_root / self.alloc.id / name,
                 host_env=self.config.host_env,
                 state=restored.state if restored else None,
-                handle=restored.handle if restored else None)
+                handle=restored.handle if restored else None,
+                task_api_config=self.config.task_api_config)
             self.task_runners[name] = runner
             if self._kill_reason is not None:
                 runner.kill(self._kill_reason)  # killed before its runner existed
@@ -205,6 +215,12 @@ class AllocRunner:
             await _logged(self.log, hook.name, hook.update(alloc))
         for runner in self.task_runners.values():
             await runner.update(alloc)
+
+    async def config_reloaded(self) -> None:
+        """The agent replaced its live configuration: each hook that depends on it
+        re-applies it to the running tasks (failures are logged, never fatal)."""
+        for hook in self._reload_hooks:
+            await _logged(self.log, hook.name, hook.config_reloaded())
 
     def kill(self, reason: str) -> None:
         self._kill_reason = reason

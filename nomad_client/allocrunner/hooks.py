@@ -16,11 +16,13 @@ Task-level phases (per task runner), in the order they happen:
 
 Alloc-level phases: prerun (before any task runs), update, postrun (all tasks dead),
 destroy (the allocation is garbage collected or the agent tears it down), shutdown (the agent
-stops and leaves the tasks running). Alloc hooks may also observe each task's lifecycle:
-``task_starting`` is called after a task's prestart hooks and before its driver start on
-every start, so a resource the task needs from its first instruction (the Task API socket)
-can be in place; ``task_exited`` after each exit; ``task_stopped`` once the task is dead for
-good.
+stops and leaves the tasks running), config_reloaded (the agent's configuration changed).
+Alloc hooks may also observe each task's lifecycle: ``task_preparing`` is called before a
+task's prestart hooks on every start, so what it records in the task's context (whether this
+start gets a Task API socket) is known to them; ``task_starting`` after the prestart hooks
+and before the driver start, so a resource the task needs from its first instruction (the
+Task API socket) can be in place; ``task_exited`` after each exit; ``task_stopped`` once the
+task is dead for good.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import attrs
 
 from nomad_client.client.allocdir import AllocDir, TaskDir
 from nomad_client.client.drivers.base import ExitResult, TaskHandle
+from nomad_client.client.taskapi_config import LiveTaskAPIConfig, SocketDecision
 from nomad_client.client.taskenv import NodeView
 from nomad_client.structs.models import Allocation, TaskEvent
 
@@ -68,19 +71,87 @@ class ServedSocket(Protocol):
         ...
 
 
+class TaskProcesses(Protocol):
+    """Which processes are the task's, for checking who connects to its socket."""
+
+    def root(self) -> tuple[int, float] | None:
+        """(pid, create time) of the process whose descendants are the task (for raw_exec:
+        its executor), or None while the task is not running."""
+        ...
+
+    async def started(self) -> None:
+        """Return once the task has a root process. Its socket exists before the driver
+        starts it, so a task that connects at once may be early for ``root``."""
+        ...
+
+
+@attrs.frozen
+class TaskSocketInfo:
+    """The task a socket serves: named in its audit lines and log lines; ``processes``
+    tells its peer-credential check which processes belong to the task."""
+
+    alloc_id: str
+    task: str
+    namespace: str
+    job_id: str
+    processes: TaskProcesses
+
+
 class TaskSocketServer(Protocol):
     """Serves the agent's API to one task over a listening socket: the Task API. The HTTP
     layer implements it; the Task API hook only decides when a socket exists."""
 
-    async def serve(self, sock: socket.socket, alloc_id: str, task: str) -> ServedSocket:
-        """Start serving ``sock`` as the Task API of ``task`` in ``alloc_id``. ``sock`` is
+    async def serve(self, sock: socket.socket, info: TaskSocketInfo) -> ServedSocket:
+        """Start serving ``sock`` as the Task API of the task ``info`` names. ``sock`` is
         the server's from this call on: on failure it is closed and ``OSError`` raised."""
         ...
 
 
+class NamespaceTaskAPIModes(Protocol):
+    """The Task API capability of namespaces, as the servers know it."""
+
+    async def namespace_task_api_mode(self, namespace: str) -> str | None:
+        """``Capabilities.TaskAPI`` of ``namespace``: "enabled", "disabled" or "opt_in";
+        None (or "") when the namespace has no say. Raises when it cannot be learnt."""
+        ...
+
+
+class TaskHandleView:
+    """The task runner's current driver handle, as hooks may read it: ``current`` (None
+    while the task is not running) and ``started`` to wait for one. Only the runner sets it."""
+
+    def __init__(self, handle: TaskHandle | None = None) -> None:
+        self._handle = handle
+        self._present = asyncio.Event()
+        if handle is not None:
+            self._present.set()
+
+    @property
+    def current(self) -> TaskHandle | None:
+        return self._handle
+
+    def set(self, handle: TaskHandle | None) -> None:
+        self._handle = handle
+        if handle is None:
+            self._present.clear()
+        else:
+            self._present.set()
+
+    async def started(self) -> TaskHandle:
+        while self._handle is None:
+            await self._present.wait()
+        return self._handle
+
+
 @attrs.define
 class TaskContext:
-    """What a task hook may see and do. ``emit`` records a task event."""
+    """What a task hook may see and do. ``emit`` records a task event; ``current_handle``
+    gives the driver handle of the task's process (None while it is not running).
+
+    ``task_api`` says whether this start of the task gets a Task API socket: the ``task_api``
+    alloc hook decides it before the prestart hooks run (None: this agent serves no Task
+    API). ``task_api_config`` is the agent's live Task API configuration (None: defaults
+    without a tmpfs secrets dir, as in runners built outside an agent)."""
 
     alloc: Allocation
     task: Mapping[str, Any]
@@ -90,6 +161,9 @@ class TaskContext:
     emit: Callable[[TaskEvent], None]
     log: logging.Logger
     identities: WorkloadIdentities | None = None
+    handle: TaskHandleView = attrs.field(factory=TaskHandleView)
+    task_api_config: LiveTaskAPIConfig | None = None
+    task_api: SocketDecision | None = None
 
     @property
     def name(self) -> str:
@@ -99,16 +173,30 @@ class TaskContext:
     def user(self) -> str | None:
         return self.task.get("User") or None
 
+    @property
+    def secrets_tmpfs(self) -> bool:
+        """Whether the task's secrets dir is to be a tmpfs (read when the dir is built)."""
+        return self.task_api_config is not None and self.task_api_config.current.secrets_tmpfs
+
+    @property
+    def has_task_api_socket(self) -> bool:
+        """Whether this start of the task was decided to get a Task API socket."""
+        return self.task_api is not None and self.task_api.enabled
+
 
 @attrs.frozen
 class AllocHookDeps:
     """Everything an alloc hook may be constructed with. ``task_api`` is None where no
-    Task API is served (tasks then get no socket)."""
+    Task API is served (tasks then get no socket). ``task_api_config`` is the agent's live
+    Task API configuration (None: the defaults) and ``namespaces`` tells a namespace's Task
+    API capability (None: namespaces have no say)."""
 
     alloc: Allocation
     alloc_dir: AllocDir
     task_api: TaskSocketServer | None
     log: logging.Logger
+    task_api_config: LiveTaskAPIConfig | None = None
+    namespaces: NamespaceTaskAPIModes | None = None
 
 
 # ---- task hooks ----------------------------------------------------------------------
@@ -192,7 +280,20 @@ class AllocShutdownHook(AllocHook, Protocol):
     async def shutdown(self) -> None: ...
 
 
+@runtime_checkable
+class AllocConfigReloadHook(AllocHook, Protocol):
+    """The agent replaced its live configuration: re-apply what depends on it to the
+    allocation's running tasks."""
+
+    async def config_reloaded(self) -> None: ...
+
+
 # Alloc-level views of each task's lifecycle. Errors here never fail a task.
+@runtime_checkable
+class TaskPreparingObserver(AllocHook, Protocol):
+    async def task_preparing(self, ctx: TaskContext) -> None: ...
+
+
 @runtime_checkable
 class TaskStartingObserver(AllocHook, Protocol):
     async def task_starting(self, ctx: TaskContext) -> None: ...

@@ -108,14 +108,18 @@ class ApiClient:
     ``address``: argument, else ``$NOMAD_ADDR``, else ``http://127.0.0.1:4646``; accepts
     ``http://host:port``, ``https://host:port`` and ``unix:///abs/path/api.sock``.
     ``token``: argument, else ``$NOMAD_TOKEN``; sent as ``X-Nomad-Token``.
+    ``namespace``: sent as ``?namespace=`` with every request that does not name one itself
+    (as Nomad's Go client does); None leaves it to the agent (``default``). Methods that
+    address namespaced objects take a ``namespace`` of their own, which wins.
     """
 
     def __init__(self, address: str | None = None, token: str | None = None, *,
-                 timeout: float = 60.0) -> None:
+                 namespace: str | None = None, timeout: float = 60.0) -> None:
         address = address or os.environ.get("NOMAD_ADDR") or DEFAULT_ADDRESS
         token = token if token is not None else os.environ.get("NOMAD_TOKEN")
         self.address = address.rstrip("/")
         self.token = token or None
+        self.default_namespace = namespace or None
         self.timeout = timeout
         self._socket_path: str | None = None
         if self.address.startswith("unix://"):
@@ -209,6 +213,8 @@ class ApiClient:
             body = jsonlib.dumps(json).encode()
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
+        if self.default_namespace and (params or {}).get("namespace") is None:
+            params = {**(params or {}), "namespace": self.default_namespace}
         try:
             session = self._get_session()
             async with session.request(method, url, params=_encode_params(params),
@@ -266,35 +272,59 @@ class ApiClient:
     async def status_leader(self) -> Any:
         return await self.get("/v1/status/leader")
 
-    async def jobs_list(self, prefix: str | None = None) -> Any:
-        return await self.get("/v1/jobs", {"prefix": prefix})
+    # Jobs and allocations: ``namespace`` None means the client's (see the class); on the
+    # list calls "*" means every namespace the caller may see.
+    async def jobs_list(self, prefix: str | None = None, namespace: str | None = None) -> Any:
+        return await self.get("/v1/jobs", {"prefix": prefix, "namespace": namespace})
 
-    async def job_get(self, job_id: str) -> Any:
-        return await self.get(f"/v1/job/{_seg(job_id)}")
+    async def job_get(self, job_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}", {"namespace": namespace})
 
-    async def job_summary(self, job_id: str) -> Any:
-        return await self.get(f"/v1/job/{_seg(job_id)}/summary")
+    async def job_summary(self, job_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/summary", {"namespace": namespace})
 
-    async def job_register(self, job: Mapping[str, Any]) -> Any:
-        return await self.post("/v1/jobs", {"Job": job})
+    async def job_register(self, job: Mapping[str, Any], namespace: str | None = None) -> Any:
+        return await self.post("/v1/jobs", {"Job": job}, {"namespace": namespace})
 
-    async def job_deregister(self, job_id: str, purge: bool = False) -> Any:
-        return await self.delete(f"/v1/job/{_seg(job_id)}", {"purge": purge or None})
+    async def job_deregister(self, job_id: str, purge: bool = False,
+                             namespace: str | None = None) -> Any:
+        return await self.delete(f"/v1/job/{_seg(job_id)}",
+                                 {"purge": purge or None, "namespace": namespace})
 
-    async def job_allocations(self, job_id: str) -> Any:
-        return await self.get(f"/v1/job/{_seg(job_id)}/allocations")
+    async def job_allocations(self, job_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/allocations", {"namespace": namespace})
 
-    async def job_evaluations(self, job_id: str) -> Any:
-        return await self.get(f"/v1/job/{_seg(job_id)}/evaluations")
+    async def job_evaluations(self, job_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/evaluations", {"namespace": namespace})
 
-    async def evaluation_get(self, eval_id: str) -> Any:
-        return await self.get(f"/v1/evaluation/{_seg(eval_id)}")
+    async def evaluation_get(self, eval_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/evaluation/{_seg(eval_id)}", {"namespace": namespace})
 
-    async def allocations_list(self, prefix: str | None = None) -> Any:
-        return await self.get("/v1/allocations", {"prefix": prefix})
+    async def allocations_list(self, prefix: str | None = None,
+                               namespace: str | None = None) -> Any:
+        return await self.get("/v1/allocations", {"prefix": prefix, "namespace": namespace})
 
-    async def allocation_get(self, alloc_id: str) -> Any:
-        return await self.get(f"/v1/allocation/{_seg(alloc_id)}")
+    async def allocation_get(self, alloc_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/allocation/{_seg(alloc_id)}", {"namespace": namespace})
+
+    # -- Namespaces (Nomad's /v1/namespaces and /v1/namespace/:name) --
+
+    async def namespaces(self, prefix: str | None = None) -> list[dict[str, Any]]:
+        """The namespaces the caller holds any capability in, by name."""
+        return await self.get("/v1/namespaces", {"prefix": prefix or None}) or []
+
+    async def namespace(self, name: str) -> dict[str, Any]:
+        return await self.get(f"/v1/namespace/{_seg(name)}")
+
+    async def apply_namespace(self, namespace: Mapping[str, Any]) -> int:
+        """Create or replace the namespace ``namespace["Name"]`` (Nomad's object); the
+        write's index."""
+        name = str(namespace.get("Name") or "")
+        path = f"/v1/namespace/{_seg(name)}" if name else "/v1/namespace"
+        return (await self._checked("PUT", path, json=dict(namespace))).index
+
+    async def delete_namespace(self, name: str) -> int:
+        return (await self._checked("DELETE", f"/v1/namespace/{_seg(name)}")).index
 
     async def nodes_list(self, prefix: str | None = None, filter: str | None = None) -> Any:
         return await self.get("/v1/nodes", {"prefix": prefix, "filter": filter})

@@ -1,4 +1,7 @@
-"""``alloc`` commands: status, logs, fs.  Everything goes through the agent API."""
+"""``alloc`` commands: status, logs, fs.  Everything goes through the agent API.
+
+An allocation ID prefix is looked up in the namespace of ``-namespace`` (or
+``$NOMAD_NAMESPACE``; ``*``: any the caller may see)."""
 
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ def _events_table(events: list[dict[str, Any]]) -> str:
 
 def status_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("alloc status", "alloc status [options] <alloc>",
-                      "Show an allocation and the state of its tasks.")
+                      "Show an allocation and the state of its tasks.",
+                      namespaced=True, wildcard_ok=True)
     p.add_positionals("alloc", 1, 1)
     p.add_bool_flag("verbose", help="show full IDs and exact times")
     ns = p.parse(argv)
@@ -96,7 +100,8 @@ def status_cmd(argv: Sequence[str]) -> int:
 
 def logs_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("alloc logs", "alloc logs [options] <alloc> [task]",
-                      "Print the stdout (or stderr) log of a task.")
+                      "Print the stdout (or stderr) log of a task.",
+                      namespaced=True, wildcard_ok=True)
     p.add_positionals("args", 1, 2)
     p.add_bool_flag("stderr", help="show stderr instead of stdout")
     ns = p.parse(argv)
@@ -125,7 +130,8 @@ def logs_cmd(argv: Sequence[str]) -> int:
 
 def fs_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("alloc fs", "alloc fs [options] <alloc> [path]",
-                      "List a directory or print a file of an allocation's directory.")
+                      "List a directory or print a file of an allocation's directory.",
+                      namespaced=True, wildcard_ok=True)
     p.add_positionals("args", 1, 2)
     ns = p.parse(argv)
     path = ns.args[1] if len(ns.args) == 2 else "/"

@@ -1,6 +1,10 @@
 """Plumbing shared by CLI commands: global API flags, running a command against the agent,
 turning API failures into one-line errors, and resolving ID prefixes.
 
+Global flags: ``-address`` and ``-token`` on every API command; ``-namespace`` (default
+``$NOMAD_NAMESPACE``; the flag wins) on those that address jobs, allocations or variables,
+sent with every request the command makes.
+
 Commands write to stdout/stderr; this module only adds the connection handling.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,23 +21,38 @@ from typing import Any
 from nomad_client.api import ApiClient, ApiConnectionError, ApiError
 from nomad_client.goflags import GoArgumentParser
 
+ALL_NAMESPACES = "*"
+WILDCARD_REFUSED = 'The wildcard namespace ("*") is not valid for this command.'
+
 
 class CommandError(Exception):
     """A failure to report as one line on stderr with exit code 1."""
 
 
 class CommandParser(GoArgumentParser):
-    """The parser of one API command: the global -address/-token flags are already added, and
-    :meth:`parse` checks the count of positional arguments against the command's usage line."""
+    """The parser of one API command: the global -address/-token flags are already added
+    (and ``-namespace`` when ``namespaced``; ``wildcard_ok`` lets it be ``*``), and
+    :meth:`parse` checks the count of positional arguments against the command's usage line.
 
-    def __init__(self, prog: str, usage: str, description: str) -> None:
+    The parsed result's ``client_namespace`` is what the API client sends by default
+    (None: nothing, the agent's ``default``); a namespaced command may change it before it
+    runs (``job run`` uses the job's own)."""
+
+    def __init__(self, prog: str, usage: str, description: str, *, namespaced: bool = False,
+                 wildcard_ok: bool = False) -> None:
         super().__init__(f"nomad-client {prog}", description=description,
                          usage=f"nomad-client {usage}")
         self._command_usage = usage
         self._positional_range: tuple[str, int, int] | None = None
+        self._namespaced = namespaced
+        self._wildcard_ok = wildcard_ok
         self.add_flag("address", metavar="ADDR",
                       help="agent address (default: $NOMAD_ADDR or http://127.0.0.1:4646)")
         self.add_flag("token", metavar="TOKEN", help="ACL token (default: $NOMAD_TOKEN)")
+        if namespaced:
+            every = '; "*": every namespace you may see' if wildcard_ok else ""
+            self.add_flag("namespace", metavar="NS",
+                          help=f"namespace (default: $NOMAD_NAMESPACE or default){every}")
 
     def add_positionals(self, dest: str, low: int, high: int, help: str | None = None) -> None:
         """Collect the positional arguments in ``dest``; :meth:`parse` wants ``low`` to
@@ -48,12 +68,18 @@ class CommandParser(GoArgumentParser):
                 want = f"{low}" if low == high else f"{low} to {high}"
                 raise CommandError(f"This command takes {want} argument(s): "
                                    f"{self._command_usage}")
+        ns.client_namespace = None
+        if self._namespaced:
+            ns.namespace = ns.namespace or os.environ.get("NOMAD_NAMESPACE") or None
+            if ns.namespace == ALL_NAMESPACES and not self._wildcard_ok:
+                raise CommandError(WILDCARD_REFUSED)
+            ns.client_namespace = ns.namespace
         return ns
 
 
 def make_client(ns: argparse.Namespace) -> ApiClient:
     try:
-        return ApiClient(ns.address or None, ns.token)
+        return ApiClient(ns.address or None, ns.token, namespace=ns.client_namespace)
     except ValueError as exc:
         raise CommandError(f"Error initializing client: {exc}") from None
 
@@ -94,16 +120,23 @@ def write_bytes(data: bytes) -> None:
         buffer.flush()
 
 
+async def resolve_item(list_call: Awaitable[Any], ident: str, kind: str, plural: str,
+                       render_many: Callable[[list[dict[str, Any]]], str], key: str = "ID"
+                       ) -> dict[str, Any]:
+    """The one item of a ``?prefix=`` list call whose ``key`` is ``ident``, else the one
+    whose ``key`` starts with it. Listing every namespace, one ID may be found twice: that
+    is ambiguous."""
+    items = await list_call or []
+    matches = [item for item in items if item.get(key) == ident] or items
+    if not matches:
+        raise CommandError(f'No {kind}(s) with prefix or id "{ident}" found')
+    if len(matches) > 1:
+        raise CommandError(f"Prefix matched multiple {plural}\n\n{render_many(matches)}")
+    item: dict[str, Any] = matches[0]
+    return item
+
+
 async def resolve_prefix(list_call: Awaitable[Any], ident: str, kind: str, plural: str,
                          render_many: Callable[[list[dict[str, Any]]], str]) -> str:
     """Resolve an ID prefix with a ``?prefix=`` list call to exactly one full ID."""
-    items = await list_call
-    items = items or []
-    for item in items:
-        if item.get("ID") == ident:
-            return ident
-    if not items:
-        raise CommandError(f'No {kind}(s) with prefix or id "{ident}" found')
-    if len(items) > 1:
-        raise CommandError(f"Prefix matched multiple {plural}\n\n{render_many(items)}")
-    return str(items[0]["ID"])
+    return str((await resolve_item(list_call, ident, kind, plural, render_many))["ID"])

@@ -1,7 +1,9 @@
 """``job`` commands: run (parse locally, register, monitor), status, stop.
 
 Reads the job file and variable files named on the command line; everything else goes
-through the agent API.
+through the agent API. Jobs are addressed in the namespace of ``-namespace`` (or
+``$NOMAD_NAMESPACE``); ``run`` submits into the job's own ``namespace`` when it names one;
+``status`` and ``stop`` take ``*`` to find a job in any namespace.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any
 from nomad_client.api import ApiClient, ApiError
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
+    ALL_NAMESPACES,
     CommandError,
     CommandParser,
     out,
     reporting,
-    resolve_prefix,
+    resolve_item,
     run_with_client,
 )
 from nomad_client.cli.monitor import monitor_evaluation
@@ -56,7 +59,8 @@ def _parse_job(path: str, var_flags: Sequence[str], var_files: Sequence[str]) ->
 
 def run_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("job run", "job run [options] <path>",
-                      "Parse a job file locally, submit it, and monitor the evaluation.")
+                      "Parse a job file locally, submit it, and monitor the evaluation.",
+                      namespaced=True)
     p.add_positionals("path", 1, 1, help="job file")
     p.add_flag("var", action="append", default=[], metavar="KEY=VALUE",
                help="set an input variable (repeatable)")
@@ -66,6 +70,8 @@ def run_cmd(argv: Sequence[str]) -> int:
     p.add_bool_flag("verbose", help="show full IDs")
     ns = p.parse(argv)
     job = _parse_job(ns.path[0], ns.var, ns.var_file)
+    # The job's own namespace wins over the flag: every request of the run goes there.
+    ns.client_namespace = job.get("Namespace") or ns.client_namespace
 
     async def body(client: ApiClient) -> int:
         with reporting("Error submitting job"):
@@ -86,17 +92,26 @@ def run_cmd(argv: Sequence[str]) -> int:
 
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
+    """The job list; with a Namespace column when it holds more than one namespace."""
+    namespaces = len({j.get("Namespace") for j in jobs}) > 1
     return fmt.table(
-        ["ID", "Type", "Priority", "Status", "Submit Date"],
-        [[j.get("ID"), j.get("Type"), j.get("Priority"), j.get("Status"),
-          fmt.format_unix_nanos(j.get("SubmitTime"))] for j in jobs],
+        ["ID", *(["Namespace"] if namespaces else []), "Type", "Priority", "Status",
+         "Submit Date"],
+        [[j.get("ID"), *([j.get("Namespace")] if namespaces else []), j.get("Type"),
+          j.get("Priority"), j.get("Status"), fmt.format_unix_nanos(j.get("SubmitTime"))]
+         for j in jobs],
     )
 
 
 async def _resolve_job(client: ApiClient, ident: str) -> str:
-    """The full ID of the one job whose ID is or starts with ``ident``."""
-    return await resolve_prefix(client.jobs_list(prefix=ident), ident, "job", "jobs",
-                                _jobs_table)
+    """The full ID of the one job whose ID is or starts with ``ident``, in the client's
+    namespace. With ``*`` it is looked for in every namespace, and the client's later
+    requests go to the namespace it was found in."""
+    stub = await resolve_item(client.jobs_list(prefix=ident), ident, "job", "jobs",
+                              _jobs_table)
+    if client.default_namespace == ALL_NAMESPACES:
+        client.default_namespace = stub.get("Namespace") or None
+    return str(stub["ID"])
 
 
 def _allocs_table(allocs: list[dict[str, Any]], verbose: bool) -> str:
@@ -152,7 +167,8 @@ async def _show_job(client: ApiClient, job_id: str, verbose: bool) -> None:
 
 def status_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("job status", "job status [options] [job]",
-                      "List jobs, or show one job and its allocations.")
+                      "List jobs, or show one job and its allocations.", namespaced=True,
+                      wildcard_ok=True)
     p.add_positionals("job", 0, 1)
     p.add_bool_flag("verbose", help="show full IDs and exact times")
     ns = p.parse(argv)
@@ -173,7 +189,8 @@ def status_cmd(argv: Sequence[str]) -> int:
 
 def stop_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("job stop", "job stop [options] <job>",
-                      "Stop a job (and with -purge remove it) and monitor the evaluation.")
+                      "Stop a job (and with -purge remove it) and monitor the evaluation.",
+                      namespaced=True, wildcard_ok=True)
     p.add_positionals("job", 1, 1)
     p.add_bool_flag("purge", help="remove the job immediately instead of keeping it dead")
     p.add_bool_flag("detach", help="return right after submitting, without monitoring")

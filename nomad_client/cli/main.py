@@ -1,8 +1,8 @@
 """Entry point of the ``nomad-client`` command line: dispatches to command groups and
 turns every failure into a message on stderr and an exit code (never a traceback).
 
-Command groups live in their own modules (job, alloc, node, acl); ``agent`` is handed to the
-agent runner untouched.
+Command groups live in their own modules (job, alloc, node, acl, var, operator, namespace);
+``agent`` is handed to the agent runner untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from nomad_client.cli import acl, alloc, job, node, operator, var
+from nomad_client.cli import acl, alloc, job, namespace, node, operator, var
 from nomad_client.cli.common import CommandError
 from nomad_client.goflags import HelpRequested, UsageError
 
@@ -24,6 +24,7 @@ GROUPS: Mapping[str, Mapping[str, Command]] = {
     "acl": acl.COMMANDS,
     "var": var.COMMANDS,
     "operator": operator.COMMANDS,
+    "namespace": namespace.COMMANDS,
 }
 
 USAGE = """\
@@ -51,9 +52,14 @@ Commands:
     var init       Write an example variable specification
     operator root keyring list    List the root keys
     operator root keyring rotate  Make a new active root key (-full: re-encrypt everything)
+    namespace apply   Create or update a namespace (by name, or from an HCL/JSON file)
+    namespace list    List namespaces
+    namespace status  Show a namespace
+    namespace delete  Delete a namespace
 
 Global flags for API commands: -address=<addr> (or $NOMAD_ADDR), -token=<token> (or
-$NOMAD_TOKEN). Flags take one dash (-detach) or two (--detach).
+$NOMAD_TOKEN); for job, alloc and var commands also -namespace=<ns> (or $NOMAD_NAMESPACE;
+"*" lists every namespace you may see). Flags take one dash (-detach) or two (--detach).
 """
 
 

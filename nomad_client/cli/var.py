@@ -32,7 +32,6 @@ from nomad_client.jobspec.plain import parse_plain
 Command = Callable[[Sequence[str]], int]
 Variable = dict[str, Any]
 
-WILDCARD_REFUSED = 'The wildcard namespace ("*") is not valid for this command.'
 DEFAULT_LOCK_TTL = "15s"
 DEFAULT_LOCK_DELAY = "15s"
 SECOND_NS = 1_000_000_000
@@ -42,17 +41,15 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # ---- parsing -------------------------------------------------------------------------------
 
 class VarParser(CommandParser):
-    """A parser for one ``var`` command: adds ``-namespace`` (default ``$NOMAD_NAMESPACE``)
-    and, on request, the ``-out``/``-template`` pair."""
+    """A parser for one ``var`` command: the global ``-namespace`` flag (``*`` only where
+    ``wildcard_ok``) and, on request, the ``-out``/``-template`` pair."""
 
     def __init__(self, name: str, usage: str, description: str, *, low: int, high: int,
                  wildcard_ok: bool = False) -> None:
-        super().__init__(f"var {name}", f"var {name} {usage}", description)
-        self._wildcard_ok = wildcard_ok
+        super().__init__(f"var {name}", f"var {name} {usage}", description, namespaced=True,
+                         wildcard_ok=wildcard_ok)
         self._formats: tuple[str, ...] = ()
         self._on_terminal = "table"
-        self.add_flag("namespace", metavar="NS",
-                      help="the variable's namespace (default: $NOMAD_NAMESPACE or default)")
         self.add_positionals("args", low, high)
 
     def add_output_flags(self, formats: tuple[str, ...], on_terminal: str = "table") -> None:
@@ -66,9 +63,6 @@ class VarParser(CommandParser):
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
         ns = super().parse(argv)
-        ns.namespace = ns.namespace or os.environ.get("NOMAD_NAMESPACE") or None
-        if ns.namespace == "*" and not self._wildcard_ok:
-            raise CommandError(WILDCARD_REFUSED)
         if self._formats:
             ns.out = _output_format(ns.out, ns.template, self._formats, self._on_terminal)
         return ns

@@ -31,6 +31,11 @@ user must not be able to rename a task's ``secrets`` away and plant its own.
 Client paths (the fs API) are opened with ``AllocDir.open_path``, which never follows a
 symlink and refuses to read a file with more than one hard link; nothing else should open a
 client-supplied path.
+
+A task's ``secrets`` may be a tmpfs (``mount_secrets_tmpfs``): its root then has the mode
+and owner above. Nothing mounted inside an alloc dir outlives it (``destroy`` unmounts first),
+and mounts an agent crash left behind are found again at the next start
+(``unmount_orphaned_tmpfs``).
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ import posixpath
 import shutil
 import stat
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
 import attrs
 
 from nomad_client import safefs
+from nomad_client.client import tmpfs
 
 __all__ = [
     "ALLOC_GID_BASE",
@@ -65,6 +72,7 @@ __all__ = [
     "SymlinkError",
     "TaskDir",
     "alloc_group",
+    "unmount_orphaned_tmpfs",
 ]
 
 SHARED_DIR = "alloc"
@@ -243,14 +251,34 @@ def _ensure_dir(path: Path, mode: int, owner: tuple[int, int] | None) -> None:
     0700, so no one gets in before its owner and mode are final.
     """
     safefs.make_dir(path)
+    with safefs.closing_fd(_open_built_dir(path)) as fd:
+        safefs.set_owner_and_mode(fd, mode, owner)
+
+
+def _open_built_dir(path: Path, *, dir_fd: int | None = None) -> int:
+    """Open the directory ``path`` of the tree (by its last component when ``dir_fd`` is
+    given) without following a symlink; anything but a directory is an escape."""
     try:
-        fd = safefs.open_dir(path)
+        return safefs.open_dir(path.name if dir_fd is not None else path, dir_fd=dir_fd)
     except safefs.UnsafePathError as exc:
         raise PathEscapeError(
             f"{path} exists but is not a plain directory (symlink or file); refusing to use it"
         ) from exc
-    with safefs.closing_fd(fd):
-        safefs.set_owner_and_mode(fd, mode, owner)
+
+
+def _task_owner(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) a task's own directories get: ``user``'s (looked up with ``pwd``), the
+    agent's when unset; None when the agent is not root (it cannot give files away, and a
+    driver will refuse to run the task as another user anyway)."""
+    owner: tuple[int, int] | None = None
+    if user:
+        ids = safefs.lookup_user(user)
+        if ids is None:
+            raise ValueError(f"unknown user {user!r}")
+        owner = (ids.uid, ids.gid)
+    if not _is_root():
+        return None
+    return owner or (os.geteuid(), os.getegid())
 
 
 class AllocDir:
@@ -318,20 +346,9 @@ class AllocDir:
         Raises ``ValueError`` for an unknown user or a reserved task name.
         """
         td = self.task_dir(task)
-        owner: tuple[int, int] | None = None
-        if user:
-            ids = safefs.lookup_user(user)
-            if ids is None:
-                raise ValueError(f"unknown user {user!r}")
-            owner = (ids.uid, ids.gid)
+        owner = _task_owner(user)
         private = None
-        if not _is_root():
-            # A non-root agent cannot give files away; the dirs stay with the agent (and a
-            # driver will refuse to run the task as another user anyway).
-            owner = None
-        else:
-            if owner is None:
-                owner = (os.geteuid(), os.getegid())
+        if owner is not None:
             # Siblings in the allocation may look, others may not even get this far.
             gid = self.gid
             private = (owner[0], gid if gid is not None else owner[1])
@@ -344,12 +361,57 @@ class AllocDir:
         _ensure_dir(td.secrets_dir, 0o700, owner)
         return td
 
+    def mount_secrets_tmpfs(self, task: str, user: str | None) -> str | None:
+        """Make ``task``'s ``secrets`` (built by ``build_task_dir``) a tmpfs owned by the task's
+        user, 0700, before anything is written into it. Returns None once it is one, else
+        why it stays a plain directory (the task can still run).
+
+        A secrets dir that is a mount already (a restarted task, or one reattached after an
+        agent restart) is kept with what is in it; so is a plain one that already holds
+        files (a task started before tmpfs was turned on): mounting over it would hide its
+        token and socket. ``secrets`` is opened without following a symlink and the mount
+        goes onto that descriptor; a symlink or non-directory there, or one swapped in while
+        mounting, raises ``PathEscapeError``.
+        """
+        td = self.task_dir(task)
+        owner = _task_owner(user)
+        if owner is None:
+            return "the agent is not root"
+        with safefs.closing_fd(_open_built_dir(td.path)) as task_fd:
+            parent_dev = os.fstat(task_fd).st_dev
+            with safefs.closing_fd(_open_built_dir(td.secrets_dir, dir_fd=task_fd)
+                                   ) as secrets_fd:
+                st = os.fstat(secrets_fd)
+                if st.st_dev != parent_dev:
+                    return None  # mounted on an earlier start: keep it and its contents
+                if st.st_uid != owner[0]:
+                    raise PathEscapeError(f"{td.secrets_dir} is not the directory the agent "
+                                          "built (wrong owner); refusing to mount on it")
+                if os.listdir(secrets_fd):
+                    return "the secrets dir already holds the task's files; kept as it is"
+                try:
+                    tmpfs.mount_tmpfs(secrets_fd, uid=owner[0], gid=owner[1])
+                except tmpfs.TmpfsError as err:
+                    return str(err)
+            # The name must lead into the new mount: a task renaming its secrets dir away
+            # meanwhile would otherwise get its token written to a plain directory.
+            after = safefs.entry_stat(td.secrets_dir.name, dir_fd=task_fd)
+            if after is None or not stat.S_ISDIR(after.st_mode) or after.st_dev == parent_dev:
+                raise PathEscapeError(f"{td.secrets_dir} was replaced while being mounted")
+        return None
+
     # -- removal ----------------------------------------------------------------------------
 
     def destroy(self) -> None:
-        """Remove the whole alloc tree; symlinks inside it are removed, never followed."""
+        """Remove the whole alloc tree; symlinks inside it are removed, never followed.
+
+        Every mount inside it (the tasks' secrets tmpfs) is detached first: nothing may
+        outlive the tree, and removing files must never reach into a mounted file system.
+        """
         if not os.path.lexists(self.path):
             return
+        for mount in tmpfs.mounts_under(self.path):
+            tmpfs.unmount(mount.mount_point)
         try:
             shutil.rmtree(self.path)
         except PermissionError:
@@ -411,6 +473,27 @@ class AllocDir:
             os.close(fd)
         name = parts[-1] if parts else self.alloc_id
         return OpenedPath(fd=opened[0], st=opened[1], rel=shown, name=name)
+
+
+def unmount_orphaned_tmpfs(alloc_dir_root: Path, keep: Collection[str]) -> list[Path]:
+    """Detach the tmpfs mounts inside alloc dirs under ``alloc_dir_root`` whose allocation is
+    not in ``keep``, and return where they were.
+
+    For the client's start: an agent that crashed (or was killed) left its tasks' secrets
+    mounted; the allocations it restores keep theirs (their running tasks hold tokens and
+    sockets there), and nothing else would ever unmount the rest.
+    """
+    root = Path(os.path.realpath(alloc_dir_root))
+    if not root.is_dir():
+        return []
+    detached = []
+    for mount in tmpfs.mounts_under(root):
+        inside = mount.mount_point.relative_to(root).parts
+        if mount.fstype != "tmpfs" or len(inside) < 2 or inside[0] in keep:
+            continue
+        tmpfs.unmount(mount.mount_point)
+        detached.append(mount.mount_point)
+    return detached
 
 
 def _split_client_path(rel_path: str, *, for_read: bool) -> list[str]:

@@ -58,3 +58,9 @@ class ServerRPC:
         reply = await self._transport.call("Node.UpdateAlloc",
                                            {"Alloc": [to_rpc(u) for u in updates]})
         return int(reply["Index"])
+
+    async def namespace_task_api_mode(self, namespace: str) -> str | None:
+        """The namespace's ``Capabilities.TaskAPI`` (one of ``NAMESPACE_TASK_API_MODES``);
+        None when the namespace leaves it to the agent or does not exist."""
+        reply = await self._transport.call("Namespace.TaskAPIMode", {"Namespace": namespace})
+        return str(reply["TaskAPI"]) or None

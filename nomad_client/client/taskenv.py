@@ -43,6 +43,9 @@ HOST_ENV_DENYLIST: frozenset[str] = frozenset(
         "CONSUL_LICENSE_PATH",
         "NOMAD_LICENSE_PATH",
         "VAULT_LICENSE_PATH",
+        # Set by the agent only for a task that has a Task API socket; one inherited from
+        # the agent's own environment would point a task without a socket elsewhere.
+        "NOMAD_UNIX_ADDR",
     }
 )
 

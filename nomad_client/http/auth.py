@@ -35,6 +35,7 @@ from nomad_client.server.acl_resolver import workload_key
 from nomad_client.server.keyring import IdentityClaims, IdentityError
 from nomad_client.server.server import Server
 from nomad_client.structs.models import ACLToken
+from nomad_client.structs.namespaces import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -47,7 +48,6 @@ UNAUTHORIZED = HTTPError(401, "Unauthorized")
 FORBIDDEN = HTTPError(403, "Forbidden")
 TOKEN_NOT_FOUND = HTTPError(403, "ACL token not found")
 PERMISSION_REFUSED = HTTPError(403, PERMISSION_DENIED)
-DEFAULT_NAMESPACE = "default"
 # In a request: every namespace. To the ACL, a check in it asks "in any namespace?".
 ALL_NAMESPACES = "*"
 
@@ -120,6 +120,21 @@ def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContex
     return Identity(acl_token, claims, server.cached_acl(acl_token, claims) or UNRESOLVED)
 
 
+# bind_identity_to_socket: a workload identity works only on its own allocation's sockets.
+IDENTITY_NOT_BOUND = ("Permission denied: the workload identity belongs to another "
+                      "allocation than this socket's (client.task_api.bind_identity_to_socket)")
+
+
+def socket_binding_refusal(identity: Identity, ctx: ListenerContext) -> str | None:
+    """With ``bind_identity_to_socket`` on: why ``identity`` may not be used on the Task API
+    socket ``ctx`` describes (a 403's text), or None. ACL tokens are not bound to a socket;
+    a workload identity is, to its allocation (any task of it)."""
+    claims = identity.claims
+    if claims is not None and claims.alloc_id != ctx.alloc_id:
+        return IDENTITY_NOT_BOUND
+    return None
+
+
 async def resolve(server: Server, identity: Identity) -> Identity:
     """``identity`` with its compiled ACL (for one ``authenticate`` left unresolved)."""
     return identity._replace(acl=await server.resolve_acl(identity.token, identity.claims))
@@ -133,7 +148,8 @@ Check = Callable[[ACL, str], bool]
 class Need:
     """What a route asks of the caller's ACL, built once when the route is registered:
     ``Need.none``, ``Need.management``, ``Need.agent_read``, ``Need.node_read``,
-    ``Need.node_write``, or ``Need.namespace(cap, ...)`` (any one of the capabilities, in
+    ``Need.node_write``, ``Need.namespace_access`` (any capability short of deny: reading
+    the namespace itself), or ``Need.namespace(cap, ...)`` (any one of the capabilities, in
     the namespace asked about)."""
 
     name: str
@@ -146,6 +162,7 @@ class Need:
     agent_read: ClassVar[Need]
     node_read: ClassVar[Need]
     node_write: ClassVar[Need]
+    namespace_access: ClassVar[Need]
 
     @classmethod
     def namespace(cls, *capabilities: str) -> Need:
@@ -179,6 +196,8 @@ Need.management = Need("management", lambda acl, ns: acl.management)
 Need.agent_read = Need("agent:read", lambda acl, ns: acl.allow_agent_read())
 Need.node_read = Need("node:read", lambda acl, ns: acl.allow_node_read())
 Need.node_write = Need("node:write", lambda acl, ns: acl.allow_node_write())
+Need.namespace_access = Need("namespace:any", lambda acl, ns: acl.allow_namespace(ns),
+                             namespaced=True)
 
 
 def request_namespace(query: MultiMapping[str]) -> str:

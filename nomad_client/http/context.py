@@ -7,8 +7,21 @@ from typing import NamedTuple
 import attrs
 
 from nomad_client.acl import ACL, DENY_ALL, MANAGEMENT
+from nomad_client.allocrunner.hooks import TaskProcesses
+from nomad_client.http.ratelimit import TokenBucket
 from nomad_client.server.keyring import IdentityClaims
 from nomad_client.structs.models import ACLToken
+
+
+class TaskSocketState:
+    """What changes while a task's socket is served: its rate-limit bucket, and its audit
+    lines' shared fields as last encoded (for the node ID they were encoded with)."""
+
+    __slots__ = ("audit_fields", "bucket")
+
+    def __init__(self) -> None:
+        self.bucket = TokenBucket()
+        self.audit_fields: tuple[str, str] | None = None  # (node ID, encoded fields)
 
 
 @attrs.frozen
@@ -18,9 +31,16 @@ class ListenerContext:
 
     name: str
     task_api: bool = False
-    # The task a Task API listener serves (None on the TCP listener), named in its log lines.
+    # The task a Task API listener serves (None on the TCP listener): named in its log and
+    # audit lines; the socket's allocation is what ``bind_identity_to_socket`` checks.
     alloc_id: str | None = None
     task: str | None = None
+    namespace: str | None = None
+    job_id: str | None = None
+    # Which processes are the task's (the peer-credential check).
+    processes: TaskProcesses | None = attrs.field(default=None, eq=False)
+    # The one mutable per-task part.
+    state: TaskSocketState | None = attrs.field(default=None, eq=False)
 
 
 TCP_LISTENER = ListenerContext(name="http")

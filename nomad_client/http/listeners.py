@@ -4,10 +4,14 @@ Built on aiohttp's low-level server (one ``web.Server`` protocol factory per lis
 per-listener application), so a task's socket costs one listening fd and two small objects.
 Bounds on what a misbehaving client can hold: a connection that sends no complete request
 head within ``IDLE_TIMEOUT`` is closed; bodies are bounded by the router; and each listener
-caps its connections (``ConnectionLimits``): a task opening connections in a loop cannot use
-up the agent's file descriptors and so starve other tasks' sockets or the TCP API, and on the
-TCP API one address cannot take every slot, while the last few slots are kept for addresses
-that hold almost none (the operator's own requests still get through).
+caps its connections (``ConnectionLimits``; a task socket's cap comes from the live Task API
+config, see ``http/taskapi.py``): a task opening connections in a loop cannot use up the
+agent's file descriptors and so starve other tasks' sockets or the TCP API, and on the TCP
+API one address cannot take every slot, while the last few slots are kept for addresses that
+hold almost none (the operator's own requests still get through).
+
+A Unix-socket connection reads its peer's credentials (``SO_PEERCRED``) once, when it is
+admitted, and keeps them (``Connection.peer_cred``) for the Task API's peer check and audit.
 
 Malformed requests (aiohttp's protocol errors) are answered with a fixed plain-text reason —
 never an echo of the request, which may carry a token — and logged as one short line, at
@@ -37,6 +41,7 @@ from aiohttp.http_exceptions import (
 )
 
 from nomad_client.http.context import ListenerContext
+from nomad_client.http.peercred import PeerCred, read_peer_credentials
 from nomad_client.http.router import Router
 
 log = logging.getLogger(__name__)
@@ -60,8 +65,8 @@ class ConnectionLimits:
     reserve_peer_max: int = 0
 
 
-# Every connection limit, in one place (the README's "Limits" paragraph describes them).
-TASK_SOCKET_LIMITS = ConnectionLimits(total=64)
+# The TCP API's connection limits (the README's "Limits" paragraph describes them); a task
+# socket's come from ``client.task_api.max_connections_per_task``.
 TCP_LIMITS = ConnectionLimits(total=1024, per_peer=256, reserved=64, reserve_peer_max=4)
 
 # Most specific first: what a refused malformed request is told (never the request itself).
@@ -126,14 +131,23 @@ class ErrorLog:
 
 
 class _Protocol(web.RequestHandler):
-    """aiohttp's request handler with our admission control and quiet protocol errors."""
+    """aiohttp's request handler with our admission control and quiet protocol errors; one
+    per connection (``request.protocol``)."""
 
-    __slots__ = ("_listener", "_peer")
+    __slots__ = ("_listener", "_peer", "peer_cred", "peer_is_task")
 
     def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._listener = listener
         self._peer: str | None = None  # set once admitted
+        # Unix sockets: who connected (SO_PEERCRED), read once when admitted.
+        self.peer_cred: PeerCred | None = None
+        # The Task API's verdict on that peer, decided on the first request that asks.
+        self.peer_is_task: bool | None = None
+
+    @property
+    def listener(self) -> Listener:
+        return self._listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = self._listener.admit(transport)
@@ -141,6 +155,8 @@ class _Protocol(web.RequestHandler):
             transport.close()
             return
         self._peer = peer
+        if not self._listener.tcp:
+            self.peer_cred = read_peer_credentials(transport.get_extra_info("socket"))
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -177,6 +193,10 @@ class _Protocol(web.RequestHandler):
                                      exc_info=fault)
 
 
+# A request's connection, as handlers see it (``request.protocol``).
+Connection = _Protocol
+
+
 def _from(peer: str | None) -> str:
     return f" from {peer}" if peer else ""
 
@@ -204,32 +224,44 @@ class _Refused(asyncio.Protocol):
 
 class Listener:
     """One serving socket. ``start`` begins accepting; ``close`` stops accepting and drops
-    its open connections."""
+    its open connections. A subclass may serve requests with another handler
+    (``request_handler``) and take its limits from elsewhere (``limits``)."""
 
     def __init__(self, router: Router, ctx: ListenerContext, sock: socket.socket,
                  limits: ConnectionLimits | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
-        self.limits = limits or (TASK_SOCKET_LIMITS if ctx.task_api else TCP_LIMITS)
+        self._limits = limits or TCP_LIMITS
         self.errors = ErrorLog(_describe(ctx))
         self._router = router
         self._server: asyncio.Server | None = None
         self._protocol_factory: web.Server | None = None
         self._open = 0
         self._per_peer: dict[str, int] = {}
-        self._tcp = sock.family != socket.AF_UNIX
+        self.tcp = sock.family != socket.AF_UNIX
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        return self._limits
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    def request_handler(self) -> Any:
+        # partial, not a wrapper coroutine: one frame less on every request.
+        return functools.partial(self._router.dispatch, ctx=self.ctx)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        # partial, not a wrapper coroutine: one frame less on every request.
-        handler = functools.partial(self._router.dispatch, ctx=self.ctx)
         self._protocol_factory = _ProtocolFactory(
-            handler, self, keepalive_timeout=IDLE_TIMEOUT, max_line_size=MAX_HEADER_LINE,
-            max_field_size=MAX_HEADER_FIELD, access_log=None, logger=log,
+            self.request_handler(), self, keepalive_timeout=IDLE_TIMEOUT,
+            max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_FIELD, access_log=None,
+            logger=log,
             # The router drains a refused body itself, bounded (see router.refuse_body);
             # aiohttp's own lingering has no byte bound.
             lingering_time=0)
-        if self.sock.family == socket.AF_UNIX:
+        if not self.tcp:
             self._server = await loop.create_unix_server(self._new_protocol, sock=self.sock)
         else:
             self._server = await loop.create_server(self._new_protocol, sock=self.sock)
@@ -245,7 +277,7 @@ class Listener:
 
     def admit(self, transport: asyncio.BaseTransport) -> str | None:
         """Count a new connection in, or refuse it (None). O(1): two counters."""
-        peer = _peer_address(transport) if self._tcp else ""
+        peer = _peer_address(transport) if self.tcp else ""
         held = self._per_peer.get(peer, 0)
         limits = self.limits
         refusal = None

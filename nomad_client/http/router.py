@@ -2,9 +2,11 @@
 ``Router.dispatch(request, listener_context)``; no endpoint exists twice.
 
 Dispatch order: authenticate (Task API: before routing, so even unknown paths need a
-credential) -> match route (404 / 405) -> authorize the route's ``Need`` -> call the
-handler -> encode. Handlers return a JSON-able value, a ``Reply`` (value + index headers) or
-a ready ``web.StreamResponse``; they raise ``HTTPError`` for anything the caller got wrong.
+credential) -> the listener's ``RequestScreen`` if it has one (the Task API's endpoint rules
+and identity binding, on the path as routed, so unknown paths are screened too) -> match
+route (404 / 405) -> authorize the route's ``Need`` -> call the handler -> encode. Handlers
+return a JSON-able value, a ``Reply`` (value + index headers) or a ready
+``web.StreamResponse``; they raise ``HTTPError`` for anything the caller got wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 from aiohttp import web
@@ -77,6 +79,15 @@ class ApiRequest(NamedTuple):
 Handler = Callable[[ApiRequest], Awaitable[Any]]
 
 
+class RequestScreen(Protocol):
+    """A listener's own say over an authenticated request before it is routed."""
+
+    def admit(self, ctx: ListenerContext, identity: Identity, method: str, path: str) -> None:
+        """Raise ``HTTPError`` to refuse. ``path`` is ``Router.route_key`` of the request:
+        every spelling the router routes alike has the same one."""
+        ...
+
+
 @attrs.frozen
 class Route:
     methods: frozenset[str]
@@ -100,6 +111,11 @@ class Router:
         else:
             self._static.setdefault(path, []).append(route)
 
+    def route_key(self, path: str) -> str:
+        """The one spelling of ``path`` as ``match`` routes it: a registered path as it is,
+        any other without the leading and trailing slashes ``match`` ignores."""
+        return path if path in self._static else "/" + path.strip("/")
+
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         static = self._static.get(path)
         if static is not None:
@@ -117,21 +133,20 @@ class Router:
                 return route, params
         raise HTTPError(405, "Invalid method")
 
-    async def dispatch(self, request: web.BaseRequest, ctx: ListenerContext
-                       ) -> web.StreamResponse:
+    async def dispatch(self, request: web.BaseRequest, ctx: ListenerContext,
+                       screen: RequestScreen | None = None) -> web.StreamResponse:
         try:
             identity = authenticate(self.server, request.headers, ctx)
+            path = _route_path(request)
+            if screen is not None:  # the Task API's; the TCP listener has none
+                screen.admit(ctx, identity, request.method, self.route_key(path))
             if identity.acl is UNRESOLVED:  # rare: a cached caller's ACL is already there
                 identity = await resolve(self.server, identity)
-            route, params = self.match(request.method, _route_path(request))
+            route, params = self.match(request.method, path)
             authorize(identity, route.need, request)
             result = await route.handler(ApiRequest(request, ctx, identity, params))
         except HTTPError as err:
-            response = error_response(err.status, err.message)
-            if request.body_exists and not request.content.is_eof():
-                # The client is still sending a body we will not read (or not all of).
-                await refuse_body(request, response)
-            return response
+            return await answer_refusal(request, error_response(err.status, err.message))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -205,6 +220,14 @@ def json_response(reply: Reply, *, pretty: bool = False) -> web.Response:
 
 def error_response(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message, content_type="text/plain")
+
+
+async def answer_refusal(request: web.BaseRequest, response: web.Response) -> web.Response:
+    """``response`` to a request that is not served, delivered even while the client is still
+    sending a body we will not read (or not all of)."""
+    if request.body_exists and not request.content.is_eof():
+        await refuse_body(request, response)
+    return response
 
 
 async def read_body(request: web.BaseRequest) -> bytes:

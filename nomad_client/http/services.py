@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -20,9 +21,19 @@ class LocalClient(Protocol):
     def healthy(self) -> tuple[bool, str]: ...
 
 
+def _config_source(value: dict[str, Any] | Callable[[], dict[str, Any]]
+                   ) -> Callable[[], dict[str, Any]]:
+    # A fixed dict is a config that never changes; the agent passes a callable, so a reload
+    # is shown by the next GET /v1/agent/self.
+    if callable(value):
+        return value
+    return lambda: value
+
+
 @attrs.frozen
 class Services:
     server: Server
     client: LocalClient | None
-    agent_config: dict[str, Any]
+    # The agent config as GET /v1/agent/self shows it, read when asked.
+    agent_config: Callable[[], dict[str, Any]] = attrs.field(converter=_config_source)
     member: dict[str, Any]

@@ -232,6 +232,7 @@ def _fill_task(task: dict[str, Any], group_restart: dict[str, Any]) -> None:
     # A fresh audience list per job: filled-in jobs must not share one mutable default.
     default_identity = {**_IDENTITY_DEFAULTS, "Name": "default", "Audience": [DEFAULT_AUDIENCE]}
     task["Identity"] = _merge(default_identity, task.get("Identity"))
+    task.setdefault("TaskAPI", None)  # no choice: the namespace or the agent decides
     named = task.get("Identities")
     if named is None:
         task["Identities"] = []
@@ -406,6 +407,7 @@ class _JobChecker:
                 where,
                 f"resources: minimum MemoryMB value is 10, got {short_repr(res['MemoryMB'])}",
             )
+        self._task_api(where, task["TaskAPI"])
         self._identity(where, task["Identity"], default=True)
         idents = task["Identities"]
         if not isinstance(idents, list):
@@ -423,6 +425,19 @@ class _JobChecker:
                     self.add(where, f"duplicate identity name {name!r}")
                 seen.add(name)
             self._identity(where, ident, default=False)
+
+    def _task_api(self, where: str, spec: Any) -> None:
+        if spec is None:
+            return
+        if not isinstance(spec, dict):
+            self.add(where, f"TaskAPI must be an object, got {short_repr(spec)}")
+            return
+        if not isinstance(spec.get("Enabled"), bool):
+            enabled = spec.get("Enabled")
+            self.add(where, f"TaskAPI.Enabled must be a bool, got {short_repr(enabled)}")
+        unknown = sorted(str(key) for key in spec if key != "Enabled")
+        if unknown:
+            self.add(where, f"TaskAPI has unknown fields {', '.join(unknown)} (allowed: Enabled)")
 
     def _identity(self, where: str, ident: dict[str, Any], default: bool) -> None:
         name = ident.get("Name")

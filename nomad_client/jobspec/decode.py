@@ -394,9 +394,24 @@ def _task(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
         "Leader": bool(r.get("leader", dec.to_bool)),
         "Identity": identity,
         "Identities": identities,
+        "TaskAPI": _task_api(r),
     }
     r.finish()
     return task
+
+
+def _task_api(r: _Reader) -> dict[str, Any] | None:
+    """``task_api { enabled = true|false }``: the task's own choice (None: it made none)."""
+    block = r.one_block("task_api")
+    if block is None:
+        return None
+    rr = _Reader(r.dec, block.body, f"{r.path}.task_api")
+    enabled = rr.get("enabled", r.dec.to_bool)
+    rr.finish()
+    if enabled is None:
+        raise r.dec.error(block.line, f"{rr.path}.enabled",
+                          "missing attribute: write enabled = true or enabled = false")
+    return {"Enabled": enabled}
 
 
 def _resources(r: _Reader) -> dict[str, Any]:

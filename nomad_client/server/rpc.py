@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nomad_client.server.server import Server
+from nomad_client.server.server import Resource, Server
 from nomad_client.structs.codec import from_rpc, msgpack_roundtrip, to_rpc
 from nomad_client.structs.models import AllocUpdate, Node
 
@@ -51,6 +51,12 @@ async def _node_update_alloc(server: Server, args: dict[str, Any]) -> Any:
     return {"Index": await server.update_allocs_from_client(updates)}
 
 
+async def _namespace_task_api_mode(server: Server, args: dict[str, Any]) -> Any:
+    # "" for a namespace that leaves it to the agent or does not exist: msgpack-plain.
+    return {"TaskAPI": server.namespace_task_api_mode(args["Namespace"]) or "",
+            "Index": server.index_of(Resource.NAMESPACES)}
+
+
 HANDLERS: dict[str, Handler] = {
     "Node.Register": _node_register,
     "Node.UpdateStatus": _node_update_status,
@@ -58,6 +64,7 @@ HANDLERS: dict[str, Handler] = {
     "Alloc.GetAllocs": _alloc_get_allocs,
     "Alloc.SignIdentities": _alloc_sign_identities,
     "Node.UpdateAlloc": _node_update_alloc,
+    "Namespace.TaskAPIMode": _namespace_task_api_mode,
 }
 
 

@@ -5,7 +5,8 @@ is feasible for a group when it is ready and eligible, in one of the job's datac
 its node pool, has every driver the group's tasks use (detected and healthy), and meets the
 job's, group's and tasks' constraints. Placement spreads by picking the node with the fewest
 live allocations. Live allocations the job no longer asks for (its group is gone, or the
-group's count shrank below their index) are stopped.
+group's count shrank below their index) are stopped. The caller hands in only the job's
+own allocations (those of its namespace and ID); new ones carry its namespace.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nomad_client.structs.models import (
     AllocMetric,
     Node,
 )
+from nomad_client.structs.namespaces import job_namespace
 
 
 @attrs.frozen
@@ -117,7 +119,7 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
             node = min(feasible, key=lambda n: (load[n.id], n.id))
             load[node.id] += 1
             new.append(Allocation(
-                id=str(uuid.uuid4()), namespace=job.get("Namespace") or "default",
+                id=str(uuid.uuid4()), namespace=job_namespace(job),
                 eval_id=eval_id, name=f"{job['ID']}.{name}[{index}]", node_id=node.id,
                 node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name))
     return PlacementPlan(tuple(new), tuple(_stop(a) for a in surplus), failed, queued)

@@ -1,5 +1,9 @@
 """The embedded server: owns the state store, the scheduler and the keyring.
 
+Jobs live in a namespace and are found by (namespace, ID); every read by job ID takes the
+namespace, ``default`` when a caller names none. Allocations and evaluations carry their
+job's namespace.
+
 HTTP endpoints call it directly (they live in the same agent process); the client reaches it
 only through ``rpc.ServerRPC``. Every write goes through ``StateStore.write`` so indexes and
 blocking queries stay consistent; a change to part of an existing row is a row update applied
@@ -25,6 +29,7 @@ from nomad_client.acl import ACL, DENY_ALL, MANAGEMENT
 from nomad_client.server.acl_resolver import ACLResolver, workload_key
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
+from nomad_client.server.namespaces import Namespaces, admit_job
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.sealing import Sealer
 from nomad_client.server.state import (
@@ -33,9 +38,11 @@ from nomad_client.server.state import (
     ACL_TOKENS,
     DELETE,
     JOBS,
+    NAMESPACES,
     VARIABLES,
     RowUpdate,
     StateStore,
+    job_key,
 )
 from nomad_client.server.variables import Sealing, Variables
 from nomad_client.structs.jobs import tasks as job_tasks
@@ -50,6 +57,7 @@ from nomad_client.structs.models import (
     Evaluation,
     Node,
 )
+from nomad_client.structs.namespaces import DEFAULT_NAMESPACE, Namespace, job_namespace
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,7 @@ class Resource(enum.StrEnum):
     ACL_POLICIES = ACL_POLICIES
     ACL_ROLES = ACL_ROLES
     VARIABLES = VARIABLES
+    NAMESPACES = NAMESPACES
 
 
 class Server:
@@ -95,26 +104,36 @@ class Server:
         self._plan_lock = asyncio.Lock()
         self.variables = Variables(store, sealer or store.sealer or _ephemeral_sealer(),
                                    clock=clock)
+        self._namespaces = Namespaces(store, self.job_status, region=region)
 
     async def close(self) -> None:
         """Stop the server's background work (the variable lock reaper)."""
         await self.variables.close()
 
     # ---- reads (what the HTTP API serves; listings are in ID order) ----------------------
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        return self.store.get(JOBS, job_id)
+    def job(self, job_id: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
+        return self.store.get(JOBS, job_key(namespace, job_id))
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self.store.rows(JOBS)
+    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The jobs of ``namespace``, by ID (None: of every namespace, by namespace, then
+        ID)."""
+        jobs = self.store.rows(JOBS)
+        if namespace is None:
+            return jobs
+        return [j for j in jobs if job_namespace(j) == namespace]
 
     def allocation(self, alloc_id: str) -> Allocation | None:
         return self.store.get("allocs", alloc_id)
 
-    def allocations(self) -> list[Allocation]:
-        return self.store.rows("allocs")
+    def allocations(self, namespace: str | None = None) -> list[Allocation]:
+        """The allocations of ``namespace`` (None: of every namespace)."""
+        allocs: list[Allocation] = self.store.rows("allocs")
+        if namespace is None:
+            return allocs
+        return [a for a in allocs if a.namespace == namespace]
 
-    def job_allocs(self, job_id: str) -> list[Allocation]:
-        return [a for a in self.allocations() if a.job_id == job_id]
+    def job_allocs(self, job_id: str, namespace: str = DEFAULT_NAMESPACE) -> list[Allocation]:
+        return [a for a in self.allocations(namespace) if a.job_id == job_id]
 
     def node_allocs(self, node_id: str) -> list[Allocation]:
         return [a for a in self.allocations() if a.node_id == node_id]
@@ -128,8 +147,22 @@ class Server:
     def evaluation(self, eval_id: str) -> Evaluation | None:
         return self.store.get("evals", eval_id)
 
-    def job_evaluations(self, job_id: str) -> list[Evaluation]:
-        return [e for e in self.store.rows("evals") if e.job_id == job_id]
+    def job_evaluations(self, job_id: str, namespace: str = DEFAULT_NAMESPACE
+                        ) -> list[Evaluation]:
+        return [e for e in self.store.rows("evals")
+                if e.job_id == job_id and e.namespace == namespace]
+
+    def namespace(self, name: str) -> Namespace | None:
+        return self._namespaces.get(name)
+
+    def namespaces(self) -> list[Namespace]:
+        """Every namespace, by name."""
+        return self._namespaces.all()
+
+    def namespace_task_api_mode(self, name: str) -> str | None:
+        """The namespace's ``Capabilities.TaskAPI``; None when unset or no such namespace."""
+        namespace = self._namespaces.get(name)
+        return None if namespace is None else namespace.task_api_mode
 
     def index_of(self, *resources: Resource) -> int:
         """The index of the latest write to any of ``resources`` (at least 1)."""
@@ -141,25 +174,42 @@ class Server:
         seconds (capped by the store) pass; return their index either way."""
         return await self.store.wait_for_change(resources, min_index, wait)
 
+    # ---- namespaces --------------------------------------------------------------------
+    async def upsert_namespace(self, namespace: Namespace) -> int:
+        """Create or replace a namespace (``NamespaceError`` when it is invalid)."""
+        return await self._namespaces.upsert(namespace)
+
+    async def delete_namespace(self, name: str) -> int:
+        """Delete a namespace that holds no live job, allocation or variable."""
+        return await self._namespaces.delete(name)
+
     # ---- jobs --------------------------------------------------------------------------
     async def register_job(self, job: Mapping[str, Any]) -> tuple[str, int]:
-        submitted = {**job, "Stop": False, "SubmitTime": time.time_ns(), "Status": "pending"}
+        """Register ``job`` in its ``Namespace`` (``NamespaceError`` when that namespace does
+        not exist or refuses one of its task drivers)."""
+        submitted = {**job, "Namespace": job_namespace(job), "Stop": False,
+                     "SubmitTime": time.time_ns(), "Status": "pending"}
+        namespace, job_id = submitted["Namespace"], submitted["ID"]
 
         def next_version(previous: dict[str, Any] | None, index: int) -> dict[str, Any]:
+            # Under the write lock: a namespace deleted or changed meanwhile is seen.
+            admit_job(self._namespaces.get(namespace), submitted)
             return {**submitted, "Version": (previous["Version"] + 1) if previous else 0}
 
-        await self.store.write(updates={JOBS: [(submitted["ID"], next_version)]})
-        return await self._evaluate(submitted["ID"], "job-register")
+        await self.store.write(updates={JOBS: [(job_key(namespace, job_id), next_version)]})
+        return await self._evaluate(job_id, "job-register", namespace)
 
-    async def deregister_job(self, job_id: str, *, purge: bool) -> tuple[str, int]:
-        if self.store.get(JOBS, job_id) is None:
+    async def deregister_job(self, job_id: str, *, purge: bool,
+                             namespace: str = DEFAULT_NAMESPACE) -> tuple[str, int]:
+        key = job_key(namespace, job_id)
+        if self.store.get(JOBS, key) is None:
             return "", 0  # Nomad answers 200 with empty IDs for unknown jobs
 
         def stop(current: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
             return None if current is None else {**current, "Stop": True}
 
-        await self.store.write(updates={JOBS: [(job_id, stop)]})
-        eval_id, index = await self._evaluate(job_id, "job-deregister")
+        await self.store.write(updates={JOBS: [(key, stop)]})
+        eval_id, index = await self._evaluate(job_id, "job-deregister", namespace)
         if purge:
             # Allocations already finished go now; running ones once their client reports
             # them terminal (see update_allocs_from_client). Their clients then remove
@@ -169,34 +219,37 @@ class Server:
                 return DELETE if current is not None and current.client_terminal() else None
 
             index = await self.store.write(
-                deletes={JOBS: [job_id]},
-                updates={"allocs": [(a.id, collect) for a in self.job_allocs(job_id)]})
+                deletes={JOBS: [key]},
+                updates={"allocs": [(a.id, collect)
+                                    for a in self.job_allocs(job_id, namespace)]})
         return eval_id, index
 
     def job_status(self, job: Mapping[str, Any]) -> str:
-        allocs = self.job_allocs(job["ID"])
+        allocs = self.job_allocs(job["ID"], job_namespace(job))
         if any(not a.client_terminal() and a.desired_status == DESIRED_RUN for a in allocs):
             return "running" if any(a.client_status == "running" for a in allocs) else "pending"
         if job.get("Stop") or (allocs and job.get("Type") == "batch"):
             return "dead"
         return "pending"
 
-    def _job_evals(self, job_id: str) -> list[Evaluation]:
+    def _job_evals(self, job_id: str, namespace: str) -> list[Evaluation]:
         """The job's evaluations, oldest first."""
-        return sorted((e for e in self.store.values("evals") if e.job_id == job_id),
+        return sorted((e for e in self.store.values("evals")
+                       if e.job_id == job_id and e.namespace == namespace),
                       key=lambda e: e.create_index)
 
-    async def _evaluate(self, job_id: str, triggered_by: str) -> tuple[str, int]:
+    async def _evaluate(self, job_id: str, triggered_by: str,
+                        namespace: str = DEFAULT_NAMESPACE) -> tuple[str, int]:
         async with self._plan_lock:
-            job = self.store.get(JOBS, job_id)
+            job = self.job(job_id, namespace)
             if job is None:
                 return "", self.store.index
-            ev = Evaluation(id=str(uuid.uuid4()), namespace=job.get("Namespace", "default"),
+            ev = Evaluation(id=str(uuid.uuid4()), namespace=namespace,
                             job_id=job_id, type=job.get("Type", "service"),
                             triggered_by=triggered_by, priority=job.get("Priority", 50))
             nodes = self.store.values("nodes")
-            plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id))
-            history = self._job_evals(job_id)
+            plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id, namespace))
+            history = self._job_evals(job_id, namespace)
             latest = history[-1] if history else None
             if (triggered_by == "node-update" and latest is not None
                     and not plan.new_allocs and not plan.stopped_allocs
@@ -216,7 +269,8 @@ class Server:
                     *((a.id, _stopped(a.desired_status, a.desired_description))
                       for a in plan.stopped_allocs)]})
             if plan.failed_groups:
-                log.info("job %s: could not place %s", job_id, dict(plan.queued))
+                log.info("job %s (namespace %s): could not place %s", job_id, namespace,
+                         dict(plan.queued))
             return ev.id, index
 
     def _sign_tasks(self, alloc: Allocation, tasks: Sequence[str] | None = None
@@ -237,19 +291,22 @@ class Server:
 
     async def _reevaluate_queued(self) -> None:
         """A node changed: retry every live job that still has allocations it could not place."""
-        latest: dict[str, Evaluation] = {}
+        latest: dict[tuple[str, str], Evaluation] = {}
         for ev in self.store.values("evals"):
-            if ev.job_id not in latest or ev.create_index > latest[ev.job_id].create_index:
-                latest[ev.job_id] = ev
+            known = latest.get((ev.namespace, ev.job_id))
+            if known is None or ev.create_index > known.create_index:
+                latest[ev.namespace, ev.job_id] = ev
         for job in self.store.rows(JOBS):
-            ev = latest.get(job["ID"])
+            namespace = job_namespace(job)
+            ev = latest.get((namespace, job["ID"]))
             if job.get("Stop") or ev is None or not ev.queued_allocations:
                 continue
             try:
-                await self._evaluate(job["ID"], "node-update")
+                await self._evaluate(job["ID"], "node-update", namespace)
             except Exception:
                 # One bad job must never stop nodes from registering.
-                log.exception("re-evaluating job %s failed", job["ID"])
+                log.exception("re-evaluating job %s (namespace %s) failed", job["ID"],
+                              namespace)
 
     # ---- nodes (the client side of the RPC interface lands here) ------------------------
     async def register_node(self, node: Node) -> int:
@@ -350,7 +407,7 @@ class Server:
                     task_states=dict(update.task_states), modify_time=time.time_ns())
                 if alloc.client_terminal():
                     terminal.append(alloc.id)
-                    if self.store.get(JOBS, alloc.job_id) is None:
+                    if self.job(alloc.job_id, alloc.namespace) is None:
                         return DELETE  # its job was purged: garbage-collect it
                 return alloc
             return apply

@@ -1,5 +1,5 @@
-"""The server's state store: tables of jobs, evaluations, allocations, nodes and the ACL
-records (tokens, policies, roles, the bootstrap marker), variables (items sealed by
+"""The server's state store: tables of namespaces, jobs, evaluations, allocations, nodes and
+the ACL records (tokens, policies, roles, the bootstrap marker), variables (items sealed by
 ``server.variables`` before they reach a row), a Raft-style index bumped by every
 write, and blocking queries that wake on change.
 
@@ -15,6 +15,10 @@ so two writers changing different fields of one row never undo each other.
 A few tables have unique secondary indexes (``SECONDARY_INDEXES``): an ACL token is found by
 the SHA-256 digest of its secret, a role by its name, each with one dict lookup. They are
 kept in step by every write and rebuilt on restore.
+
+Some rows exist from the start (``SEED_ROWS``: the default namespace), and some tables key
+a row by what it holds (``ROW_KEYS``: a job by its namespace and ID); a row an older
+version stored under another key is moved to its key on restore.
 """
 
 from __future__ import annotations
@@ -45,12 +49,20 @@ from nomad_client.structs.models import (
     Node,
     Variable,
 )
+from nomad_client.structs.namespaces import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_NAMESPACE_RECORD,
+    Namespace,
+    job_namespace,
+)
 
 ACL_TOKENS = "acl_tokens"
 ACL_POLICIES = "acl_policies"
 ACL_ROLES = "acl_roles"
 # Keyed by ``variable_key(namespace, path)``; items sealed in the record itself.
 VARIABLES = "variables"
+# Keyed by name.
+NAMESPACES = "namespaces"
 TABLE_TYPES: dict[str, type] = {
     "nodes": Node,
     "allocs": Allocation,
@@ -59,7 +71,9 @@ TABLE_TYPES: dict[str, type] = {
     ACL_POLICIES: ACLPolicy,
     ACL_ROLES: ACLRole,
     VARIABLES: Variable,
+    NAMESPACES: Namespace,
 }
+# Keyed by ``job_key(namespace, ID)``: two namespaces may each hold a job of one ID.
 JOBS = "jobs"
 # One row, present once ACLs have been bootstrapped; its ModifyIndex is the reset index.
 ACL_BOOTSTRAP = "acl_bootstrap"
@@ -86,6 +100,24 @@ def variable_key(namespace: str, path: str) -> str:
     return f"{namespace}\x00{path}"
 
 
+def job_key(namespace: str, job_id: str) -> str:
+    """A job's key in the ``jobs`` table: sorts by namespace, then ID."""
+    return f"{namespace}\x00{job_id}"
+
+
+def _job_row_key(job: Mapping[str, Any]) -> str:
+    return job_key(job_namespace(job), job["ID"])
+
+
+# table -> the key a row belongs under. Restore moves a row stored under another key there
+# (jobs were once keyed by ID alone).
+ROW_KEYS: Mapping[str, Callable[[Any], str]] = {JOBS: _job_row_key}
+# Rows a store holds from the start; one stored under the same key replaces its seed.
+SEED_ROWS: Mapping[str, Sequence[tuple[str, Any]]] = {
+    NAMESPACES: [(DEFAULT_NAMESPACE, DEFAULT_NAMESPACE_RECORD)],
+}
+
+
 def secret_digest(secret: str) -> bytes:
     """The key a secret is indexed under: its SHA-256 digest, so finding a token is one dict
     lookup whose timing says nothing about how much of a guess was right."""
@@ -110,6 +142,8 @@ class StateStore:
         # (table, index name) -> index key -> primary key
         self._indexes: dict[tuple[str, str], dict[Hashable, str]] = {
             (table, name): {} for table, named in SECONDARY_INDEXES.items() for name in named}
+        for table, seeds in SEED_ROWS.items():
+            self._tables[table].update(seeds)
         self._table_index: dict[str, int] = dict.fromkeys(self._tables, 0)
         self.index = 0
         self._changed = asyncio.Event()
@@ -120,20 +154,27 @@ class StateStore:
         store = cls(db, sealer)
         meta = await db.get("server_meta", "index")
         store.index = int(meta or 0)
-        in_the_clear: list[tuple[str, str, Any]] = []
+        # Rows an older version stored differently: secrets in the clear (sealed now), rows
+        # under an older key (moved to theirs).
+        rewrites: list[tuple[str, str, Any]] = []
+        moved: list[tuple[str, str]] = []
         for table in store._tables:
+            row_key = ROW_KEYS.get(table)
             for key, raw in await db.items(f"table/{table}"):
-                raw, plain = unseal_record(sealer, table, key, raw)
-                if plain:
-                    in_the_clear.append((f"table/{table}", key, seal_record(sealer, table, key,
-                                                                            raw)))
+                raw, rewrite = unseal_record(sealer, table, key, raw)  # True: in the clear
                 cls_ = TABLE_TYPES.get(table)
                 row = from_rpc(raw, cls_) if cls_ else raw
+                if row_key is not None and row_key(row) != key:
+                    moved.append((f"table/{table}", key))
+                    key, rewrite = row_key(row), True
+                if rewrite:
+                    rewrites.append((f"table/{table}", key, seal_record(sealer, table, key,
+                                                                        raw)))
                 store._tables[table][key] = row
                 store._index_row(table, key, None, row)
             store._table_index[table] = store.index
-        if in_the_clear:  # written before secrets were sealed: seal them now
-            await db.write_batch(in_the_clear, [])
+        if rewrites or moved:  # one transaction, as every write
+            await db.write_batch(rewrites, moved)
         return store
 
     @property

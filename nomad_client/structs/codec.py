@@ -22,7 +22,7 @@ T = TypeVar("T")
 # Go initialisms keep their capitals in Nomad's JSON (JobID, HTTPAddr, FailedTGAllocs).
 _INITIALISMS = {
     "id": "ID", "ip": "IP", "http": "HTTP", "tls": "TLS", "acl": "ACL", "cpu": "CPU",
-    "mb": "MB", "ttl": "TTL", "url": "URL", "tg": "TG", "jwt": "JWT",
+    "mb": "MB", "ttl": "TTL", "url": "URL", "tg": "TG", "jwt": "JWT", "api": "API",
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from nomad_client.client import tmpfs
 from tests.integration.harness import AgentProcess
 
 
@@ -29,7 +30,8 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[Callable[..., AgentProc
 
 
 def _kill_leftover_tasks(root: Path) -> None:
-    """Tasks outlive a killed agent by design; end every process still working in root."""
+    """Tasks outlive a killed agent by design; end every process still working in root, and
+    detach the secrets tmpfs mounts they kept (no agent is left to unmount them)."""
     import psutil
 
     for proc in psutil.process_iter(["cwd", "cmdline"]):
@@ -40,6 +42,8 @@ def _kill_leftover_tasks(root: Path) -> None:
                 proc.kill()
         except (psutil.Error, OSError):
             continue
+    for mount in tmpfs.mounts_under(root):
+        tmpfs.unmount(mount.mount_point)
 
 
 @pytest.fixture

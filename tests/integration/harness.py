@@ -22,17 +22,22 @@ from nomad_client.api.client import ApiClient, ApiResponse
 from nomad_client.jobspec import canonicalize_job, parse_jobspec
 
 _STARTED = re.compile(r"HTTP API: (http://[0-9.]+:\d+)")
+# The last line an agent logs for each SIGHUP, whatever came of it.
+RELOAD_DONE = re.compile(r"config reload(: applied |: no change |.*keeping the current "
+                         r"configuration|.*previous Task API config back)")
 REPO = Path(__file__).resolve().parents[2]
 POLICY_DIR = REPO / "testdata" / "policies"
 
 
 class AgentProcess:
     def __init__(self, data_dir: Path, *, acl: bool = False, meta: Mapping[str, str] | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", task_api: Mapping[str, Any] | None = None) -> None:
         self.data_dir = data_dir
         self.acl = acl
         self.meta = dict(meta or {})
         self.extra_config = extra_config
+        # The body of client { task_api { ... } } in the agent's config (JSON shape).
+        self.task_api = dict(task_api or {})
         self.proc: asyncio.subprocess.Process | None = None
         self.address = ""
         self._output: list[str] = []
@@ -48,6 +53,8 @@ class AgentProcess:
             "ports": {"http": 0}, "server": {"enabled": True},
             "client": {"enabled": True, "meta": self.meta}, "acl": {"enabled": self.acl},
         }
+        if self.task_api:
+            config["client"]["task_api"] = self.task_api
         self.config_path.write_text(json.dumps(config))
 
     async def start(self, timeout: float = 20.0) -> None:
@@ -83,6 +90,25 @@ class AgentProcess:
 
     def api(self, token: str | None = None) -> ApiClient:
         return ApiClient(self.address, token=token or "")
+
+    async def reload(self, task_api: Mapping[str, Any] | None = None,
+                     timeout: float = 20.0) -> list[str]:
+        """SIGHUP the agent (after rewriting its config with ``task_api``, when given) and
+        wait for the reload to finish; the lines it logged, the outcome last."""
+        assert self.proc is not None, "the agent is not running"
+        if task_api is not None:
+            self.task_api = dict(task_api)
+            self.write_config()
+        start = len(self._output)
+        self.proc.send_signal(signal.SIGHUP)
+
+        def finished() -> list[str] | None:
+            lines = self._output[start:]
+            done = [i for i, line in enumerate(lines) if RELOAD_DONE.search(line)]
+            return lines[:done[0] + 1] if done else None
+        lines: list[str] = await eventually(finished, timeout=timeout,
+                                            message="the reload's last log line")
+        return lines
 
     async def stop(self) -> int:
         """SIGTERM and wait (tasks are left running in non-dev mode)."""

@@ -216,7 +216,8 @@ async def _modify_time(agent: AgentProcess, alloc_id: str, newer_than: int = -1)
 
 async def test_fs_api_does_not_serve_a_hard_linked_token(
         short_agent_factory: AgentFactory) -> None:
-    agent = short_agent_factory()
+    # A plain secrets dir: from a tmpfs one the token cannot be linked out at all (EXDEV).
+    agent = short_agent_factory(task_api={"secrets_tmpfs": False})
     await agent.start()
     script = ('ln "$NOMAD_SECRETS_DIR/nomad_token" "$NOMAD_TASK_DIR/tok" && '
               'echo plain > "$NOMAD_TASK_DIR/plain" && '

@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import sys
+from collections.abc import Mapping
 
 import attrs
 
@@ -30,10 +31,13 @@ class CliResult:
         return self.stdout + self.stderr
 
 
-async def cli(agent: AgentProcess, *args: str) -> CliResult:
-    """Run one CLI command against ``agent`` (through NOMAD_ADDR) and collect its output."""
+async def cli(agent: AgentProcess, *args: str, env_vars: Mapping[str, str] | None = None
+              ) -> CliResult:
+    """Run one CLI command against ``agent`` (through NOMAD_ADDR, plus ``env_vars``) and
+    collect its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NOMAD_")}
     env["NOMAD_ADDR"] = agent.address
+    env.update(env_vars or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "nomad_client", *args, cwd=str(REPO), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -160,7 +160,8 @@ async def test_task_that_breaks_its_restore_is_killed_not_abandoned(
     """A task swaps its own ``secrets`` dir for a symlink, so after an agent crash the
     restored task's prestart fails on every attempt. The reattached process must be killed,
     never left running behind a task reported dead."""
-    agent = short_agent_factory()
+    # A plain secrets dir: a tmpfs one is a mount point, which the task cannot move away.
+    agent = short_agent_factory(task_api={"secrets_tmpfs": False})
     await agent.start()
     marker = new_marker()
     swap_secrets = "mv secrets secrets.gone && ln -s local secrets"

@@ -2,7 +2,8 @@
 
 * records in the shapes the server stores: ``node``, ``job``, ``make_alloc``, ``acl_token``;
 * a real API: a server, the router with every endpoint, served on real sockets
-  (``serve_api``), and optionally a real client running mock tasks (``start_agent``);
+  (``serve_api``: TCP and, through a ``TaskAPIServer``, a task's socket), and optionally a
+  real client running mock tasks (``start_agent``);
 * waiting on conditions, never for a fixed time: ``wait_until``, ``settle``.
 """
 
@@ -25,10 +26,12 @@ import aiohttp
 import attrs
 
 from nomad_client.agent.client import Client, ClientSettings
+from nomad_client.allocrunner.hooks import TaskSocketInfo
 from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers.base import Driver
 from nomad_client.client.drivers.mock import MockDriver
 from nomad_client.client.servers import ServerRPC
+from nomad_client.client.taskapi_config import LiveTaskAPIConfig, TaskAPIConfig
 from nomad_client.http.context import TCP_LISTENER, ListenerContext
 from nomad_client.http.endpoints import register_all
 from nomad_client.http.listeners import Listener, tcp_socket
@@ -47,8 +50,21 @@ T = TypeVar("T")
 
 # Seals the credential fields of a state store's records (a fixed test key).
 SEALER = Sealer("00000000-0000-4000-8000-000000000000", bytes(range(32)))
-# The Task API listener ``serve_api`` adds: task "t" of allocation "a".
-TASK_CONTEXT = ListenerContext("task-api", task_api=True, alloc_id="a", task="t")
+
+
+class NoProcesses:
+    """A task with no running process: only root peers pass a peer-credential check."""
+
+    def root(self) -> tuple[int, float] | None:
+        return None
+
+    async def started(self) -> None:
+        return None  # never will have one: do not wait
+
+
+# The task whose socket ``serve_api`` adds: task "t" of allocation "a" (job "j").
+TASK_INFO = TaskSocketInfo(alloc_id="a", task="t", namespace="default", job_id="j",
+                           processes=NoProcesses())
 
 
 # ---- records ---------------------------------------------------------------------------
@@ -102,6 +118,16 @@ async def seed(server: Server, *, tokens: tuple[ACLToken, ...] = (),
 
 
 # ---- a real API --------------------------------------------------------------------------
+def task_api_server(router: Router, config: TaskAPIConfig | LiveTaskAPIConfig | None = None,
+                    *, audit_dir: Path | None = None) -> TaskAPIServer:
+    """The Task API server over ``router`` with ``config`` (the defaults unless given); its
+    default audit log goes in ``audit_dir`` (a path that is never created unless a test
+    turns the audit log on)."""
+    live = config if isinstance(config, LiveTaskAPIConfig) else LiveTaskAPIConfig(config)
+    audit_path = (audit_dir or Path(tempfile.gettempdir()) / "unit-audit-unused") / "audit.log"
+    return TaskAPIServer(router, live, audit_path=audit_path, node_id=lambda: "node-1")
+
+
 def make_server(keyring: Keyring, *, acl: bool = False, store: StateStore | None = None
                 ) -> Server:
     """A server of region "global" (an in-memory store unless ``store`` is given)."""
@@ -151,6 +177,7 @@ class ServedAPI:
     tcp: tuple[str, int]
     task_sock: Path | None = None
     listeners: list[Listener] = attrs.field(factory=list)
+    task_api: TaskAPIServer | None = None
 
     @property
     def url(self) -> str:
@@ -162,24 +189,34 @@ class ServedAPI:
         self.listeners.append(listener)  # closed by close() even if it fails to start
         await listener.start()
 
+    async def serve_task(self, sock: socket.socket, info: TaskSocketInfo = TASK_INFO) -> None:
+        """Serve ``sock`` as the Task API of the task ``info`` names."""
+        assert self.task_api is not None
+        self.listeners.append(await self.task_api.serve(sock, info))
+
     async def close(self) -> None:
         for listener in self.listeners:
             await listener.close()
+        if self.task_api is not None:
+            await self.task_api.close()
 
 
 async def serve_api(server: Server, *, client: LocalClient | None = None,
-                    router: Router | None = None, task_sock: Path | None = None) -> ServedAPI:
+                    router: Router | None = None, task_sock: Path | None = None,
+                    task_api: TaskAPIServer | None = None) -> ServedAPI:
     """Register every endpoint on ``router`` (a new one by default) and serve it over TCP
-    and, with ``task_sock``, as the Task API of task "t" of allocation "a" there."""
+    and, with ``task_sock``, as the Task API of task "t" of allocation "a" there (through
+    ``task_api``, by default one with the default config)."""
     router = router if router is not None else Router(server)
     register_all(router, Services(server=server, client=client, agent_config={},
                                   member={"Name": "unit", "Addr": "127.0.0.1", "Port": 0}))
     tsock = tcp_socket("127.0.0.1", 0)
-    api = ServedAPI(server, router, tsock.getsockname()[:2], task_sock)
+    api = ServedAPI(server, router, tsock.getsockname()[:2], task_sock,
+                    task_api=task_api if task_api is not None else task_api_server(router))
     try:
         await api.listen(TCP_LISTENER, tsock)
         if task_sock is not None:
-            await api.listen(TASK_CONTEXT, unix_socket(task_sock))
+            await api.serve_task(unix_socket(task_sock))
     except BaseException:
         await api.close()
         raise
@@ -208,25 +245,34 @@ async def start_agent(base: Path, keyring: Keyring, *, acl: bool = False,
                       node_name: str = "client-1",
                       static_meta: Mapping[str, str] | None = None,
                       drivers: Mapping[str, Driver] | None = None,
-                      router_type: Callable[[Server], Router] = Router) -> InProcessAgent:
+                      router_type: Callable[[Server], Router] = Router,
+                      task_api_config: TaskAPIConfig | LiveTaskAPIConfig | None = None
+                      ) -> InProcessAgent:
     """An agent in this process: server, router (a ``router_type``) and listeners (see
     ``serve_api``) and, with ``with_client``, a client in dc1 keeping its files under
     ``base``. The client's drivers are ``drivers``, by default only the mock driver: whatever
-    a test (or a fuzzed request) registers, no process runs."""
+    a test (or a fuzzed request) registers, no process runs. Task sockets are served under
+    ``task_api_config`` (the defaults unless given)."""
     base.mkdir(parents=True, exist_ok=True)
     server = make_server(keyring, acl=acl)
     router = router_type(server)
+    # One live config, as in the agent: the client decides who gets a socket by it, the
+    # Task API server serves the sockets by it.
+    live = (task_api_config if isinstance(task_api_config, LiveTaskAPIConfig)
+            else LiveTaskAPIConfig(task_api_config))
+    task_api = task_api_server(router, live, audit_dir=base / "audit")
     client = None
     if with_client:
         settings = ClientSettings(
             data_dir=base, alloc_dir=base / "alloc", state_dir=base / "client",
             name=node_name, datacenter="dc1", region="global", http_addr="127.0.0.1:0",
-            static_meta=dict(static_meta or {}))
+            static_meta=dict(static_meta or {}), task_api=live)
         client = Client(settings, ServerRPC(InProcessTransport(server)),
-                        await StateDB.open(base / "client" / "state.db"), TaskAPIServer(router),
+                        await StateDB.open(base / "client" / "state.db"), task_api,
                         drivers=drivers or {"mock_driver": MockDriver()})
     try:
-        api = await serve_api(server, client=client, router=router, task_sock=task_sock)
+        api = await serve_api(server, client=client, router=router, task_sock=task_sock,
+                              task_api=task_api)
     except BaseException:
         if client is not None:
             await client.db.close()
@@ -314,3 +360,88 @@ async def call_http(session: aiohttp.ClientSession, url: str, method: str, path:
         text = await r.text()
         decoded = json.loads(text) if r.content_type == "application/json" else text
         return HttpAnswer(r.status, decoded, r.headers)
+
+
+# ---- the Task API over a real socket ----------------------------------------------------
+async def call_unix(path: Path | str, method: str, target: str, *, token: str = "",
+                    data: bytes | None = None) -> HttpAnswer:
+    """One request over the Unix socket at ``path`` (``target``: path and query)."""
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(path))) as session:
+        return await call_http(session, "http://localhost", method, target, token=token,
+                               data=data)
+
+
+async def raw_exchange(path: Path | str, request: bytes) -> HttpAnswer:
+    """``request`` sent byte for byte (no client library re-spells its target) on a new
+    connection to the Unix socket at ``path``; the answer, its body as text."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, _, value in
+                   (line.partition(":") for line in lines[1:] if line)}
+        length = 0 if request.startswith(b"HEAD ") else int(headers.get("content-length", 0))
+        body = await asyncio.wait_for(reader.readexactly(length), 15)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return HttpAnswer(int(lines[0].split(" ")[1]), body.decode(), headers)
+
+
+def request_bytes(method: str, target: str, token: str = "", body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request with ``target`` exactly as given."""
+    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    if token:
+        head += f"X-Nomad-Token: {token}\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@attrs.define
+class TaskAPIStack:
+    """A server-only agent whose task "t" of ``alloc`` has a socket at ``sock``, served under
+    the live config ``live``; ``token`` is that task's workload identity."""
+
+    agent: InProcessAgent
+    live: LiveTaskAPIConfig
+    alloc: Allocation
+    token: str
+    sock: Path
+
+    @property
+    def task_api(self) -> TaskAPIServer:
+        assert self.agent.api.task_api is not None
+        return self.agent.api.task_api
+
+    async def configure(self, **changes: Any) -> None:
+        """Replace the live config (as a reload does) and tell the server."""
+        self.live.replace(attrs.evolve(self.live.current, **changes))
+        await self.task_api.reconfigure()
+
+    async def call(self, method: str, target: str, *, token: str | None = None,
+                   data: bytes | None = None) -> HttpAnswer:
+        """One request over the task's socket, with the task's identity unless ``token``."""
+        return await call_unix(self.sock, method, target,
+                               token=self.token if token is None else token, data=data)
+
+    async def stop(self) -> None:
+        await self.agent.stop()
+
+
+async def task_api_stack(base: Path, keyring: Keyring, config: TaskAPIConfig | None = None,
+                         *, acl: bool = False) -> TaskAPIStack:
+    """A ``TaskAPIStack`` under ``base`` (short enough for the socket's path) whose alloc
+    "a" runs task "t" (the socket's task), with ``config`` (the defaults unless given)."""
+    live = LiveTaskAPIConfig(config)
+    sock = base / "api.sock"
+    agent = await start_agent(base, keyring, acl=acl, with_client=False, task_sock=sock,
+                              task_api_config=live)
+    try:
+        alloc = make_alloc(id=TASK_INFO.alloc_id)
+        await seed(agent.server, allocs=(alloc,))
+    except BaseException:
+        await agent.stop()
+        raise
+    return TaskAPIStack(agent, live, alloc, identity_token(keyring, alloc), sock)

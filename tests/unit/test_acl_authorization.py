@@ -32,6 +32,7 @@ from nomad_client.server import acl_resolver
 from nomad_client.server.acls import RoleLink
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.server import Server
+from nomad_client.server.state import job_key
 from nomad_client.structs.models import (
     TOKEN_CLIENT,
     ACLPolicy,
@@ -41,6 +42,7 @@ from nomad_client.structs.models import (
     Evaluation,
     PolicyJobACL,
 )
+from nomad_client.structs.namespaces import Namespace
 from tests.unit.factories import (
     OneAllocClient,
     ServedAPI,
@@ -137,8 +139,8 @@ class World:
     async def reset(self) -> None:
         """Put back what a write route changed: the jobs, allocations and evaluations."""
         await self.server.store.write({
-            "jobs": [(j, stored_job(j)) for j in ("web", "other")]
-            + [("api", stored_job("api", PROD))],
+            "jobs": [(job_key("default", j), stored_job(j)) for j in ("web", "other")]
+            + [(job_key(PROD, "api"), stored_job("api", PROD))],
             "allocs": [(a.id, a) for a in (alloc_of(WEB_ALLOC, "web"),
                                            alloc_of(OTHER_ALLOC, "other"),
                                            alloc_of(API_ALLOC, "api", PROD))],
@@ -150,8 +152,8 @@ class World:
 @contextlib.asynccontextmanager
 async def world(base: Path, keyring: Keyring, *, acl: bool = True,
                 local_alloc: str = WEB_ALLOC) -> AsyncIterator[World]:
-    """Jobs "web" and "other" in default, "api" in prod, one running allocation each, an
-    evaluation of web and of api; node n1; policy "reader" attached to job web; a client
+    """Jobs "web" and "other" in default, "api" in namespace prod, one running allocation
+    each, an evaluation of web and of api; node n1; policy "reader" attached to job web; a client
     token per entry of ``POLICIES`` and one ("missing") whose policy does not exist. The
     local client holds the directory of ``local_alloc``, with a file and a log in task t."""
     signer = copy.copy(keyring)
@@ -167,6 +169,7 @@ async def world(base: Path, keyring: Keyring, *, acl: bool = True,
         async with aiohttp.ClientSession() as tcp, aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(str(base / "api.sock"))) as task:
             management = await server.acls.bootstrap()
+            await server.upsert_namespace(Namespace(name=PROD))
             w = World(server, api, tcp, task, management.secret_id, {})
             await w.reset()
             await w.policy("reader", READER_RULES, job_id="web")
@@ -309,11 +312,15 @@ async def test_lists_keep_only_what_the_caller_may_see(acl_world: World) -> None
     lister, reader = w.tokens["list-jobs"], w.tokens["read-job"]
     default_only = (await w.token("read-job", "node-read")).secret_id
 
+    # A list reads the namespace the request names (default: default); "*" reads them all.
+    for path, anywhere_sees in (("/v1/jobs", ["other", "web"]),
+                                ("/v1/jobs?namespace=*", ["api", "other", "web"]),
+                                ("/v1/jobs?namespace=prod", ["api"])):
+        status, body = await w.call("GET", path, anywhere)
+        assert (status, ids(body)) == (200, anywhere_sees), path
     for path in ("/v1/jobs", "/v1/jobs?namespace=*"):
         status, body = await w.call("GET", path, lister)
         assert (status, ids(body)) == (200, ["other", "web"]), path
-        status, body = await w.call("GET", path, anywhere)
-        assert (status, ids(body)) == (200, ["api", "other", "web"]), path
     assert await w.call("GET", "/v1/jobs?namespace=prod", lister) == DENIED
     # "*" is refused only when no rule grants the capability anywhere.
     assert await w.call("GET", "/v1/jobs?namespace=*", reader) == DENIED
@@ -325,6 +332,10 @@ async def test_lists_keep_only_what_the_caller_may_see(acl_world: World) -> None
         assert (status, ids(body)) == (200, [WEB_ALLOC, OTHER_ALLOC]), path
         status, body = await w.call("GET", path, both)
         assert (status, ids(body)) == (200, [WEB_ALLOC, OTHER_ALLOC, API_ALLOC]), path
+    status, body = await w.call("GET", "/v1/allocations", both)
+    assert (status, ids(body)) == (200, [WEB_ALLOC, OTHER_ALLOC])
+    status, body = await w.call("GET", "/v1/allocations?namespace=prod", both)
+    assert (status, ids(body)) == (200, [API_ALLOC])
     # The node's allocations need only node read; without read-job none of them shows.
     assert await w.call("GET", "/v1/node/n1/allocations", w.tokens["node-read"]) == (200, "[]")
 
@@ -333,23 +344,39 @@ async def test_objects_are_checked_in_their_own_namespace(acl_world: World) -> N
     w = acl_world
     await w.policy("prod-reader", namespace_rules("read-job", namespace=PROD))
     default_reader, prod_reader = w.tokens["read-job"], (await w.token("prod-reader")).secret_id
-    prod_objects = (f"/v1/allocation/{API_ALLOC}", "/v1/job/api", "/v1/job/api/allocations",
-                    "/v1/job/api/evaluations", f"/v1/evaluation/{API_EVAL}")
-    for path in prod_objects:
-        # Allowed in the namespace the request names, refused in the object's own.
+    # Found by their own ID: allowed in the namespace the request names, refused in the
+    # object's own.
+    for path in (f"/v1/allocation/{API_ALLOC}", f"/v1/evaluation/{API_EVAL}"):
         assert await w.call("GET", path, default_reader) == DENIED, path
         assert await w.call("GET", path + "?namespace=prod", default_reader) == DENIED, path
         assert (await w.call("GET", path + "?namespace=prod", prod_reader))[0] == 200, path
         assert await w.call("GET", path, prod_reader) == DENIED, path  # asks about default
         assert (await w.call("GET", path + "?namespace=*", prod_reader))[0] == 200, path
+    # A job is found by its ID in the namespace the request names, so only there.
+    for path, in_prod in (("/v1/job/api", '"ID":"api"'),
+                          ("/v1/job/api/allocations", API_ALLOC),
+                          ("/v1/job/api/evaluations", API_EVAL)):
+        assert await w.call("GET", path + "?namespace=prod", default_reader) == DENIED, path
+        status, body = await w.call("GET", path + "?namespace=prod", prod_reader)
+        assert status == 200 and in_prod in body, path
+        assert await w.call("GET", path, prod_reader) == DENIED, path  # asks about default
+        for elsewhere in ("", "?namespace=*"):  # default (or "*") holds no job "api"
+            status, body = await w.call("GET", path + elsewhere, w.management)
+            assert (status, body) in ((404, "job not found"), (200, "[]")), path
+            assert in_prod not in body, path
 
     submitter = w.tokens["submit-job"]
-    assert await w.call("DELETE", "/v1/job/api", submitter) == DENIED
-    assert w.server.job("api") is not None and not w.server.job("api")["Stop"]
-    for planted in (job(ID="api"), job(ID="api", Namespace=PROD), job(ID="new", Namespace=PROD)):
-        # a job of prod, new or not, or prod's job moved into default
+    assert await w.call("DELETE", "/v1/job/api?namespace=prod", submitter) == DENIED
+    for planted in (job(ID="api", Namespace=PROD), job(ID="new", Namespace=PROD)):
+        # a job of prod, new or not
         assert await w.call("PUT", "/v1/jobs", submitter, body={"Job": planted}) == DENIED
-    assert w.server.job("new") is None and w.server.job("api")["Namespace"] == PROD
+    assert w.server.job("new", PROD) is None
+    # Job "api" of default is another job than prod's: replacing it leaves prod's alone.
+    assert (await w.call("DELETE", "/v1/job/api", submitter))[0] == 200
+    status, _ = await w.call("PUT", "/v1/jobs", submitter, body={"Job": job(ID="api")})
+    assert status == 200 and w.server.job("api")["Namespace"] == "default"
+    prods = w.server.job("api", PROD)
+    assert prods is not None and not prods["Stop"] and prods["Namespace"] == PROD
     status, body = await w.call("PUT", "/v1/jobs", submitter,
                                 body={"Job": job(ID="web", Namespace="*")})
     assert status == 400 and body.startswith("invalid namespace"), body
@@ -362,7 +389,8 @@ async def test_objects_are_checked_in_their_own_namespace(acl_world: World) -> N
     status, body = await w.call("PUT", "/v1/jobs?namespace=prod", prod_submitter,
                                 body={"Job": job(ID="fresh")})
     assert status == 200, body
-    assert w.server.job("fresh")["Namespace"] == PROD
+    assert w.server.job("fresh", PROD)["Namespace"] == PROD
+    assert w.server.job("fresh") is None
 
 
 @pytest.mark.parametrize("local_alloc", [API_ALLOC, "0a6f1b7e-3c2d-4e5f-8a9b-0c1d2e3f4aff"],

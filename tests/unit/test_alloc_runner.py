@@ -23,6 +23,7 @@ from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.drivers.base import ExitResult, TaskHandle
 from nomad_client.client.taskenv import NodeView
 from nomad_client.structs.models import Allocation, AllocUpdate, TaskState
+from tests.unit.factories import wait_until
 
 NS = 1_000_000_000
 NODE = NodeView(id="n1", name="node1", datacenter="dc1", region="global", node_class="",
@@ -89,6 +90,12 @@ class RecordingAllocHook:
     async def destroy(self) -> None:
         self.rec.calls.append("alloc.destroy")
 
+    async def config_reloaded(self) -> None:
+        self.rec.calls.append("alloc.config_reloaded")
+
+    async def task_preparing(self, ctx: TaskContext) -> None:
+        self.rec.calls.append("observer.task_preparing")
+
     async def task_starting(self, ctx: TaskContext) -> None:
         self.rec.calls.append("observer.task_starting")
 
@@ -141,6 +148,7 @@ async def test_hooks_run_in_registration_order_around_the_task(tmp_path: Path,
     await run_to_end(runner)
     assert rec.calls == [
         "alloc.prerun",
+        "observer.task_preparing",
         "first.prestart", "second.prestart",
         "observer.task_starting",
         "first.poststart", "second.poststart",
@@ -213,6 +221,7 @@ async def test_restart_policy_restarts_then_gives_up(tmp_path: Path, rec: Record
     last = state.events[-1]
     assert last.type == "Not Restarting" and last.fails_task
     assert 'Exceeded allowed attempts 2' in last.message
+    assert rec.calls.count("observer.task_preparing") == 3  # decided again on every start
     assert rec.calls.count("observer.task_starting") == 3
     assert rec.calls.count("observer.task_stopped") == 1  # stop happens once, at the end
 
@@ -315,3 +324,55 @@ async def test_kill_before_the_runners_exist_still_stops_everything(tmp_path: Pa
     await asyncio.wait_for(runner.wait(), 5)
     assert runner.task_runners["t"].state.state == "dead"
     assert "Started" not in event_types(runner.task_runners["t"].state)
+
+
+class HandleWatcher:
+    """A task hook recording what the context says the current handle is."""
+
+    name = "handle_watcher"
+
+    def __init__(self, seen: list[tuple[str, TaskHandle | None, TaskHandle | None]]) -> None:
+        self.seen = seen
+
+    async def poststart(self, ctx: TaskContext, handle: TaskHandle) -> None:
+        self.seen.append(("poststart", ctx.handle.current, handle))
+
+    async def exited(self, ctx: TaskContext, result: ExitResult) -> None:
+        self.seen.append(("exited", ctx.handle.current, None))
+
+
+async def test_the_context_names_the_running_process_and_nothing_after_it_exits(
+        tmp_path: Path, rec: Recorder) -> None:
+    seen: list[tuple[str, TaskHandle | None, TaskHandle | None]] = []
+    runner = runner_for(make_alloc([mock_task(run_for="5ms")]), tmp_path, rec,
+                        task_hooks=(lambda: HandleWatcher(seen),))
+    await run_to_end(runner)
+    (phase, current, handle), (later, after_exit, _) = seen
+    assert phase == "poststart" and current is not None and current == handle
+    assert later == "exited" and after_exit is None
+
+
+class FailingReload:
+    name = "failing_reload"
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    async def config_reloaded(self) -> None:
+        self.rec.calls.append("failing.config_reloaded")
+        raise RuntimeError("cannot apply")
+
+
+async def test_a_config_reload_reaches_every_hook_that_wants_it(
+        tmp_path: Path, rec: Recorder, caplog: pytest.LogCaptureFixture) -> None:
+    runner = runner_for(make_alloc([mock_task(run_for="60s")], job_type="service"), tmp_path,
+                        rec, alloc_hooks=(AllocDirHook, lambda deps: FailingReload(rec),
+                                          lambda deps: RecordingAllocHook(deps, rec)))
+    runner.start()
+    await wait_until(lambda: runner.task_runners["t"].state.state == "running" if
+                     "t" in runner.task_runners else False, "the task to run")
+    await runner.config_reloaded()  # one hook failing neither stops the next nor raises
+    assert rec.calls[-2:] == ["failing.config_reloaded", "alloc.config_reloaded"]
+    assert "cannot apply" in caplog.text
+    runner.kill("done")
+    await asyncio.wait_for(runner.wait(), 5)

@@ -124,6 +124,21 @@ async def test_no_token_header_without_token(
     assert "X-Nomad-Token" not in agent.seen[0].headers
 
 
+async def test_the_clients_namespace_goes_with_every_request_a_call_names_none(
+        agent: FakeAgent, tcp_address: str) -> None:
+    async with ApiClient(tcp_address, namespace="prod") as c:
+        await c.jobs_list()
+        await c.job_deregister("web", purge=True)
+        await c.job_allocations("web", namespace="*")  # the call's own wins
+        await c.status_leader()
+    async with ApiClient(tcp_address) as c:
+        await c.jobs_list(namespace="dev")
+        await c.jobs_list()
+    assert [s.query for s in agent.seen] == [
+        [("namespace", "prod")], [("purge", "true"), ("namespace", "prod")],
+        [("namespace", "*")], [("namespace", "prod")], [("namespace", "dev")], []]
+
+
 async def test_default_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOMAD_ADDR", raising=False)
     assert ApiClient().address == "http://127.0.0.1:4646"

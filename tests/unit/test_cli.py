@@ -39,7 +39,6 @@ from nomad_client.http.router import Router
 from nomad_client.jobspec import canonicalize_job
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.server import Server
-from nomad_client.server.state import JOBS
 from nomad_client.structs.models import DriverInfo
 from tests.unit.factories import (
     InProcessAgent,
@@ -191,7 +190,7 @@ def mock_job(job_id: str = "web", *, tasks: tuple[str, ...] = ("t",), run_for: s
 
 
 def stored_job(nomad: Nomad, job_id: str = "web") -> dict[str, Any]:
-    stored = nomad.server.store.get(JOBS, job_id)
+    stored = nomad.server.job(job_id)
     assert stored is not None, f"job {job_id} was not registered"
     return dict(stored)
 
@@ -513,7 +512,7 @@ async def test_job_stop_purge_detach(capsys: pytest.CaptureFixture[str], nomad: 
     assert (code, out) == (0, f"{newest_eval(nomad, 'web')}\n")
     deletes = [(s.path, s.query) for s in nomad.seen if s.method == "DELETE"]
     assert deletes == [("/v1/job/web", {"purge": "true"})]
-    assert nomad.server.store.get(JOBS, "web") is None
+    assert nomad.server.job("web") is None and nomad.server.jobs() == []
 
 
 async def test_job_stop_monitors(capsys: pytest.CaptureFixture[str], nomad: Nomad) -> None:

@@ -17,7 +17,7 @@ from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import LocalClient, Services
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.server import Resource, Server
-from nomad_client.server.state import JOBS
+from nomad_client.server.state import JOBS, job_key
 from tests.unit.factories import job, make_alloc, make_server, seed, settle
 
 
@@ -84,7 +84,7 @@ async def test_get_job_reads_the_job_through_the_server(keyring: Keyring) -> Non
     missing = await refusal(jobs.get_job, svc, request("/v1/job/web", job_id="web"))
     assert (missing.status, missing.message) == (404, "job not found")
 
-    index = await server.store.write({JOBS: [("web", job())]})
+    index = await server.store.write({JOBS: [(job_key("default", "web"), job())]})
     reply = await jobs.get_job(svc, request("/v1/job/web", job_id="web"))
     assert reply.body["ID"] == "web" and reply.body["Status"] == "pending"
     assert reply.index == index == server.index_of(Resource.JOBS)
@@ -92,13 +92,13 @@ async def test_get_job_reads_the_job_through_the_server(keyring: Keyring) -> Non
 
 async def test_a_blocking_get_job_answers_after_the_next_write(keyring: Keyring) -> None:
     server = make_server(keyring)
-    first = await server.store.write({JOBS: [("web", job())]})
+    first = await server.store.write({JOBS: [(job_key("default", "web"), job())]})
     waiting = asyncio.create_task(jobs.get_job(
         services(server), request(f"/v1/job/web?index={first}&wait=60s", job_id="web")))
     await settle()
     assert not waiting.done()  # blocked on the index it already has
 
-    second = await server.store.write({JOBS: [("web", job(count=3))]})
+    second = await server.store.write({JOBS: [(job_key("default", "web"), job(count=3))]})
     reply = await asyncio.wait_for(waiting, 10)
     assert reply.index == second > first
     assert reply.body["TaskGroups"][0]["Count"] == 3

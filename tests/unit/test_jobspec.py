@@ -37,7 +37,7 @@ GROUP_KEYS = {
 }
 TASK_KEYS = {
     "Name", "Driver", "User", "Config", "Env", "Meta", "Constraints", "Resources",
-    "RestartPolicy", "KillTimeout", "Leader", "Identity", "Identities",
+    "RestartPolicy", "KillTimeout", "Leader", "Identity", "Identities", "TaskAPI",
 }
 IDENTITY_KEYS = {
     "Name", "Audience", "Env", "File", "Filepath", "TTL", "ChangeMode", "ChangeSignal",
@@ -1114,6 +1114,43 @@ def test_two_default_identities_is_error() -> None:
     assert "only one default" in err.message
 
 
+# --------------------------------------------------------------------------- task_api
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("true", True), ("false", False)])
+def test_task_api_block_is_the_tasks_own_choice(value: str, enabled: bool) -> None:
+    job = parse(task_job(f"      task_api {{\n        enabled = {value}\n      }}"))
+    assert first_task(job)["TaskAPI"] == {"Enabled": enabled}
+    assert first_task(canonicalize_job(job))["TaskAPI"] == {"Enabled": enabled}
+
+
+def test_no_task_api_block_is_no_choice() -> None:
+    assert first_task(parse(task_job("")))["TaskAPI"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "fragment"),
+    [
+        ("      task_api {\n        enabled = \"maybe\"\n      }", 7,
+         "task_api.enabled: expected true or false, got string"),
+        ("      task_api {\n        enabled = true\n        mode = \"x\"\n      }", 8,
+         "task_api.mode: unknown attribute 'mode' (allowed attributes: enabled)"),
+        ("      task_api {\n      }", 6,
+         "task_api.enabled: missing attribute: write enabled = true or enabled = false"),
+        ("      task_api {\n        enabled = true\n      }\n      task_api {\n"
+         "        enabled = false\n      }", 9, "only one task_api block is allowed"),
+        ("      task_api \"x\" {\n        enabled = true\n      }", 6,
+         "the task_api block takes no label"),
+        ("      task_api {\n        enabled = true\n        sub {}\n      }", 8,
+         "unknown block 'sub'"),
+    ],
+)
+def test_bad_task_api_blocks_name_the_key_and_line(body: str, line: int, fragment: str) -> None:
+    err = parse_error(task_job(body))
+    assert fragment in err.message, err.message
+    assert err.line == line
+
+
 # --------------------------------------------------------------------------- canonicalize
 
 
@@ -1152,6 +1189,7 @@ def test_canonicalize_fills_defaults_for_parsed_job() -> None:
         "Filepath": None, "TTL": None, "ChangeMode": "noop", "ChangeSignal": None,
     }
     assert task["Identities"] == []
+    assert task["TaskAPI"] is None
 
 
 def test_canonicalize_batch_restart_defaults_and_task_merge() -> None:
@@ -1258,6 +1296,11 @@ def test_validation_job_level(change: dict[str, Any], fragment: str) -> None:
         ({"KillTimeout": -1}, "KillTimeout must be a non-negative"),
         ({"RestartPolicy": {"Interval": S}}, "interval can not be less than 5s"),
         ({"Env": {"A": 1}}, "Env must be a map of strings"),
+        ({"TaskAPI": {"Enabled": "yes"}}, "TaskAPI.Enabled must be a bool, got 'yes'"),
+        ({"TaskAPI": {}}, "TaskAPI.Enabled must be a bool, got None"),
+        ({"TaskAPI": True}, "TaskAPI must be an object, got True"),
+        ({"TaskAPI": {"Enabled": True, "Mode": "x"}},
+         "TaskAPI has unknown fields Mode (allowed: Enabled)"),
     ],
 )
 def test_validation_task_level(task_change: dict[str, Any], fragment: str) -> None:

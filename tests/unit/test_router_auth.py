@@ -17,16 +17,18 @@ import aiohttp
 import attrs
 import pytest
 
-from nomad_client.http.auth import request_token
-from nomad_client.http.listeners import TASK_SOCKET_LIMITS
+from nomad_client.client.taskapi_config import TaskAPIConfig
+from nomad_client.http.auth import IDENTITY_NOT_BOUND, request_token
 from nomad_client.server.keyring import Keyring
 from tests.unit.factories import (
     InProcessAgent,
     acl_token,
+    call_http,
     identity_token,
     make_alloc,
     seed,
     start_agent,
+    task_api_stack,
     wait_until,
 )
 
@@ -222,7 +224,8 @@ async def answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 async def test_task_socket_caps_concurrent_connections(stack: InProcessAgent) -> None:
     path = str(task_sock(stack))
-    held = [await asyncio.open_unix_connection(path) for _ in range(TASK_SOCKET_LIMITS.total)]
+    limit = TaskAPIConfig().max_connections_per_task  # the stack runs the defaults
+    held = [await asyncio.open_unix_connection(path) for _ in range(limit)]
     for reader, writer in held:  # each one admitted, then held open (kept alive, idle)
         assert await answered(reader, writer) == b"HTTP/1.1 401 Unauthorized"
     reader, writer = await asyncio.open_unix_connection(path)
@@ -335,3 +338,32 @@ async def test_json_body_at_the_depth_limit_and_paired_surrogates_are_fine(
     assert await over_tcp(stack, "/v1/jobs", method="POST",
                           data=b'{"\\ud83d\\ude00": 1}') == \
         (400, "Unknown field(s) in request body: \U0001F600")
+
+
+# ---- bind_identity_to_socket -----------------------------------------------------------
+@pytest.mark.parametrize("bind", [False, True])
+async def test_identity_bound_to_its_socket(workdir: Path, keyring: Keyring, bind: bool) -> None:
+    stack = await task_api_stack(workdir, keyring,
+                                 TaskAPIConfig(bind_identity_to_socket=bind))
+    try:
+        other = make_alloc()
+        await seed(stack.agent.server, allocs=(other,))
+        mgmt = acl_token()
+        await seed(stack.agent.server, tokens=(mgmt,))
+        sibling = identity_token(keyring, stack.alloc, task="sidecar")
+        # The socket's own allocation: any of its tasks' identities, and ACL tokens, pass.
+        for token in (stack.token, sibling, mgmt.secret_id):
+            assert (await stack.call("GET", "/v1/agent/health", token=token)).status == 200
+        foreign = await stack.call("GET", "/v1/agent/health",
+                                   token=identity_token(keyring, other))
+        if bind:
+            assert (foreign.status, foreign.body) == (403, IDENTITY_NOT_BOUND)
+        else:
+            assert foreign.status == 200
+        # The TCP API never binds an identity to anything.
+        async with aiohttp.ClientSession() as session:
+            tcp = await call_http(session, stack.agent.api.url, "GET", "/v1/agent/health",
+                                  token=identity_token(keyring, other))
+        assert tcp.status == 200
+    finally:
+        await stack.stop()

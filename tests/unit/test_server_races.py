@@ -18,7 +18,7 @@ import pytest
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.server import MAX_EVALS_PER_JOB, Server
-from nomad_client.server.state import JOBS, StateStore
+from nomad_client.server.state import JOBS, StateStore, job_key
 from nomad_client.state_db import StateDB
 from nomad_client.structs.models import ACLToken, AllocUpdate, DriverInfo
 from tests.unit.factories import SEALER, job, make_server, node, settle
@@ -64,8 +64,8 @@ async def test_a_stop_and_a_client_report_racing_both_survive(
     await srv.register_node(node())
     await srv.register_job(job())
     (alloc,) = srv.job_allocs("web")
-    stopped_job = {**cast(dict[str, Any], srv.store.get(JOBS, "web")), "Stop": True}
-    await srv.store.write({JOBS: [("web", stopped_job)]})
+    stopped_job = {**cast(dict[str, Any], srv.job("web")), "Stop": True}
+    await srv.store.write({JOBS: [(job_key("default", "web"), stopped_job)]})
 
     # Hold the write lock so that both contenders read the same row and then queue up.
     db.hold_next()
@@ -109,7 +109,7 @@ async def test_new_allocs_get_the_index_of_the_write_that_created_them(
         keyring: Keyring) -> None:
     srv, db = server(keyring)
     await srv.register_node(node())
-    await srv.store.write({JOBS: [("web", job(count=2))]})
+    await srv.store.write({JOBS: [(job_key("default", "web"), job(count=2))]})
     db.hold_next()
     blocker = asyncio.create_task(srv.store.write({"nodes": [("n2", node("n2"))]}))
     await asyncio.wait_for(db.held.wait(), 1)
@@ -137,7 +137,7 @@ async def test_a_purge_racing_the_final_report_still_collects_the_alloc(
     await settle()
     db.release.set()
     await asyncio.wait_for(asyncio.gather(report, purge), 2)
-    assert srv.store.get(JOBS, "web") is None
+    assert srv.job("web") is None and srv.store.values(JOBS) == []
     assert srv.store.get("allocs", alloc.id) is None
 
 

@@ -120,11 +120,12 @@ def test_host_env_only_fills_gaps_and_credentials_never_leak() -> None:
         "NOMAD_TOKEN": "agent-management-token",
         "VAULT_TOKEN": "s.agent",
         "CONSUL_HTTP_TOKEN": "agent",
+        "NOMAD_UNIX_ADDR": "unix:///elsewhere/api.sock",  # a task without a socket has none
     }
     env = build_task_env(make_input(), NODE, host)
     assert env["PATH"] == "/usr/bin" and env["HOME"] == "/root"
     assert env["NOMAD_TASK_NAME"] == "redis"
-    for key in ("NOMAD_TOKEN", "VAULT_TOKEN", "CONSUL_HTTP_TOKEN"):
+    for key in ("NOMAD_TOKEN", "VAULT_TOKEN", "CONSUL_HTTP_TOKEN", "NOMAD_UNIX_ADDR"):
         assert key not in env
 
 

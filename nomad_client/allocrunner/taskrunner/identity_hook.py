@@ -1,6 +1,7 @@
 """Task hook ``identity``: exposes the task's signed workload identity as the task asked —
-``NOMAD_TOKEN`` (+ ``NOMAD_UNIX_ADDR``) in its env for ``env = true``, a 0600 token file
-for ``file = true`` — on every start, so a task that deleted its file gets it back.
+``NOMAD_TOKEN`` in its env for ``env = true`` (with ``NOMAD_UNIX_ADDR`` when this start gets
+a Task API socket, as the ``task_api`` hook decided), a 0600 token file for ``file = true`` —
+on every start, so a task that deleted its file gets it back.
 
 An identity with a ttl is renewed before it expires, and each renewal rewrites the token
 file (atomically: a reader sees the old token or the new one, never a torn file). The env
@@ -44,7 +45,9 @@ class IdentityHook:
         env: dict[str, str] = {}
         if identity.get("Env"):
             env["NOMAD_TOKEN"] = token
-            env["NOMAD_UNIX_ADDR"] = f"unix://{ctx.task_dir.secrets_dir / DEFAULT_SOCKET_NAME}"
+            if ctx.has_task_api_socket:
+                env["NOMAD_UNIX_ADDR"] = (
+                    f"unix://{ctx.task_dir.secrets_dir / DEFAULT_SOCKET_NAME}")
         if identity.get("File"):
             await write(token)
             if identity.get("TTL"):

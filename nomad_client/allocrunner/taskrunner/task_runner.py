@@ -28,9 +28,11 @@ from nomad_client.allocrunner.hooks import (
     TaskContext,
     TaskExitedHook,
     TaskExitedObserver,
+    TaskHandleView,
     TaskHook,
     TaskPoststartHook,
     TaskPreKillHook,
+    TaskPreparingObserver,
     TaskPrestartHook,
     TaskStartingObserver,
     TaskStopHook,
@@ -48,6 +50,7 @@ from nomad_client.client.drivers.base import (
     TaskConfig,
     TaskHandle,
 )
+from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import (
     NodeView,
     TaskEnvInput,
@@ -77,11 +80,13 @@ class TaskRunner:
                  driver: Driver, hooks: Sequence[TaskHook], observers: Sequence[AllocHook],
                  persist: Persist, on_change: Callable[[], None], driver_state_dir: Path,
                  host_env: Mapping[str, str], state: TaskState | None = None,
-                 handle: TaskHandle | None = None) -> None:
+                 handle: TaskHandle | None = None,
+                 task_api_config: LiveTaskAPIConfig | None = None) -> None:
         self.ctx = ctx = TaskContext(
             alloc=alloc, task=task, alloc_dir=alloc_dir,
             task_dir=alloc_dir.task_dir(str(task["Name"])), node=node, emit=self.emit, log=log,
-            identities=identities)
+            identities=identities, handle=TaskHandleView(handle),
+            task_api_config=task_api_config)
         self.driver = driver
         self._prestart_hooks = [h for h in hooks if isinstance(h, TaskPrestartHook)]
         self._poststart_hooks = [h for h in hooks if isinstance(h, TaskPoststartHook)]
@@ -89,11 +94,12 @@ class TaskRunner:
         self._prekill_hooks = [h for h in hooks if isinstance(h, TaskPreKillHook)]
         self._stop_hooks = [h for h in hooks if isinstance(h, TaskStopHook)]
         self._update_hooks = [h for h in hooks if isinstance(h, TaskUpdateHook)]
+        self._preparing_observers = [h for h in observers
+                                     if isinstance(h, TaskPreparingObserver)]
         self._starting_observers = [h for h in observers if isinstance(h, TaskStartingObserver)]
         self._exited_observers = [h for h in observers if isinstance(h, TaskExitedObserver)]
         self._stopped_observers = [h for h in observers if isinstance(h, TaskStoppedObserver)]
         self.state = state or TaskState()
-        self.handle = handle
         self._persist = persist
         self._on_change = on_change
         self._driver_state_dir = driver_state_dir
@@ -108,6 +114,14 @@ class TaskRunner:
     @property
     def name(self) -> str:
         return self.ctx.name
+
+    @property
+    def handle(self) -> TaskHandle | None:
+        return self.ctx.handle.current
+
+    @handle.setter
+    def handle(self, handle: TaskHandle | None) -> None:
+        self.ctx.handle.set(handle)
 
     @property
     def finished(self) -> bool:
@@ -193,6 +207,8 @@ class TaskRunner:
         await self._finish()
 
     async def _run_once(self, restoring: bool) -> RestartDecision | None:
+        for preparing in self._preparing_observers:
+            await self._observed(preparing, "task_preparing", preparing.task_preparing(self.ctx))
         try:
             extra_env = await self._prestart()
         except HookError as err:

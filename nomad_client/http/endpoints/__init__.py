@@ -9,6 +9,7 @@ from nomad_client.http.endpoints import (
     client,
     identity,
     jobs,
+    namespaces,
     nodes,
     operator,
     variables,
@@ -19,5 +20,5 @@ from nomad_client.http.services import Services
 
 def register_all(router: Router, services: Services) -> None:
     for module in (agent, jobs, allocs, nodes, client, identity, acl, variables,
-                   operator):
+                   operator, namespaces):
         module.register(router, services)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -24,6 +24,10 @@ from aiohttp import web
 from nomad_client.acl import PolicyError, parse_policy, policy_to_rules_json
 from nomad_client.durations import DurationError, format_duration, parse_duration_ns
 from nomad_client.http.auth import Need
+from nomad_client.http.bodyfields import object_fields as _fields
+from nomad_client.http.bodyfields import path_id as _path_id
+from nomad_client.http.bodyfields import string_field as _string
+from nomad_client.http.bodyfields import strings_field as _strings
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError, bad_request, not_found
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
@@ -69,34 +73,6 @@ ROLE_FIELDS = ("ID", "Name", "Description", "Policies")
 
 
 # ---- request bodies ------------------------------------------------------------------------
-def _fields(body: Any, names: Iterable[str], what: str = "Request body") -> dict[str, Any]:
-    """The known fields of a JSON object, matched as Go's decoder matches them (names
-    compared case-insensitively, a later key wins); unknown keys and nulls are dropped."""
-    if not isinstance(body, dict):
-        raise bad_request(f"{what} must be a JSON object")
-    known = {name.lower(): name for name in names}
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        name = known.get(key.lower())
-        if name is not None and value is not None:  # null leaves a Go field as it was
-            out[name] = value
-    return out
-
-
-def _string(fields: dict[str, Any], name: str) -> str:
-    value = fields.get(name, "")
-    if not isinstance(value, str):
-        raise bad_request(f"{name} must be a string")
-    return value
-
-
-def _strings(fields: dict[str, Any], name: str) -> tuple[str, ...]:
-    value = fields.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise bad_request(f"{name} must be a list of strings")
-    return tuple(value)
-
-
 def _objects(fields: dict[str, Any], name: str, keys: tuple[str, ...]
              ) -> list[dict[str, Any]]:
     value = fields.get(name, [])
@@ -165,16 +141,6 @@ def _role_draft(body: Any) -> ACLRole:
                      for link in _objects(fields, "Policies", ("Name",)))
     return ACLRole(id=_string(fields, "ID"), name=_string(fields, "Name"),
                    description=_string(fields, "Description"), policies=policies)
-
-
-def _path_id(given: str, path_value: str | None, mismatch: str) -> str:
-    """The object's ID or name: the body's, which must match the path's when the route has
-    one in its path (a body that leaves it out takes the path's)."""
-    if path_value is None:
-        return given
-    if given and given != path_value:
-        raise bad_request(mismatch)
-    return path_value
 
 
 # ---- response bodies -----------------------------------------------------------------------

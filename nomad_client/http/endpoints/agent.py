@@ -49,7 +49,7 @@ def _health_body(wanted: frozenset[str], client_health: tuple[bool, str] | None
 
 
 async def agent_self(services: Services, req: ApiRequest) -> Any:
-    return {"config": services.agent_config, "member": services.member,
+    return {"config": services.agent_config(), "member": services.member,
             "stats": {"nomad": {"server": "true",
                                 "client": str(services.client is not None).lower()}}}
 

@@ -1,9 +1,10 @@
-"""/v1/allocations and /v1/allocation/:id."""
+"""/v1/allocations (of the namespace the request names; ``*``: of every namespace, keeping
+what the caller may see) and /v1/allocation/:id (found by ID, checked in its namespace)."""
 
 from __future__ import annotations
 
 from nomad_client.http.auth import allows, require
-from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
+from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub, listed_namespace
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import found_or_404
 from nomad_client.http.query import block, query_bool
@@ -19,7 +20,7 @@ async def list_allocs(services: Services, req: ApiRequest) -> Reply:
     prefix = req.query.get("prefix", "")
     with_states = query_bool(req.query, "task_states", default=True)
     stubs = []
-    for alloc in server.allocations():
+    for alloc in server.allocations(listed_namespace(req)):
         if alloc.id.startswith(prefix) and allows(req, alloc.namespace, READ_JOB):
             stub = alloc_stub(alloc)
             if not with_states:

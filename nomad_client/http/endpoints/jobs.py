@@ -1,12 +1,17 @@
-"""/v1/jobs, /v1/jobs/parse, /v1/job/:id[/allocations|/evaluations], /v1/evaluation/:id."""
+"""/v1/jobs, /v1/jobs/parse, /v1/job/:id[/allocations|/evaluations], /v1/evaluation/:id.
+
+A job is found by its ID in the namespace the request names (``?namespace=``, default
+``default``); two namespaces may each hold a job of one ID. On the list routes ``*`` lists
+every namespace, keeping what the caller may see.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 from nomad_client.http.auth import (
+    ALL_NAMESPACES,
     DEFAULT_NAMESPACE,
     Need,
     allows,
@@ -14,6 +19,7 @@ from nomad_client.http.auth import (
     require,
     require_in_request,
 )
+from nomad_client.http.endpoints.namespaces import refusals
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import block, query_bool
@@ -28,14 +34,13 @@ from nomad_client.jobspec import (
 from nomad_client.server.server import Resource, Server
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Allocation
+from nomad_client.structs.namespaces import NAMESPACE_NAME, job_namespace
 
 REGISTER_KEYS = {"Job", "EnforceIndex", "JobModifyIndex", "PolicyOverride", "PreserveCounts",
                  "PreserveResources", "EvalPriority", "Submission", "Region", "Namespace",
                  "SecretID"}
 PARSE_KEYS = {"JobHCL", "Variables", "Canonicalize"}
 MAX_JOBSPEC_CHARS = 256 * 1024
-# Nomad's rule for namespace names; "*" (every namespace) can hold no job.
-NAMESPACE_NAME = re.compile(r"[a-zA-Z0-9-]{1,128}")
 
 LIST_JOBS = Need.namespace("list-jobs")
 SUBMIT_JOB = Need.namespace("submit-job", "register-job")
@@ -45,8 +50,10 @@ DEREGISTER_JOB = Need.namespace("submit-job", "purge-job", "deregister-job")
 PURGE_JOB = Need.namespace("submit-job", "purge-job")
 
 
-def job_namespace(job: dict[str, Any]) -> str:
-    return job.get("Namespace") or DEFAULT_NAMESPACE
+def listed_namespace(req: ApiRequest) -> str | None:
+    """The namespace a list request reads; None for every namespace (``*``)."""
+    namespace = request_namespace(req.query)
+    return None if namespace == ALL_NAMESPACES else namespace
 
 
 def alloc_stub(alloc: Allocation) -> dict[str, Any]:
@@ -80,7 +87,7 @@ async def list_jobs(services: Services, req: ApiRequest) -> Reply:
     index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
     prefix = req.query.get("prefix", "")
     stubs = []
-    for job in server.jobs():
+    for job in server.jobs(listed_namespace(req)):
         if not job["ID"].startswith(prefix) or not allows(req, job_namespace(job), LIST_JOBS):
             continue
         stubs.append({k: job.get(k) for k in (
@@ -102,22 +109,20 @@ async def register_job(services: Services, req: ApiRequest) -> Reply:
     path_id = req.params.get("job_id")
     if path_id is not None and path_id != job["ID"]:
         raise bad_request("Job ID does not match name")
-    if not job.get("Namespace"):  # as Nomad: a job names its namespace, or the request does
-        job = {**job, "Namespace": request_namespace(req.query)}
+    # Nomad's precedence: ?namespace=, the body's Namespace, the job's own, default.
+    namespace = (req.query.get("namespace") or body.get("Namespace") or job.get("Namespace")
+                 or DEFAULT_NAMESPACE)
     try:
-        job = canonicalize_job(job)
+        job = canonicalize_job({**job, "Namespace": namespace})
     except JobValidationError as err:
         raise bad_request(str(err)) from None
-    namespace = job_namespace(job)
-    if not NAMESPACE_NAME.fullmatch(namespace):
+    if not isinstance(namespace, str) or not NAMESPACE_NAME.fullmatch(namespace):
         raise bad_request("invalid namespace: a namespace name is 1 to 128 letters, digits "
                           "and dashes")
+    # The caller's right first: the namespace's existence is not told to just anyone.
     require(req, namespace, SUBMIT_JOB)
-    # Job IDs are unique across namespaces here: replacing one needs its namespace's right too.
-    existing = services.server.job(job["ID"])
-    if existing is not None:
-        require(req, job_namespace(existing), SUBMIT_JOB)
-    eval_id, index = await services.server.register_job(job)
+    with refusals():  # no such namespace, or it refuses a driver the job uses
+        eval_id, index = await services.server.register_job(job)
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
                   "Warnings": "", "Index": index, "LastContact": 0,
                   "KnownLeader": True, "NextToken": ""}, index)
@@ -143,16 +148,10 @@ async def parse(services: Services, req: ApiRequest) -> Any:
 async def get_job(services: Services, req: ApiRequest) -> Reply:
     server = services.server
     index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
-    job = found_or_404(server.job(req.params["job_id"]), "job not found")
+    job = found_or_404(server.job(req.params["job_id"], request_namespace(req.query)),
+                       "job not found")
     require(req, job_namespace(job), READ_JOB)
     return Reply(_job_view(server, job), index)
-
-
-def _readable_job(services: Services, req: ApiRequest) -> None:
-    """403 unless the caller may read the job the path names (when it exists)."""
-    job = services.server.job(req.params["job_id"])
-    if job is not None:
-        require(req, job_namespace(job), READ_JOB)
 
 
 async def delete_job(services: Services, req: ApiRequest) -> Reply:
@@ -161,26 +160,25 @@ async def delete_job(services: Services, req: ApiRequest) -> Reply:
     if purge:
         need = PURGE_JOB
         require_in_request(req, need)
-    job = services.server.job(req.params["job_id"])
-    if job is not None:
-        require(req, job_namespace(job), need)
-    eval_id, index = await services.server.deregister_job(req.params["job_id"], purge=purge)
+    namespace = request_namespace(req.query)
+    require(req, namespace, need)
+    eval_id, index = await services.server.deregister_job(req.params["job_id"], purge=purge,
+                                                          namespace=namespace)
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
                   "Index": index, "LastContact": 0, "KnownLeader": True,
                   "NextToken": ""}, index)
 
 
 async def job_allocations(services: Services, req: ApiRequest) -> Reply:
-    _readable_job(services, req)
     index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
-    allocs = services.server.job_allocs(req.params["job_id"])
+    allocs = services.server.job_allocs(req.params["job_id"], request_namespace(req.query))
     return Reply([alloc_stub(a) for a in allocs if allows(req, a.namespace, READ_JOB)], index)
 
 
 async def job_evaluations(services: Services, req: ApiRequest) -> Reply:
-    _readable_job(services, req)
     index = await block(services.server, req.query, (Resource.EVALUATIONS,))
-    evals = services.server.job_evaluations(req.params["job_id"])
+    evals = services.server.job_evaluations(req.params["job_id"],
+                                            request_namespace(req.query))
     return Reply([to_api(e) for e in evals if allows(req, e.namespace, READ_JOB)], index)
 
 
