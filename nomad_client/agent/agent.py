@@ -181,6 +181,8 @@ class Agent:
             log.exception("config reload: putting the previous Task API config back failed")
 
     async def stop(self) -> None:
+        if self.server is not None:  # event streams end cleanly, before their listeners
+            self.server.events.close()
         if self.client is not None:
             await self.client.shutdown(stop_tasks=self.config.dev_mode)
             self.client = None

@@ -19,8 +19,14 @@ from typing import Any
 
 import attrs
 
-from nomad_client.allocrunner.alloc_runner import AllocRunner, AllocRunnerConfig, RestoredTask
-from nomad_client.allocrunner.builtin_hooks import BUILTIN_ALLOC_HOOKS, BUILTIN_TASK_HOOKS
+from nomad_client.allocrunner.alloc_runner import (
+    AllocRunner,
+    AllocRunnerConfig,
+    RestoredTask,
+    UnknownAllocation,
+)
+from nomad_client.allocrunner.builtin_hooks import BUILTIN_TASK_HOOKS, builtin_alloc_hooks
+from nomad_client.allocrunner.checks import CheckResults
 from nomad_client.allocrunner.hooks import TaskSocketServer
 from nomad_client.client.allocdir import AllocDir, unmount_orphaned_tmpfs
 from nomad_client.client.drivers import builtin_drivers
@@ -29,6 +35,7 @@ from nomad_client.client.fingerprint import fingerprint_node
 from nomad_client.client.identities import IdentityManager
 from nomad_client.client.nodemeta import MetaLimitError, MetaLimits, check_meta_update
 from nomad_client.client.servers import ServerRPC
+from nomad_client.client.stats import HostStatsSampler, TaskUsageSampler
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import NodeView
 from nomad_client.state_db import StateDB
@@ -99,6 +106,10 @@ class Client:
         self._registered = False
         # Workload identities live in memory (and task secrets dirs), never in self.db.
         self.identities = IdentityManager(self._sign_identities)
+        # Results of the service checks this node runs (GET /v1/allocation/:id/checks).
+        self.checks = CheckResults()
+        self._task_usage = TaskUsageSampler(self._cpu_mhz)
+        self._host_usage = HostStatsSampler(self._cpu_mhz)
 
     # ---- startup -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,7 +136,8 @@ class Client:
     async def _build_node(self) -> Node:
         s = self.settings
         fp = await asyncio.to_thread(fingerprint_node, self.drivers, name=s.name,
-                                     datacenter=s.datacenter, region=s.region)
+                                     datacenter=s.datacenter, region=s.region,
+                                     bind_addr=s.http_addr.rsplit(":", 1)[0])
         drivers = {name: DriverInfo(detected=d["Detected"], healthy=d["Healthy"],
                                     health_description=d.get("HealthDescription", ""),
                                     attributes=dict(d.get("Attributes") or {}),
@@ -206,6 +218,33 @@ class Client:
     def healthy(self) -> tuple[bool, str]:
         return (True, "ok") if self._registered else (False, "no known servers")
 
+    # ---- allocation control and resource usage (the client's HTTP routes) ---------------
+    def _runner(self, alloc_id: str) -> AllocRunner:
+        runner = self.runners.get(alloc_id)
+        if runner is None:
+            raise UnknownAllocation(f"Unknown allocation {alloc_id!r}")
+        return runner
+
+    async def restart_alloc(self, alloc_id: str, task: str | None, all_tasks: bool) -> None:
+        await self._runner(alloc_id).restart(task, all_tasks=all_tasks)
+
+    async def signal_alloc(self, alloc_id: str, signal: str, task: str | None) -> None:
+        await self._runner(alloc_id).signal(signal, task)
+
+    async def alloc_stats(self, alloc_id: str, task: str | None) -> dict[str, Any]:
+        roots = self._runner(alloc_id).process_roots(task)
+        return await asyncio.to_thread(self._task_usage.alloc_usage, alloc_id, roots)
+
+    async def host_stats(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._host_usage.host_stats, self.settings.alloc_dir)
+
+    def _cpu_mhz(self) -> float:
+        attributes = self._node.attributes if self._node is not None else {}
+        try:
+            return float(attributes.get("cpu.frequency") or 0)
+        except ValueError:
+            return 0.0
+
     def alloc_dir_for(self, alloc_id: str) -> AllocDir | None:
         runner = self.runners.get(alloc_id)
         return runner.alloc_dir if runner is not None else None
@@ -215,7 +254,8 @@ class Client:
         return AllocRunnerConfig(
             alloc_dir_root=self.settings.alloc_dir,
             driver_state_root=self.settings.state_dir / "tasks",
-            drivers=self.drivers, node_view=self.node_view, alloc_hooks=BUILTIN_ALLOC_HOOKS,
+            drivers=self.drivers, node_view=self.node_view,
+            alloc_hooks=builtin_alloc_hooks(self, self.checks),
             task_hooks=BUILTIN_TASK_HOOKS, task_api=self.task_api,
             host_env=dict(os.environ), persist_task=self._persist_task,
             report=self._queue_report, identities=self.identities,
@@ -241,6 +281,20 @@ class Client:
         get or lose their Task API socket as the new config says (each with an event);
         tasks not running follow it on their next start."""
         await asyncio.gather(*(runner.config_reloaded() for runner in self.runners.values()))
+
+    # ---- service discovery (the service hook's ServiceCatalog, as this node) ---------
+    async def register_services(self, alloc_id: str,
+                                registrations: Sequence[Mapping[str, Any]]) -> None:
+        await self.rpc.service_registration_upsert(self.node_id, self._secret_id, alloc_id,
+                                                   registrations)
+
+    async def deregister_services(self, alloc_id: str, ids: Sequence[str]) -> None:
+        await self.rpc.service_registration_delete(self.node_id, self._secret_id, alloc_id,
+                                                   ids)
+
+    def alloc_checks(self, alloc_id: str) -> dict[str, Any] | None:
+        """The latest results of the allocation's service checks (None: it runs none)."""
+        return self.checks.for_alloc(alloc_id)
 
     async def _sign_identities(self, alloc_id: str, tasks: Sequence[str]) -> dict[str, str]:
         return await self.rpc.alloc_sign_identities(self.node_id, self._secret_id, alloc_id,
@@ -320,6 +374,7 @@ class Client:
     async def _gc(self, alloc_id: str) -> None:
         runner = self.runners.pop(alloc_id)
         await runner.destroy()
+        self._task_usage.forget(alloc_id)
         self.identities.forget_alloc(alloc_id)
         await self.db.delete(B_ALLOCS, alloc_id)
         await self.db.delete_prefix(B_TASKS, f"{alloc_id}/")

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import psutil
 
+from nomad_client.client.fingerprint import network_address
 from nomad_client.client.nodemeta import MetaLimits, meta_key_problem
 from nomad_client.client.taskapi_config import PEER_CREDENTIALS_MODES, TaskAPIConfig
 from nomad_client.goflags import GoArgumentParser, UsageError
@@ -356,23 +356,9 @@ def advertise_http_url(host: str, port: int) -> str:
     A wildcard bind (``0.0.0.0``, ``::``) names no address: the host's first private
     address of that family stands in (as Nomad's advertise default), else loopback.
     """
-    addr = ipaddress.ip_address(host)
-    if addr.is_unspecified:
-        addr = _private_address(addr.version)
+    addr = ipaddress.ip_address(network_address(host))
     shown = f"[{addr}]" if addr.version == 6 else str(addr)
     return f"http://{shown}:{port}"
-
-
-def _private_address(version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    for addresses in psutil.net_if_addrs().values():
-        for entry in addresses:
-            if entry.family != family:
-                continue
-            addr = ipaddress.ip_address(entry.address.split("%", 1)[0])
-            if addr.is_private and not (addr.is_loopback or addr.is_link_local):
-                return addr
-    return ipaddress.ip_address("127.0.0.1" if version == 4 else "::1")
 
 
 def _check_bind(value: Any, src: _Source, path: list[str]) -> str:

@@ -4,6 +4,9 @@ reports changes through the callbacks the client gave it.
 
 Its hooks come from its config (``alloc_hooks``, ``task_hooks``), run in that order; the
 built-in lists are in ``builtin_hooks``. To add a hook: write one class, add it there.
+
+Users act on its running tasks through ``restart`` and ``signal`` (Nomad's client
+allocation routes); each task runner carries out its own part.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from nomad_client.allocrunner.hooks import (
     WorkloadIdentities,
     log_failure,
 )
-from nomad_client.allocrunner.taskrunner.task_runner import TaskRunner
+from nomad_client.allocrunner.taskrunner.task_runner import ControlRefused, TaskRunner, signal_name
 from nomad_client.client.allocdir import AllocDir
 from nomad_client.client.drivers.base import Driver, TaskHandle
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig
@@ -40,6 +43,15 @@ from nomad_client.structs.jobs import tasks as job_tasks
 from nomad_client.structs.models import Allocation, AllocUpdate, TaskEvent, TaskState
 
 log = logging.getLogger(__name__)
+
+# Nomad's reasons for a user restart, by what was asked for.
+RESTART_TASK_REASON = "User requested task to restart"
+RESTART_RUNNING_REASON = "User requested running tasks to restart"
+RESTART_ALL_REASON = "User requested all tasks to restart"
+
+
+class UnknownAllocation(LookupError):
+    """The client runs no allocation of this ID."""
 
 
 @attrs.frozen
@@ -221,6 +233,62 @@ class AllocRunner:
         re-applies it to the running tasks (failures are logged, never fatal)."""
         for hook in self._reload_hooks:
             await _logged(self.log, hook.name, hook.config_reloaded())
+
+    # ---- user control ------------------------------------------------------------------
+    def process_roots(self, task: str | None = None) -> dict[str, tuple[int, float]]:
+        """(pid, create time) of the process each running task's handle names (only
+        ``task``'s when given: ``ControlRefused`` if the allocation has no such task)."""
+        runners = [self.task_runner(task)] if task else list(self.task_runners.values())
+        return {r.name: (r.handle.pid, r.handle.create_time) for r in runners
+                if r.handle is not None}
+
+    def task_runner(self, name: str) -> TaskRunner:
+        """The runner of task ``name``; ``ControlRefused`` when the allocation has none."""
+        runner = self.task_runners.get(name)
+        if runner is None:
+            raise ControlRefused(f"Could not find task runner for task: {name}")
+        return runner
+
+    async def restart(self, task: str | None = None, *, all_tasks: bool = False) -> None:
+        """Restart ``task`` in place, or (None) every running task; return once each has
+        exited for it. ``all_tasks`` says the caller asked for all of them (Nomad also
+        re-runs finished lifecycle tasks then; this agent has none, so it restarts the
+        running ones). ``ControlRefused`` when that cannot be done."""
+        if task and all_tasks:
+            raise ControlRefused("task name cannot be set when restarting all tasks")
+        if self.alloc.server_terminal() or self.done or self._kill_reason is not None:
+            raise ControlRefused("restart of an alloc that should not run")
+        if task:
+            await self.task_runner(task).restart(RESTART_TASK_REASON)
+            return
+        reason = RESTART_ALL_REASON if all_tasks else RESTART_RUNNING_REASON
+        # A task that stops meanwhile is just not restarted, as in Nomad.
+        await self._each_running(lambda runner: runner.restart(reason), ignore_refusals=True)
+
+    async def signal(self, signal: str, task: str | None = None) -> None:
+        """Send ``signal`` to ``task``, or (None) to every running task. ``ControlRefused``
+        for an unknown signal or task, or a task that does not run."""
+        name = signal_name(signal)
+        if task:
+            await self.task_runner(task).signal(name)
+            return
+        if not any(runner.running for runner in self.task_runners.values()):
+            raise ControlRefused("Task not running: no task of the allocation runs")
+        await self._each_running(lambda runner: runner.signal(name), ignore_refusals=False)
+
+    async def _each_running(self, action: Callable[[TaskRunner], Awaitable[None]], *,
+                            ignore_refusals: bool) -> None:
+        """``action`` on every running task at once; refusals are joined into one."""
+        runners = [r for r in self.task_runners.values() if r.running]
+        results = await asyncio.gather(*(action(r) for r in runners), return_exceptions=True)
+        refusals = []
+        for result in results:
+            if isinstance(result, ControlRefused):
+                refusals.append(str(result))
+            elif isinstance(result, BaseException):
+                raise result
+        if refusals and not ignore_refusals:
+            raise ControlRefused("; ".join(refusals))
 
     def kill(self, reason: str) -> None:
         self._kill_reason = reason

@@ -7,10 +7,11 @@ directory (closed by :meth:`ApiClient.close`).
 
 from __future__ import annotations
 
+import base64
 import errno
 import json as jsonlib
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -47,6 +48,11 @@ class ApiConnectionError(Exception):
 
     def __str__(self) -> str:
         return f'{self.method.capitalize()} "{self.url}": dial {self.target}: {self.reason}'
+
+
+class EventStreamClosed(Exception):
+    """The agent ended an event stream; ``str()`` is its reason (subscribe again from the
+    last index seen, unless the reason is about the token)."""
 
 
 @attrs.frozen
@@ -307,6 +313,52 @@ class ApiClient:
     async def allocation_get(self, alloc_id: str, namespace: str | None = None) -> Any:
         return await self.get(f"/v1/allocation/{_seg(alloc_id)}", {"namespace": namespace})
 
+    # -- Scaling, dispatch and periodic launches (a child job's ID holds "/": escaped) --
+
+    async def job_scale_status(self, job_id: str, namespace: str | None = None
+                               ) -> dict[str, Any]:
+        """Nomad's JobScaleStatus: each group's desired and placed counts and its events."""
+        return await self.get(f"/v1/job/{_seg(job_id)}/scale", {"namespace": namespace})
+
+    async def job_scale(self, job_id: str, group: str, count: int | None, *,
+                        message: str = "", error: bool = False,
+                        meta: Mapping[str, Any] | None = None, check_index: int = 0,
+                        namespace: str | None = None) -> dict[str, Any]:
+        """Scale ``group`` to ``count`` (None: only record a scaling event); with
+        ``check_index`` only if the job's modify index is still that."""
+        body: dict[str, Any] = {"Count": count, "Target": {"Group": group},
+                                "Message": message, "Error": error, "Meta": dict(meta or {}),
+                                "JobModifyIndex": check_index}
+        return await self.post(f"/v1/job/{_seg(job_id)}/scale", body, {"namespace": namespace})
+
+    async def job_dispatch(self, job_id: str, payload: bytes | None = None,
+                           meta: Mapping[str, str] | None = None, *,
+                           idempotency_token: str = "", id_prefix_template: str = "",
+                           namespace: str | None = None) -> dict[str, Any]:
+        """Dispatch the parameterized job: ``{"DispatchedJobID", "EvalID", ...}``."""
+        body = {"Payload": base64.b64encode(payload).decode() if payload else None,
+                "Meta": dict(meta or {}), "IdempotencyToken": idempotency_token,
+                "IdPrefixTemplate": id_prefix_template}
+        return await self.post(f"/v1/job/{_seg(job_id)}/dispatch", body,
+                               {"namespace": namespace})
+
+    async def job_periodic_force(self, job_id: str, namespace: str | None = None
+                                 ) -> dict[str, Any]:
+        """Launch a child of the periodic job now: ``{"EvalID", "EvalCreateIndex", ...}``."""
+        return await self.post(f"/v1/job/{_seg(job_id)}/periodic/force", None,
+                               {"namespace": namespace})
+
+    async def scaling_policies(self, job: str | None = None, policy_type: str | None = None,
+                               prefix: str | None = None, namespace: str | None = None
+                               ) -> list[dict[str, Any]]:
+        return await self.get("/v1/scaling/policies", {
+            "job": job, "type": policy_type, "prefix": prefix, "namespace": namespace}) or []
+
+    async def scaling_policy(self, policy_id: str, namespace: str | None = None
+                             ) -> dict[str, Any]:
+        return await self.get(f"/v1/scaling/policy/{_seg(policy_id)}",
+                              {"namespace": namespace})
+
     # -- Namespaces (Nomad's /v1/namespaces and /v1/namespace/:name) --
 
     async def namespaces(self, prefix: str | None = None) -> list[dict[str, Any]]:
@@ -354,6 +406,69 @@ class ApiClient:
             f"/v1/client/fs/logs/{_seg(alloc_id)}",
             {"task": task, "type": "stderr" if stderr else "stdout", "plain": "true"},
         )
+
+    # -- Allocation control and resource usage (``namespace``: the allocation's) --
+
+    async def alloc_stop(self, alloc_id: str, *, no_shutdown_delay: bool = False,
+                         namespace: str | None = None) -> dict[str, Any]:
+        """Stop an allocation (it is replaced); ``{"EvalID", "Index"}``."""
+        return await self.post(f"/v1/allocation/{_seg(alloc_id)}/stop", params={
+            "no_shutdown_delay": no_shutdown_delay or None, "namespace": namespace})
+
+    async def alloc_restart(self, alloc_id: str, task: str | None = None, *,
+                            all_tasks: bool = False, namespace: str | None = None) -> None:
+        """Restart ``task`` in place, or every running task; returns once they exited."""
+        body: dict[str, Any] = {"TaskName": task or "", "AllTasks": all_tasks}
+        await self.put(f"/v1/client/allocation/{_seg(alloc_id)}/restart", body,
+                       {"namespace": namespace})
+
+    async def alloc_signal(self, alloc_id: str, signal: str, task: str | None = None, *,
+                           namespace: str | None = None) -> None:
+        """Send ``signal`` to ``task``, or to every running task of the allocation."""
+        await self.put(f"/v1/client/allocation/{_seg(alloc_id)}/signal",
+                       {"Signal": signal, "Task": task or ""}, {"namespace": namespace})
+
+    async def alloc_stats(self, alloc_id: str, task: str | None = None, *,
+                          namespace: str | None = None) -> dict[str, Any]:
+        """Nomad's ``AllocResourceUsage`` (only ``task``'s when given)."""
+        return await self.get(f"/v1/client/allocation/{_seg(alloc_id)}/stats",
+                              {"task": task, "namespace": namespace})
+
+    async def client_stats(self, node_id: str | None = None) -> dict[str, Any]:
+        """Nomad's ``HostStats`` of the agent's node (``node_id`` must name it)."""
+        return await self.get("/v1/client/stats", {"node_id": node_id or None})
+
+    # -- Service discovery (``namespace``: the registrations'; "*" on lists: every one) --
+
+    async def services_list(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """``[{"Namespace", "Services": [{"ServiceName", "Tags"}]}]``."""
+        return await self.get("/v1/services", {"namespace": namespace}) or []
+
+    async def service_registrations(self, name: str, *, namespace: str | None = None,
+                                    tags: Sequence[str] = (), filter: str | None = None,
+                                    choose: str | None = None) -> list[dict[str, Any]]:
+        """The registrations of service ``name``; ``tags`` must all be among theirs,
+        ``choose`` is ``"<n>|<key>"``."""
+        return await self.get(f"/v1/service/{_seg(name)}", {
+            "namespace": namespace, "tag": list(tags) or None, "filter": filter,
+            "choose": choose}) or []
+
+    async def service_delete(self, name: str, service_id: str,
+                             namespace: str | None = None) -> int:
+        """Delete one registration; the write's index."""
+        return (await self._checked("DELETE", f"/v1/service/{_seg(name)}/{_seg(service_id)}",
+                                    params={"namespace": namespace})).index
+
+    async def alloc_services(self, alloc_id: str,
+                             namespace: str | None = None) -> list[dict[str, Any]]:
+        return await self.get(f"/v1/allocation/{_seg(alloc_id)}/services",
+                              {"namespace": namespace}) or []
+
+    async def alloc_checks(self, alloc_id: str, namespace: str | None = None
+                           ) -> dict[str, Any]:
+        """Check ID -> the latest result of the allocation's service checks."""
+        return await self.get(f"/v1/allocation/{_seg(alloc_id)}/checks",
+                              {"namespace": namespace}) or {}
 
     # -- ACL (bodies and answers in Nomad's shapes; writes use PUT, as Nomad's CLI does) --
 
@@ -492,3 +607,44 @@ class ApiClient:
                                     namespace: str | None = None) -> dict[str, Any]:
         return await self.put(self._var_route(path), {"Lock": {"ID": lock_id}},
                               {"lock-release": "", "namespace": namespace or None})
+
+    # -- event stream -------------------------------------------------------------------
+
+    async def event_stream(self, topics: Sequence[str] = (), *, index: int = 0,
+                           namespace: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Each batch of ``GET /v1/event/stream`` (``{"Index", "Events"}``) as it arrives,
+        heartbeats left out. ``topics``: ``"Topic"`` or ``"Topic:key"`` (none: every topic).
+
+        Raises ApiError when the subscription is refused, EventStreamClosed when the agent
+        ends the stream, and ApiConnectionError when the agent cannot be reached or stays
+        silent longer than the client's timeout (it sends a heartbeat every few seconds).
+        """
+        url = self._base + "/v1/event/stream"
+        params = {"index": index, "topic": list(topics) or None,
+                  "namespace": namespace or self.default_namespace}
+        headers = {"X-Nomad-Token": self.token} if self.token else {}
+        # No total: a stream lasts; a silent one is cut by the read timeout.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
+                                        sock_read=self.timeout)
+        try:
+            async with self._get_session().get(url, params=_encode_params(params),
+                                               headers=headers, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise ApiError(resp.status, (await resp.read()).decode("utf-8", "replace"))
+                pending = bytearray()
+                async for chunk in resp.content.iter_any():
+                    pending += chunk
+                    if b"\n" not in chunk:
+                        continue  # a long line arriving in pieces is split only once
+                    *lines, rest = pending.split(b"\n")
+                    pending = bytearray(rest)
+                    for line in lines:
+                        message = jsonlib.loads(line) if line.strip() else {}
+                        if "Error" in message:
+                            raise EventStreamClosed(message["Error"])
+                        if message:
+                            yield message
+        except TimeoutError as exc:
+            raise ApiConnectionError("GET", url, self._dial_target(), "i/o timeout") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiConnectionError("GET", url, self._dial_target(), _reason(exc)) from exc

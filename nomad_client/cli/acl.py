@@ -21,12 +21,12 @@ from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
     CommandError,
     CommandParser,
+    command_group,
     out,
     reporting,
     run_with_client,
 )
 from nomad_client.durations import DurationError, format_duration, parse_duration_ns
-from nomad_client.goflags import UsageError
 
 Command = Callable[[Sequence[str]], int]
 Document = Any  # a decoded API answer: a dict, or a list of them
@@ -560,31 +560,14 @@ role_delete_cmd = _delete_command(
 
 # ---- command groups ------------------------------------------------------------------------
 
-def _group(name: str, commands: Mapping[str, Command]) -> Command:
-    """A command that hands its arguments to one of ``commands`` by the first word."""
-    names = ", ".join(commands)
-    usage = f"Usage: nomad-client {name} <subcommand> [options]\n\nSubcommands: {names}\n"
-
-    def dispatch(argv: Sequence[str]) -> int:
-        if argv and argv[0] in ("-h", "-help", "--help"):
-            out(usage.rstrip("\n"))
-            return 0
-        if not argv or argv[0] not in commands:
-            problem = f"unknown subcommand {argv[0]!r}" if argv else "expected a subcommand"
-            raise UsageError(f"{name}: {problem} ({names})", usage)
-        return commands[argv[0]](argv[1:])
-
-    return dispatch
-
-
 COMMANDS: Mapping[str, Command] = {
     "bootstrap": bootstrap_cmd,
-    "policy": _group("acl policy", {"apply": policy_apply_cmd, "list": policy_list_cmd,
+    "policy": command_group("acl policy", {"apply": policy_apply_cmd, "list": policy_list_cmd,
                                     "info": policy_info_cmd, "delete": policy_delete_cmd}),
-    "token": _group("acl token", {"create": token_create_cmd, "list": token_list_cmd,
+    "token": command_group("acl token", {"create": token_create_cmd, "list": token_list_cmd,
                                   "info": token_info_cmd, "self": token_self_cmd,
                                   "update": token_update_cmd, "delete": token_delete_cmd}),
-    "role": _group("acl role", {"create": role_create_cmd, "list": role_list_cmd,
+    "role": command_group("acl role", {"create": role_create_cmd, "list": role_list_cmd,
                                 "info": role_info_cmd, "update": role_update_cmd,
                                 "delete": role_delete_cmd}),
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nomad_client.api import ApiClient
+from nomad_client.api import ApiClient, ApiConnectionError, ApiError
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
     CommandError,
@@ -19,6 +19,8 @@ from nomad_client.cli.common import (
     run_with_client,
     write_bytes,
 )
+from nomad_client.cli.monitor import monitor_evaluation
+from nomad_client.structs.network import join_host_port
 
 
 def _allocs_table(allocs: list[dict[str, Any]]) -> str:
@@ -56,17 +58,37 @@ def _events_table(events: list[dict[str, Any]]) -> str:
     return fmt.table(["Time", "Type", "Description"], rows)
 
 
+def _addresses(alloc: dict[str, Any]) -> str:
+    """Nomad's "Allocation Addresses" table of the ports the allocation was given ("" when it
+    has none): dynamic ports first, ``host:port -> to`` when mapped."""
+    networks = ((alloc.get("AllocatedResources") or {}).get("Shared") or {}).get("Networks")
+    if not networks:
+        return ""
+    network = networks[0]
+    rows = [[f"*{port.get('Label')}", dynamic,
+             join_host_port(network.get("IP") or "", port.get("Value") or 0)
+             + (f" -> {port['To']}" if (port.get("To") or 0) > 0 else "")]
+            for key, dynamic in (("DynamicPorts", "yes"), ("ReservedPorts", "no"))
+            for port in network.get(key) or ()]
+    if not rows:
+        return ""
+    return (f'Allocation Addresses (mode = "{network.get("Mode") or "host"}"):\n'
+            + fmt.table(["Label", "Dynamic", "Address"], rows))
+
+
 def status_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("alloc status", "alloc status [options] <alloc>",
                       "Show an allocation and the state of its tasks.",
                       namespaced=True, wildcard_ok=True)
     p.add_positionals("alloc", 1, 1)
     p.add_bool_flag("verbose", help="show full IDs and exact times")
+    p.add_bool_flag("stats", help="show each running task's CPU and memory use")
     ns = p.parse(argv)
 
     async def body(client: ApiClient) -> int:
         alloc = await _get_alloc(client, ns.alloc[0])
         v = ns.verbose
+        usage = await _usage(client, alloc) if ns.stats else {}
 
         def when(ns_time: Any) -> str:
             return fmt.format_unix_nanos(ns_time) if v else fmt.pretty_time_diff(ns_time)
@@ -86,10 +108,15 @@ def status_cmd(argv: Sequence[str]) -> int:
             ("Created", when(alloc.get("CreateTime"))),
             ("Modified", when(alloc.get("ModifyTime"))),
         ]))
+        addresses = _addresses(alloc)
+        if addresses:
+            out(f"\n{addresses}")
         states = alloc.get("TaskStates") or {}
         for task in sorted(states):
             state = states[task] or {}
             out(f'\nTask "{task}" is "{state.get("State", "pending")}"')
+            if task in usage:
+                out(_task_resources(_task_def(alloc, task), usage[task]))
             events = state.get("Events") or []
             out("Recent Events:")
             out(_events_table(events) if events else "No events")
@@ -155,4 +182,117 @@ def fs_cmd(argv: Sequence[str]) -> int:
     return run_with_client(ns, body)
 
 
-COMMANDS = {"status": status_cmd, "logs": logs_cmd, "fs": fs_cmd}
+# ---- resource usage, stop, restart, signal ---------------------------------------------
+def _task_def(alloc: dict[str, Any], name: str) -> dict[str, Any]:
+    """Task ``name`` of the allocation's group, from its job ({} when not there)."""
+    for group in (alloc.get("Job") or {}).get("TaskGroups") or []:
+        if group.get("Name") == alloc.get("TaskGroup"):
+            for task in group.get("Tasks") or []:
+                if task.get("Name") == name:
+                    return dict(task)
+    return {}
+
+
+async def _usage(client: ApiClient, alloc: dict[str, Any]) -> dict[str, Any]:
+    """Each running task's resource usage; a warning (and none) when it cannot be read, as
+    Nomad's CLI goes on without it."""
+    try:
+        stats = await client.alloc_stats(alloc["ID"], namespace=alloc.get("Namespace"))
+    except (ApiError, ApiConnectionError) as err:
+        out(f"\nCouldn't retrieve stats: {err}")
+        return {}
+    return dict(stats.get("Tasks") or {})
+
+
+def _task_resources(task: dict[str, Any], usage: dict[str, Any]) -> str:
+    """Nomad's "Task Resources" table: CPU and memory in use of what the task asked for."""
+    resources = task.get("Resources") or {}
+    used = usage.get("ResourceUsage") or {}
+    ticks = int((used.get("CpuStats") or {}).get("TotalTicks") or 0)
+    rss = int((used.get("MemoryStats") or {}).get("RSS") or 0)
+    return "Task Resources:\n" + fmt.table(["CPU", "Memory"], [[
+        f"{ticks}/{resources.get('CPU') or 0} MHz",
+        f"{fmt.ibytes(rss)}/{resources.get('MemoryMB') or 0} MiB"]])
+
+
+def _chosen_task(alloc: dict[str, Any], flag: str | None, positional: Sequence[str]
+                 ) -> str | None:
+    """The task a command names (``-task`` wins over the positional one), checked against
+    the allocation's tasks; None when it names none."""
+    task = flag or (positional[0] if positional else None)
+    tasks = _task_names(alloc)
+    if task and tasks and task not in tasks:
+        raise CommandError(f"Could not find task named: {task}, found:\n"
+                           + "\n".join(f"  * {t}" for t in tasks))
+    return task
+
+
+def stop_cmd(argv: Sequence[str]) -> int:
+    p = CommandParser("alloc stop", "alloc stop [options] <alloc>",
+                      "Stop an allocation; its job's scheduler places a replacement.",
+                      namespaced=True, wildcard_ok=True)
+    p.add_positionals("alloc", 1, 1)
+    p.add_bool_flag("detach", help="print the evaluation ID instead of monitoring it")
+    p.add_bool_flag("no-shutdown-delay", help="ignore the group's shutdown delay")
+    p.add_bool_flag("verbose", help="show full IDs")
+    ns = p.parse(argv)
+
+    async def body(client: ApiClient) -> int:
+        alloc = await _get_alloc(client, ns.alloc[0])
+        with reporting("Error stopping allocation"):
+            reply = await client.alloc_stop(alloc["ID"], no_shutdown_delay=ns.no_shutdown_delay,
+                                            namespace=alloc.get("Namespace"))
+        eval_id = str(reply.get("EvalID") or "")
+        if ns.detach or not eval_id:
+            out(eval_id)
+            return 0
+        return await monitor_evaluation(client, eval_id, verbose=ns.verbose)
+
+    return run_with_client(ns, body)
+
+
+def restart_cmd(argv: Sequence[str]) -> int:
+    p = CommandParser("alloc restart", "alloc restart [options] <alloc> [<task>]",
+                      "Restart a task of an allocation (default: every running task) in "
+                      "place.", namespaced=True, wildcard_ok=True)
+    p.add_positionals("args", 1, 2)
+    p.add_flag("task", metavar="TASK", help="the task to restart")
+    p.add_bool_flag("all-tasks", help="restart every task of the allocation")
+    ns = p.parse(argv)
+    if ns.all_tasks and (ns.task or len(ns.args) == 2):
+        raise CommandError("The -all-tasks option is not allowed when restarting a specific "
+                           "task.")
+
+    async def body(client: ApiClient) -> int:
+        alloc = await _get_alloc(client, ns.args[0])
+        task = _chosen_task(alloc, ns.task, ns.args[1:])
+        with reporting(f"Failed to restart {'task' if task else 'allocation'}"):
+            await client.alloc_restart(alloc["ID"], task, all_tasks=ns.all_tasks,
+                                       namespace=alloc.get("Namespace"))
+        return 0  # like Nomad: silence on success
+
+    return run_with_client(ns, body)
+
+
+def signal_cmd(argv: Sequence[str]) -> int:
+    p = CommandParser("alloc signal", "alloc signal [options] <alloc> [<task>]",
+                      "Send a signal to a task of an allocation (default: every running "
+                      "task).", namespaced=True, wildcard_ok=True)
+    p.add_positionals("args", 1, 2)
+    p.add_flag("s", metavar="SIGNAL", default="SIGKILL", help="the signal (default SIGKILL)")
+    p.add_flag("task", metavar="TASK", help="the task to signal")
+    ns = p.parse(argv)
+
+    async def body(client: ApiClient) -> int:
+        alloc = await _get_alloc(client, ns.args[0])
+        task = _chosen_task(alloc, ns.task, ns.args[1:])
+        with reporting("Error signalling allocation"):
+            await client.alloc_signal(alloc["ID"], ns.s, task,
+                                      namespace=alloc.get("Namespace"))
+        return 0
+
+    return run_with_client(ns, body)
+
+
+COMMANDS = {"status": status_cmd, "logs": logs_cmd, "fs": fs_cmd, "stop": stop_cmd,
+            "restart": restart_cmd, "signal": signal_cmd}

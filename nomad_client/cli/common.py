@@ -14,14 +14,15 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from nomad_client.api import ApiClient, ApiConnectionError, ApiError
-from nomad_client.goflags import GoArgumentParser
+from nomad_client.goflags import GoArgumentParser, UsageError
 
 ALL_NAMESPACES = "*"
+Command = Callable[[Sequence[str]], int]
 WILDCARD_REFUSED = 'The wildcard namespace ("*") is not valid for this command.'
 
 
@@ -75,6 +76,24 @@ class CommandParser(GoArgumentParser):
                 raise CommandError(WILDCARD_REFUSED)
             ns.client_namespace = ns.namespace
         return ns
+
+
+def command_group(name: str, commands: Mapping[str, Command]) -> Command:
+    """A command that hands its arguments to one of ``commands`` by the first word
+    (``acl policy apply``, ``scaling policy list``)."""
+    names = ", ".join(commands)
+    usage = f"Usage: nomad-client {name} <subcommand> [options]\n\nSubcommands: {names}\n"
+
+    def dispatch(argv: Sequence[str]) -> int:
+        if argv and argv[0] in ("-h", "-help", "--help"):
+            out(usage.rstrip("\n"))
+            return 0
+        if not argv or argv[0] not in commands:
+            problem = f"unknown subcommand {argv[0]!r}" if argv else "expected a subcommand"
+            raise UsageError(f"{name}: {problem} ({names})", usage)
+        return commands[argv[0]](argv[1:])
+
+    return dispatch
 
 
 def make_client(ns: argparse.Namespace) -> ApiClient:

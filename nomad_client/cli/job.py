@@ -8,7 +8,8 @@ through the agent API. Jobs are addressed in the namespace of ``-namespace`` (or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +80,24 @@ def run_cmd(argv: Sequence[str]) -> int:
         warnings = (resp or {}).get("Warnings")
         if warnings:
             out(f"Job Warnings:\n{warnings}\n")
-        eval_id = (resp or {}).get("EvalID") or ""
-        if ns.detach or not eval_id:
-            out("Job registration successful")
-            if eval_id:
-                out(f"Evaluation ID: {eval_id}")
-            return 0
-        return await monitor_evaluation(client, eval_id, verbose=ns.verbose,
-                                        time_limit=MONITOR_TIMEOUT)
+        return await report_or_monitor(client, resp, ns, "Job registration successful")
 
     return run_with_client(ns, body)
+
+
+async def report_or_monitor(client: ApiClient, resp: Any, ns: argparse.Namespace,
+                            success: str) -> int:
+    """After a write that may have made an evaluation (``resp``'s ``EvalID``): with
+    ``-detach``, or when there is none, print ``success`` and the evaluation's ID; else
+    monitor it (``-verbose``: full IDs)."""
+    eval_id = (resp or {}).get("EvalID") or ""
+    if ns.detach or not eval_id:
+        out(success)
+        if eval_id:
+            out(f"Evaluation ID: {eval_id}")
+        return 0
+    return await monitor_evaluation(client, eval_id, verbose=ns.verbose,
+                                    time_limit=MONITOR_TIMEOUT)
 
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
@@ -103,12 +112,17 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     )
 
 
-async def _resolve_job(client: ApiClient, ident: str) -> str:
+async def resolve_job(client: ApiClient, ident: str, kind: str = "job",
+                      keep: Callable[[dict[str, Any]], bool] | None = None) -> str:
     """The full ID of the one job whose ID is or starts with ``ident``, in the client's
-    namespace. With ``*`` it is looked for in every namespace, and the client's later
-    requests go to the namespace it was found in."""
-    stub = await resolve_item(client.jobs_list(prefix=ident), ident, "job", "jobs",
-                              _jobs_table)
+    namespace (of those ``keep`` keeps; ``kind`` names them in errors). With ``*`` it is
+    looked for in every namespace, and the client's later requests go to the namespace it
+    was found in."""
+    async def listed() -> list[dict[str, Any]]:
+        jobs = await client.jobs_list(prefix=ident) or []
+        return [job for job in jobs if keep is None or keep(job)]
+
+    stub = await resolve_item(listed(), ident, kind, "jobs", _jobs_table)
     if client.default_namespace == ALL_NAMESPACES:
         client.default_namespace = stub.get("Namespace") or None
     return str(stub["ID"])
@@ -180,7 +194,7 @@ def status_cmd(argv: Sequence[str]) -> int:
             out(_jobs_table(jobs) if jobs else "No running jobs")
             return 0
         with reporting("Error querying job"):
-            job_id = await _resolve_job(client, ns.job[0])
+            job_id = await resolve_job(client, ns.job[0])
         await _show_job(client, job_id, ns.verbose)
         return 0
 
@@ -199,7 +213,7 @@ def stop_cmd(argv: Sequence[str]) -> int:
 
     async def body(client: ApiClient) -> int:
         with reporting("Error deregistering job"):
-            job_id = await _resolve_job(client, ns.job[0])
+            job_id = await resolve_job(client, ns.job[0])
             resp = await client.job_deregister(job_id, purge=ns.purge)
         eval_id = (resp or {}).get("EvalID") or ""
         if ns.detach or not eval_id:

@@ -1,8 +1,9 @@
 """Entry point of the ``nomad-client`` command line: dispatches to command groups and
 turns every failure into a message on stderr and an exit code (never a traceback).
 
-Command groups live in their own modules (job, alloc, node, acl, var, operator, namespace);
-``agent`` is handed to the agent runner untouched.
+Command groups live in their own modules (job, alloc, node, acl, var, operator, namespace,
+service, scaling; ``job scale`` is in scaling, ``job dispatch`` and ``job periodic`` in
+dispatch); ``agent`` is handed to the agent runner untouched.
 """
 
 from __future__ import annotations
@@ -11,20 +12,33 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from nomad_client.cli import acl, alloc, job, namespace, node, operator, var
+from nomad_client.cli import (
+    acl,
+    alloc,
+    dispatch,
+    job,
+    namespace,
+    node,
+    operator,
+    scaling,
+    service,
+    var,
+)
 from nomad_client.cli.common import CommandError
 from nomad_client.goflags import HelpRequested, UsageError
 
 Command = Callable[[Sequence[str]], int]
 
 GROUPS: Mapping[str, Mapping[str, Command]] = {
-    "job": job.COMMANDS,
+    "job": {**job.COMMANDS, **scaling.JOB_COMMANDS, **dispatch.JOB_COMMANDS},
     "alloc": alloc.COMMANDS,
     "node": node.COMMANDS,
     "acl": acl.COMMANDS,
     "var": var.COMMANDS,
     "operator": operator.COMMANDS,
     "namespace": namespace.COMMANDS,
+    "service": service.COMMANDS,
+    "scaling": scaling.COMMANDS,
 }
 
 USAGE = """\
@@ -35,9 +49,15 @@ Commands:
     job run        Parse, submit and monitor a job
     job status     List jobs or show one job
     job stop       Stop (and optionally purge) a job
+    job scale      Change the count of a job's task group
+    job dispatch   Dispatch a parameterized job (payload from a file or stdin, -meta)
+    job periodic force  Launch a periodic job's child now
     alloc status   Show an allocation
     alloc logs     Print a task's stdout or stderr
     alloc fs       List or print files of an allocation
+    alloc stop     Stop an allocation (it is replaced)
+    alloc restart  Restart an allocation's tasks in place
+    alloc signal   Send a signal to an allocation's tasks
     node status    List nodes or show one node
     node meta      Read or apply dynamic node metadata
     acl bootstrap  Bootstrap the ACL system and print the management token
@@ -56,10 +76,16 @@ Commands:
     namespace list    List namespaces
     namespace status  Show a namespace
     namespace delete  Delete a namespace
+    service list      List services registered with provider "nomad"
+    service info      Show a service's registrations (-tag, -filter, -verbose)
+    service delete    Delete one registration of a service
+    scaling policy list   List scaling policies (-job, -type)
+    scaling policy info   Show a scaling policy
 
 Global flags for API commands: -address=<addr> (or $NOMAD_ADDR), -token=<token> (or
-$NOMAD_TOKEN); for job, alloc and var commands also -namespace=<ns> (or $NOMAD_NAMESPACE;
-"*" lists every namespace you may see). Flags take one dash (-detach) or two (--detach).
+$NOMAD_TOKEN); for job, alloc, var and service commands also -namespace=<ns> (or
+$NOMAD_NAMESPACE; "*" lists every namespace you may see). Flags take one dash (-detach) or
+two (--detach).
 """
 
 

@@ -1,4 +1,5 @@
-"""``node`` commands: status (list or one node) and dynamic metadata (meta read / apply).
+"""``node`` commands: status (list or one node, with ``-stats`` its host's resource usage)
+and dynamic metadata (meta read / apply).
 
 Everything goes through the agent API.
 """
@@ -9,7 +10,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nomad_client.api import ApiClient
+from nomad_client.api import ApiClient, ApiConnectionError, ApiError
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import (
     CommandError,
@@ -62,13 +63,62 @@ def _show_node(node: Mapping[str, Any], verbose: bool) -> None:
     out(fmt.kv(sorted(meta.items())) if meta else fmt.EMPTY)
 
 
+def _percent(value: Any) -> str:
+    return f"{float(value or 0):.2f}%"
+
+
+def _host_utilization(node: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
+    """Nomad's "Host Resource Utilization": CPU, memory and alloc dir disk in use."""
+    attributes = node.get("Attributes") or {}
+    memory = stats.get("Memory") or {}
+    disk = stats.get("AllocDirStats") or {}
+    row = [f"{int(stats.get('CPUTicksConsumed') or 0)}/"
+           f"{attributes.get('cpu.totalcompute') or 0} MHz",
+           f"{fmt.ibytes(memory.get('Used'))}/{fmt.ibytes(memory.get('Total'))}",
+           f"{fmt.ibytes(disk.get('Used'))}/{fmt.ibytes(disk.get('Size'))}"]
+    return "Host Resource Utilization\n" + fmt.table(["CPU", "Memory", "Disk"], [row])
+
+
+def _host_details(stats: Mapping[str, Any]) -> str:
+    """The per-core, memory and per-disk figures behind the utilization."""
+    cpus = fmt.table(["CPU", "User", "System", "Idle", "Total"], [
+        [c.get("CPU"), _percent(c.get("User")), _percent(c.get("System")),
+         _percent(c.get("Idle")), _percent(c.get("TotalPercent"))]
+        for c in stats.get("CPU") or []])
+    memory = stats.get("Memory") or {}
+    memory_table = fmt.table(["Total", "Available", "Used", "Free"], [
+        [fmt.ibytes(memory.get(k)) for k in ("Total", "Available", "Used", "Free")]])
+    disks = fmt.table(["Device", "Mountpoint", "Size", "Used", "Available", "Used %",
+                       "Inodes %"], [
+        [d.get("Device"), d.get("Mountpoint"), fmt.ibytes(d.get("Size")),
+         fmt.ibytes(d.get("Used")), fmt.ibytes(d.get("Available")),
+         _percent(d.get("UsedPercent")), _percent(d.get("InodesUsedPercent"))]
+        for d in stats.get("DiskStats") or []])
+    return (f"Detailed CPU Stats\n{cpus}\n\nMemory Stats\n{memory_table}\n\n"
+            f"Disk Stats\n{disks}")
+
+
+async def _show_host_stats(client: ApiClient, node: Mapping[str, Any]) -> None:
+    """The node's host stats; a warning when they cannot be read (the agent answers only
+    for its own node), as Nomad's CLI goes on without them."""
+    try:
+        stats = await client.client_stats(str(node.get("ID") or ""))
+    except (ApiError, ApiConnectionError) as err:
+        out(f"\nCouldn't retrieve host stats: {err}")
+        return
+    out(f"\n{_host_utilization(node, stats)}\n\n{_host_details(stats)}")
+
+
 def status_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("node status", "node status [options] [node]",
                       "List client nodes, or show one node.")
     p.add_positionals("node", 0, 1)
     p.add_flag("filter", metavar="EXPR", help="filter expression applied to the node list")
     p.add_bool_flag("verbose", help="show full IDs")
+    p.add_bool_flag("stats", help="with a node: show its host's resource usage")
     ns = p.parse(argv)
+    if ns.stats and not ns.node:
+        raise CommandError("The -stats option needs a node: node status -stats <node>")
 
     async def body(client: ApiClient) -> int:
         if not ns.node:
@@ -81,6 +131,8 @@ def status_cmd(argv: Sequence[str]) -> int:
                                            "node", "nodes", _nodes_table)
             node = await client.node_get(node_id)
         _show_node(node, ns.verbose)
+        if ns.stats:
+            await _show_host_stats(client, node)
         return 0
 
     return run_with_client(ns, body)

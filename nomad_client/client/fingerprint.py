@@ -7,6 +7,7 @@ start (in a thread).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import platform
 import socket
@@ -19,8 +20,9 @@ import psutil
 
 from nomad_client.client.drivers.base import Driver
 from nomad_client.structs.models import DriverInfo
+from nomad_client.structs.network import NODE_ADDRESS_ATTRIBUTE
 
-__all__ = ["NOMAD_VERSION", "fingerprint_node", "rfc3339_nano"]
+__all__ = ["NOMAD_VERSION", "fingerprint_node", "network_address", "rfc3339_nano"]
 
 NOMAD_VERSION = "0.1.0"
 # When the host will not tell its CPU speed (common in containers), assume this per core.
@@ -79,6 +81,27 @@ def _cpu_mhz() -> int:
     return int(best) if best > 0 else DEFAULT_CPU_MHZ
 
 
+def network_address(bind_host: str) -> str:
+    """The address this host is reached at when the agent is bound to ``bind_host``: that
+    address itself, or for a wildcard (``0.0.0.0``, ``::``) the host's first private address
+    of that family (as Nomad's advertise default), else loopback."""
+    try:
+        addr = ipaddress.ip_address(bind_host)
+    except ValueError:  # a name, not an address (the agent's own bind is always one)
+        return "127.0.0.1"
+    if not addr.is_unspecified:
+        return str(addr)
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family != family:
+                continue
+            candidate = ipaddress.ip_address(entry.address.split("%", 1)[0])
+            if candidate.is_private and not (candidate.is_loopback or candidate.is_link_local):
+                return str(candidate)
+    return "127.0.0.1" if addr.version == 4 else "::1"
+
+
 def _driver_entry(driver: Driver, now: str) -> dict[str, Any]:
     try:
         info = driver.fingerprint()
@@ -100,12 +123,15 @@ def fingerprint_node(
     datacenter: str,
     region: str,
     storage_dir: str | os.PathLike[str] | None = None,
+    bind_addr: str | None = None,
 ) -> dict[str, Any]:
     """Describe this host as a partial Node object.
 
     Returns ``{"Name", "Datacenter", "Attributes", "Drivers", "NodeResources"}``; every
     attribute value is a string. ``storage_dir`` is where allocations live (the
-    ``unique.storage.*`` attributes describe its filesystem); default ``/``.
+    ``unique.storage.*`` attributes describe its filesystem); default ``/``. ``bind_addr``
+    is the address the agent is bound to: its ``network_address`` is where allocations'
+    ports are reached (``unique.network.ip-address``; loopback when not given).
     """
     now = rfc3339_nano(datetime.now(UTC))
     cores = psutil.cpu_count(logical=True) or os.cpu_count() or 1
@@ -137,6 +163,7 @@ def fingerprint_node(
         "cpu.totalcompute": str(total_compute),
         "memory.totalbytes": str(memory),
         "unique.hostname": socket.gethostname(),
+        NODE_ADDRESS_ATTRIBUTE: network_address(bind_addr or "127.0.0.1"),
         "nomad.version": NOMAD_VERSION,
         "nomad.region": region,
         **storage,

@@ -6,7 +6,7 @@ msgpack-able values (the embedded server's ``InProcessTransport`` today, a netwo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from nomad_client.structs.codec import from_rpc, to_rpc
@@ -57,6 +57,22 @@ class ServerRPC:
     async def node_update_alloc(self, updates: Sequence[AllocUpdate]) -> int:
         reply = await self._transport.call("Node.UpdateAlloc",
                                            {"Alloc": [to_rpc(u) for u in updates]})
+        return int(reply["Index"])
+
+    async def service_registration_upsert(self, node_id: str, secret_id: str, alloc_id: str,
+                                          services: Sequence[Mapping[str, Any]]) -> int:
+        """Register (or update) services of one of this node's live allocations."""
+        reply = await self._transport.call("ServiceRegistration.Upsert", {
+            "NodeID": node_id, "SecretID": secret_id, "AllocID": alloc_id,
+            "Services": [dict(s) for s in services]})
+        return int(reply["Index"])
+
+    async def service_registration_delete(self, node_id: str, secret_id: str, alloc_id: str,
+                                          ids: Sequence[str] | None) -> int:
+        """Remove registrations this node made for ``alloc_id`` (None: all of them)."""
+        reply = await self._transport.call("ServiceRegistration.DeleteByID", {
+            "NodeID": node_id, "SecretID": secret_id, "AllocID": alloc_id,
+            "IDs": None if ids is None else list(ids)})
         return int(reply["Index"])
 
     async def namespace_task_api_mode(self, namespace: str) -> str | None:

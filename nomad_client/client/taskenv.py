@@ -7,11 +7,12 @@ agent's own environment is passed in as ``host_env``, never read here).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
+from nomad_client.structs.network import AllocatedPort, allocated_ports, join_host_port
 from nomad_client.structs.node_properties import (
     ATTR_PREFIX,
     META_PREFIX,
@@ -27,6 +28,7 @@ __all__ = [
     "clean_env_key",
     "interpolate",
     "interpolate_config",
+    "port_env",
 ]
 
 # Agent-side credentials and licences that must never reach a task through the host env.
@@ -81,6 +83,7 @@ class TaskEnvInput:
     ``alloc_dir``, ``task_dir`` and ``secrets_dir`` are the paths as the task sees them:
     the shared ``alloc`` dir, the task's ``local`` dir and its ``secrets`` dir.
     ``extra_env`` is what task hooks add (``NOMAD_TOKEN``, ``NOMAD_UNIX_ADDR``, ...).
+    ``allocated_resources`` is the allocation's (the ports its group network was given).
     """
 
     alloc_id: str
@@ -103,6 +106,9 @@ class TaskEnvInput:
     cpu_mhz: int
     memory_mb: int
     extra_env: Mapping[str, str] = attrs.field(factory=dict)
+    allocated_resources: Mapping[str, Any] = attrs.field(factory=dict)
+    # A dispatched or periodic child's parent job ("" for any other job).
+    parent_job_id: str = ""
 
 
 def clean_env_key(key: str) -> str:
@@ -167,6 +173,23 @@ def interpolate_config(config: Any, env: Mapping[str, str], node: NodeView) -> A
     return config
 
 
+def port_env(ports: Sequence[AllocatedPort]) -> dict[str, str]:
+    """Nomad's variables for the ports of the group network (``client/taskenv``): the task
+    port (``to`` if set, else the host port) as ``NOMAD_PORT_``/``NOMAD_ALLOC_PORT_``; the
+    host's address and port as the others (``NOMAD_ADDR_`` too, even when ``to`` is set)."""
+    env: dict[str, str] = {}
+    for port in ports:
+        host_addr = join_host_port(port.host_ip, port.value)
+        env[f"NOMAD_IP_{port.label}"] = port.host_ip
+        env[f"NOMAD_HOST_IP_{port.label}"] = port.host_ip
+        env[f"NOMAD_PORT_{port.label}"] = str(port.task_port)
+        env[f"NOMAD_ALLOC_PORT_{port.label}"] = str(port.task_port)
+        env[f"NOMAD_HOST_PORT_{port.label}"] = str(port.value)
+        env[f"NOMAD_ADDR_{port.label}"] = host_addr
+        env[f"NOMAD_HOST_ADDR_{port.label}"] = host_addr
+    return env
+
+
 def _merged_meta(inp: TaskEnvInput) -> dict[str, str]:
     merged: dict[str, str] = {}
     for layer in (inp.job_meta, inp.group_meta, inp.task_meta):
@@ -180,7 +203,8 @@ def build_task_env(
     """The environment a task starts with.
 
     Built in this order, later steps overriding earlier ones: directory vars, resource
-    limits, alloc/job/group/task identity, ``extra_env`` from hooks, ``NOMAD_META_*``
+    limits, alloc/job/group/task identity, the group network's ports (``port_env``),
+    ``extra_env`` from hooks, ``NOMAD_META_*``
     (key and value interpolated), then the host env only for keys still unset (minus
     ``HOST_ENV_DENYLIST``), then the task's own ``env`` block (keys and values
     interpolated; it may override any ``NOMAD_`` variable). Finally keys with a label
@@ -209,12 +233,14 @@ def build_task_env(
         put("NOMAD_ALLOC_INDEX", str(inp.alloc_index))
     put("NOMAD_JOB_ID", inp.job_id)
     put("NOMAD_JOB_NAME", inp.job_name)
+    put("NOMAD_JOB_PARENT_ID", inp.parent_job_id)
     put("NOMAD_GROUP_NAME", inp.group)
     put("NOMAD_TASK_NAME", inp.task)
     put("NOMAD_NAMESPACE", inp.namespace)
     put("NOMAD_REGION", inp.region)
     put("NOMAD_DC", inp.datacenter)
 
+    env.update(port_env(allocated_ports(inp.allocated_resources)))
     env.update(inp.extra_env)
 
     for key, value in _merged_meta(inp).items():

@@ -32,7 +32,7 @@ from nomad_client.acl.capabilities import NAMESPACE_CAPABILITIES, OPERATOR_CAPAB
 from nomad_client.http.context import ACLS_DISABLED, UNRESOLVED, Identity, ListenerContext
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
 from nomad_client.server.acl_resolver import workload_key
-from nomad_client.server.keyring import IdentityClaims, IdentityError
+from nomad_client.server.keyring import LEEWAY_SECONDS, IdentityClaims, IdentityError
 from nomad_client.server.server import Server
 from nomad_client.structs.models import ACLToken
 from nomad_client.structs.namespaces import DEFAULT_NAMESPACE
@@ -138,6 +138,35 @@ def socket_binding_refusal(identity: Identity, ctx: ListenerContext) -> str | No
 async def resolve(server: Server, identity: Identity) -> Identity:
     """``identity`` with its compiled ACL (for one ``authenticate`` left unresolved)."""
     return identity._replace(acl=await server.resolve_acl(identity.token, identity.claims))
+
+
+# ---- long-lived requests ---------------------------------------------------------------
+TOKEN_EXPIRED = HTTPError(403, "ACL token expired")
+
+
+def credential_expiry(identity: Identity) -> float | None:
+    """When the caller's credential stops being accepted (unix seconds); None: not by time."""
+    if identity.token is not None and identity.token.expiration_time is not None:
+        return identity.token.expiration_time / 1e9
+    if identity.claims is not None and identity.claims.expires_at is not None:
+        return float(identity.claims.expires_at + LEEWAY_SECONDS)
+    return None
+
+
+async def reauthenticate(server: Server, identity: Identity, headers: Mapping[str, str],
+                         ctx: ListenerContext) -> Identity:
+    """The caller of a request that outlives a moment (an event stream) checked again, as
+    a new request would be, with its ACL as it is now (policy changes included). 403
+    ``ACL token expired`` once ``identity``'s credential has expired; 403 once its token
+    is deleted or its workload's allocation has stopped."""
+    try:
+        fresh = authenticate(server, headers, ctx)
+    except HTTPError:
+        expiry = credential_expiry(identity)
+        if expiry is not None and time.time() >= expiry:
+            raise TOKEN_EXPIRED from None
+        raise
+    return await resolve(server, fresh) if fresh.acl is UNRESOLVED else fresh
 
 
 # ---- authorization ---------------------------------------------------------------------
@@ -261,3 +290,19 @@ def allows_variable(req: ApiRequest, server: Server, namespace: str, path: str, 
     if claims is not None and op in _CLAIMED_VARIABLE_OPS:
         claim = _workload_claim(server, claims)
     return acl.allow_variable_op(namespace, path, op, claim)
+
+
+# ---- service registrations -------------------------------------------------------------
+_READ_SERVICES = Need.namespace("read-job")
+
+
+def allows_service_read(req: ApiRequest, server: Server, namespace: str) -> bool:
+    """Whether the caller may read the service registrations of ``namespace``: with
+    ``read-job`` there, or as a workload of that namespace, which needs no policy for it
+    (Nomad's implicit grant lets every workload discover services; here, those of its own
+    namespace only)."""
+    if allows(req, namespace, _READ_SERVICES):
+        return True
+    claims = req.identity.claims
+    claim = None if claims is None else _workload_claim(server, claims)
+    return claim is not None and claim.namespace == namespace

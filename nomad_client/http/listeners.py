@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -134,7 +135,7 @@ class _Protocol(web.RequestHandler):
     """aiohttp's request handler with our admission control and quiet protocol errors; one
     per connection (``request.protocol``)."""
 
-    __slots__ = ("_listener", "_peer", "peer_cred", "peer_is_task")
+    __slots__ = ("_listener", "_lost_callbacks", "_peer", "peer_cred", "peer_is_task")
 
     def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -144,6 +145,8 @@ class _Protocol(web.RequestHandler):
         self.peer_cred: PeerCred | None = None
         # The Task API's verdict on that peer, decided on the first request that asks.
         self.peer_is_task: bool | None = None
+        # Told when the connection is lost (``on_lost``); None until someone asks.
+        self._lost_callbacks: list[Callable[[], None]] | None = None
 
     @property
     def listener(self) -> Listener:
@@ -165,6 +168,26 @@ class _Protocol(web.RequestHandler):
         self._listener.release(self._peer)
         self._peer = None
         super().connection_lost(exc)
+        callbacks, self._lost_callbacks = self._lost_callbacks or [], None
+        for callback in callbacks:
+            callback()
+
+    def on_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` once the connection is lost (at once if it is): for a response
+        that waits on something other than its client (the event stream), which aiohttp
+        does not cancel when the client goes. Returns what forgets the callback."""
+        if self.transport is None:
+            callback()
+            return lambda: None
+        if self._lost_callbacks is None:
+            self._lost_callbacks = []
+        callbacks = self._lost_callbacks
+        callbacks.append(callback)
+
+        def forget() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+        return forget
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from multidict import MultiMapping
 
 from nomad_client.durations import parse_duration
 from nomad_client.goflags import parse_go_bool
 from nomad_client.http.errors import HTTPError
-from nomad_client.server.bexpr import Filter, FilterSyntaxError, compile_filter
+from nomad_client.server.bexpr import Filter, FilterError, FilterSyntaxError, compile_filter
 from nomad_client.server.server import Resource, Server
 from nomad_client.server.state import MAX_BLOCKING_WAIT
 
@@ -65,3 +66,12 @@ def query_filter(query: MultiMapping[str]) -> Filter | None:
         return compile_filter(expression)
     except FilterSyntaxError as err:
         raise HTTPError(400, f"failed to read filter expression: {err}") from None
+
+
+def filtered(items: list[dict[str, Any]], item_filter: Filter) -> list[dict[str, Any]]:
+    """The items ``item_filter`` matches; 400 when it cannot be evaluated on one. CPU work
+    on caller input: call it off the event loop."""
+    try:
+        return [item for item in items if item_filter.matches(item)]
+    except FilterError as err:
+        raise HTTPError(400, f"failed to read result page: {err}") from None

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import unquote
 
 import attrs
 from aiohttp import web
@@ -112,8 +113,12 @@ class Router:
             self._static.setdefault(path, []).append(route)
 
     def route_key(self, path: str) -> str:
-        """The one spelling of ``path`` as ``match`` routes it: a registered path as it is,
-        any other without the leading and trailing slashes ``match`` ignores."""
+        """The one spelling of ``path`` (as ``_route_path`` gives it) that ``match`` routes
+        and endpoint rules see: percent-decoded, a registered path as it is, any other
+        without the leading and trailing slashes ``match`` ignores. Every spelling routed
+        alike has the same key (one with ``%2F`` in a segment decodes to a ``/`` there)."""
+        if "%" in path:
+            path = unquote(path)
         return path if path in self._static else "/" + path.strip("/")
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
@@ -167,9 +172,19 @@ _NO_PARAMS: dict[str, str] = {}
 
 
 def _route_path(request: web.BaseRequest) -> str:
-    # The raw target is cheaper than the decoded URL path; decode only when needed.
+    """The path as the router routes it: the raw target without its query, split at its
+    slashes and each segment percent-decoded on its own, so an ID holding a ``/`` (a child
+    job's, sent as ``%2F``) stays one segment. A ``/`` or ``%`` decoded inside a segment is
+    kept escaped (``%2F``, ``%25``); ``match`` unescapes what it captures."""
     path = request.raw_path.partition("?")[0]
-    return request.path if "%" in path else path
+    if "%" not in path:  # the common case: nothing to decode
+        return path
+    return "/".join(unquote(segment).replace("%", "%25").replace("/", "%2F")
+                    for segment in path.split("/"))
+
+
+def _param(segment: str) -> str:
+    return unquote(segment) if "%" in segment else segment
 
 
 def _match_segments(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
@@ -179,14 +194,14 @@ def _match_segments(pattern: tuple[str, ...], parts: list[str]) -> dict[str, str
             rest = "/".join(parts[i:])
             if not rest:
                 return None
-            params[seg[1:-2]] = rest
+            params[seg[1:-2]] = _param(rest)
             return params
         if i >= len(parts):
             return None
         if seg.startswith("{"):
             if not parts[i]:
                 return None
-            params[seg[1:-1]] = parts[i]
+            params[seg[1:-1]] = _param(parts[i])
         elif seg != parts[i]:
             return None
     return params if len(parts) == len(pattern) else None

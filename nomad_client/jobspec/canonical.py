@@ -17,6 +17,9 @@ from typing import Any
 
 from nomad_client.durations import HOUR, MINUTE, SECOND
 from nomad_client.jobspec.errors import JobValidationError, short_repr
+from nomad_client.jobspec.launch_blocks import fill_launch_blocks, launch_block_problems
+from nomad_client.jobspec.network import fill_networks, network_problems
+from nomad_client.jobspec.services import fill_services, service_problems
 
 JOB_TYPES = ("service", "batch", "system", "sysbatch")
 RESTART_MODES = ("fail", "delay")
@@ -197,6 +200,8 @@ def _fill_job(job: dict[str, Any]) -> None:
     for group in job["TaskGroups"] if isinstance(job["TaskGroups"], list) else []:
         if isinstance(group, dict):
             _fill_group(group, job["Type"], family)
+    fill_launch_blocks(job)
+    fill_services(job)
 
 
 def _fill_group(group: dict[str, Any], job_type: str, family: str) -> None:
@@ -212,6 +217,8 @@ def _fill_group(group: dict[str, Any], job_type: str, family: str) -> None:
         group["ReschedulePolicy"] = _merge(
             _RESCHEDULE_DEFAULTS[family], group.get("ReschedulePolicy")
         )
+    _default(group, "Networks", [])
+    fill_networks(group["Networks"])
     _default(group, "Tasks", [])
     for task in group["Tasks"] if isinstance(group["Tasks"], list) else []:
         if isinstance(task, dict):
@@ -321,6 +328,7 @@ class _JobChecker:
             self.add("", "Datacenters must be a list of non-empty strings")
         self._string_map("", "Meta", job["Meta"])
         self._constraints("", job["Constraints"])
+        self.problems.extend(launch_block_problems(job))
         groups = job["TaskGroups"]
         if not isinstance(groups, list):
             self.add("", "TaskGroups must be a list")
@@ -329,6 +337,7 @@ class _JobChecker:
             self.add("", "job has no task groups")
         for where, group in self._members("group", "group", groups):
             self._group(where, group)
+        self.problems.extend(service_problems(job))
         return self.problems
 
     def _members(
@@ -369,6 +378,8 @@ class _JobChecker:
         self._constraints(where, group["Constraints"])
         self._restart(where, group["RestartPolicy"])
         self._reschedule(where, group["ReschedulePolicy"])
+        for problem in network_problems(group["Networks"]):
+            self.add(f"{where} network", problem)
         tasks = group["Tasks"]
         if not isinstance(tasks, list):
             self.add(where, "Tasks must be a list")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nomad_client.durations import DurationError, parse_duration_ns
+from nomad_client.jobspec import network, services
 from nomad_client.jobspec.errors import JobspecError, short_repr, type_name
 from nomad_client.jobspec.evaluate import Evaluator
 from nomad_client.jobspec.syntax import Block, Body
@@ -30,16 +31,12 @@ UNSUPPORTED_BLOCKS = frozenset(
         "csi_plugin",
         "device",
         "disconnect",
-        "dispatch_payload",
         "ephemeral_disk",
         "lifecycle",
         "logs",
         "migrate",
         "multiregion",
         "network",
-        "parameterized",
-        "periodic",
-        "scaling",
         "schedule",
         "secret",
         "service",
@@ -266,6 +263,8 @@ def decode_job(block: Block, filename: str, evaluator: Evaluator) -> dict[str, A
         "Constraints": _constraints(r),
         "TaskGroups": [_group(dec, g, r) for g in _labelled(r, "group")] or None,
     }
+    job.update(_present(Periodic=_optional_block(r, "periodic", _periodic),
+                        ParameterizedJob=_optional_block(r, "parameterized", _parameterized)))
     r.finish()
     return job
 
@@ -372,8 +371,74 @@ def _group(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
         "ReschedulePolicy": _optional_block(r, "reschedule", _reschedule_policy),
         "Tasks": [_task(dec, t, r) for t in _labelled(r, "task")] or None,
     }
+    group.update(_present(Networks=_networks(r)))
+    group.update(_present(Scaling=_optional_block(r, "scaling", _scaling)))
+    group.update(_present(Services=_services(r)))
     r.finish()
     return group
+
+
+# ---- group network ----------------------------------------------------------------------
+
+
+def _check(dec: _Decoder, problem: str | None, line: int | None, path: str) -> None:
+    """Report a broken ``jobspec.network`` rule at the line it was written on."""
+    if problem is not None:
+        raise dec.error(line, path, problem)
+
+
+def _networks(r: _Reader) -> list[dict[str, Any]] | None:
+    """``network { mode = "host"  port "http" { static = 8080  to = 80 } }``: Nomad's
+    ``Networks`` (a port with ``static`` is reserved, one without is dynamic)."""
+    block = r.one_block("network")
+    if block is None:
+        return None
+    rr = _Reader(r.dec, block.body, f"{r.path}.network")
+    mode = rr.get("mode", r.dec.to_str)
+    if mode is not None:
+        _check(r.dec, network.mode_problem(mode), rr.line_of("mode"), f"{rr.path}.mode")
+    reserved: list[dict[str, Any]] = []
+    dynamic: list[dict[str, Any]] = []
+    label_lines: dict[str, int | None] = {}
+    static_labels: dict[int, str] = {}
+    for port_block in _labelled(rr, "port"):
+        label = port_block.labels[0]
+        path = f"{rr.path}.port[{label}]"
+        _check(r.dec, network.label_problem(label), port_block.line, path)
+        if label in label_lines:
+            _check(r.dec, f"{network.duplicate_label(label)} (first at line "
+                          f"{label_lines[label]})", port_block.line, path)
+        label_lines[label] = port_block.line
+        port = _port(r.dec, port_block, path, static_labels)
+        (reserved if port["Value"] else dynamic).append(port)
+    rr.finish()
+    return [{"Mode": mode, "ReservedPorts": reserved or None, "DynamicPorts": dynamic or None}]
+
+
+def _port(dec: _Decoder, block: Block, path: str, static_labels: dict[int, str]
+          ) -> dict[str, Any]:
+    """One ``port "label" { static, to, host_network }``; ``static_labels`` (static port ->
+    label) collects the group's static ports, so none is reserved twice."""
+    label = block.labels[0]
+    r = _Reader(dec, block.body, path)
+    static = r.get("static", dec.to_int)
+    to = r.get("to", dec.to_int)
+    host_network = r.get("host_network", dec.to_str)
+    r.finish()
+    if static is not None:
+        where, line = f"{path}.static", r.line_of("static")
+        _check(dec, network.static_problem(label, static), line, where)
+        if static in static_labels:
+            _check(dec, network.duplicate_static(static, static_labels[static]), line, where)
+        static_labels[static] = label
+    if to is not None:
+        _check(dec, network.to_problem(label, to), r.line_of("to"), f"{path}.to")
+    port: dict[str, Any] = {"Label": label, "Value": static or 0, "To": to or 0}
+    if host_network is not None:
+        _check(dec, network.host_network_problem(label, host_network),
+               r.line_of("host_network"), f"{path}.host_network")
+        port["HostNetwork"] = host_network
+    return port
 
 
 def _task(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
@@ -396,6 +461,9 @@ def _task(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
         "Identities": identities,
         "TaskAPI": _task_api(r),
     }
+    task.update(_present(
+        DispatchPayload=_optional_block(r, "dispatch_payload", _dispatch_payload)))
+    task.update(_present(Services=_services(r)))
     r.finish()
     return task
 
@@ -486,15 +554,132 @@ def _config(r: _Reader) -> dict[str, Any] | None:
     return _free_body(r.dec, block.body, f"{r.path}.config")
 
 
-def _free_body(dec: _Decoder, body: Body, path: str) -> dict[str, Any]:
-    """A driver config body: any attributes; nested blocks become lists of objects."""
+def _free_body(dec: _Decoder, body: Body, path: str, *, labelled: bool = False
+               ) -> dict[str, Any]:
+    """A driver config body: any attributes; nested blocks become lists of objects. With
+    ``labelled`` (an autoscaler policy) a block may have one label and becomes an object
+    keyed by it, as Nomad's parser gives it: ``check "cpu" {...}`` -> ``{"cpu": [{...}]}``."""
     out: dict[str, Any] = {a.name: dec.evaluator.value(a.expr) for a in body.attributes}
     attribute_names = set(out)
     for block in body.blocks:
         sub = f"{path}.{block.type}"
-        if block.labels:
-            raise dec.error(block.line, sub, "labelled blocks are not supported inside config")
+        if len(block.labels) > (1 if labelled else 0):
+            raise dec.error(block.line, sub, "labelled blocks are not supported inside config"
+                            if not labelled else "a policy block takes at most one label")
         if block.type in attribute_names:
             raise dec.error(block.line, sub, f"{block.type!r} is set both as block and attribute")
-        out.setdefault(block.type, []).append(_free_body(dec, block.body, sub))
+        inner = _free_body(dec, block.body, sub, labelled=labelled)
+        out.setdefault(block.type, []).append({block.labels[0]: [inner]} if block.labels
+                                              else inner)
     return out
+
+
+# ---- periodic, parameterized, scaling, dispatch_payload ---------------------------------
+# Only present in the decoded job when their block is written: a job without them keeps the
+# keys it always had.
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _periodic(r: _Reader) -> dict[str, Any]:
+    """``periodic { cron | crons, prohibit_overlap, time_zone, enabled }``."""
+    return {
+        "Spec": r.get("cron", r.dec.to_str),
+        "Specs": r.get("crons", r.dec.to_str_list),
+        "ProhibitOverlap": r.get("prohibit_overlap", r.dec.to_bool),
+        "TimeZone": r.get("time_zone", r.dec.to_str),
+        "Enabled": r.get("enabled", r.dec.to_bool),
+    }
+
+
+def _parameterized(r: _Reader) -> dict[str, Any]:
+    """``parameterized { payload, meta_required, meta_optional }``."""
+    return {
+        "Payload": r.get("payload", r.dec.to_str),
+        "MetaRequired": r.get("meta_required", r.dec.to_str_list),
+        "MetaOptional": r.get("meta_optional", r.dec.to_str_list),
+    }
+
+
+def _scaling(r: _Reader) -> dict[str, Any]:
+    """Group ``scaling { enabled, min, max, policy { ... } }``; the policy is opaque (for an
+    autoscaler), read like a driver config."""
+    policy = r.one_block("policy")
+    return {
+        "Enabled": r.get("enabled", r.dec.to_bool),
+        "Min": r.get("min", r.dec.to_int),
+        "Max": r.get("max", r.dec.to_int),
+        "Policy": None if policy is None else _free_body(r.dec, policy.body,
+                                                          f"{r.path}.policy", labelled=True),
+    }
+
+
+def _dispatch_payload(r: _Reader) -> dict[str, Any]:
+    """Task ``dispatch_payload { file }``: where in ``local/`` a dispatched payload goes."""
+    return {"File": r.get("file", r.dec.to_str)}
+
+
+# ---- service discovery ------------------------------------------------------------------
+# Only present in the decoded job when written, as the blocks above. The rules live in
+# ``jobspec.services``; here each value is checked where it was written, for its line.
+
+
+def _services(r: _Reader) -> list[dict[str, Any]] | None:
+    """The ``service`` blocks of a group or task: Nomad's ``Services``."""
+    found = []
+    for block in r.blocks("service"):
+        r.check_labels(block, 0)
+        found.append(_service(r.dec, block, f"{r.path}.service"))
+    return found or None
+
+
+def _checked(r: _Reader, name: str, conv: Converter,
+             problem: Callable[[Any], str | None]) -> Any:
+    """The attribute ``name`` (None when not set), refused at its line if it has a
+    ``problem``."""
+    value = r.get(name, conv)
+    if value is not None:
+        _check(r.dec, problem(value), r.line_of(name), f"{r.path}.{name}")
+    return value
+
+
+def _service(dec: _Decoder, block: Block, path: str) -> dict[str, Any]:
+    r = _Reader(dec, block.body, path)
+    provider = r.get("provider", dec.to_str)
+    # Without one it is Nomad's default, consul: refused at the block.
+    _check(dec, services.provider_problem(provider), r.line_of("provider") or block.line,
+           path if provider is None else f"{path}.provider")
+    checks = r.blocks("check")
+    for check in checks:
+        r.check_labels(check, 0)
+    service = {
+        "Name": r.get("name", dec.to_str),
+        "PortLabel": r.get("port", dec.to_str),
+        "Tags": r.get("tags", dec.to_str_list),
+        "AddressMode": _checked(r, "address_mode", dec.to_str, services.address_mode_problem),
+        "Meta": r.string_map("meta"),
+        "Provider": provider,
+        "Checks": [_service_check(dec, c, f"{path}.check") for c in checks] or None,
+    }
+    r.finish()
+    return service
+
+
+def _service_check(dec: _Decoder, block: Block, path: str) -> dict[str, Any]:
+    r = _Reader(dec, block.body, path)
+    check = {
+        "Name": r.get("name", dec.to_str),
+        "Type": _checked(r, "type", dec.to_str, services.check_type_problem),
+        "Path": _checked(r, "path", dec.to_str, services.path_problem),
+        "Method": _checked(r, "method", dec.to_str, services.method_problem),
+        "Interval": _checked(r, "interval", dec.to_duration, services.interval_problem),
+        "Timeout": _checked(r, "timeout", dec.to_duration, services.timeout_problem),
+        "PortLabel": r.get("port", dec.to_str),
+    }
+    r.finish()
+    if check["Type"] is None:
+        raise dec.error(block.line, f"{path}.type",
+                        'missing attribute: write type = "http" or type = "tcp"')
+    return check

@@ -57,6 +57,20 @@ async def _namespace_task_api_mode(server: Server, args: dict[str, Any]) -> Any:
             "Index": server.index_of(Resource.NAMESPACES)}
 
 
+async def _service_registration_upsert(server: Server, args: dict[str, Any]) -> Any:
+    # The caller is a client node (NodeID + its SecretID), registering for its allocation.
+    index = await server.upsert_services(args["NodeID"], args["SecretID"], args["AllocID"],
+                                         args["Services"])
+    return {"Index": index}
+
+
+async def _service_registration_delete(server: Server, args: dict[str, Any]) -> Any:
+    # IDs None: every registration the node made for the allocation.
+    index = await server.deregister_services(args["NodeID"], args["SecretID"],
+                                             args["AllocID"], args.get("IDs"))
+    return {"Index": index}
+
+
 HANDLERS: dict[str, Handler] = {
     "Node.Register": _node_register,
     "Node.UpdateStatus": _node_update_status,
@@ -65,6 +79,8 @@ HANDLERS: dict[str, Handler] = {
     "Alloc.SignIdentities": _alloc_sign_identities,
     "Node.UpdateAlloc": _node_update_alloc,
     "Namespace.TaskAPIMode": _namespace_task_api_mode,
+    "ServiceRegistration.Upsert": _service_registration_upsert,
+    "ServiceRegistration.DeleteByID": _service_registration_delete,
 }
 
 

@@ -4,21 +4,26 @@ Pure functions over the records the server hands in; the server applies the resu
 is feasible for a group when it is ready and eligible, in one of the job's datacenters and
 its node pool, has every driver the group's tasks use (detected and healthy), and meets the
 job's, group's and tasks' constraints. Placement spreads by picking the node with the fewest
-live allocations. Live allocations the job no longer asks for (its group is gone, or the
-group's count shrank below their index) are stopped. The caller hands in only the job's
-own allocations (those of its namespace and ID); new ones carry its namespace.
+live allocations among those that can also give the group's network ports (``ports``); a node
+that cannot is exhausted, and the reason is recorded as Nomad's exhausted dimension. Live
+allocations the job no longer asks for (its group is gone, or the group's count shrank below
+their index) are stopped. The caller hands in the job's own allocations (those of its
+namespace and ID) and, for the ports they hold, every allocation; new ones carry the job's
+namespace.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from nomad_client.server.constraints import check_constraints
+from nomad_client.server.ports import PortBook, PortsExhausted
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.jobs import is_batch, iter_groups
 from nomad_client.structs.models import (
@@ -30,6 +35,11 @@ from nomad_client.structs.models import (
     Node,
 )
 from nomad_client.structs.namespaces import job_namespace
+from nomad_client.structs.network import NetworkAsk, group_networks
+
+# Dynamic ports are picked at random so that allocations placed after a restart of the server
+# do not all reach for the same ports; tests hand plan_job a seeded one.
+_PORT_RANDOM = random.Random()
 
 
 @attrs.frozen
@@ -71,7 +81,10 @@ def _stop(alloc: Allocation) -> Allocation:
 
 
 def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
-             existing: Sequence[Allocation]) -> PlacementPlan:
+             existing: Sequence[Allocation], every_alloc: Iterable[Allocation] = (),
+             rng: random.Random | None = None) -> PlacementPlan:
+    """``existing``: the job's allocations; ``every_alloc``: all allocations (for the host
+    ports they hold; ``existing`` is always counted); ``rng`` picks dynamic ports."""
     live = [a for a in existing if a.desired_status == DESIRED_RUN and not a.client_terminal()]
     if job.get("Stop"):
         return PlacementPlan((), tuple(_stop(a) for a in live), {}, {})
@@ -87,6 +100,7 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
         if alloc.id not in stopped:
             load[alloc.node_id] = load.get(alloc.node_id, 0) + 1
     node_views = {n.id: to_api(n) for n in nodes}
+    ports = PortBook({a.id: a for a in (*every_alloc, *existing)}.values(), rng or _PORT_RANDOM)
 
     new: list[Allocation] = []
     failed: dict[str, AllocMetric] = {}
@@ -108,21 +122,41 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
                 feasible.append(node)
             else:
                 filtered[reason] = filtered.get(reason, 0) + 1
-        if not feasible:
-            failed[name] = AllocMetric(
-                nodes_evaluated=len(nodes), nodes_filtered=len(nodes) - len(feasible),
-                constraint_filtered=filtered,
-                nodes_available=_count_by_dc(nodes))
-            queued[name] = len(missing)
-            continue
-        for index in missing:
-            node = min(feasible, key=lambda n: (load[n.id], n.id))
+        networks = group_networks(group)
+        for placed, index in enumerate(missing):
+            fit = _first_fit(sorted(feasible, key=lambda n: (load[n.id], n.id)), ports,
+                             networks)
+            if not isinstance(fit, tuple):
+                # Nothing frees up within one pass: the group's other missing allocations
+                # fail alike.
+                failed[name] = AllocMetric(
+                    nodes_evaluated=len(nodes), nodes_filtered=len(nodes) - len(feasible),
+                    constraint_filtered=filtered, nodes_available=_count_by_dc(nodes),
+                    nodes_exhausted=len(feasible), dimension_exhausted=fit,
+                    coalesced_failures=len(missing) - placed - 1)
+                queued[name] = len(missing) - placed
+                break
+            node, resources = fit
             load[node.id] += 1
             new.append(Allocation(
                 id=str(uuid.uuid4()), namespace=job_namespace(job),
                 eval_id=eval_id, name=f"{job['ID']}.{name}[{index}]", node_id=node.id,
-                node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name))
+                node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name,
+                allocated_resources=resources))
     return PlacementPlan(tuple(new), tuple(_stop(a) for a in surplus), failed, queued)
+
+
+def _first_fit(candidates: Sequence[Node], ports: PortBook, networks: Sequence[NetworkAsk]
+               ) -> tuple[Node, dict[str, Any]] | dict[str, int]:
+    """The first of ``candidates`` that can give the group's ports, with them (now held);
+    else how many nodes each dimension exhausted."""
+    exhausted: dict[str, int] = {}
+    for node in candidates:
+        resources = ports.assign(node, networks)
+        if not isinstance(resources, PortsExhausted):
+            return node, resources
+        exhausted[resources.dimension] = exhausted.get(resources.dimension, 0) + 1
+    return exhausted
 
 
 def _count_by_dc(nodes: Sequence[Node]) -> dict[str, int]:

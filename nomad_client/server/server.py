@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,18 @@ import attrs
 from nomad_client.acl import ACL, DENY_ALL, MANAGEMENT
 from nomad_client.server.acl_resolver import ACLResolver, workload_key
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
+from nomad_client.server.alloc_control import ALLOC_STOP_TRIGGER, stopped_by_user
+from nomad_client.server.dispatch import Dispatcher
+from nomad_client.server.events import EventBroker
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.namespaces import Namespaces, admit_job
+from nomad_client.server.parent_jobs import JobKindChange, is_parent, kind_change, parent_status
+from nomad_client.server.periodic import PeriodicLauncher
+from nomad_client.server.ports import holds_ports
+from nomad_client.server.scaling import JobScaler, with_scaling_policies
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.sealing import Sealer
+from nomad_client.server.services import ServiceRegistry
 from nomad_client.server.state import (
     ACL_POLICIES,
     ACL_ROLES,
@@ -39,6 +47,9 @@ from nomad_client.server.state import (
     DELETE,
     JOBS,
     NAMESPACES,
+    PERIODIC_LAUNCHES,
+    SCALING_EVENTS,
+    SERVICES,
     VARIABLES,
     RowUpdate,
     StateStore,
@@ -82,17 +93,20 @@ class Resource(enum.StrEnum):
     ACL_ROLES = ACL_ROLES
     VARIABLES = VARIABLES
     NAMESPACES = NAMESPACES
+    SERVICES = SERVICES
+    SCALING_EVENTS = SCALING_EVENTS
 
 
 class Server:
     def __init__(self, store: StateStore, keyring: Keyring, *, region: str,
                  acl_enabled: bool, data_dir: Path | None = None,
-                 sealer: Sealing | None = None, clock: Callable[[], float] = time.time
-                 ) -> None:
+                 sealer: Sealing | None = None, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """``data_dir`` is the server's own data directory (where an operator may put the
         ACL bootstrap reset file); None for a server that keeps no files. ``sealer`` seals
         variables' items (default: the store's; a store kept only in memory gets a key of
-        its own that dies with it). ``clock`` (unix seconds) times variable locks."""
+        its own that dies with it). ``clock`` (unix seconds) times variable locks and, with
+        ``sleep``, periodic launches."""
         self.store = store
         self.keyring = keyring
         self.region = region
@@ -105,10 +119,27 @@ class Server:
         self.variables = Variables(store, sealer or store.sealer or _ephemeral_sealer(),
                                    clock=clock)
         self._namespaces = Namespaces(store, self.job_status, region=region)
+        # Service registrations; those of allocations that stop or go are removed.
+        self.services = ServiceRegistry(store)
+        # Every committed change becomes events here (GET /v1/event/stream).
+        self.events = EventBroker()
+        store.observe(self.events.publish)
+        # Scaling, dispatch and periodic launches (``server.scaling``, ``dispatch``,
+        # ``periodic``). The launcher's task starts now if the store holds a periodic job,
+        # else with the first one registered; ``close`` stops it.
+        self.scaling = JobScaler(store, self._evaluate)
+        self.dispatcher = Dispatcher(store, self.register_job, self.job_status, clock=clock)
+        self.periodic = PeriodicLauncher(store, self.register_job, self.job_status,
+                                         clock=clock, sleep=sleep)
+        self.periodic.start_if_needed()
 
     async def close(self) -> None:
-        """Stop the server's background work (the variable lock reaper)."""
+        """Stop the server's background work (the variable lock reaper) and end every event
+        stream."""
+        self.events.close()
+        await self.periodic.close()
         await self.variables.close()
+        await self.services.close()
 
     # ---- reads (what the HTTP API serves; listings are in ID order) ----------------------
     def job(self, job_id: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
@@ -184,9 +215,12 @@ class Server:
         return await self._namespaces.delete(name)
 
     # ---- jobs --------------------------------------------------------------------------
-    async def register_job(self, job: Mapping[str, Any]) -> tuple[str, int]:
+    async def register_job(self, job: Mapping[str, Any], *,
+                           triggered_by: str = "job-register") -> tuple[str, int]:
         """Register ``job`` in its ``Namespace`` (``NamespaceError`` when that namespace does
-        not exist or refuses one of its task drivers)."""
+        not exist or refuses one of its task drivers; ``JobKindChange`` when it would make a
+        job periodic or parameterized, or stop it being so). A parent job (periodic or
+        parameterized) is not evaluated: its eval ID is ""."""
         submitted = {**job, "Namespace": job_namespace(job), "Stop": False,
                      "SubmitTime": time.time_ns(), "Status": "pending"}
         namespace, job_id = submitted["Namespace"], submitted["ID"]
@@ -194,10 +228,15 @@ class Server:
         def next_version(previous: dict[str, Any] | None, index: int) -> dict[str, Any]:
             # Under the write lock: a namespace deleted or changed meanwhile is seen.
             admit_job(self._namespaces.get(namespace), submitted)
-            return {**submitted, "Version": (previous["Version"] + 1) if previous else 0}
+            if (change := kind_change(previous, submitted)) is not None:
+                raise JobKindChange(change)
+            return with_scaling_policies(
+                previous, {**submitted, "Version": (previous["Version"] + 1) if previous else 0},
+                index)
 
         await self.store.write(updates={JOBS: [(job_key(namespace, job_id), next_version)]})
-        return await self._evaluate(job_id, "job-register", namespace)
+        self.periodic.notify(submitted)
+        return await self._evaluate(job_id, triggered_by, namespace)
 
     async def deregister_job(self, job_id: str, *, purge: bool,
                              namespace: str = DEFAULT_NAMESPACE) -> tuple[str, int]:
@@ -209,6 +248,7 @@ class Server:
             return None if current is None else {**current, "Stop": True}
 
         await self.store.write(updates={JOBS: [(key, stop)]})
+        self.periodic.notify(self.store.get(JOBS, key) or {})
         eval_id, index = await self._evaluate(job_id, "job-deregister", namespace)
         if purge:
             # Allocations already finished go now; running ones once their client reports
@@ -219,12 +259,25 @@ class Server:
                 return DELETE if current is not None and current.client_terminal() else None
 
             index = await self.store.write(
-                deletes={JOBS: [key]},
+                deletes={JOBS: [key], SCALING_EVENTS: [key], PERIODIC_LAUNCHES: [key]},
                 updates={"allocs": [(a.id, collect)
                                     for a in self.job_allocs(job_id, namespace)]})
         return eval_id, index
 
+    async def stop_allocation(self, alloc_id: str, *, no_shutdown_delay: bool = False,
+                              reschedule: bool = False) -> tuple[str, int]:
+        """A user's stop of one allocation (``server.alloc_control``): it is stopped and its
+        job evaluated, which replaces it. NotFound for an unknown allocation."""
+        alloc = self.allocation(alloc_id)
+        if alloc is None:
+            raise NotFound("allocation not found")
+        await self.store.write(updates={"allocs": [(alloc_id, stopped_by_user(
+            no_shutdown_delay=no_shutdown_delay, reschedule=reschedule))]})
+        return await self._evaluate(alloc.job_id, ALLOC_STOP_TRIGGER, alloc.namespace)
+
     def job_status(self, job: Mapping[str, Any]) -> str:
+        if is_parent(job):
+            return parent_status(job)
         allocs = self.job_allocs(job["ID"], job_namespace(job))
         if any(not a.client_terminal() and a.desired_status == DESIRED_RUN for a in allocs):
             return "running" if any(a.client_status == "running" for a in allocs) else "pending"
@@ -242,13 +295,14 @@ class Server:
                         namespace: str = DEFAULT_NAMESPACE) -> tuple[str, int]:
         async with self._plan_lock:
             job = self.job(job_id, namespace)
-            if job is None:
+            if job is None or is_parent(job):  # a parent never runs itself
                 return "", self.store.index
             ev = Evaluation(id=str(uuid.uuid4()), namespace=namespace,
                             job_id=job_id, type=job.get("Type", "service"),
                             triggered_by=triggered_by, priority=job.get("Priority", 50))
             nodes = self.store.values("nodes")
-            plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id, namespace))
+            plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id, namespace),
+                            self.store.values("allocs"))
             history = self._job_evals(job_id, namespace)
             latest = history[-1] if history else None
             if (triggered_by == "node-update" and latest is not None
@@ -384,6 +438,19 @@ class Server:
             raise NotFound(f"allocation {alloc_id} has no task {unknown[0]!r}")
         return await asyncio.to_thread(self._sign_tasks, alloc, list(tasks))
 
+    async def upsert_services(self, node_id: str, secret_id: str, alloc_id: str,
+                              registrations: Sequence[Any]) -> int:
+        """A client registers services of one of its live allocations (``server.services``:
+        ``ServiceError`` when refused)."""
+        node = self._authenticate_node(node_id, secret_id)
+        return await self.services.upsert(node, alloc_id, registrations)
+
+    async def deregister_services(self, node_id: str, secret_id: str, alloc_id: str,
+                                  ids: Sequence[str] | None) -> int:
+        """A client removes registrations it made for ``alloc_id`` (None: all of them)."""
+        node = self._authenticate_node(node_id, secret_id)
+        return await self.services.deregister(node, alloc_id, ids)
+
     def _authenticate_node(self, node_id: str, secret_id: str) -> Node:
         """The registered node whose secret ID is ``secret_id``; compared in constant time."""
         node = self.store.get("nodes", node_id)
@@ -396,9 +463,11 @@ class Server:
         """Record what clients report; only the client-owned fields of the latest row change,
         so a concurrent stop from the scheduler survives."""
         terminal: list[str] = []
+        freed_ports = False
 
         def report(update: AllocUpdate) -> RowUpdate:
             def apply(current: Allocation | None, index: int) -> Any:
+                nonlocal freed_ports
                 if current is None:
                     return None
                 alloc = attrs.evolve(
@@ -407,6 +476,7 @@ class Server:
                     task_states=dict(update.task_states), modify_time=time.time_ns())
                 if alloc.client_terminal():
                     terminal.append(alloc.id)
+                    freed_ports = freed_ports or holds_ports(current)
                     if self.job(alloc.job_id, alloc.namespace) is None:
                         return DELETE  # its job was purged: garbage-collect it
                 return alloc
@@ -417,6 +487,9 @@ class Server:
         index = await self.store.write(updates={"allocs": [(u.id, report(u)) for u in updates]})
         for alloc_id in terminal:
             self.identities.forget_alloc(alloc_id)
+        if freed_ports:
+            # Host ports came free: a group that could not get them may be placed now.
+            await self._reevaluate_queued()
         return index
 
     # ---- authentication ----------------------------------------------------------------

@@ -19,15 +19,20 @@ kept in step by every write and rebuilt on restore.
 Some rows exist from the start (``SEED_ROWS``: the default namespace), and some tables key
 a row by what it holds (``ROW_KEYS``: a job by its namespace and ID); a row an older
 version stored under another key is moved to its key on restore.
+
+Commit observers (``observe``) hear of every committed batch, with its index and each row's
+before and after (the event stream's broker is one): called once per write, after the commit,
+under the write lock, so they see batches in index order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 
@@ -56,6 +61,8 @@ from nomad_client.structs.namespaces import (
     job_namespace,
 )
 
+log = logging.getLogger(__name__)
+
 ACL_TOKENS = "acl_tokens"
 ACL_POLICIES = "acl_policies"
 ACL_ROLES = "acl_roles"
@@ -77,7 +84,14 @@ TABLE_TYPES: dict[str, type] = {
 JOBS = "jobs"
 # One row, present once ACLs have been bootstrapped; its ModifyIndex is the reset index.
 ACL_BOOTSTRAP = "acl_bootstrap"
-PLAIN_TABLES = (JOBS, ACL_BOOTSTRAP)  # rows are plain dicts
+# Nomad's ServiceRegistration dicts, keyed by their ID (``server.services``).
+SERVICES = "services"
+# Keyed by ``job_key``: a job's scaling events by group ({"ScalingEvents": {group: [...]}},
+# newest first), and a periodic job's last launch ({"Launch": unix seconds}).
+SCALING_EVENTS = "scaling_events"
+PERIODIC_LAUNCHES = "periodic_launches"
+PLAIN_TABLES = (JOBS, ACL_BOOTSTRAP, SERVICES,  # rows are plain dicts
+                SCALING_EVENTS, PERIODIC_LAUNCHES)
 # The cap on how long any blocking query may wait, whatever wait the caller asked for; the
 # HTTP layer's own default wait is only what it asks for when the request names none.
 MAX_BLOCKING_WAIT = 300.0
@@ -93,6 +107,19 @@ DELETE: Final = _Delete()
 
 # fn(current row or None, index of this write) -> new row, DELETE, or None for "no change".
 RowUpdate = Callable[[Any | None, int], Any]
+
+
+class Change(NamedTuple):
+    """One row of a committed batch: as it was (None: new) and as it is (None: deleted)."""
+
+    table: str
+    key: str
+    before: Any | None
+    after: Any | None
+
+
+# Told of each committed batch: (its index, its changes). Must not block or await.
+CommitObserver = Callable[[int, Sequence[Change]], None]
 
 
 def variable_key(namespace: str, path: str) -> str:
@@ -148,6 +175,7 @@ class StateStore:
         self.index = 0
         self._changed = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        self._observers: list[CommitObserver] = []
 
     @classmethod
     async def restore(cls, db: StateDB, sealer: Sealer) -> StateStore:
@@ -176,6 +204,10 @@ class StateStore:
         if rewrites or moved:  # one transaction, as every write
             await db.write_batch(rewrites, moved)
         return store
+
+    def observe(self, observer: CommitObserver) -> None:
+        """Tell ``observer`` of every batch committed from now on (see the module doc)."""
+        self._observers.append(observer)
 
     @property
     def sealer(self) -> Sealer | None:
@@ -268,6 +300,7 @@ class StateStore:
                      ("server_meta", "index", index)],
                     [(f"table/{table}", key) for table, rows in pending.items()
                      for key, v in rows.items() if v is DELETE])
+            changes: list[Change] = []
             for table, rows in pending.items():
                 live = self._tables[table]
                 for key, value in rows.items():
@@ -276,11 +309,21 @@ class StateStore:
                     if row is not None:
                         live[key] = row
                     self._index_row(table, key, previous, row)
+                    changes.append(Change(table, key, previous, row))
                 self._table_index[table] = index
             self.index = index
             self._changed.set()
             self._changed = asyncio.Event()
+            self._tell_observers(index, changes)
             return index
+
+    def _tell_observers(self, index: int, changes: Sequence[Change]) -> None:
+        for observer in self._observers:
+            try:
+                observer(index, changes)
+            except Exception:
+                # The batch is committed whatever an observer makes of it.
+                log.exception("commit observer failed at index %d", index)
 
     async def reseal(self) -> int:
         """Seal every sealed value of the state again with the sealer's active key (a full

@@ -78,6 +78,9 @@ EVENT_HOOK_FAILED = "Task hook failed"
 EVENT_HOOK_MESSAGE = "Task hook message"
 EVENT_FAILED_RESTORING = "Failed Restoring Task"
 EVENT_SIBLING_FAILED = "Sibling Task Failed"
+# A user (or a hook) asked for a restart, or for a signal to be sent to the task.
+EVENT_RESTART_SIGNALED = "Restart Signaled"
+EVENT_SIGNALING = "Signaling"
 
 TASK_PENDING = "pending"
 TASK_RUNNING = "running"
@@ -130,6 +133,18 @@ class TaskState:
 
 
 @attrs.frozen
+class DesiredTransition:
+    """What the server wants done with an allocation beyond its desired status (Nomad's):
+    ``migrate`` is set when a user stopped it (``/v1/allocation/:id/stop``), so it is
+    stopped and replaced, with ``no_shutdown_delay`` and ``reschedule`` as they asked."""
+
+    migrate: bool = False
+    reschedule: bool = False
+    force_reschedule: bool = False
+    no_shutdown_delay: bool = False
+
+
+@attrs.frozen
 class Allocation:
     id: str
     namespace: str
@@ -142,6 +157,7 @@ class Allocation:
     task_group: str
     desired_status: str = DESIRED_RUN
     desired_description: str = ""
+    desired_transition: DesiredTransition = attrs.field(factory=DesiredTransition)
     client_status: str = ALLOC_PENDING
     client_description: str = ""
     task_states: dict[str, TaskState] = attrs.field(factory=dict)
@@ -150,6 +166,10 @@ class Allocation:
     alloc_modify_index: int = 0
     create_time: int = attrs.field(factory=now_ns)
     modify_time: int = attrs.field(factory=now_ns)
+    # Nomad's shape: {"Shared": {"Ports": [{"Label", "Value", "To", "HostIP"}], "Networks":
+    # [{"Mode", "IP", "ReservedPorts": [...], "DynamicPorts": [...]}]}}; ports the scheduler
+    # gave the allocation on its node ({} when its groups ask for none).
+    allocated_resources: dict[str, Any] = attrs.field(factory=dict)
     # No signed identities here: a record is stored and persisted, a token must not be.
     # The server signs them for the client beside the record (Alloc.GetAllocs,
     # Alloc.SignIdentities) and the client keeps them in memory and task secrets dirs only.
@@ -213,6 +233,10 @@ class AllocMetric:
     nodes_available: dict[str, int] = attrs.field(factory=dict)
     constraint_filtered: dict[str, int] = attrs.field(factory=dict)
     nodes_exhausted: int = 0
+    # Why feasible nodes could not take the group, e.g. "network: reserved port collision
+    # http=8080" -> number of nodes; and how many more of its allocations failed alike.
+    dimension_exhausted: dict[str, int] = attrs.field(factory=dict)
+    coalesced_failures: int = 0
 
 
 EVAL_PENDING = "pending"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from multidict import CIMultiDict
 
 from nomad_client.api.client import ApiClient, ApiResponse
@@ -383,3 +385,9 @@ job {json.dumps(job_id)} {{
 }}
 """
     return canonicalize_job(parse_jobspec(text, f"{job_id}.nomad.hcl"))
+
+
+# For tests whose tasks call their own sockets with curl (a test dependency of the machine,
+# not of the project): skipped, saying why, where it is missing.
+NEEDS_CURL = pytest.mark.skipif(shutil.which("curl") is None,
+                                reason="curl is not installed: tasks cannot call their sockets")

@@ -16,7 +16,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 from nomad_client.api.client import ApiClient
 from nomad_client.client.allocdir import alloc_group
 from tests.integration.harness import (
+    NEEDS_CURL,
     AgentProcess,
     assert_no_secrets,
     bootstrap_acls,
@@ -45,8 +45,7 @@ from tests.integration.test_taskapi import (
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(shutil.which("curl") is None,
-                       reason="curl is not installed: tasks cannot call their sockets"),
+    NEEDS_CURL,
 ]
 
 # The task's side: run each request file ``req.N`` the test drops in, leave its output in

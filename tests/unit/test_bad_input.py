@@ -108,10 +108,12 @@ async def live_agent(base: Path, keyring: Keyring, *, acl: bool) -> LiveAgent:
                               node_name="fuzz", static_meta={"rack": "r1"})
     assert agent.client is not None
     # A running allocation on another node (so this client runs nothing) and a management
-    # token: the credentials a fuzzed request may carry.
+    # token: the credentials a fuzzed request may carry. Fuzzed paths name a second one: a
+    # request may stop it (/v1/allocation/:id/stop), which must not end the credential.
     alloc, mgmt = make_alloc(node_id="elsewhere", node_name="elsewhere"), acl_token()
-    await seed(agent.server, tokens=(mgmt,), allocs=(alloc,))
-    plausible = {"alloc_id": [alloc.id, str(uuid.uuid4())], "job_id": ["j", "x"],
+    target = make_alloc(node_id="elsewhere", node_name="elsewhere")
+    await seed(agent.server, tokens=(mgmt,), allocs=(alloc, target))
+    plausible = {"alloc_id": [target.id, str(uuid.uuid4())], "job_id": ["j", "x"],
                  "node_id": [agent.client.node_id, str(uuid.uuid4())],
                  "eval_id": [str(uuid.uuid4())]}
     return LiveAgent(acl, agent, agent.api.tcp, str(base / "api.sock"),

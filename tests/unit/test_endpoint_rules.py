@@ -254,6 +254,11 @@ async def test_no_spelling_reaches_past_an_allow_list(stack: TaskAPIStack, metho
     ("* /v1/var/*", "GET", "/v1/var/nomad/jobs/j", True),
     ("* /v1/var/*", "DELETE", "/v1/var/", True),
     ("* /v1/var/*", "GET", "/v1/vars", False),
+    # A child job's ID holds "/", sent as %2F: rules see the decoded path.
+    ("GET /v1/job/p/dispatch-1-ab", "GET", "/v1/job/p%2Fdispatch-1-ab", True),
+    ("GET /v1/job/p/*", "GET", "/v1/job/p%2fdispatch-1-ab/allocations", True),
+    ("POST /v1/job/*/dispatch", "POST", "/v1/job/p%2Fx/dispatch", True),
+    ("GET /v1/job/p", "GET", "/v1/job/p%2Fx", False),
     # Unknown paths are refused by rules too (authentication first, then rules, then 404).
     ("* /nowhere*", "GET", "/nowhere/at/all", True),
 ])
@@ -266,6 +271,30 @@ async def test_denied_rules_on_real_endpoints(stack: TaskAPIStack, rule: str, me
         assert (answer.status, answer.body) == (403, denial), answer
     else:
         assert answer.status != 403, answer  # the handler's own answer, whatever it is
+
+
+async def test_a_slash_escaped_in_a_segment_stays_in_its_parameter(stack: TaskAPIStack
+                                                                   ) -> None:
+    async def reach(method: str, target: str) -> tuple[str, str] | None:
+        return reached(await raw_exchange(stack.sock,
+                                          request_bytes(method, target, stack.token)))
+
+    # One segment, whose parameter holds the "/" (and a literal "%" escaped as %25).
+    assert await reach("PUT", "/v1/probe/item/a%2Fb") == ("/v1/probe/item/{name}",
+                                                          '{"name": "a/b"}')
+    assert await reach("PUT", "/v1/probe/item/a%252Fb") == ("/v1/probe/item/{name}",
+                                                            '{"name": "a%2Fb"}')
+    assert await reach("GET", "/v1/probe/rest/a%2Fb/c") == ("/v1/probe/rest/{rest*}",
+                                                            '{"rest": "a/b/c"}')
+    # Unescaped, the same text is two segments: no route of one.
+    assert await reach("PUT", "/v1/probe/item/a/b") is None
+    # A rule on the decoded path refuses both spellings.
+    rule = "PUT /v1/probe/item/a/b"
+    await stack.configure(denied_endpoints=(rule,))
+    for target in ("/v1/probe/item/a%2Fb", "/v1/probe/item/a%2fb", "/v1/probe/item/a/b"):
+        answer = await raw_exchange(stack.sock, request_bytes("PUT", target, stack.token))
+        assert (answer.status, answer.body) == (
+            403, f'Permission denied: "{rule}" is in client.task_api.denied_endpoints'), target
 
 
 async def test_an_allow_list_refuses_unknown_paths_and_names_the_request(

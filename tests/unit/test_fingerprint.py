@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import platform
 import re
 from datetime import UTC, datetime
@@ -98,3 +99,20 @@ def test_os_release_parsing(workdir: Path) -> None:
 def test_rfc3339_nano() -> None:
     when = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
     assert fp.rfc3339_nano(when) == "2026-01-02T03:04:05.123456000Z"
+
+
+def test_network_address_is_the_bound_address() -> None:
+    node = fp.fingerprint_node({}, name="n", datacenter="dc", region="r", bind_addr="127.0.0.2")
+    assert node["Attributes"]["unique.network.ip-address"] == "127.0.0.2"
+    # No bind address given: loopback, as a dev agent's.
+    bare = fp.fingerprint_node({}, name="n", datacenter="dc", region="r")
+    assert bare["Attributes"]["unique.network.ip-address"] == "127.0.0.1"
+
+
+def test_a_wildcard_bind_stands_for_a_real_address() -> None:
+    for wildcard, loopback in (("0.0.0.0", "127.0.0.1"), ("::", "::1")):
+        address = ipaddress.ip_address(fp.network_address(wildcard))
+        assert not address.is_unspecified
+        assert address.is_private and (str(address) == loopback or not address.is_loopback)
+    assert fp.network_address("::1") == "::1"
+    assert fp.network_address("not-an-address") == "127.0.0.1"

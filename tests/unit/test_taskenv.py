@@ -77,6 +77,13 @@ def test_standard_variables() -> None:
     }
 
 
+def test_a_child_job_names_its_parent() -> None:
+    env = build_task_env(make_input(job_id="batch/dispatch-1700000000-0a1b2c3d",
+                                    parent_job_id="batch"), NODE, {})
+    assert env["NOMAD_JOB_PARENT_ID"] == "batch"
+    assert "NOMAD_JOB_PARENT_ID" not in build_task_env(make_input(), NODE, {})
+
+
 def test_unknown_values_are_not_set() -> None:
     env = build_task_env(make_input(cpu_mhz=0, memory_mb=0, namespace="", region=""), NODE, {})
     for key in ("NOMAD_CPU_LIMIT", "NOMAD_MEMORY_LIMIT", "NOMAD_NAMESPACE", "NOMAD_REGION"):

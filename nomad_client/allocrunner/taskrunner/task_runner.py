@@ -10,12 +10,18 @@ hooks and the callbacks it was given — nothing else.
 Safety rule: the task never becomes dead while its driver handle may still name a live
 process. Any failure after a reattach (or any fault of ours) stops and destroys the handle
 first, and the handle is dropped from the saved state only once the driver says it is gone.
+
+Users control a running task through ``restart`` and ``signal`` (the client's allocation
+routes). A restart is carried out by the run loop, the handle's one owner: it stops the task
+with its kill signal and timeout, records how it exited and starts it again at once, without
+counting against the restart policy (the restart count still shows it, as Nomad's does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal as signals
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ from nomad_client.allocrunner.hooks import (
 )
 from nomad_client.allocrunner.taskrunner.restarts import NS, RestartDecision, RestartTracker
 from nomad_client.client.allocdir import AllocDir
+from nomad_client.client.drivers import proctree
 from nomad_client.client.drivers.base import (
     Driver,
     DriverError,
@@ -69,6 +76,12 @@ KILL_RETRY_MAX = 30.0
 # How long, after destroy_task, the driver has to show the task is gone before a retry.
 GONE_TIMEOUT = 10.0
 RESTORE_KILL_REASON = "failed to restore task: killing it"
+DEFAULT_KILL_SIGNAL = "SIGINT"
+SIGNALING_MESSAGE = "Task being sent a signal"
+
+
+class ControlRefused(Exception):
+    """A restart or signal that cannot be done as asked; ``str()`` says why, for the caller."""
 
 
 class TaskRunner:
@@ -106,6 +119,11 @@ class TaskRunner:
         self._host_env = host_env
         self._kill = asyncio.Event()
         self._kill_reason = ""
+        # A user restart: set by ``restart``, carried out by the run loop, which releases
+        # the waiting callers once the task has exited for it (or the runner ends).
+        self._restart = asyncio.Event()
+        self._restart_reason: str | None = None
+        self._restart_waiters: list[asyncio.Future[None]] = []
         group = task_group(ctx.alloc.job, ctx.alloc.task_group)
         policy = ctx.task.get("RestartPolicy") or group.get("RestartPolicy") or {}
         self.restarts = RestartTracker.from_policy(policy, batch=is_batch(ctx.alloc.job))
@@ -127,6 +145,22 @@ class TaskRunner:
     def finished(self) -> bool:
         return self.state.state == m.TASK_DEAD
 
+    @property
+    def running(self) -> bool:
+        """Whether the task runs now and is not being stopped: what a restart or a signal
+        needs."""
+        return (self.state.state == m.TASK_RUNNING and self.handle is not None
+                and not self._kill.is_set())
+
+    @property
+    def kill_timeout(self) -> float:
+        """Seconds the task has between its kill signal and SIGKILL."""
+        return float(self.ctx.task.get("KillTimeout", 5 * NS)) / NS
+
+    @property
+    def kill_signal(self) -> str:
+        return str(self.ctx.task.get("KillSignal") or DEFAULT_KILL_SIGNAL)
+
     # ---- state -------------------------------------------------------------------------
     def emit(self, event: TaskEvent) -> None:
         self.state = self.state.with_event(event)
@@ -146,6 +180,43 @@ class TaskRunner:
     def kill(self, reason: str = "") -> None:
         self._kill_reason = reason
         self._kill.set()
+
+    # ---- user control ------------------------------------------------------------------
+    async def restart(self, reason: str) -> None:
+        """Restart the running task in place; return once it has exited for the restart
+        (its new start follows at once). ``ControlRefused`` when it is not running."""
+        if not self.running:
+            raise ControlRefused(f"Task not running: {self.name}")
+        if self._restart_reason is None:  # else: one is on its way, which this one joins
+            self.emit(TaskEvent(type=m.EVENT_RESTART_SIGNALED, restart_reason=reason,
+                                display_message=reason))
+            self._restart_reason = reason
+            self._restart.set()
+        done = asyncio.get_running_loop().create_future()
+        self._restart_waiters.append(done)
+        await asyncio.shield(done)
+
+    async def signal(self, name: str) -> None:
+        """Send the signal ``name`` (``SIGUSR1``, ``usr1``) to the running task.
+        ``ControlRefused`` for a name that is no signal, or a task that is not running."""
+        canonical = signal_name(name)
+        handle = self.handle
+        if handle is None or not self.running:
+            raise ControlRefused(f"Task not running: {self.name}")
+        self.emit(TaskEvent(type=m.EVENT_SIGNALING, display_message=SIGNALING_MESSAGE,
+                            details={"signal": canonical}))
+        try:
+            await self.driver.signal_task(handle, canonical)
+        except DriverError as err:
+            raise ControlRefused(f"Failed to signal task {self.name}: {err}") from None
+
+    def _release_restart_waiters(self) -> None:
+        self._restart.clear()
+        self._restart_reason = None
+        waiters, self._restart_waiters = self._restart_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # ---- the run loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -257,7 +328,14 @@ class TaskRunner:
         await self._persist(self)
         for exited in self._exited_hooks:
             await self._hooked(exited, "exited", exited.exited(self.ctx, result))
-        decision = self.restarts.next(exit_ok=result.successful)
+        if self._restart_reason is not None:
+            # Whatever ended it, this exit is the one the user asked for: restart at once,
+            # outside the policy's count.
+            decision = RestartDecision(True, 0.0, m.EVENT_RESTARTING, self._restart_reason,
+                                       False)
+            self._release_restart_waiters()
+        else:
+            decision = self.restarts.next(exit_ok=result.successful)
         for observer in self._exited_observers:
             await self._observed(observer, "task_exited",
                                  observer.task_exited(self.ctx, result, decision.restart))
@@ -284,22 +362,40 @@ class TaskRunner:
             return False
 
     async def _wait_or_kill(self, handle: TaskHandle) -> ExitResult | None:
+        """How the task exited; None when it is to be killed. A user restart on the way
+        stops it, and its exit is then waited for like any other."""
         waiter = asyncio.ensure_future(self.driver.wait_task(handle))
-        killer = asyncio.ensure_future(self._kill.wait())
         try:
-            done, _ = await asyncio.wait({waiter, killer}, return_when=asyncio.FIRST_COMPLETED)
+            while not waiter.done() and not self._kill.is_set():
+                if await _first_of(waiter, self._kill, self._restart) is self._restart:
+                    self._restart.clear()
+                    await self._stop_for_restart(handle, waiter)
         finally:
-            for fut in (waiter, killer):
-                if not fut.done():
-                    fut.cancel()
-            await asyncio.gather(waiter, killer, return_exceptions=True)
-        if waiter in done and not waiter.cancelled() and waiter.exception() is None:
-            return waiter.result()
-        if waiter in done and (error := waiter.exception()) is not None:
+            if not waiter.done():
+                waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+        if waiter.cancelled():
+            return None  # to be killed
+        if (error := waiter.exception()) is not None:
             # Whether the task still runs is now unknown: make sure it does not.
             await self._kill_task(handle, f"waiting for the task failed: killing it ({error})")
             return ExitResult(exit_code=-1, err=str(error))
-        return None
+        return waiter.result()
+
+    async def _stop_for_restart(self, handle: TaskHandle, waiter: asyncio.Future[Any]
+                                ) -> None:
+        """Stop the task for a user restart with its kill signal and timeout; ``waiter``
+        then tells how it exited. One that outlasts that is killed as a kill would."""
+        await self._prekill()
+        try:
+            await self.driver.stop_task(handle, self.kill_timeout, self.kill_signal)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self.log.warning("task %s: stopping it for a restart failed: %s", self.name, err)
+        exited, _ = await asyncio.wait({waiter}, timeout=GONE_TIMEOUT)
+        if not exited:
+            await self._stop_until_gone(handle, self.kill_timeout)
 
     async def _wait_killed(self, delay: float) -> bool:
         try:
@@ -312,9 +408,8 @@ class TaskRunner:
     async def _kill_task(self, handle: TaskHandle, reason: str | None = None) -> None:
         """Stop and destroy ``handle``; forget it (and save that) only once it is gone."""
         reason = self._kill_reason if reason is None else reason
-        for prekill in self._prekill_hooks:
-            await self._hooked(prekill, "prekill", prekill.prekill(self.ctx))
-        timeout = self.ctx.task.get("KillTimeout", 5 * NS) / NS
+        await self._prekill()
+        timeout = self.kill_timeout
         self.emit(TaskEvent(type=m.EVENT_KILLING, kill_timeout=int(timeout * NS),
                             kill_reason=reason,
                             display_message=reason or
@@ -323,6 +418,10 @@ class TaskRunner:
         self.handle = None
         self.emit(TaskEvent(type=m.EVENT_KILLED, display_message="Task successfully killed"))
         await self._persist_logged()
+
+    async def _prekill(self) -> None:
+        for prekill in self._prekill_hooks:
+            await self._hooked(prekill, "prekill", prekill.prekill(self.ctx))
 
     async def _stop_until_gone(self, handle: TaskHandle, grace: float) -> None:
         """``stop_task`` then ``destroy_task`` until the driver shows the task gone. Never
@@ -345,7 +444,7 @@ class TaskRunner:
 
     async def _stop_and_destroy(self, handle: TaskHandle, grace: float) -> None:
         try:
-            await self.driver.stop_task(handle, grace)
+            await self.driver.stop_task(handle, grace, self.kill_signal)
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -377,6 +476,7 @@ class TaskRunner:
             # killed before its first run): dead must mean its process is gone.
             await self._kill_task(self.handle)
         self._set_state(m.TASK_DEAD)
+        self._release_restart_waiters()  # a restart asked for meanwhile will not happen
         await self._persist_logged()  # stop hooks must run regardless
         for stop in self._stop_hooks:
             await self._hooked(stop, "stop", stop.stop(self.ctx))
@@ -413,7 +513,9 @@ class TaskRunner:
             secrets_dir=str(td.secrets_dir), job_meta=job.get("Meta") or {},
             group_meta=group.get("Meta") or {}, task_meta=task.get("Meta") or {},
             task_env=task.get("Env") or {}, cpu_mhz=int(resources.get("CPU") or 0),
-            memory_mb=int(resources.get("MemoryMB") or 0), extra_env=extra_env)
+            memory_mb=int(resources.get("MemoryMB") or 0), extra_env=extra_env,
+            allocated_resources=alloc.allocated_resources,
+            parent_job_id=job.get("ParentID") or "")
         return build_task_env(inp, self.ctx.node, self._host_env)
 
     def _task_config(self, env: Mapping[str, str]) -> TaskConfig:
@@ -425,8 +527,32 @@ class TaskRunner:
             env=env, task_dir=td.path, user=self.ctx.user,
             stdout_path=logs / f"{self.name}.stdout.0",
             stderr_path=logs / f"{self.name}.stderr.0",
-            kill_timeout=task.get("KillTimeout", 5 * NS) / NS,
+            kill_timeout=self.kill_timeout,
             state_dir=self._driver_state_dir)
+
+
+def signal_name(name: str) -> str:
+    """The signal ``name`` stands for, as Nomad names it (``usr1`` -> ``SIGUSR1``);
+    ``ControlRefused`` when it is none."""
+    try:
+        return signals.Signals(proctree.parse_signal(name)).name
+    except ValueError:
+        raise ControlRefused(f"Unknown signal {name!r}") from None
+
+
+async def _first_of(waiter: asyncio.Future[Any], *events: asyncio.Event) -> object:
+    """Wait until ``waiter`` is done or one of ``events`` is set; return which (the waiter
+    first, then the events in the order given). ``waiter`` is never cancelled here."""
+    watchers = {asyncio.ensure_future(event.wait()): event for event in events}
+    try:
+        done, _ = await asyncio.wait({waiter, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    if waiter in done:
+        return waiter
+    return next(event for watcher, event in watchers.items() if watcher in done)
 
 
 def _exit_message(result: ExitResult) -> str:

@@ -2,8 +2,9 @@
 
 Touches nothing outside its own memory. A task "runs" for ``run_for`` on the event loop and
 then exits with ``exit_code``; ``stop_task`` ends it at once as if killed by SIGTERM
-(``exit_code=143, signal=15``). Mock tasks do not survive the driver object, so
-``recover_task`` is always False.
+(``exit_code=143, signal=15``). ``signal_task`` records the signal (see
+``signals_received``); SIGKILL ends the task (``exit_code=137, signal=9``), any other is
+caught. Mock tasks do not survive the driver object, so ``recover_task`` is always False.
 
 Config keys: ``run_for`` (duration string like ``"2s"`` or seconds; default 0),
 ``exit_code`` (int, default 0), ``start_error`` (str: fail the start with this message),
@@ -22,12 +23,14 @@ import attrs
 
 from nomad_client.durations import parse_duration
 
+from . import proctree
 from .base import DriverError, DriverInfo, ExitResult, TaskConfig, TaskHandle
 
 __all__ = ["MockDriver"]
 
 _CONFIG_KEYS = frozenset({"run_for", "exit_code", "start_error", "start_error_recoverable"})
 _SIGTERM = 15
+_SIGKILL = 9
 
 
 @attrs.define
@@ -36,6 +39,7 @@ class _MockTask:
     exit_code: int
     stopped: asyncio.Event = attrs.field(factory=asyncio.Event)
     result: ExitResult | None = None
+    signals: list[str] = attrs.field(factory=list)  # names, in the order received
 
 
 def _bad(message: str) -> DriverError:
@@ -128,6 +132,23 @@ class MockDriver:
         if task.result is None and asyncio.get_running_loop().time() < task.deadline:
             task.result = ExitResult(exit_code=128 + _SIGTERM, signal=_SIGTERM)
         task.stopped.set()
+
+    async def signal_task(self, handle: TaskHandle, signal: str) -> None:
+        try:
+            signum = proctree.parse_signal(signal)
+        except ValueError as exc:
+            raise _bad(str(exc)) from None
+        task = self._get(handle)
+        if task.result is not None or asyncio.get_running_loop().time() >= task.deadline:
+            raise DriverError("mock_driver: task is not running")
+        task.signals.append(signal)
+        if signum == _SIGKILL:
+            task.result = ExitResult(exit_code=128 + _SIGKILL, signal=_SIGKILL)
+            task.stopped.set()
+
+    def signals_received(self, handle: TaskHandle) -> list[str]:
+        """The signals ``signal_task`` delivered to the task, in order (for tests)."""
+        return list(self._get(handle).signals)
 
     async def recover_task(self, handle: TaskHandle) -> bool:
         return False

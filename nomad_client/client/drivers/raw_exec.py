@@ -334,23 +334,32 @@ class RawExecDriver:
         timeout: float,  # noqa: ASYNC109 - the task's kill_timeout, by contract
         signal: str = "SIGINT",
     ) -> None:
-        try:
-            signum = proctree.parse_signal(signal)
-        except ValueError as exc:
-            raise DriverError(f"raw_exec: {exc}", recoverable=False) from None
+        signum = _signal_number(signal)
         if not await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
             return
         if signum == _SIGKILL:
             await self._kill(handle)
             return
+        await self._deliver(handle, signum)
+        if not await self._wait_gone(handle, max(0.0, timeout)):
+            await self._kill(handle)
+
+    async def signal_task(self, handle: TaskHandle, signal: str) -> None:
+        signum = _signal_number(signal)
+        if not await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
+            raise DriverError("raw_exec: task is not running")
+        await self._deliver(handle, signum)
+
+    @staticmethod
+    async def _deliver(handle: TaskHandle, signum: int) -> None:
+        """Send ``signum`` to the task's process group: through its executor, which owns
+        the task, for the signals it relays; straight to the group for the others
+        (SIGKILL included: the executor then records the exit as for any other death)."""
         if signum in _FORWARDED:
-            # The executor relays it to the task's whole process group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(handle.pid, signum)
         else:
             await asyncio.to_thread(_signal_task_group, handle, signum)
-        if not await self._wait_gone(handle, max(0.0, timeout)):
-            await self._kill(handle)
 
     async def _kill(self, handle: TaskHandle) -> None:
         # Kill the task tree first so the executor still records the exit; then, if it
@@ -390,6 +399,13 @@ class RawExecDriver:
         state_dir = handle.driver_state.get("state_dir")
         if state_dir:
             await asyncio.to_thread(_clean_state_dir, Path(state_dir))
+
+
+def _signal_number(name: str) -> int:
+    try:
+        return proctree.parse_signal(name)
+    except ValueError as exc:
+        raise DriverError(f"raw_exec: {exc}", recoverable=False) from None
 
 
 def _key(handle: TaskHandle) -> tuple[str, str, int]:

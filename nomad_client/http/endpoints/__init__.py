@@ -7,18 +7,22 @@ from nomad_client.http.endpoints import (
     agent,
     allocs,
     client,
+    events,
     identity,
     jobs,
     namespaces,
     nodes,
     operator,
+    parent_jobs,
+    scaling,
     variables,
 )
+from nomad_client.http.endpoints import services as service_discovery
 from nomad_client.http.router import Router
 from nomad_client.http.services import Services
 
 
 def register_all(router: Router, services: Services) -> None:
     for module in (agent, jobs, allocs, nodes, client, identity, acl, variables,
-                   operator, namespaces):
+                   operator, namespaces, events, service_discovery, scaling, parent_jobs):
         module.register(router, services)

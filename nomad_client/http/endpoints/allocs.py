@@ -1,17 +1,21 @@
 """/v1/allocations (of the namespace the request names; ``*``: of every namespace, keeping
-what the caller may see) and /v1/allocation/:id (found by ID, checked in its namespace)."""
+what the caller may see), /v1/allocation/:id (found by ID, checked in its namespace) and
+/v1/allocation/:id/stop (a user's stop: the allocation is replaced, see
+``server.alloc_control``)."""
 
 from __future__ import annotations
 
-from nomad_client.http.auth import allows, require
+from nomad_client.http.auth import Need, allows, require
 from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub, listed_namespace
 from nomad_client.http.endpoints.routes import Routes
-from nomad_client.http.errors import found_or_404
+from nomad_client.http.errors import found_or_404, not_found
 from nomad_client.http.query import block, query_bool
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
-from nomad_client.server.server import Resource
+from nomad_client.server.server import NotFound, Resource
 from nomad_client.structs.codec import to_api
+
+ALLOC_LIFECYCLE = Need.namespace("alloc-lifecycle")
 
 
 async def list_allocs(services: Services, req: ApiRequest) -> Reply:
@@ -36,7 +40,22 @@ async def get_alloc(services: Services, req: ApiRequest) -> Reply:
     return Reply(to_api(alloc), index)
 
 
+async def stop_alloc(services: Services, req: ApiRequest) -> Reply:
+    no_shutdown_delay = query_bool(req.query, "no_shutdown_delay")
+    reschedule = query_bool(req.query, "reschedule")
+    server = services.server
+    alloc = found_or_404(server.allocation(req.params["alloc_id"]), "allocation not found")
+    require(req, alloc.namespace, ALLOC_LIFECYCLE)
+    try:
+        eval_id, index = await server.stop_allocation(
+            alloc.id, no_shutdown_delay=no_shutdown_delay, reschedule=reschedule)
+    except NotFound as err:  # garbage-collected meanwhile
+        raise not_found(str(err)) from None
+    return Reply({"EvalID": eval_id, "Index": index}, index)
+
+
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/allocations", list_allocs, READ_JOB)
     routes.add(("GET",), "/v1/allocation/{alloc_id}", get_alloc, READ_JOB)
+    routes.add(("PUT", "POST"), "/v1/allocation/{alloc_id}/stop", stop_alloc, ALLOC_LIFECYCLE)

@@ -1,4 +1,6 @@
-"""Client-local endpoints: /v1/client/metadata and /v1/client/fs/{ls,stat,cat,logs}/:alloc.
+"""Client-local endpoints: /v1/client/metadata, /v1/client/fs/{ls,stat,cat,logs}/:alloc,
+/v1/client/allocation/:alloc/{restart,signal,stats} (this node's allocations only: another
+is a 404) and /v1/client/stats (the host's resource usage).
 
 Every file is opened with ``AllocDir.open_path`` (the one home of path confinement, which
 never follows a symlink) and then served from that descriptor, never re-opened by name:
@@ -15,18 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import mimetypes
 import os
 import re
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import aiofiles
 from aiohttp import web
 
+from nomad_client.allocrunner.alloc_runner import UnknownAllocation
+from nomad_client.allocrunner.taskrunner.task_runner import ControlRefused
 from nomad_client.client.allocdir import (
     AllocDir,
     AllocPathError,
@@ -39,8 +44,12 @@ from nomad_client.client.allocdir import (
 )
 from nomad_client.client.nodemeta import MetaLimitError, meta_key_problem, shown_key
 from nomad_client.http.auth import ALL_NAMESPACES, Need, require
+from nomad_client.http.bodyfields import object_fields, string_field
+from nomad_client.http.endpoints.allocs import ALLOC_LIFECYCLE
+from nomad_client.http.endpoints.jobs import READ_JOB
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404, not_found
+from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
 from nomad_client.http.query import query_bool
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import LocalClient, Services
@@ -299,18 +308,25 @@ async def apply_metadata(services: Services, req: ApiRequest) -> Any:
         raise bad_request(str(err)) from None
 
 
-def _alloc_dir(services: Services, req: ApiRequest, need: Need) -> AllocDir:
-    """The allocation's directory, if the caller meets ``need`` in its namespace."""
+def _local_alloc(services: Services, req: ApiRequest, need: Need
+                 ) -> tuple[LocalClient, str, AllocDir]:
+    """The local client, the ID of the allocation the path names and its directory, if
+    this client has it (else 404) and the caller meets ``need`` in its namespace."""
     alloc_id = req.params.get("alloc_id", "")
     if not alloc_id:
         raise bad_request("must provide a valid alloc id")
-    adir = found_or_404(_local_client(services).alloc_dir_for(alloc_id),
-                        f"Unknown allocation {alloc_id!r}")
+    client = _local_client(services)
+    adir = found_or_404(client.alloc_dir_for(alloc_id), f"Unknown allocation {alloc_id!r}")
     alloc = services.server.allocation(alloc_id)
     # What is left of an allocation the server has forgotten has no namespace to check in:
     # it counts as in every namespace, which only an allow-all caller may read.
     require(req, ALL_NAMESPACES if alloc is None else alloc.namespace, need)
-    return adir
+    return client, alloc_id, adir
+
+
+def _alloc_dir(services: Services, req: ApiRequest, need: Need) -> AllocDir:
+    """The allocation's directory, if the caller meets ``need`` in its namespace."""
+    return _local_alloc(services, req, need)[2]
 
 
 def _fs_path(req: ApiRequest, *, required: bool) -> str:
@@ -401,6 +417,70 @@ async def fs_logs(services: Services, req: ApiRequest) -> web.StreamResponse:
     return web.Response(body=b"", content_type="text/plain" if plain else "application/json")
 
 
+# ---- allocation control and resource usage ---------------------------------------------
+RESTART_FIELDS = ("TaskName", "AllTasks")
+SIGNAL_FIELDS = ("Task", "Signal")
+# Nomad answers both with an index of 0: nothing on the servers changed.
+CONTROL_REPLY = {"Index": 0}
+
+
+@contextlib.contextmanager
+def _control_refusals() -> Iterator[None]:
+    """A request the client cannot carry out is the caller's 400; an allocation it no
+    longer runs (gone since the request was checked) a 404."""
+    try:
+        yield
+    except UnknownAllocation as err:
+        raise not_found(str(err.args[0])) from None
+    except ControlRefused as err:
+        raise bad_request(str(err)) from None
+
+
+async def _optional_body(req: ApiRequest) -> Any:
+    """The JSON body; an empty body is an empty object."""
+    data = await req.body()
+    if not data.strip():
+        return {}
+    try:
+        return decode_json_body(data)
+    except BadJSONBody as err:
+        raise bad_request(str(err)) from None
+
+
+async def restart_alloc(services: Services, req: ApiRequest) -> Any:
+    client, alloc_id, _ = _local_alloc(services, req, ALLOC_LIFECYCLE)
+    fields = object_fields(await _optional_body(req), RESTART_FIELDS)
+    task = string_field(fields, "TaskName")
+    all_tasks = fields.get("AllTasks", False)
+    if not isinstance(all_tasks, bool):
+        raise bad_request("AllTasks must be a boolean")
+    with _control_refusals():
+        await client.restart_alloc(alloc_id, task or None, all_tasks)
+    return dict(CONTROL_REPLY)
+
+
+async def signal_alloc(services: Services, req: ApiRequest) -> Any:
+    client, alloc_id, _ = _local_alloc(services, req, ALLOC_LIFECYCLE)
+    fields = object_fields(await req.json(), SIGNAL_FIELDS)
+    signal = string_field(fields, "Signal")
+    if not signal:
+        raise bad_request("Signal must be given (e.g. \"SIGUSR1\")")
+    task = string_field(fields, "Task")
+    with _control_refusals():
+        await client.signal_alloc(alloc_id, signal, task or None)
+    return dict(CONTROL_REPLY)
+
+
+async def alloc_stats(services: Services, req: ApiRequest) -> Any:
+    client, alloc_id, _ = _local_alloc(services, req, READ_JOB)
+    with _control_refusals():
+        return await client.alloc_stats(alloc_id, req.query.get("task") or None)
+
+
+async def host_stats(services: Services, req: ApiRequest) -> Any:
+    return await _check_node(services, req).host_stats()
+
+
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/client/metadata", read_metadata, Need.node_read)
@@ -409,3 +489,9 @@ def register(router: Router, services: Services) -> None:
     routes.add(("GET",), "/v1/client/fs/stat/{alloc_id}", fs_stat, READ_FS)
     routes.add(("GET",), "/v1/client/fs/cat/{alloc_id}", fs_cat, READ_FS)
     routes.add(("GET",), "/v1/client/fs/logs/{alloc_id}", fs_logs, READ_LOGS)
+    routes.add(("PUT", "POST"), "/v1/client/allocation/{alloc_id}/restart", restart_alloc,
+               ALLOC_LIFECYCLE)
+    routes.add(("PUT", "POST"), "/v1/client/allocation/{alloc_id}/signal", signal_alloc,
+               ALLOC_LIFECYCLE)
+    routes.add(("GET",), "/v1/client/allocation/{alloc_id}/stats", alloc_stats, READ_JOB)
+    routes.add(("GET",), "/v1/client/stats", host_stats, Need.node_read)

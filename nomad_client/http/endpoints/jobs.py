@@ -31,6 +31,7 @@ from nomad_client.jobspec import (
     canonicalize_job,
     parse_jobspec,
 )
+from nomad_client.server.parent_jobs import JobKindChange
 from nomad_client.server.server import Resource, Server
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Allocation
@@ -92,9 +93,9 @@ async def list_jobs(services: Services, req: ApiRequest) -> Reply:
             continue
         stubs.append({k: job.get(k) for k in (
             "ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool", "Type",
-            "Priority", "Stop", "StatusDescription", "CreateIndex", "ModifyIndex",
-            "SubmitTime")} | {"Status": server.job_status(job),
-                               "JobModifyIndex": job.get("ModifyIndex")})
+            "Priority", "Periodic", "ParameterizedJob", "Stop", "StatusDescription",
+            "CreateIndex", "ModifyIndex", "SubmitTime")} | {
+            "Status": server.job_status(job), "JobModifyIndex": job.get("ModifyIndex")})
     return Reply(stubs, index)
 
 
@@ -122,7 +123,10 @@ async def register_job(services: Services, req: ApiRequest) -> Reply:
     # The caller's right first: the namespace's existence is not told to just anyone.
     require(req, namespace, SUBMIT_JOB)
     with refusals():  # no such namespace, or it refuses a driver the job uses
-        eval_id, index = await services.server.register_job(job)
+        try:
+            eval_id, index = await services.server.register_job(job)
+        except JobKindChange as err:  # e.g. a periodic job registered again without it
+            raise bad_request(str(err)) from None
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
                   "Warnings": "", "Index": index, "LastContact": 0,
                   "KnownLeader": True, "NextToken": ""}, index)
