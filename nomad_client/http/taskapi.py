@@ -279,10 +279,15 @@ class TaskAPIServer:
         (rate-limited, per socket), ``enforce`` refuses."""
         verdict = conn.peer_is_task
         if verdict is None:
-            root = await _task_root(ctx, conn)
-            verdict = conn.peer_is_task = peer_is_task(conn.peer_cred, root)
+            enforce = policy.peer_mode == PEER_ENFORCE
+            root = await _task_root(ctx, conn, wait=enforce)
+            peer = conn.peer_cred
+            if root is None and not enforce and (peer is None or peer.uid != 0):
+                # log: never delay a request to judge it; judge once the task's process is
+                # known (a task connecting while it starts gets no false warning).
+                return None
+            verdict = conn.peer_is_task = peer_is_task(peer, root)
             if not verdict:
-                peer = conn.peer_cred
                 conn.listener.errors.report(
                     "%s connection from a process that is not part of the task (%s)",
                     "refusing" if policy.peer_mode == PEER_ENFORCE else "allowing",
@@ -293,14 +298,16 @@ class TaskAPIServer:
         return NOT_THE_TASK
 
 
-async def _task_root(ctx: ListenerContext, conn: Connection) -> tuple[int, float] | None:
+async def _task_root(ctx: ListenerContext, conn: Connection, *, wait: bool
+                     ) -> tuple[int, float] | None:
     """The task's root process. The socket exists before the driver starts the task, so a
-    task that connects at once may be early: a non-root peer waits (bounded) for the start."""
+    task that connects at once may be early: with ``wait``, a non-root peer waits (bounded)
+    for the start."""
     processes = ctx.processes
     if processes is None:
         return None
     root = processes.root()
-    if root is None and conn.peer_cred is not None and conn.peer_cred.uid != 0:
+    if wait and root is None and conn.peer_cred is not None and conn.peer_cred.uid != 0:
         try:
             async with asyncio.timeout(TASK_START_WAIT):
                 await processes.started()

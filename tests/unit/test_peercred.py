@@ -263,6 +263,18 @@ async def test_a_task_connecting_while_it_starts_waits_for_its_process(
     assert out.decode() == "200"
 
 
+async def test_log_mode_never_holds_a_request_while_the_task_starts(
+        stack: TaskAPIStack, task_sock: tuple[Path, Processes],
+        caplog: pytest.LogCaptureFixture) -> None:
+    path, processes = task_sock
+    processes.starting = True  # its process is not known yet
+    await stack.configure(peer_credentials="log")
+    with caplog.at_level(logging.WARNING, logger="nomad_client.http.listeners"):
+        assert await curl_as_nobody(path, stack.token, via_shell=False) == 200
+    assert processes.waiting == 0  # served at once, not held for the start
+    assert not [r for r in caplog.records if "not part of the task" in r.getMessage()]
+
+
 async def test_enforce_lets_root_through(stack: TaskAPIStack,
                                          task_sock: tuple[Path, Processes]) -> None:
     if os.geteuid() != 0:
