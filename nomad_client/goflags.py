@@ -88,6 +88,11 @@ class GoArgumentParser(argparse.ArgumentParser):
             const=True, default=default, type=_bool_flag_value, help=help,
         )
 
+    def _get_option_tuples(self, option_string: str) -> list[Any]:
+        # Go's flag package matches a flag's whole name only; argparse would otherwise
+        # take "-t" for "-token" or "-v" for "-verbose" even with allow_abbrev off.
+        return []
+
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
         """Parse argv; raise HelpRequested or UsageError rather than exiting."""
         # A bare boolean flag must never swallow the next word as its value.

@@ -88,7 +88,8 @@ class Agent:
             await store.reseal()
             await keyring.finish_rekeying()
         self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled,
-                             data_dir=data_dir / "server")
+                             data_dir=data_dir / "server",
+                             tracked_versions=cfg.server.job_tracked_versions)
         self.router = Router(self.server)
 
         sock = tcp_socket(cfg.bind_addr, cfg.ports.http)
@@ -108,7 +109,8 @@ class Agent:
                 state_dir=state_dir, name=cfg.name, datacenter=cfg.datacenter,
                 region=cfg.region, http_addr=self.http_addr,
                 static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits,
-                task_api=self.task_api_config)
+                task_api=self.task_api_config, node_class=cfg.client.node_class,
+                node_pool=cfg.client.node_pool)
             self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
                                  client_db, self._task_api_server)
         register_all(self.router, Services(

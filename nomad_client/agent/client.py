@@ -75,6 +75,7 @@ class ClientSettings:
     http_addr: str
     static_meta: Mapping[str, str]
     node_class: str = ""
+    node_pool: str = "default"
     meta_limits: MetaLimits = attrs.field(factory=MetaLimits)
     # The agent's live Task API config, replaced whole on a reload (then the agent calls
     # Client.apply_task_api_config).
@@ -145,6 +146,7 @@ class Client:
                    for name, d in fp["Drivers"].items()}
         return Node(id=self.node_id, secret_id=self._secret_id, name=s.name,
                     datacenter=s.datacenter, http_addr=s.http_addr, node_class=s.node_class,
+                    node_pool=s.node_pool,
                     attributes=dict(fp["Attributes"]), meta=self._merged_meta(),
                     drivers=drivers, node_resources=dict(fp.get("NodeResources") or {}),
                     status=NODE_READY)
@@ -372,12 +374,23 @@ class Client:
             await runner.update(alloc)
 
     async def _gc(self, alloc_id: str) -> None:
-        runner = self.runners.pop(alloc_id)
+        # The watcher and PUT /v1/client/gc may both collect one allocation: the first wins.
+        runner = self.runners.pop(alloc_id, None)
+        if runner is None:
+            return
         await runner.destroy()
         self._task_usage.forget(alloc_id)
         self.identities.forget_alloc(alloc_id)
         await self.db.delete(B_ALLOCS, alloc_id)
         await self.db.delete_prefix(B_TASKS, f"{alloc_id}/")
+
+    async def collect_garbage(self) -> list[str]:
+        """``PUT /v1/client/gc``: destroy every allocation that has finished running here
+        (its directory goes with it); the IDs destroyed. The server keeps its record."""
+        finished = [alloc_id for alloc_id, runner in self.runners.items() if runner.done]
+        for alloc_id in finished:
+            await self._gc(alloc_id)
+        return finished
 
     def _queue_report(self, update: AllocUpdate) -> None:
         self._pending_reports[update.id] = update

@@ -84,6 +84,8 @@ class ServerConfig:
     # Issuer URL of workload identities and OIDC discovery (Nomad's server.oidc_issuer);
     # unset: the agent's advertised HTTP address.
     oidc_issuer: str | None = None
+    # How many versions of each job the server keeps (Nomad's job_tracked_versions).
+    job_tracked_versions: int = 6
 
 
 def _meta_limits(value: MetaLimits | Mapping[str, int]) -> MetaLimits:
@@ -99,6 +101,8 @@ class ClientConfig:
     enabled: bool = False
     alloc_dir: str | None = None
     state_dir: str | None = None
+    node_class: str = ""
+    node_pool: str = "default"
     meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     options: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     meta_limits: MetaLimits = attrs.field(factory=MetaLimits, converter=_meta_limits)
@@ -164,6 +168,16 @@ class AgentFlags:
     log_level: str | None = None
     meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     http_port: int | None = None
+    # Nomad's agent flags for settings a config file also holds (None: not given).
+    node_name: str | None = None
+    region: str | None = None
+    datacenter: str | None = None
+    node_class: str | None = None
+    node_pool: str | None = None
+    state_dir: str | None = None
+    alloc_dir: str | None = None
+    server: bool | None = None
+    client: bool | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -179,11 +193,13 @@ _SCHEMA: dict[str, Any] = {
     "name": "string",
     "log_level": "level",
     "ports": {"http": "port"},
-    "server": {"enabled": "bool", "oidc_issuer": "issuer"},
+    "server": {"enabled": "bool", "oidc_issuer": "issuer", "job_tracked_versions": "limit"},
     "client": {
         "enabled": "bool",
         "alloc_dir": "path",
         "state_dir": "path",
+        "node_class": "string",
+        "node_pool": "node_pool",
         "meta": "meta",
         "options": "options",
         "meta_limits": {field.name: "limit" for field in attrs.fields(MetaLimits)},
@@ -331,6 +347,20 @@ def _check_issuer(value: Any, src: _Source, path: list[str]) -> str:
     return s
 
 
+# Nomad's node pool names; "all" is the built-in pool of every node, which none may join.
+_NODE_POOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+_NODE_POOL_ALL = "all"
+
+
+def _check_node_pool(value: Any, src: _Source, path: list[str]) -> str:
+    s = _check_string(value, src, path)
+    if not _NODE_POOL_NAME.fullmatch(s):
+        raise src.error(path, f"invalid node pool {s!r}: 1 to 128 letters, digits, '-' or '_'")
+    if s == _NODE_POOL_ALL:
+        raise src.error(path, f"a node may not register in the built-in node pool {s!r}")
+    return s
+
+
 def _issuer_problem(url: str) -> str | None:
     """Why ``url`` cannot be an OIDC issuer (an http(s) URL with a host, and no user
     info, query or fragment), or None when it can."""
@@ -446,6 +476,7 @@ _CHECKS: dict[str, Callable[[Any, _Source, list[str]], Any]] = {
     "limit": _check_limit,
     "path": _check_path,
     "issuer": _check_issuer,
+    "node_pool": _check_node_pool,
     "rate": _check_rate,
     "audit_size": functools.partial(_check_limit, minimum=MIN_AUDIT_FILE_SIZE),
     "default_mode": functools.partial(_check_choice, choices=AGENT_DEFAULT_MODES),
@@ -537,10 +568,32 @@ def _flag_overrides(flags: AgentFlags) -> dict[str, Any]:
         over["ports"] = {"http": _check_port(flags.http_port, src, ["-http-port"])}
     if flags.acl_enabled is not None:
         over["acl"] = {"enabled": flags.acl_enabled}
+    for key, (target, flag) in _TOP_SETTING_FLAGS.items():
+        value = getattr(flags, key)
+        if value is not None:
+            over[target] = _check_string(value, src, [flag])
+    for role in ("server", "client"):
+        enabled = getattr(flags, role)
+        if enabled is not None:
+            over[role] = {"enabled": enabled}
+    client: dict[str, Any] = {}
     if flags.meta:
-        over["client"] = {"meta": _check_string_map(dict(flags.meta), src, ["-meta"],
-                                                    dotted_keys=True)}
+        client["meta"] = _check_string_map(dict(flags.meta), src, ["-meta"], dotted_keys=True)
+    for key, flag in _CLIENT_SETTING_FLAGS.items():
+        value = getattr(flags, key)
+        if value is not None:
+            client[key] = _CHECKS[_SCHEMA["client"][key]](value, src, [flag])
+    if client:
+        over["client"] = {**over.get("client", {}), **client}
     return over
+
+
+# Flags that set a top-level key: AgentFlags field -> (config key, flag).
+_TOP_SETTING_FLAGS = {"node_name": ("name", "-node"), "region": ("region", "-region"),
+                      "datacenter": ("datacenter", "-dc")}
+# Flags that set a key of the client block: AgentFlags field (= config key) -> flag.
+_CLIENT_SETTING_FLAGS = {"node_class": "-node-class", "node_pool": "-node-pool",
+                         "state_dir": "-state-dir", "alloc_dir": "-alloc-dir"}
 
 
 def build_agent_config(files: Sequence[Path], flags: AgentFlags) -> AgentConfig:
@@ -589,6 +642,18 @@ def _agent_parser() -> GoArgumentParser:
     p.add_flag("meta", action="append", default=[], metavar="KEY=VALUE",
                help="client node metadata (repeatable)")
     p.add_flag("http-port", metavar="PORT", help="HTTP API port (0 picks a free port)")
+    p.add_flag("node", dest="node_name", metavar="NAME", help="the node's name")
+    p.add_flag("region", metavar="REGION", help="the agent's region (default global)")
+    p.add_flag("dc", dest="datacenter", metavar="DC", help="the node's datacenter (default dc1)")
+    p.add_flag("node-class", metavar="CLASS", help="the client node's class")
+    p.add_flag("node-pool", metavar="POOL", help="the client node's pool (default default)")
+    p.add_flag("state-dir", metavar="PATH", help="directory for the client's state")
+    p.add_flag("alloc-dir", metavar="PATH", help="directory for allocation directories")
+    p.add_bool_flag("server", default=None, help="enable server mode (the server always runs "
+                                                 "in-process: this sets what agent/self says)")
+    p.add_bool_flag("client", default=None, help="enable client mode")
+    p.add_flag("servers", metavar="ADDRS",
+               help="not supported: the client talks to this agent's own server only")
     return p
 
 
@@ -619,6 +684,9 @@ def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
             raise ConfigError(f"-http-port: {ns.http_port!r} is not a number") from None
         if not 0 <= port <= 65535:
             raise ConfigError(f"-http-port: port {port} out of range 0..65535")
+    if ns.servers is not None:
+        raise ConfigError("-servers: this agent's client talks only to the agent's own "
+                          "in-process server; joining other servers is not supported")
     return AgentFlags(
         dev=bool(ns.dev),
         config_files=tuple(ns.config),
@@ -628,4 +696,7 @@ def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
         log_level=ns.log_level,
         meta=meta,
         http_port=port,
+        node_name=ns.node_name, region=ns.region, datacenter=ns.datacenter,
+        node_class=ns.node_class, node_pool=ns.node_pool, state_dir=ns.state_dir,
+        alloc_dir=ns.alloc_dir, server=ns.server, client=ns.client,
     )

@@ -8,6 +8,7 @@ directory (closed by :meth:`ApiClient.close`).
 from __future__ import annotations
 
 import base64
+import codecs
 import errno
 import json as jsonlib
 import os
@@ -108,6 +109,29 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+async def _stream_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """Nomad's ``StreamFrame`` objects, sent back to back, as they arrive; ``Data`` decoded
+    to bytes and ``{}`` heartbeats left out."""
+    decoder = jsonlib.JSONDecoder()
+    # Nomad's Go encoder writes a non-ASCII file name as UTF-8, whose bytes a chunk may split.
+    text = codecs.getincrementaldecoder("utf-8")()
+    pending = ""
+    async for chunk in chunks:
+        pending += text.decode(chunk)
+        pos = 0
+        while True:
+            while pos < len(pending) and pending[pos].isspace():
+                pos += 1
+            try:
+                frame, pos = decoder.raw_decode(pending, pos)
+            except jsonlib.JSONDecodeError:
+                break  # the rest of this frame is still on its way
+            if frame:
+                frame["Data"] = base64.b64decode(frame.get("Data") or "")
+                yield frame
+        pending = pending[pos:]
+
+
 class ApiClient:
     """An async client for one agent.
 
@@ -117,15 +141,18 @@ class ApiClient:
     ``namespace``: sent as ``?namespace=`` with every request that does not name one itself
     (as Nomad's Go client does); None leaves it to the agent (``default``). Methods that
     address namespaced objects take a ``namespace`` of their own, which wins.
+    ``region``: sent as ``?region=`` with every request that does not name one itself.
     """
 
     def __init__(self, address: str | None = None, token: str | None = None, *,
-                 namespace: str | None = None, timeout: float = 60.0) -> None:
+                 namespace: str | None = None, timeout: float = 60.0,
+                 region: str | None = None) -> None:
         address = address or os.environ.get("NOMAD_ADDR") or DEFAULT_ADDRESS
         token = token if token is not None else os.environ.get("NOMAD_TOKEN")
         self.address = address.rstrip("/")
         self.token = token or None
         self.default_namespace = namespace or None
+        self.default_region = region or None
         self.timeout = timeout
         self._socket_path: str | None = None
         if self.address.startswith("unix://"):
@@ -221,6 +248,8 @@ class ApiClient:
         hdrs.update(headers or {})
         if self.default_namespace and (params or {}).get("namespace") is None:
             params = {**(params or {}), "namespace": self.default_namespace}
+        if self.default_region and (params or {}).get("region") is None:
+            params = {**(params or {}), "region": self.default_region}
         try:
             session = self._get_session()
             async with session.request(method, url, params=_encode_params(params),
@@ -289,8 +318,19 @@ class ApiClient:
     async def job_summary(self, job_id: str, namespace: str | None = None) -> Any:
         return await self.get(f"/v1/job/{_seg(job_id)}/summary", {"namespace": namespace})
 
-    async def job_register(self, job: Mapping[str, Any], namespace: str | None = None) -> Any:
-        return await self.post("/v1/jobs", {"Job": job}, {"namespace": namespace})
+    async def job_register(self, job: Mapping[str, Any], namespace: str | None = None, *,
+                           enforce_index: int | None = None,
+                           submission: Mapping[str, Any] | None = None) -> Any:
+        """Register ``job``; ``enforce_index``: only if its JobModifyIndex is that (0: only
+        if it is new); ``submission``: the source it came from (Nomad's JobSubmission)."""
+        return await self.post("/v1/jobs", register_request(job, enforce_index, submission),
+                               {"namespace": namespace})
+
+    async def job_plan(self, job: Mapping[str, Any], diff: bool = True,
+                       policy_override: bool = False, namespace: str | None = None) -> Any:
+        return await self.post(f"/v1/job/{_seg(str(job['ID']))}/plan",
+                               {"Job": job, "Diff": diff, "PolicyOverride": policy_override},
+                               {"namespace": namespace})
 
     async def job_deregister(self, job_id: str, purge: bool = False,
                              namespace: str | None = None) -> Any:
@@ -305,6 +345,48 @@ class ApiClient:
 
     async def evaluation_get(self, eval_id: str, namespace: str | None = None) -> Any:
         return await self.get(f"/v1/evaluation/{_seg(eval_id)}", {"namespace": namespace})
+
+    # -- Job versions, evaluations (``http.endpoints.job_history``, ``evaluations``) --
+
+    async def job_version(self, job_id: str, version: int,
+                          namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}",
+                              {"version": version, "namespace": namespace})
+
+    async def job_versions(self, job_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/versions", {"namespace": namespace})
+
+    async def job_revert(self, job_id: str, version: int, *,
+                         enforce_prior_version: int | None = None,
+                         namespace: str | None = None) -> Any:
+        body: dict[str, Any] = {"JobID": job_id, "JobVersion": version}
+        if enforce_prior_version is not None:
+            body["EnforcePriorVersion"] = enforce_prior_version
+        return await self.post(f"/v1/job/{_seg(job_id)}/revert", body,
+                               {"namespace": namespace})
+
+    async def job_evaluate(self, job_id: str, *, force_reschedule: bool = False,
+                           namespace: str | None = None) -> Any:
+        return await self.post(f"/v1/job/{_seg(job_id)}/evaluate",
+                               {"JobID": job_id,
+                                "EvalOptions": {"ForceReschedule": force_reschedule}},
+                               {"namespace": namespace})
+
+    async def job_validate(self, job: Mapping[str, Any], namespace: str | None = None) -> Any:
+        return await self.post("/v1/validate/job", {"Job": job}, {"namespace": namespace})
+
+    async def job_submission(self, job_id: str, version: int,
+                             namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/job/{_seg(job_id)}/submission",
+                              {"version": version, "namespace": namespace})
+
+    async def evaluations_list(self, prefix: str | None = None,
+                               namespace: str | None = None) -> Any:
+        return await self.get("/v1/evaluations", {"prefix": prefix, "namespace": namespace})
+
+    async def evaluation_allocations(self, eval_id: str, namespace: str | None = None) -> Any:
+        return await self.get(f"/v1/evaluation/{_seg(eval_id)}/allocations",
+                              {"namespace": namespace})
 
     async def allocations_list(self, prefix: str | None = None,
                                namespace: str | None = None) -> Any:
@@ -384,6 +466,31 @@ class ApiClient:
     async def node_get(self, node_id: str) -> Any:
         return await self.get(f"/v1/node/{_seg(node_id)}")
 
+    async def node_eligibility(self, node_id: str, eligible: bool) -> Any:
+        return await self.post(f"/v1/node/{_seg(node_id)}/eligibility", {
+            "NodeID": node_id, "Eligibility": "eligible" if eligible else "ineligible"})
+
+    async def node_drain(self, node_id: str, deadline_ns: int | None, *,
+                         ignore_system_jobs: bool = False, mark_eligible: bool = False) -> Any:
+        """Start a drain (``deadline_ns``: 0 none, negative at once), or cancel one (None)."""
+        spec = None if deadline_ns is None else {"Deadline": deadline_ns,
+                                                 "IgnoreSystemJobs": ignore_system_jobs}
+        return await self.post(f"/v1/node/{_seg(node_id)}/drain", {
+            "NodeID": node_id, "DrainSpec": spec, "MarkEligible": mark_eligible})
+
+    async def metrics(self, format: str | None = None) -> Any:
+        """The agent's metrics: JSON, or the Prometheus text with ``format="prometheus"``."""
+        if format == "prometheus":
+            return (await self._checked("GET", "/v1/metrics",
+                                        params={"format": format})).text()
+        return await self.get("/v1/metrics")
+
+    async def system_gc(self) -> Any:
+        return await self.put("/v1/system/gc")
+
+    async def client_gc(self, node_id: str | None = None) -> Any:
+        return await self.put("/v1/client/gc", None, {"node_id": node_id or None})
+
     async def client_metadata_read(self, node_id: str | None = None) -> Any:
         return await self.get("/v1/client/metadata", {"node_id": node_id or None})
 
@@ -400,6 +507,41 @@ class ApiClient:
 
     async def fs_cat(self, alloc_id: str, path: str) -> bytes:
         return await self.get_bytes(f"/v1/client/fs/cat/{_seg(alloc_id)}", {"path": path})
+
+    async def fs_readat(self, alloc_id: str, path: str, offset: int = 0,
+                        limit: int = 0) -> bytes:
+        """``limit`` bytes of the file from ``offset`` (0: to its end)."""
+        return await self.get_bytes(f"/v1/client/fs/readat/{_seg(alloc_id)}",
+                                    {"path": path, "offset": offset, "limit": limit or None})
+
+    def fs_stream(self, alloc_id: str, path: str, *, offset: int = 0, origin: str = "start",
+                  follow: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """The file's ``StreamFrame``s (``Offset``, ``Data`` decoded to bytes, ``File``,
+        ``FileEvent``) as they come, heartbeats left out; followed until it is deleted."""
+        params = {"path": path, "offset": offset, "origin": origin,
+                  "follow": str(follow).lower()}
+        return _stream_frames(self.stream_body(f"/v1/client/fs/stream/{_seg(alloc_id)}",
+                                               params, idle_timeout=self.timeout))
+
+    def fs_stream_plain(self, alloc_id: str, path: str, *, offset: int = 0,
+                        origin: str = "start", follow: bool = True) -> AsyncIterator[bytes]:
+        """The file's bytes as they come (``plain=true``: no frames, no heartbeats)."""
+        params = {"path": path, "offset": offset, "origin": origin,
+                  "follow": str(follow).lower(), "plain": "true"}
+        return self.stream_body(f"/v1/client/fs/stream/{_seg(alloc_id)}", params,
+                                idle_timeout=None)
+
+    def alloc_logs_stream(self, alloc_id: str, task: str, *, stderr: bool = False,
+                          follow: bool = False, origin: str = "start", offset: int = 0
+                          ) -> AsyncIterator[bytes]:
+        """A task's log bytes as they come (``plain=true``); with ``follow`` until the
+        task is dead and its log read. ``origin="end"``: the last ``offset`` bytes first."""
+        # Only what differs from a plain read: the query of ``alloc_logs``, extended.
+        params = {"task": task, "type": "stderr" if stderr else "stdout", "plain": "true",
+                  "follow": "true" if follow else None,
+                  "origin": None if origin == "start" else origin, "offset": offset or None}
+        return self.stream_body(f"/v1/client/fs/logs/{_seg(alloc_id)}", params,
+                                idle_timeout=None)
 
     async def alloc_logs(self, alloc_id: str, task: str, stderr: bool = False) -> bytes:
         return await self.get_bytes(
@@ -619,32 +761,53 @@ class ApiClient:
         ends the stream, and ApiConnectionError when the agent cannot be reached or stays
         silent longer than the client's timeout (it sends a heartbeat every few seconds).
         """
-        url = self._base + "/v1/event/stream"
         params = {"index": index, "topic": list(topics) or None,
                   "namespace": namespace or self.default_namespace}
+        pending = bytearray()
+        async for chunk in self.stream_body("/v1/event/stream", params,
+                                            idle_timeout=self.timeout):
+            pending += chunk
+            if b"\n" not in chunk:
+                continue  # a long line arriving in pieces is split only once
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest)
+            for line in lines:
+                message = jsonlib.loads(line) if line.strip() else {}
+                if "Error" in message:
+                    raise EventStreamClosed(message["Error"])
+                if message:
+                    yield message
+
+    async def stream_body(self, path: str, params: Mapping[str, Any] | None, *,
+                          idle_timeout: float | None) -> AsyncIterator[bytes]:
+        """GET ``path`` and yield its body piece by piece as it arrives (no total timeout:
+        a stream lasts; ``idle_timeout``: the longest silence, None for none).
+
+        Raises ApiError for a refusal and ApiConnectionError when the agent cannot be
+        reached or stays silent too long."""
+        url = self._base + path
         headers = {"X-Nomad-Token": self.token} if self.token else {}
-        # No total: a stream lasts; a silent one is cut by the read timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
-                                        sock_read=self.timeout)
+                                        sock_read=idle_timeout)
         try:
             async with self._get_session().get(url, params=_encode_params(params),
                                                headers=headers, timeout=timeout) as resp:
                 if resp.status >= 400:
                     raise ApiError(resp.status, (await resp.read()).decode("utf-8", "replace"))
-                pending = bytearray()
                 async for chunk in resp.content.iter_any():
-                    pending += chunk
-                    if b"\n" not in chunk:
-                        continue  # a long line arriving in pieces is split only once
-                    *lines, rest = pending.split(b"\n")
-                    pending = bytearray(rest)
-                    for line in lines:
-                        message = jsonlib.loads(line) if line.strip() else {}
-                        if "Error" in message:
-                            raise EventStreamClosed(message["Error"])
-                        if message:
-                            yield message
+                    yield chunk
         except TimeoutError as exc:
             raise ApiConnectionError("GET", url, self._dial_target(), "i/o timeout") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise ApiConnectionError("GET", url, self._dial_target(), _reason(exc)) from exc
+
+
+def register_request(job: Mapping[str, Any], enforce_index: int | None = None,
+                     submission: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The body of a job registration (Nomad's JobRegisterRequest)."""
+    body: dict[str, Any] = {"Job": job}
+    if enforce_index is not None:
+        body.update(EnforceIndex=True, JobModifyIndex=enforce_index)
+    if submission is not None:
+        body["Submission"] = dict(submission)
+    return body

@@ -8,7 +8,6 @@ when one is named; ``-json`` prints the API's JSON as it came.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from nomad_client.cli.common import (
     CommandParser,
     command_group,
     out,
+    print_formatted,
     reporting,
     run_with_client,
 )
@@ -51,7 +51,7 @@ class AclParser(CommandParser):
         self.add_argument("args", nargs="*", help=argparse.SUPPRESS)
 
     def add_json_flag(self, what: str) -> None:
-        self.add_bool_flag("json", help=f"print the {what} as the API's JSON")
+        self.add_format_flags(what)
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
         ns = super().parse(argv)
@@ -107,9 +107,10 @@ def _expired(value: Any) -> bool:
     return when is not None and when < datetime.now(UTC)
 
 
-def _show(doc: Document, as_json: bool, render: Callable[[Any], str]) -> None:
+def _show(doc: Document, ns: argparse.Namespace, render: Callable[[Any], str]) -> None:
     # Nomad indents ACL JSON by four spaces and keeps the fields in the API's order.
-    out(json.dumps(doc, indent=4) if as_json else render(doc))
+    if not print_formatted(ns, doc):
+        out(render(doc))
 
 
 def format_token(token: Mapping[str, Any]) -> str:
@@ -192,7 +193,7 @@ def _fetch_and_show(ns: argparse.Namespace, failure: str,
     async def body(client: ApiClient) -> int:
         with reporting(failure):
             doc = await call(client)
-        _show(doc, ns.json, render)
+        _show(doc, ns, render)
         return 0
 
     return run_with_client(ns, body)
@@ -210,7 +211,7 @@ def _edit_and_show(ns: argparse.Namespace, what: str,
             current = await read(client)
         with reporting(f"Error updating {what}"):
             written = await write(client, edit(current))
-        _show(written, ns.json, render)
+        _show(written, ns, render)
         return 0
 
     return run_with_client(ns, body)
@@ -394,7 +395,7 @@ def token_create_cmd(argv: Sequence[str]) -> int:
                 except ApiError as exc:
                     print(f"Error fetching info on {policy} policy: {exc}", file=sys.stderr)
             created = await client.acl_token_create(token)
-        _show(created, ns.json, format_token)
+        _show(created, ns, format_token)
         return 0
 
     return run_with_client(ns, body)
@@ -419,7 +420,7 @@ def token_self_cmd(argv: Sequence[str]) -> int:
         if _is_uuid(client.token):
             with reporting("Error fetching self token"):
                 token = await client.acl_token_self()
-            _show(token, ns.json, format_token)
+            _show(token, ns, format_token)
             return 0
         # Not an ACL token: a workload identity, which may have policies attached.
         with reporting("Error fetching self policies"):

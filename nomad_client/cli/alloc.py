@@ -5,8 +5,14 @@ An allocation ID prefix is looked up in the namespace of ``-namespace`` (or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import asyncio
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+
+import attrs
 
 from nomad_client.api import ApiClient, ApiConnectionError, ApiError
 from nomad_client.cli import format as fmt
@@ -14,6 +20,7 @@ from nomad_client.cli.common import (
     CommandError,
     CommandParser,
     out,
+    print_formatted,
     reporting,
     resolve_prefix,
     run_with_client,
@@ -83,10 +90,13 @@ def status_cmd(argv: Sequence[str]) -> int:
     p.add_positionals("alloc", 1, 1)
     p.add_bool_flag("verbose", help="show full IDs and exact times")
     p.add_bool_flag("stats", help="show each running task's CPU and memory use")
+    p.add_format_flags("allocation")
     ns = p.parse(argv)
 
     async def body(client: ApiClient) -> int:
         alloc = await _get_alloc(client, ns.alloc[0])
+        if print_formatted(ns, alloc):
+            return 0
         v = ns.verbose
         usage = await _usage(client, alloc) if ns.stats else {}
 
@@ -125,61 +135,212 @@ def status_cmd(argv: Sequence[str]) -> int:
     return run_with_client(ns, body)
 
 
-def logs_cmd(argv: Sequence[str]) -> int:
-    p = CommandParser("alloc logs", "alloc logs [options] <alloc> [task]",
-                      "Print the stdout (or stderr) log of a task.",
-                      namespaced=True, wildcard_ok=True)
-    p.add_positionals("args", 1, 2)
-    p.add_bool_flag("stderr", help="show stderr instead of stdout")
-    ns = p.parse(argv)
+# ---- logs and fs ----------------------------------------------------------------------
+# Lines asked for with -n become this many bytes per line from the end (as Nomad's CLI);
+# what arrives is then cut to the lines wanted.
+BYTES_PER_LINE = 120
+DEFAULT_TAIL_LINES = 10
+# Following a tail of lines: the tail has arrived once the stream is quiet this long.
+TAIL_SETTLE_SECONDS = 0.2
 
-    async def body(client: ApiClient) -> int:
-        alloc = await _get_alloc(client, ns.args[0])
-        tasks = _task_names(alloc)
-        if len(ns.args) == 2:
-            task = ns.args[1]
-            if tasks and task not in tasks:
-                raise CommandError(f'Could not find task named "{task}" in allocation; '
-                                   f"tasks: {', '.join(tasks)}")
-        elif len(tasks) == 1:
-            task = tasks[0]
-        else:
-            listing = "\n".join(f"  * {t}" for t in tasks) or "  (none)"
-            raise CommandError(f'Allocation "{fmt.short_id(alloc.get("ID"))}" is running the '
-                               f"following tasks:\n{listing}\n\nPlease specify the task.")
-        with reporting("Error reading logs"):
-            data = await client.alloc_logs(alloc["ID"], task, stderr=ns.stderr)
-        write_bytes(data)
+
+@attrs.frozen
+class TailSpec:
+    """Where a read starts (``origin``, ``offset``) and how many lines of what arrives
+    first to keep (None: all of it)."""
+
+    origin: str = "start"
+    offset: int = 0
+    lines: int | None = None
+
+
+def add_read_flags(p: CommandParser) -> None:
+    p.add_bool_flag("f", help="follow: keep printing what is written (Ctrl-C stops)")
+    p.add_bool_flag("tail", help="read from the end (the last 10 lines unless -n or -c)")
+    p.add_flag("n", type=int, default=-1, metavar="LINES",
+               help="with -tail: this many lines from the end (best effort)")
+    p.add_flag("c", type=int, default=-1, metavar="BYTES",
+               help="with -tail: this many bytes from the end")
+    p.add_bool_flag("job", help="the first argument is a job: use a random running "
+                                "allocation of it")
+
+
+def tail_spec(ns: argparse.Namespace) -> TailSpec:
+    if ns.n >= 0 and ns.c >= 0:
+        raise CommandError("Only one of -n and -c may be given")
+    if not (ns.tail or ns.n >= 0 or ns.c >= 0):
+        return TailSpec()
+    if ns.c >= 0:
+        return TailSpec("end", ns.c)
+    lines = ns.n if ns.n >= 0 else DEFAULT_TAIL_LINES
+    return TailSpec("end", lines * BYTES_PER_LINE, lines)
+
+
+def last_lines(data: bytes, count: int) -> bytes:
+    """The last ``count`` lines of ``data`` (a final line without a newline counts)."""
+    if count <= 0:
+        return b""
+    return b"".join(data.splitlines(keepends=True)[-count:])
+
+
+async def print_stream(chunks: AsyncIterator[bytes], spec: TailSpec, follow: bool) -> None:
+    """Print ``chunks`` as they come. With ``spec.lines``, of the tail only its last lines:
+    all of it when not following, else what arrives before the stream first goes quiet
+    (the tail is sent at once; then the follow begins)."""
+    if spec.lines is None:
+        async for chunk in chunks:
+            write_bytes(chunk)
+        return
+    if not follow:
+        write_bytes(last_lines(b"".join([chunk async for chunk in chunks]), spec.lines))
+        return
+    head = bytearray()
+    pending: asyncio.Future[bytes | None] = asyncio.ensure_future(anext(chunks, None))
+    try:
+        # Never cancelled on a timeout: that would end the stream itself.
+        while (await asyncio.wait({pending}, timeout=TAIL_SETTLE_SECONDS))[0]:
+            if (piece := pending.result()) is None:
+                break
+            head += piece
+            pending = asyncio.ensure_future(anext(chunks, None))
+        write_bytes(last_lines(bytes(head), spec.lines))
+        while (piece := await pending) is not None:
+            write_bytes(piece)
+            pending = asyncio.ensure_future(anext(chunks, None))
+    finally:
+        pending.cancel()
+
+
+async def _random_running_alloc(client: ApiClient, job_id: str) -> dict[str, Any]:
+    """A random running allocation of the job, as Nomad's ``-job`` picks one."""
+    with reporting("Error querying job allocations"):
+        allocs = await client.job_allocations(job_id)
+        running = [a for a in allocs or [] if a.get("ClientStatus") == "running"]
+        if not running:
+            raise CommandError(f'No running allocations found for job "{job_id}"')
+        return await client.allocation_get(random.choice(running)["ID"])
+
+
+async def _target_alloc(client: ApiClient, ident: str, by_job: bool) -> dict[str, Any]:
+    return await (_random_running_alloc(client, ident) if by_job else _get_alloc(client, ident))
+
+
+def _run_read(ns: argparse.Namespace, body: Callable[[ApiClient], Awaitable[int]]) -> int:
+    """Run a logs/fs command; Ctrl-C ends a follow quietly (exit 0), as Nomad's CLI."""
+    if not ns.f:
+        return run_with_client(ns, body)
+    try:
+        return run_with_client(ns, lambda client: _until_interrupted(body(client)))
+    except KeyboardInterrupt:
         return 0
 
-    return run_with_client(ns, body)
+
+async def _until_interrupted(follow: Awaitable[int]) -> int:
+    """``follow``'s result, or 0 once SIGINT arrives. The follow listens for SIGINT itself, as
+    Nomad's CLI does: started as a shell's background job, it would otherwise inherit SIGINT
+    ignored and never stop."""
+    loop = asyncio.get_running_loop()
+    following = asyncio.ensure_future(follow)
+    interrupted = asyncio.Event()
+
+    def interrupt() -> None:
+        interrupted.set()
+        following.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        return await following
+    except asyncio.CancelledError:
+        if not interrupted.is_set():
+            raise
+        return 0
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+def _log_task(alloc: dict[str, Any], flag: str | None, positional: Sequence[str]) -> str:
+    tasks = _task_names(alloc)
+    task = flag or (positional[0] if positional else None)
+    if task:
+        if tasks and task not in tasks:
+            raise CommandError(f'Could not find task named "{task}" in allocation; '
+                               f"tasks: {', '.join(tasks)}")
+        return task
+    if len(tasks) == 1:
+        return tasks[0]
+    listing = "\n".join(f"  * {t}" for t in tasks) or "  (none)"
+    raise CommandError(f'Allocation "{fmt.short_id(alloc.get("ID"))}" is running the '
+                       f"following tasks:\n{listing}\n\nPlease specify the task.")
+
+
+def logs_cmd(argv: Sequence[str]) -> int:
+    p = CommandParser("alloc logs", "alloc logs [options] <alloc | job> [task]",
+                      "Print the stdout (or stderr) log of a task; -f follows it until the "
+                      "task ends.", namespaced=True, wildcard_ok=True)
+    p.add_positionals("args", 1, 2)
+    p.add_bool_flag("stderr", help="show stderr instead of stdout")
+    p.add_flag("task", metavar="TASK", help="the task whose log to show")
+    p.add_bool_flag("verbose", help="show full IDs (accepted)")
+    add_read_flags(p)
+    ns = p.parse(argv)
+    spec = tail_spec(ns)
+
+    async def body(client: ApiClient) -> int:
+        alloc = await _target_alloc(client, ns.args[0], ns.job)
+        task = _log_task(alloc, ns.task, ns.args[1:])
+        with reporting("Error reading logs"):
+            await print_stream(client.alloc_logs_stream(
+                alloc["ID"], task, stderr=ns.stderr, follow=ns.f, origin=spec.origin,
+                offset=spec.offset), spec, ns.f)
+        return 0
+
+    return _run_read(ns, body)
+
+
+def _stat_row(info: dict[str, Any], name: str | None = None) -> list[Any]:
+    return [info.get("FileMode"), fmt.ibytes(info.get("Size")),
+            fmt.format_time(fmt.from_rfc3339(info.get("ModTime"))),
+            (name if name is not None else info.get("Name", ""))
+            + ("/" if info.get("IsDir") else "")]
 
 
 def fs_cmd(argv: Sequence[str]) -> int:
-    p = CommandParser("alloc fs", "alloc fs [options] <alloc> [path]",
+    p = CommandParser("alloc fs", "alloc fs [options] <alloc | job> [path]",
                       "List a directory or print a file of an allocation's directory.",
                       namespaced=True, wildcard_ok=True)
     p.add_positionals("args", 1, 2)
+    p.add_bool_flag("stat", help="show the file's (or directory's) details, not its content")
+    p.add_bool_flag("H", help="human-readable sizes (always on)")
+    p.add_bool_flag("verbose", help="show full IDs (accepted)")
+    add_read_flags(p)
     ns = p.parse(argv)
     path = ns.args[1] if len(ns.args) == 2 else "/"
+    spec = tail_spec(ns)
 
     async def body(client: ApiClient) -> int:
-        alloc = await _get_alloc(client, ns.args[0])
+        alloc = await _target_alloc(client, ns.args[0], ns.job)
         alloc_id = alloc["ID"]
         with reporting("Error reading file"):
             info = await client.fs_stat(alloc_id, path)
-            if not (info or {}).get("IsDir"):
-                write_bytes(await client.fs_cat(alloc_id, path))
+            if ns.stat:
+                out(fmt.table(["Mode", "Size", "Modified Time", "Name"], [_stat_row(info)]))
                 return 0
+            if not (info or {}).get("IsDir"):
+                if not ns.f and spec.origin == "start":
+                    write_bytes(await client.fs_cat(alloc_id, path))
+                    return 0
+                await print_stream(client.fs_stream_plain(
+                    alloc_id, path, offset=spec.offset, origin=spec.origin, follow=ns.f),
+                    spec, ns.f)
+                return 0
+            if ns.f or spec.origin == "end":
+                raise CommandError(f"{path} is a directory: -f and -tail read files")
             entries = await client.fs_ls(alloc_id, path)
-        rows = [[e.get("FileMode"), fmt.ibytes(e.get("Size")),
-                 fmt.format_time(fmt.from_rfc3339(e.get("ModTime"))),
-                 e.get("Name", "") + ("/" if e.get("IsDir") else "")]
-                for e in entries or []]
-        out(fmt.table(["Mode", "Size", "Modified Time", "Name"], rows))
+        out(fmt.table(["Mode", "Size", "Modified Time", "Name"],
+                      [_stat_row(e) for e in entries or []]))
         return 0
 
-    return run_with_client(ns, body)
+    return _run_read(ns, body)
 
 
 # ---- resource usage, stop, restart, signal ---------------------------------------------

@@ -1,7 +1,8 @@
 """Plumbing shared by CLI commands: global API flags, running a command against the agent,
 turning API failures into one-line errors, and resolving ID prefixes.
 
-Global flags: ``-address`` and ``-token`` on every API command; ``-namespace`` (default
+Global flags: ``-address``, ``-token``, ``-region`` (default ``$NOMAD_REGION``) and
+``-no-color`` (accepted; nothing is coloured) on every API command; ``-namespace`` (default
 ``$NOMAD_NAMESPACE``; the flag wins) on those that address jobs, allocations or variables,
 sent with every request the command makes.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -50,6 +52,11 @@ class CommandParser(GoArgumentParser):
         self.add_flag("address", metavar="ADDR",
                       help="agent address (default: $NOMAD_ADDR or http://127.0.0.1:4646)")
         self.add_flag("token", metavar="TOKEN", help="ACL token (default: $NOMAD_TOKEN)")
+        self.add_flag("region", metavar="REGION",
+                      help="region to send the request to (default: $NOMAD_REGION)")
+        # Accepted for Nomad's scripts; this CLI never prints colour.
+        self.add_bool_flag("no-color", help="disable coloured output (there is none)")
+        self._format_flags = False
         if namespaced:
             every = '; "*": every namespace you may see' if wildcard_ok else ""
             self.add_flag("namespace", metavar="NS",
@@ -61,6 +68,13 @@ class CommandParser(GoArgumentParser):
         self.add_argument(dest, nargs="*", help=help)
         self._positional_range = (dest, low, high)
 
+    def add_format_flags(self, what: str) -> None:
+        """``-json`` and ``-t <template>`` (mutually exclusive), printed by :func:`formatted`."""
+        self._format_flags = True
+        self.add_bool_flag("json", help=f"print the {what} as the API's JSON")
+        self.add_flag("t", dest="template", metavar="TEMPLATE", default="",
+                      help=f"format the {what} with a Go template (see README)")
+
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
         ns = super().parse(argv)
         if self._positional_range is not None:
@@ -69,6 +83,9 @@ class CommandParser(GoArgumentParser):
                 want = f"{low}" if low == high else f"{low} to {high}"
                 raise CommandError(f"This command takes {want} argument(s): "
                                    f"{self._command_usage}")
+        ns.region = ns.region or os.environ.get("NOMAD_REGION") or None
+        if self._format_flags and ns.json and ns.template:
+            raise CommandError("Both json and template formatting are not allowed")
         ns.client_namespace = None
         if self._namespaced:
             ns.namespace = ns.namespace or os.environ.get("NOMAD_NAMESPACE") or None
@@ -98,7 +115,8 @@ def command_group(name: str, commands: Mapping[str, Command]) -> Command:
 
 def make_client(ns: argparse.Namespace) -> ApiClient:
     try:
-        return ApiClient(ns.address or None, ns.token, namespace=ns.client_namespace)
+        return ApiClient(ns.address or None, ns.token, namespace=ns.client_namespace,
+                         region=ns.region)
     except ValueError as exc:
         raise CommandError(f"Error initializing client: {exc}") from None
 
@@ -122,6 +140,28 @@ def reporting(what: str) -> Iterator[None]:
         yield
     except (ApiError, ApiConnectionError) as exc:
         raise CommandError(f"{what}: {exc}") from None
+
+
+def formatted(ns: argparse.Namespace, data: Any) -> str | None:
+    """``data`` as ``-json`` (indented by four spaces, as Nomad prints it) or ``-t`` ask,
+    or None when neither flag was given."""
+    if getattr(ns, "json", False):
+        return json.dumps(data, indent=4)
+    if getattr(ns, "template", ""):
+        # Imported here: gotemplate builds on this module's CommandError.
+        from nomad_client.cli.gotemplate import render
+
+        return render(ns.template, data)
+    return None
+
+
+def print_formatted(ns: argparse.Namespace, data: Any) -> bool:
+    """Print ``data`` per ``-json``/``-t`` and say whether it did (else the caller's table)."""
+    text = formatted(ns, data)
+    if text is None:
+        return False
+    out(text)
+    return True
 
 
 def out(text: str = "") -> None:

@@ -17,9 +17,11 @@ from nomad_client.cli import (
     alloc,
     dispatch,
     job,
+    job_history,
     namespace,
     node,
     operator,
+    plan,
     scaling,
     service,
     var,
@@ -30,7 +32,8 @@ from nomad_client.goflags import HelpRequested, UsageError
 Command = Callable[[Sequence[str]], int]
 
 GROUPS: Mapping[str, Mapping[str, Command]] = {
-    "job": {**job.COMMANDS, **scaling.JOB_COMMANDS, **dispatch.JOB_COMMANDS},
+    "job": {**job.COMMANDS, **job_history.COMMANDS, **plan.COMMANDS, **scaling.JOB_COMMANDS,
+            **dispatch.JOB_COMMANDS},
     "alloc": alloc.COMMANDS,
     "node": node.COMMANDS,
     "acl": acl.COMMANDS,
@@ -41,25 +44,42 @@ GROUPS: Mapping[str, Mapping[str, Command]] = {
     "scaling": scaling.COMMANDS,
 }
 
+# Top-level shortcuts, as Nomad's ``nomad logs`` and ``nomad fs``.
+ALIASES: Mapping[str, Command] = {"logs": alloc.logs_cmd, "fs": alloc.fs_cmd,
+                                  # and ``nomad run``, ``status``, ``stop``
+                                  "run": job.run_cmd, "status": job.status_cmd,
+                                  "stop": job.stop_cmd}
+
 USAGE = """\
 Usage: nomad-client <command> [args]
 
 Commands:
     agent          Run the agent
+    version        Print the version
     job run        Parse, submit and monitor a job
+    job plan       Dry-run a job: its diff and what the scheduler would do
     job status     List jobs or show one job
     job stop       Stop (and optionally purge) a job
+    job history    Show a job's kept versions
+    job inspect    Print a job (or -version N of it) as JSON
+    job revert     Register an earlier version of a job again
+    job validate   Check a job file without submitting it
+    job eval       Create a new evaluation of a job (-force-reschedule)
     job scale      Change the count of a job's task group
     job dispatch   Dispatch a parameterized job (payload from a file or stdin, -meta)
     job periodic force  Launch a periodic job's child now
     alloc status   Show an allocation
-    alloc logs     Print a task's stdout or stderr
+    alloc logs     Print a task's stdout or stderr (-f follows, -tail -n/-c from the end)
     alloc fs       List or print files of an allocation
+    logs, fs       Shortcuts for alloc logs and alloc fs
+    run, status, stop  Shortcuts for job run, job status and job stop
     alloc stop     Stop an allocation (it is replaced)
     alloc restart  Restart an allocation's tasks in place
     alloc signal   Send a signal to an allocation's tasks
     node status    List nodes or show one node
     node meta      Read or apply dynamic node metadata
+    node eligibility  Mark a node eligible or ineligible for placements
+    node drain     Drain a node (-enable|-disable, -deadline, -yes)
     acl bootstrap  Bootstrap the ACL system and print the management token
     acl policy     Apply, list, show or delete ACL policies
     acl token      Create, list, show, update or delete ACL tokens (self: the one in use)
@@ -72,6 +92,7 @@ Commands:
     var init       Write an example variable specification
     operator root keyring list    List the root keys
     operator root keyring rotate  Make a new active root key (-full: re-encrypt everything)
+    operator metrics  Show the agent's metrics (-format prometheus)
     namespace apply   Create or update a namespace (by name, or from an HCL/JSON file)
     namespace list    List namespaces
     namespace status  Show a namespace
@@ -83,9 +104,11 @@ Commands:
     scaling policy info   Show a scaling policy
 
 Global flags for API commands: -address=<addr> (or $NOMAD_ADDR), -token=<token> (or
-$NOMAD_TOKEN); for job, alloc, var and service commands also -namespace=<ns> (or
-$NOMAD_NAMESPACE; "*" lists every namespace you may see). Flags take one dash (-detach) or
-two (--detach).
+$NOMAD_TOKEN), -region=<region> (or $NOMAD_REGION), -no-color (accepted; nothing is
+coloured); for job, alloc, var and service commands also -namespace=<ns> (or
+$NOMAD_NAMESPACE; "*" lists every namespace you may see). Commands that show API objects
+take -json or -t '<go template>'. Flags take one dash (-detach) or two (--detach), and are
+matched by their whole name only.
 """
 
 
@@ -96,6 +119,19 @@ def _agent(argv: Sequence[str]) -> int:
     return run_agent_command(list(argv))
 
 
+def _version(argv: Sequence[str]) -> int:
+    # Imported lazily, like the agent: the version is the one the client fingerprints.
+    from nomad_client.client.fingerprint import NOMAD_VERSION
+
+    if argv and argv[0] in ("-h", "-help", "--help"):
+        print("Usage: nomad-client version\n\n  Prints the version.")
+        return 0
+    if argv:
+        raise UsageError("This command takes no arguments", "Usage: nomad-client version")
+    print(f"Nomad v{NOMAD_VERSION} (nomad-client)")
+    return 0
+
+
 def _dispatch(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "-help", "--help", "help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr, end="")
@@ -103,6 +139,10 @@ def _dispatch(argv: Sequence[str]) -> int:
     name, rest = argv[0], argv[1:]
     if name == "agent":
         return _agent(rest)
+    if name in ALIASES:
+        return ALIASES[name](rest)
+    if name in ("version", "-version", "--version", "-v"):
+        return _version(rest)
     group = GROUPS.get(name)
     if group is None:
         raise UsageError(f"unknown command {name!r}", USAGE)

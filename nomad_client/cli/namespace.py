@@ -22,6 +22,7 @@ from nomad_client.cli.common import (
     CommandError,
     CommandParser,
     out,
+    print_formatted,
     reporting,
     resolve_item,
     run_with_client,
@@ -188,15 +189,13 @@ def list_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("namespace list", "namespace list [options]",
                       "List the namespaces you may see.")
     p.add_positionals("args", 0, 0)
-    p.add_bool_flag("json", help="print the namespaces as JSON")
+    p.add_format_flags("namespaces")
     ns = p.parse(argv)
 
     async def body(client: ApiClient) -> int:
         with reporting("Error retrieving namespaces"):
             namespaces = await client.namespaces()
-        if ns.json:
-            out(json.dumps(namespaces, indent=4))
-        else:
+        if not print_formatted(ns, namespaces):
             out(_namespaces_table(namespaces) if namespaces else "No namespaces found")
         return 0
 
@@ -223,7 +222,7 @@ def status_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("namespace status", "namespace status [options] <name>",
                       "Show a namespace (found by its name or a prefix of it).")
     p.add_positionals("name", 1, 1)
-    p.add_bool_flag("json", help="print the namespace as JSON")
+    p.add_format_flags("namespace")
     ns = p.parse(argv)
 
     async def body(client: ApiClient) -> int:
@@ -231,7 +230,8 @@ def status_cmd(argv: Sequence[str]) -> int:
         with reporting("Error looking up namespace"):
             found = await resolve_item(client.namespaces(prefix=name), name, "namespace",
                                        "namespaces", _namespaces_table, key="Name")
-        out(json.dumps(found, indent=4) if ns.json else _status(found))
+        if not print_formatted(ns, found):
+            out(_status(found))
         return 0
 
     return run_with_client(ns, body)

@@ -1,6 +1,6 @@
 """``operator root keyring list|rotate``: the server's root keys, with Nomad's flags and
 output (a table of key ID, state, create time and publish time; IDs cut to 8 characters
-unless ``-verbose``)."""
+unless ``-verbose``); ``operator metrics``: the agent's metrics (JSON or Prometheus text)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from typing import Any
 
 from nomad_client.api import ApiClient
 from nomad_client.cli import format as fmt
-from nomad_client.cli.common import CommandParser, out, reporting, run_with_client
+from nomad_client.cli.common import (
+    CommandError,
+    CommandParser,
+    formatted,
+    out,
+    reporting,
+    run_with_client,
+)
 from nomad_client.goflags import UsageError
 
 Command = Callable[[Sequence[str]], int]
@@ -55,11 +62,15 @@ def _run(ns: argparse.Namespace, call: Callable[[ApiClient], Awaitable[Any]],
 
 def keyring_list_cmd(argv: Sequence[str]) -> int:
     parser = _parser("list", "List the server's root keys.")
-    parser.add_bool_flag("json", help="print the keys as the API's JSON")
+    parser.add_format_flags("keys")
     ns = parser.parse(argv)
     return _run(ns, lambda client: client.keyring_keys(),
-                lambda keys: json.dumps(keys, indent=4) if ns.json
-                else render_keys(keys, ns.verbose))
+                lambda keys: _keys_text(ns, keys))
+
+
+def _keys_text(ns: argparse.Namespace, keys: Any) -> str:
+    text = formatted(ns, keys)
+    return render_keys(keys, ns.verbose) if text is None else text
 
 
 def keyring_rotate_cmd(argv: Sequence[str]) -> int:
@@ -89,4 +100,28 @@ def root_cmd(argv: Sequence[str]) -> int:
     return command(argv[2:])
 
 
-COMMANDS: Mapping[str, Command] = {"root": root_cmd}
+def metrics_cmd(argv: Sequence[str]) -> int:
+    parser = CommandParser("operator metrics", "operator metrics [options]",
+                           "Show the agent's metrics: JSON by default, or the Prometheus "
+                           "text format with -format prometheus.")
+    parser.add_flag("format", default="", metavar="FORMAT",
+                    help='"prometheus" for the Prometheus text format')
+    parser.add_bool_flag("pretty", help="indent the JSON output")
+    parser.add_format_flags("metrics")
+    parser.add_positionals("args", 0, 0)
+    ns = parser.parse(argv)
+    if ns.format not in ("", "prometheus"):
+        raise CommandError(f'Unsupported format "{ns.format}": only "prometheus" is known')
+
+    def render(answer: Any) -> str:
+        if ns.format == "prometheus":
+            return str(answer).rstrip("\n")
+        text = formatted(ns, answer)
+        if text is not None:
+            return text
+        return json.dumps(answer, indent=4 if ns.pretty else None)
+
+    return _run(ns, lambda client: client.metrics(ns.format or None), render)
+
+
+COMMANDS: Mapping[str, Command] = {"root": root_cmd, "metrics": metrics_cmd}

@@ -20,6 +20,7 @@ from nomad_client.cli.common import (
     CommandParser,
     command_group,
     out,
+    print_formatted,
     reporting,
     resolve_item,
     run_with_client,
@@ -93,7 +94,7 @@ def policy_list_cmd(argv: Sequence[str]) -> int:
     p.add_positionals("args", 0, 0)
     p.add_flag("job", default="", metavar="JOB", help="only the policies of this job")
     p.add_flag("type", default="", metavar="TYPE", help="only policies of this type")
-    p.add_bool_flag("json", help="print the API's JSON")
+    p.add_format_flags("policies")
     p.add_bool_flag("verbose", help="show full IDs")
     ns = p.parse(argv)
 
@@ -101,9 +102,7 @@ def policy_list_cmd(argv: Sequence[str]) -> int:
         with reporting("Error listing scaling policies"):
             policies = await client.scaling_policies(job=ns.job or None,
                                                      policy_type=ns.type or None)
-        if ns.json:
-            out(json.dumps(policies, indent=4))
-        else:
+        if not print_formatted(ns, policies):
             out(_policies_table(policies, ns.verbose) if policies
                 else "No policies found")
         return 0
@@ -115,7 +114,7 @@ def policy_info_cmd(argv: Sequence[str]) -> int:
     p = CommandParser("scaling policy info", "scaling policy info [options] <policy_id>",
                       "Show a scaling policy.", namespaced=True)
     p.add_positionals("args", 1, 1)
-    p.add_bool_flag("json", help="print the API's JSON")
+    p.add_format_flags("policy")
     ns = p.parse(argv)
     ident = ns.args[0]
 
@@ -125,8 +124,7 @@ def policy_info_cmd(argv: Sequence[str]) -> int:
                                       "scaling policy",
                                       "scaling policies", _policies_table)
             policy = await client.scaling_policy(str(stub["ID"]))
-        if ns.json:
-            out(json.dumps(policy, indent=4))
+        if print_formatted(ns, policy):
             return 0
         out(fmt.kv([("ID", policy.get("ID")), ("Enabled", policy.get("Enabled")),
                     ("Target", _target(policy)), ("Min", policy.get("Min")),

@@ -4,7 +4,6 @@ namespace; ``list`` and ``info`` take ``*`` for every namespace the caller may r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from nomad_client.cli.common import (
     ALL_NAMESPACES,
     CommandParser,
     out,
+    print_formatted,
     reporting,
     run_with_client,
 )
@@ -39,14 +39,14 @@ def list_cmd(argv: Sequence[str]) -> int:
                       "List the services registered with provider \"nomad\".",
                       namespaced=True, wildcard_ok=True)
     p.add_positionals("args", 0, 0)
-    p.add_bool_flag("json", help="print the services as JSON")
+    p.add_format_flags("services")
     ns = p.parse(argv)
 
     async def body(client: ApiClient) -> int:
         with reporting("Error listing service registrations"):
             listing = await client.services_list()
-        if ns.json:
-            out(json.dumps(listing, indent=4))
+        if print_formatted(ns, listing):
+            pass
         elif not any(entry.get("Services") for entry in listing):
             out("No service registrations found")
         else:
@@ -80,7 +80,7 @@ def info_cmd(argv: Sequence[str]) -> int:
                       "Show the registrations of a service.", namespaced=True,
                       wildcard_ok=True)
     p.add_positionals("name", 1, 1)
-    p.add_bool_flag("json", help="print the registrations as JSON")
+    p.add_format_flags("registrations")
     p.add_bool_flag("verbose", help="show every field of each registration")
     p.add_flag("filter", metavar="EXPR", default=None,
                help="keep the registrations this expression matches")
@@ -92,8 +92,8 @@ def info_cmd(argv: Sequence[str]) -> int:
     async def body(client: ApiClient) -> int:
         with reporting("Error listing service registrations"):
             found = await client.service_registrations(name, tags=ns.tag, filter=ns.filter)
-        if ns.json:
-            out(json.dumps(found, indent=4))
+        if print_formatted(ns, found):
+            pass
         elif not found:
             out("No service registrations found")
         else:

@@ -3,7 +3,7 @@
 Everything goes through the agent API (``/v1/vars``, ``/v1/var/:path``), so the commands work
 from inside a task with ``NOMAD_ADDR=$NOMAD_UNIX_ADDR`` and its workload identity.
 Output formats: ``json`` (the API's variable, 2-space indented, as Nomad's CLI prints it),
-``table``, ``hcl`` (a spec ``var put`` reads back), ``go-template`` (a small subset, below)
+``table``, ``hcl`` (a spec ``var put`` reads back), ``go-template`` (``cli.gotemplate``)
 and ``none``; the default is ``table`` on a terminal and ``json`` otherwise.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 from nomad_client.api import ApiClient, ApiError
 from nomad_client.cli import format as fmt
 from nomad_client.cli.common import CommandError, CommandParser, out, reporting, run_with_client
+from nomad_client.cli.gotemplate import render as render_template
 from nomad_client.durations import DurationError, format_duration, parse_duration_ns
 from nomad_client.jobspec import JobspecError
 from nomad_client.jobspec.plain import parse_plain
@@ -103,67 +104,6 @@ def _index_flag(name: str, text: str | None) -> int | None:
     if value < 0:
         raise CommandError(f"Invalid -{name} value {text!r}: expected a non-negative integer")
     return value
-
-
-# ---- go-template subset --------------------------------------------------------------------
-
-_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
-_FIELD_PATH = re.compile(r"\.(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?")
-_INDEX_CALL = re.compile(r'index\s+(\S+)\s+"((?:[^"\\]|\\.)*)"')
-
-
-def _go_text(value: Any) -> str:
-    """A value as Go's ``fmt`` prints it in a template (maps sorted by key)."""
-    if value is None:
-        return "<no value>"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Mapping):
-        return "map[" + " ".join(f"{k}:{_go_text(value[k])}" for k in sorted(value)) + "]"
-    if isinstance(value, list):
-        return "[" + " ".join(_go_text(v) for v in value) + "]"
-    return str(value)
-
-
-def _field(data: Any, path: str) -> Any:
-    value = data
-    for name in (part for part in path.split(".") if part):
-        value = value.get(name) if isinstance(value, Mapping) else None
-    return value
-
-
-def _template_action(action: str, data: Any) -> str:
-    if _FIELD_PATH.fullmatch(action):
-        return _go_text(_field(data, action))
-    call = _INDEX_CALL.fullmatch(action)
-    if call and _FIELD_PATH.fullmatch(call.group(1)):
-        container = _field(data, call.group(1))
-        key = json.loads(f'"{call.group(2)}"')
-        value = container.get(key) if isinstance(container, Mapping) else None
-        return _go_text(value)
-    raise CommandError(
-        f"Unsupported template action {{{{ {action} }}}}: this CLI supports field access "
-        '({{ .Items.key }}) and index ({{ index .Items "key" }}) only')
-
-
-def render_template(template: str, data: Any) -> str:
-    """Render the supported subset of Go's text/template: literal text, ``{{ .A.b }}``,
-    ``{{ index .Items "k" }}`` and the ``{{-``/``-}}`` trim markers. Anything else (pipes,
-    ``range``, ``if``, functions) is refused with a message, never guessed at."""
-    parts: list[str] = []
-    pos = 0
-    for match in _ACTION.finditer(template):
-        text = template[pos:match.start()]
-        parts.append(text.rstrip() if match.group(1) else text)
-        parts.append(_template_action(match.group(2).strip(), data))
-        pos = match.end()
-        if match.group(3):
-            pos = len(template) - len(template[pos:].lstrip())
-    parts.append(template[pos:])
-    rendered = "".join(parts)
-    if "{{" in template[pos:] or "}}" in template[pos:]:
-        raise CommandError("Invalid template: unclosed action")
-    return rendered
 
 
 # ---- output --------------------------------------------------------------------------------

@@ -176,10 +176,10 @@ Check = Callable[[ACL, str], bool]
 @attrs.frozen
 class Need:
     """What a route asks of the caller's ACL, built once when the route is registered:
-    ``Need.none``, ``Need.management``, ``Need.agent_read``, ``Need.node_read``,
-    ``Need.node_write``, ``Need.namespace_access`` (any capability short of deny: reading
-    the namespace itself), or ``Need.namespace(cap, ...)`` (any one of the capabilities, in
-    the namespace asked about)."""
+    ``Need.none``, ``Need.management``, ``Need.agent_read``, ``Need.agent_write``,
+    ``Need.node_read``, ``Need.node_write``, ``Need.namespace_access`` (any capability
+    short of deny: reading the namespace itself), or ``Need.namespace(cap, ...)`` (any one of
+    the capabilities, in the namespace asked about)."""
 
     name: str
     # (acl, namespace) -> allowed; None when the route needs no permission at all.
@@ -189,6 +189,7 @@ class Need:
     none: ClassVar[Need]
     management: ClassVar[Need]
     agent_read: ClassVar[Need]
+    agent_write: ClassVar[Need]
     node_read: ClassVar[Need]
     node_write: ClassVar[Need]
     namespace_access: ClassVar[Need]
@@ -223,6 +224,7 @@ class Need:
 Need.none = Need("none", None)
 Need.management = Need("management", lambda acl, ns: acl.management)
 Need.agent_read = Need("agent:read", lambda acl, ns: acl.allow_agent_read())
+Need.agent_write = Need("agent:write", lambda acl, ns: acl.allow_agent_write())
 Need.node_read = Need("node:read", lambda acl, ns: acl.allow_node_read())
 Need.node_write = Need("node:write", lambda acl, ns: acl.allow_node_write())
 Need.namespace_access = Need("namespace:any", lambda acl, ns: acl.allow_namespace(ns),

@@ -361,3 +361,14 @@ def tcp_socket(host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+def when_lost(raw: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
+    """Have ``callback`` called when the request's connection is lost (``Connection.on_lost``)
+    and return what cancels that: for a streamed response that waits on something other than
+    its client, which aiohttp does not cancel when the client goes."""
+    on_lost = getattr(raw.protocol, "on_lost", None)
+    if on_lost is None:  # another server (none of ours): found out by the next write
+        return lambda: None
+    forget: Callable[[], None] = on_lost(callback)
+    return forget

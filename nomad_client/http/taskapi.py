@@ -44,6 +44,7 @@ from nomad_client.http.errors import HTTPError
 from nomad_client.http.listeners import Connection, ConnectionLimits, Listener
 from nomad_client.http.peercred import peer_is_task
 from nomad_client.http.ratelimit import TokenBucket
+from nomad_client.http.request_counts import TASK_API_REQUESTS
 from nomad_client.http.router import Router, answer_refusal, error_response
 
 log = logging.getLogger(__name__)
@@ -231,9 +232,10 @@ class TaskAPIServer:
             if reason is not None:
                 response = await answer_refusal(request, error_response(403, reason))
         if audit is None:
-            if response is not None:
-                return response
-            return await self.router.dispatch(request, ctx, policy.screen)
+            if response is None:
+                response = await self.router.dispatch(request, ctx, policy.screen)
+            TASK_API_REQUESTS.count(response.status)
+            return response
         identity = None
         if response is None:
             audited = _AuditedRequest(policy)
@@ -243,6 +245,7 @@ class TaskAPIServer:
             socket=self._audit_fields(ctx), method=request.method, path=request.path,
             status=response.status, latency=asyncio.get_running_loop().time() - started,
             identity=identity, peer=conn.peer_cred, reason=reason))
+        TASK_API_REQUESTS.count(response.status)
         return response
 
     def _audit_fields(self, ctx: ListenerContext) -> str:

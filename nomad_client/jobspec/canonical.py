@@ -16,15 +16,21 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from nomad_client.durations import HOUR, MINUTE, SECOND
+from nomad_client.jobspec.api_zeros import fill_api_zeros
 from nomad_client.jobspec.errors import JobValidationError, short_repr
 from nomad_client.jobspec.launch_blocks import fill_launch_blocks, launch_block_problems
 from nomad_client.jobspec.network import fill_networks, network_problems
+from nomad_client.jobspec.rollout import fill_rollout_blocks, rollout_problems
 from nomad_client.jobspec.services import fill_services, service_problems
 
 JOB_TYPES = ("service", "batch", "system", "sysbatch")
 RESTART_MODES = ("fail", "delay")
 DELAY_FUNCTIONS = ("constant", "exponential", "fibonacci")
 IDENTITY_CHANGE_MODES = ("noop", "restart", "signal")
+# Copies of one group a job may ask for. Nomad has no such limit, but our scheduler places a
+# registration's allocations on the event loop: 100,000 of them would hold every request for
+# seconds. Scale actions are held to it too (``http/endpoints/scaling.py``).
+MAX_GROUP_COUNT = 10_000
 CONSTRAINT_OPERANDS = frozenset(
     {
         "=",
@@ -202,6 +208,8 @@ def _fill_job(job: dict[str, Any]) -> None:
             _fill_group(group, job["Type"], family)
     fill_launch_blocks(job)
     fill_services(job)
+    fill_rollout_blocks(job)
+    fill_api_zeros(job)  # last: only what nothing else has filled
 
 
 def _fill_group(group: dict[str, Any], job_type: str, family: str) -> None:
@@ -338,6 +346,7 @@ class _JobChecker:
         for where, group in self._members("group", "group", groups):
             self._group(where, group)
         self.problems.extend(service_problems(job))
+        self.problems.extend(rollout_problems(job))
         return self.problems
 
     def _members(
@@ -374,6 +383,8 @@ class _JobChecker:
             self.add(where, f"count must be a whole number, got {short_repr(count)}")
         elif count < 0:
             self.add(where, f"count must not be negative, got {count}")
+        elif count > MAX_GROUP_COUNT:
+            self.add(where, f"count must be at most {MAX_GROUP_COUNT}, got {count}")
         self._string_map(where, "Meta", group["Meta"])
         self._constraints(where, group["Constraints"])
         self._restart(where, group["RestartPolicy"])

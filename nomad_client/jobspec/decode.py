@@ -265,6 +265,8 @@ def decode_job(block: Block, filename: str, evaluator: Evaluator) -> dict[str, A
     }
     job.update(_present(Periodic=_optional_block(r, "periodic", _periodic),
                         ParameterizedJob=_optional_block(r, "parameterized", _parameterized)))
+    job.update(_present(Update=_optional_block(r, "update", _update),
+                        Migrate=_optional_block(r, "migrate", _migrate)))
     r.finish()
     return job
 
@@ -374,6 +376,9 @@ def _group(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
     group.update(_present(Networks=_networks(r)))
     group.update(_present(Scaling=_optional_block(r, "scaling", _scaling)))
     group.update(_present(Services=_services(r)))
+    group.update(_present(EphemeralDisk=_optional_block(r, "ephemeral_disk", _ephemeral_disk),
+                          Migrate=_optional_block(r, "migrate", _migrate),
+                          Update=_optional_block(r, "update", _update)))
     r.finish()
     return group
 
@@ -683,3 +688,40 @@ def _service_check(dec: _Decoder, block: Block, path: str) -> dict[str, Any]:
         raise dec.error(block.line, f"{path}.type",
                         'missing attribute: write type = "http" or type = "tcp"')
     return check
+
+
+# ---- ephemeral_disk, migrate, update (defaults and checks: ``rollout``) ------------------
+def _ephemeral_disk(r: _Reader) -> dict[str, Any]:
+    """Group ``ephemeral_disk { size, sticky, migrate }`` (size in MB)."""
+    return {
+        "SizeMB": r.get("size", r.dec.to_int),
+        "Sticky": r.get("sticky", r.dec.to_bool),
+        "Migrate": r.get("migrate", r.dec.to_bool),
+    }
+
+
+def _health_timing(r: _Reader) -> dict[str, Any]:
+    """The fields migrate and update share: how many at a time, and when one is healthy."""
+    return {
+        "MaxParallel": r.get("max_parallel", r.dec.to_int),
+        "HealthCheck": r.get("health_check", r.dec.to_str),
+        "MinHealthyTime": r.get("min_healthy_time", r.dec.to_duration),
+        "HealthyDeadline": r.get("healthy_deadline", r.dec.to_duration),
+    }
+
+
+def _migrate(r: _Reader) -> dict[str, Any]:
+    return _health_timing(r)
+
+
+def _update(r: _Reader) -> dict[str, Any]:
+    """Job or group ``update { max_parallel, health_check, min_healthy_time,
+    healthy_deadline, progress_deadline, auto_revert, auto_promote, canary, stagger }``."""
+    return {
+        **_health_timing(r),
+        "ProgressDeadline": r.get("progress_deadline", r.dec.to_duration),
+        "AutoRevert": r.get("auto_revert", r.dec.to_bool),
+        "AutoPromote": r.get("auto_promote", r.dec.to_bool),
+        "Canary": r.get("canary", r.dec.to_int),
+        "Stagger": r.get("stagger", r.dec.to_duration),
+    }

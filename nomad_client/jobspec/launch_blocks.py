@@ -15,6 +15,8 @@ from typing import Any
 
 from nomad_client.jobspec.cron import CronError, parse_cron, parse_time_zone
 from nomad_client.jobspec.errors import short_repr
+from nomad_client.jobspec.walk import object_groups as _groups
+from nomad_client.jobspec.walk import object_tasks as _tasks
 
 PAYLOAD_MODES = ("optional", "required", "forbidden")
 LAUNCHED_TYPES = ("batch", "sysbatch")  # periodic and parameterized jobs
@@ -40,20 +42,6 @@ def _filled(defaults: Mapping[str, Any], given: dict[str, Any]) -> dict[str, Any
     out = {k: (list(v) if isinstance(v, list) else v) for k, v in defaults.items()}
     out.update({k: v for k, v in given.items() if v is not None})
     return out
-
-
-def _groups(job: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    groups = job.get("TaskGroups")
-    for group in groups if isinstance(groups, list) else ():
-        if isinstance(group, dict):
-            yield group
-
-
-def _tasks(group: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    tasks = group.get("Tasks")
-    for task in tasks if isinstance(tasks, list) else ():
-        if isinstance(task, dict):
-            yield task
 
 
 def fill_launch_blocks(job: dict[str, Any]) -> None:

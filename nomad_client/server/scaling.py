@@ -23,7 +23,13 @@ from typing import Any
 
 import attrs
 
-from nomad_client.server.state import JOBS, SCALING_EVENTS, StateStore, job_key
+from nomad_client.server.job_versions import (
+    DEFAULT_TRACKED_VERSIONS,
+    job_modify_index,
+    versioned,
+    with_version,
+)
+from nomad_client.server.state import JOB_VERSIONS, JOBS, SCALING_EVENTS, StateStore, job_key
 from nomad_client.structs.jobs import iter_groups
 from nomad_client.structs.models import ALLOC_RUNNING, Allocation
 from nomad_client.structs.namespaces import job_namespace
@@ -46,7 +52,7 @@ class JobNotFound(LookupError):
 @attrs.frozen
 class ScaleRequest:
     """One ``POST /v1/job/:id/scale``; ``count`` None records an event only.
-    ``job_modify_index`` > 0: only if the job's ModifyIndex is still that."""
+    ``job_modify_index`` > 0: only if the job's JobModifyIndex is still that."""
 
     group: str
     count: int | None = None
@@ -117,10 +123,12 @@ class JobScaler:
     changed."""
 
     def __init__(self, store: StateStore, evaluate: Evaluate,
-                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+                 clock_ns: Callable[[], int] = time.time_ns, *,
+                 tracked_versions: int = DEFAULT_TRACKED_VERSIONS) -> None:
         self._store = store
         self._evaluate = evaluate
         self._clock_ns = clock_ns
+        self._tracked_versions = tracked_versions
 
     # ---- reads ---------------------------------------------------------------------------
     def events(self, namespace: str, job_id: str) -> Mapping[str, list[dict[str, Any]]]:
@@ -169,10 +177,11 @@ class JobScaler:
             """The group's count in ``current``, if the request may scale it."""
             if current is None:
                 raise JobNotFound(f'job "{job_id}" not found')
-            if 0 < request.job_modify_index != current.get("ModifyIndex"):
+            # As Nomad: the index of the job's last version, not of its last write.
+            if 0 < request.job_modify_index != job_modify_index(current):
                 raise ScalingError(
                     f"Enforcing job modify index {request.job_modify_index}: job exists with "
-                    f"conflicting job modify index: {current.get('ModifyIndex')}")
+                    f"conflicting job modify index: {job_modify_index(current)}")
             group = next((g for g in iter_groups(current) if g["Name"] == request.group),
                          None)
             if group is None:
@@ -187,21 +196,29 @@ class JobScaler:
             _check_bounds(current, request.group, request.count)
             groups = [{**g, "Count": request.count} if g["Name"] == request.group else g
                       for g in iter_groups(current)]
-            return {**current, "TaskGroups": groups, "Version": current.get("Version", 0) + 1,
-                    "SubmitTime": self._clock_ns()}
+            # A new version (``job_versions``), as any change of the job, kept in its history.
+            scaled[:] = [current, versioned(current, {**current, "TaskGroups": groups,
+                                                      "SubmitTime": self._clock_ns()}, index)]
+            return scaled[1]
 
+        def record(history: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+            return (with_version(history, scaled[0], scaled[1], self._tracked_versions)
+                    if scaled else None)
+
+        scaled: list[dict[str, Any]] = []  # [previous, scaled] once rescaled
         eval_id, eval_index = "", 0
         if request.count is None:
             previous_count = check(self._store.get(JOBS, key))
         else:
-            await self._store.write(updates={JOBS: [(key, rescale)]})
+            await self._store.write(updates={JOBS: [(key, rescale)],
+                                             JOB_VERSIONS: [(key, record)]})
             eval_id, eval_index = await self._evaluate(job_id, "job-scaling", namespace)
         job = self._store.get(JOBS, key)
         if job is None:  # purged right after it was scaled
             raise JobNotFound(f'job "{job_id}" not found')
         event_index = await self._record_event(key, request, previous_count, eval_id)
         return ScaleResult(eval_id=eval_id, eval_create_index=eval_index,
-                           job_modify_index=job["ModifyIndex"], index=event_index)
+                           job_modify_index=job_modify_index(job), index=event_index)
 
     async def _record_event(self, key: str, request: ScaleRequest, previous_count: int,
                             eval_id: str) -> int:

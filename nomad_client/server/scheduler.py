@@ -4,12 +4,12 @@ Pure functions over the records the server hands in; the server applies the resu
 is feasible for a group when it is ready and eligible, in one of the job's datacenters and
 its node pool, has every driver the group's tasks use (detected and healthy), and meets the
 job's, group's and tasks' constraints. Placement spreads by picking the node with the fewest
-live allocations among those that can also give the group's network ports (``ports``); a node
-that cannot is exhausted, and the reason is recorded as Nomad's exhausted dimension. Live
-allocations the job no longer asks for (its group is gone, or the group's count shrank below
-their index) are stopped. The caller hands in the job's own allocations (those of its
-namespace and ID) and, for the ports they hold, every allocation; new ones carry the job's
-namespace.
+live allocations among those that have room for its ephemeral disk (``disk``) and can give
+the group's network ports (``ports``); a node that cannot is exhausted, and the reason is
+recorded as Nomad's exhausted dimension. Live allocations the job no longer asks for (its
+group is gone, or the group's count shrank below their index) are stopped. The caller hands
+in the job's own allocations (those of its namespace and ID) and, for the ports and disk they
+hold, every allocation; new ones carry the job's namespace.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 import attrs
 
 from nomad_client.server.constraints import check_constraints
+from nomad_client.server.disk import DISK_EXHAUSTED, DiskBook, group_disk_mb
 from nomad_client.server.ports import PortBook, PortsExhausted
+from nomad_client.server.rolling import UPDATING, outdated
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.jobs import is_batch, iter_groups
 from nomad_client.structs.models import (
@@ -48,6 +50,10 @@ class PlacementPlan:
     stopped_allocs: tuple[Allocation, ...]
     failed_groups: Mapping[str, AllocMetric]
     queued: Mapping[str, int]
+    # Of ``stopped_allocs``, those stopped to be replaced by the new version (rolling).
+    replaced: tuple[Allocation, ...] = ()
+    # Live allocations the new version still has to replace after this pass.
+    outdated_left: int = 0
 
 
 def node_feasibility(job: Mapping[str, Any], group: Mapping[str, Any], node: Node,
@@ -76,31 +82,40 @@ def node_feasibility(job: Mapping[str, Any], group: Mapping[str, Any], node: Nod
 STOP_NOT_NEEDED = "alloc not needed due to job update"
 
 
-def _stop(alloc: Allocation) -> Allocation:
-    return attrs.evolve(alloc, desired_status=DESIRED_STOP, desired_description=STOP_NOT_NEEDED)
+def _stop(alloc: Allocation, why: str = STOP_NOT_NEEDED) -> Allocation:
+    return attrs.evolve(alloc, desired_status=DESIRED_STOP, desired_description=why)
 
 
 def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
              existing: Sequence[Allocation], every_alloc: Iterable[Allocation] = (),
-             rng: random.Random | None = None) -> PlacementPlan:
+             rng: random.Random | None = None, replace: Mapping[str, int] | None = None
+             ) -> PlacementPlan:
     """``existing``: the job's allocations; ``every_alloc``: all allocations (for the host
-    ports they hold; ``existing`` is always counted); ``rng`` picks dynamic ports."""
+    ports they hold; ``existing`` is always counted); ``rng`` picks dynamic ports;
+    ``replace``: how many outdated allocations of each group to replace now (``rolling``)."""
     live = [a for a in existing if a.desired_status == DESIRED_RUN and not a.client_terminal()]
     if job.get("Stop"):
         return PlacementPlan((), tuple(_stop(a) for a in live), {}, {})
 
     counts = {g["Name"]: int(g.get("Count", 1)) for g in iter_groups(job)}
-    # Allocations of an older job version are not replaced (no rolling updates): only those
-    # the new version has no slot for are stopped.
+    # Those the new version has no slot for are stopped; those it changed are replaced, as
+    # many as ``replace`` allows (``rolling``).
     surplus = [a for a in live if a.index >= counts.get(a.task_group, 0)]
-    stopped = {a.id for a in surplus}
+    surplus_ids = {a.id for a in surplus}
+    stale = [a for a in outdated(job, live) if a.id not in surplus_ids]
+    replaced = _first_of_each_group(stale, replace or {})
+    stopped = {a.id for a in (*surplus, *replaced)}
     batch = is_batch(job)
     load: dict[str, int] = {n.id: 0 for n in nodes}
     for alloc in live:
         if alloc.id not in stopped:
             load[alloc.node_id] = load.get(alloc.node_id, 0) + 1
     node_views = {n.id: to_api(n) for n in nodes}
-    ports = PortBook({a.id: a for a in (*every_alloc, *existing)}.values(), rng or _PORT_RANDOM)
+    # What this plan stops is free for what it places (as Nomad's plan applier counts it).
+    everyone = [a for a in {a.id: a for a in (*every_alloc, *existing)}.values()
+                if a.id not in stopped]
+    ports = PortBook(everyone, rng or _PORT_RANDOM)
+    disks = DiskBook(everyone)
 
     new: list[Allocation] = []
     failed: dict[str, AllocMetric] = {}
@@ -110,6 +125,7 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
         # A batch alloc that finished successfully still counts: batch work is not redone.
         taken = {a.index for a in existing
                  if a.task_group == name and a.desired_status == DESIRED_RUN
+                 and a.id not in stopped
                  and (not a.client_terminal() or (batch and a.client_status == "complete"))}
         missing = [i for i in range(int(group.get("Count", 1))) if i not in taken]
         if not missing:
@@ -123,9 +139,10 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
             else:
                 filtered[reason] = filtered.get(reason, 0) + 1
         networks = group_networks(group)
+        disk_mb = group_disk_mb(group)
         for placed, index in enumerate(missing):
             fit = _first_fit(sorted(feasible, key=lambda n: (load[n.id], n.id)), ports,
-                             networks)
+                             networks, disks, disk_mb)
             if not isinstance(fit, tuple):
                 # Nothing frees up within one pass: the group's other missing allocations
                 # fail alike.
@@ -143,17 +160,35 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
                 eval_id=eval_id, name=f"{job['ID']}.{name}[{index}]", node_id=node.id,
                 node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name,
                 allocated_resources=resources))
-    return PlacementPlan(tuple(new), tuple(_stop(a) for a in surplus), failed, queued)
+    return PlacementPlan(tuple(new), (*(_stop(a) for a in surplus),
+                                      *(_stop(a, UPDATING) for a in replaced)),
+                         failed, queued, tuple(replaced), len(stale) - len(replaced))
 
 
-def _first_fit(candidates: Sequence[Node], ports: PortBook, networks: Sequence[NetworkAsk]
-               ) -> tuple[Node, dict[str, Any]] | dict[str, int]:
-    """The first of ``candidates`` that can give the group's ports, with them (now held);
-    else how many nodes each dimension exhausted."""
+def _first_of_each_group(allocs: Sequence[Allocation], allowance: Mapping[str, int]
+                         ) -> list[Allocation]:
+    taken: dict[str, int] = {}
+    chosen = []
+    for alloc in allocs:
+        if taken.get(alloc.task_group, 0) < allowance.get(alloc.task_group, 0):
+            taken[alloc.task_group] = taken.get(alloc.task_group, 0) + 1
+            chosen.append(alloc)
+    return chosen
+
+
+def _first_fit(candidates: Sequence[Node], ports: PortBook, networks: Sequence[NetworkAsk],
+               disks: DiskBook, disk_mb: int) -> tuple[Node, dict[str, Any]] | dict[str, int]:
+    """The first of ``candidates`` with room for the group's ephemeral disk that can give
+    its ports, with them (now held, as is the disk); else how many nodes each dimension
+    exhausted."""
     exhausted: dict[str, int] = {}
     for node in candidates:
+        if not disks.fits(node, disk_mb):
+            exhausted[DISK_EXHAUSTED] = exhausted.get(DISK_EXHAUSTED, 0) + 1
+            continue
         resources = ports.assign(node, networks)
         if not isinstance(resources, PortsExhausted):
+            disks.take(node, disk_mb)
             return node, resources
         exhausted[resources.dimension] = exhausted.get(resources.dimension, 0) + 1
     return exhausted

@@ -30,12 +30,36 @@ from nomad_client.server.acl_resolver import ACLResolver, workload_key
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
 from nomad_client.server.alloc_control import ALLOC_STOP_TRIGGER, stopped_by_user
 from nomad_client.server.dispatch import Dispatcher
+from nomad_client.server.drain import NodeDrainer, keep_server_fields
 from nomad_client.server.events import EventBroker
+from nomad_client.server.job_summary import job_summary
+from nomad_client.server.job_versions import (
+    DEFAULT_TRACKED_VERSIONS,
+    check_enforced_index,
+    check_version_kept,
+    history_marked_stable,
+    job_modify_index,
+    marked_stable,
+    revert_target,
+    spec_changed,
+    submission_of,
+    versioned,
+    versions,
+    with_version,
+)
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.namespaces import Namespaces, admit_job
-from nomad_client.server.parent_jobs import JobKindChange, is_parent, kind_change, parent_status
+from nomad_client.server.node_evaluate import jobs_to_evaluate
+from nomad_client.server.parent_jobs import (
+    JobKindChange,
+    children,
+    is_parent,
+    kind_change,
+    parent_status,
+)
 from nomad_client.server.periodic import PeriodicLauncher
 from nomad_client.server.ports import holds_ports
+from nomad_client.server.rolling import RollingUpdates, batch_of, replace_allowance
 from nomad_client.server.scaling import JobScaler, with_scaling_policies
 from nomad_client.server.scheduler import plan_job
 from nomad_client.server.sealing import Sealer
@@ -45,6 +69,7 @@ from nomad_client.server.state import (
     ACL_ROLES,
     ACL_TOKENS,
     DELETE,
+    JOB_VERSIONS,
     JOBS,
     NAMESPACES,
     PERIODIC_LAUNCHES,
@@ -80,6 +105,10 @@ class NotFound(Exception):
     pass
 
 
+class NotEvaluable(ValueError):
+    """A job that is never evaluated was asked to be (a parent; Nomad's message)."""
+
+
 class Resource(enum.StrEnum):
     """What a blocking query can watch. Each is one table of the state store, whose index
     moves with every write to it."""
@@ -101,7 +130,8 @@ class Server:
     def __init__(self, store: StateStore, keyring: Keyring, *, region: str,
                  acl_enabled: bool, data_dir: Path | None = None,
                  sealer: Sealing | None = None, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 tracked_versions: int = DEFAULT_TRACKED_VERSIONS) -> None:
         """``data_dir`` is the server's own data directory (where an operator may put the
         ACL bootstrap reset file); None for a server that keeps no files. ``sealer`` seals
         variables' items (default: the store's; a store kept only in memory gets a key of
@@ -111,6 +141,8 @@ class Server:
         self.keyring = keyring
         self.region = region
         self.acl_enabled = acl_enabled
+        # How many versions of each job are kept (Nomad's ``job_tracked_versions``).
+        self.tracked_versions = tracked_versions
         self.acls = ACLs(store, data_dir)
         self.acl_resolver = ACLResolver(self.acls)
         self.identities = IdentityVerifier(keyring)
@@ -127,16 +159,26 @@ class Server:
         # Scaling, dispatch and periodic launches (``server.scaling``, ``dispatch``,
         # ``periodic``). The launcher's task starts now if the store holds a periodic job,
         # else with the first one registered; ``close`` stops it.
-        self.scaling = JobScaler(store, self._evaluate)
+        self.scaling = JobScaler(store, self._evaluate, tracked_versions=tracked_versions)
         self.dispatcher = Dispatcher(store, self.register_job, self.job_status, clock=clock)
         self.periodic = PeriodicLauncher(store, self.register_job, self.job_status,
                                          clock=clock, sleep=sleep)
         self.periodic.start_if_needed()
+        # Node eligibility and drains (``server.drain``); drains a restart interrupted resume.
+        self.drainer = NodeDrainer(store, self._evaluate, self._reevaluate_queued, clock=clock)
+        self.drainer.resume()
+        # Rolling updates of jobs whose new version changed their groups (``server.rolling``).
+        self.rolling = RollingUpdates(
+            lambda namespace, job_id: self.job_allocs(job_id, namespace),
+            lambda index, wait: store.wait_for_change(("allocs",), index, wait),
+            self._evaluate, clock=clock, sleep=sleep)
 
     async def close(self) -> None:
         """Stop the server's background work (the variable lock reaper) and end every event
         stream."""
         self.events.close()
+        await self.drainer.close()
+        await self.rolling.close()
         await self.periodic.close()
         await self.variables.close()
         await self.services.close()
@@ -183,6 +225,71 @@ class Server:
         return [e for e in self.store.rows("evals")
                 if e.job_id == job_id and e.namespace == namespace]
 
+    def job_summary(self, job_id: str, namespace: str = DEFAULT_NAMESPACE
+                    ) -> dict[str, Any] | None:
+        """The job's ``JobSummary`` (``server.job_summary``); None when there is no job."""
+        job = self.job(job_id, namespace)
+        if job is None:
+            return None
+        evals = self._job_evals(job_id, namespace)
+        return job_summary(job, self.job_allocs(job_id, namespace),
+                           evals[-1] if evals else None,
+                           children(self.jobs(namespace), job), self.job_status)
+
+    def job_versions(self, job_id: str, namespace: str = DEFAULT_NAMESPACE
+                     ) -> list[dict[str, Any]] | None:
+        """The kept versions of a job, newest (the job as it is) first; None: no job."""
+        key = job_key(namespace, job_id)
+        job = self.store.get(JOBS, key)
+        return None if job is None else versions(job, self.store.get(JOB_VERSIONS, key))
+
+    def job_submission(self, job_id: str, version: int,
+                       namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
+        """The source version ``version`` of the job was submitted as, if it was."""
+        return submission_of(self.store.get(JOB_VERSIONS, job_key(namespace, job_id)), version)
+
+    async def evaluate_job(self, job_id: str, *, namespace: str = DEFAULT_NAMESPACE,
+                           force_reschedule: bool = False) -> tuple[str, int]:
+        """A new evaluation of the job (NotFound; a parent is never evaluated:
+        ``NotEvaluable``). ``force_reschedule``: its failed allocations are replaced even
+        where a reschedule policy would not."""
+        job = self.job(job_id, namespace)
+        if job is None:
+            raise NotFound("job not found")
+        if is_parent(job):
+            kind = "periodic" if job.get("Periodic") is not None else "parameterized"
+            raise NotEvaluable(f"can't evaluate {kind} job")
+        if force_reschedule:
+            await self.store.write(updates={"allocs": [
+                (a.id, _force_reschedule) for a in self.job_allocs(job_id, namespace)
+                if a.client_status == "failed"]})
+        return await self._evaluate(job_id, "job-eval", namespace)
+
+    async def revert_job(self, job_id: str, version: int, *, namespace: str = DEFAULT_NAMESPACE,
+                         enforce_prior_version: int | None = None) -> tuple[str, int]:
+        """Register version ``version`` of the job again, as its next version
+        (``VersionNotFound``, ``VersionConflict`` with Nomad's texts)."""
+        key = job_key(namespace, job_id)
+        current = self.store.get(JOBS, key)
+        target = revert_target(current, self.store.get(JOB_VERSIONS, key), job_id, namespace,
+                               version, enforce_prior_version)
+        # The version enforced was checked on the job as read: a change since is a conflict.
+        enforced = None if enforce_prior_version is None else job_modify_index(current or {})
+        return await self.register_job(target, enforce_index=enforced)
+
+    async def set_job_stability(self, job_id: str, version: int, stable: bool, *,
+                                namespace: str = DEFAULT_NAMESPACE) -> int:
+        """Mark version ``version`` of the job stable or not (Nomad's ``Job.Stable``), in
+        the job itself when it is that version and in its history; ``VersionNotFound``.
+        The write's index."""
+        key = job_key(namespace, job_id)
+        check_version_kept(self.store.get(JOBS, key), self.store.get(JOB_VERSIONS, key),
+                           job_id, namespace, version)
+        return await self.store.write(updates={
+            JOBS: [(key, lambda job, index: marked_stable(job, version, stable, index))],
+            JOB_VERSIONS: [(key, lambda history, index: history_marked_stable(
+                history, version, stable, index))]})
+
     def namespace(self, name: str) -> Namespace | None:
         return self._namespaces.get(name)
 
@@ -216,25 +323,46 @@ class Server:
 
     # ---- jobs --------------------------------------------------------------------------
     async def register_job(self, job: Mapping[str, Any], *,
-                           triggered_by: str = "job-register") -> tuple[str, int]:
+                           triggered_by: str = "job-register",
+                           enforce_index: int | None = None,
+                           submission: Mapping[str, Any] | None = None) -> tuple[str, int]:
         """Register ``job`` in its ``Namespace`` (``NamespaceError`` when that namespace does
         not exist or refuses one of its task drivers; ``JobKindChange`` when it would make a
         job periodic or parameterized, or stop it being so). A parent job (periodic or
-        parameterized) is not evaluated: its eval ID is ""."""
+        parameterized) is not evaluated: its eval ID is "". A job that changed becomes its
+        next version (``server.job_versions``); an unchanged one is only evaluated again.
+        ``enforce_index``: the ``JobModifyIndex`` the job must have (0: it must not exist),
+        else ``VersionConflict``. ``submission``: the source it was made from (Nomad's
+        ``JobSubmission``), kept with its version."""
         submitted = {**job, "Namespace": job_namespace(job), "Stop": False,
                      "SubmitTime": time.time_ns(), "Status": "pending"}
         namespace, job_id = submitted["Namespace"], submitted["ID"]
+        key = job_key(namespace, job_id)
+        made: list[tuple[dict[str, Any] | None, dict[str, Any]]] = []  # (previous, new)
 
-        def next_version(previous: dict[str, Any] | None, index: int) -> dict[str, Any]:
+        def next_version(previous: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
             # Under the write lock: a namespace deleted or changed meanwhile is seen.
             admit_job(self._namespaces.get(namespace), submitted)
             if (change := kind_change(previous, submitted)) is not None:
                 raise JobKindChange(change)
-            return with_scaling_policies(
-                previous, {**submitted, "Version": (previous["Version"] + 1) if previous else 0},
-                index)
+            if enforce_index is not None:
+                check_enforced_index(previous, enforce_index)
+            candidate = with_scaling_policies(previous, submitted, index)
+            if not spec_changed(previous, candidate):
+                return None  # the same job again: same version, only a new evaluation
+            new_version = versioned(previous, candidate, index)
+            made.append((previous, new_version))
+            return new_version
 
-        await self.store.write(updates={JOBS: [(job_key(namespace, job_id), next_version)]})
+        def record(history: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+            if not made:
+                return None
+            previous, new_version = made[-1]
+            return with_version(history, previous, new_version, self.tracked_versions,
+                                submission)
+
+        await self.store.write(updates={JOBS: [(key, next_version)],
+                                        JOB_VERSIONS: [(key, record)]})
         self.periodic.notify(submitted)
         return await self._evaluate(job_id, triggered_by, namespace)
 
@@ -244,10 +372,24 @@ class Server:
         if self.store.get(JOBS, key) is None:
             return "", 0  # Nomad answers 200 with empty IDs for unknown jobs
 
-        def stop(current: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
-            return None if current is None else {**current, "Stop": True}
+        stopped: list[dict[str, Any]] = []  # [previous, stopped] once it is stopped
 
-        await self.store.write(updates={JOBS: [(key, stop)]})
+        def stop(current: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+            if current is None:
+                return None
+            if current.get("Stop"):
+                return {**current, "SubmitTime": time.time_ns()}
+            # As in Nomad, a stop is the job's next version (so it can be reverted).
+            stopped[:] = [current, versioned(current, {**current, "Stop": True,
+                                                       "SubmitTime": time.time_ns()}, index)]
+            return stopped[1]
+
+        def record(history: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+            if not stopped:
+                return None
+            return with_version(history, stopped[0], stopped[1], self.tracked_versions)
+
+        await self.store.write(updates={JOBS: [(key, stop)], JOB_VERSIONS: [(key, record)]})
         self.periodic.notify(self.store.get(JOBS, key) or {})
         eval_id, index = await self._evaluate(job_id, "job-deregister", namespace)
         if purge:
@@ -259,7 +401,8 @@ class Server:
                 return DELETE if current is not None and current.client_terminal() else None
 
             index = await self.store.write(
-                deletes={JOBS: [key], SCALING_EVENTS: [key], PERIODIC_LAUNCHES: [key]},
+                deletes={JOBS: [key], SCALING_EVENTS: [key], PERIODIC_LAUNCHES: [key],
+                         JOB_VERSIONS: [key]},
                 updates={"allocs": [(a.id, collect)
                                     for a in self.job_allocs(job_id, namespace)]})
         return eval_id, index
@@ -292,20 +435,27 @@ class Server:
                       key=lambda e: e.create_index)
 
     async def _evaluate(self, job_id: str, triggered_by: str,
-                        namespace: str = DEFAULT_NAMESPACE) -> tuple[str, int]:
+                        namespace: str = DEFAULT_NAMESPACE, *,
+                        for_node: Node | None = None) -> tuple[str, int]:
+        """``for_node``: a user asked to evaluate that node (``evaluate_node``): the
+        evaluation names it and is made even when it changes nothing."""
         async with self._plan_lock:
             job = self.job(job_id, namespace)
             if job is None or is_parent(job):  # a parent never runs itself
                 return "", self.store.index
             ev = Evaluation(id=str(uuid.uuid4()), namespace=namespace,
                             job_id=job_id, type=job.get("Type", "service"),
-                            triggered_by=triggered_by, priority=job.get("Priority", 50))
+                            triggered_by=triggered_by, priority=job.get("Priority", 50),
+                            job_modify_index=job_modify_index(job),
+                            node_id=for_node.id if for_node else "",
+                            node_modify_index=for_node.modify_index if for_node else 0)
             nodes = self.store.values("nodes")
             plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id, namespace),
-                            self.store.values("allocs"))
+                            self.store.values("allocs"),
+                            replace=replace_allowance(job, triggered_by))
             history = self._job_evals(job_id, namespace)
             latest = history[-1] if history else None
-            if (triggered_by == "node-update" and latest is not None
+            if (triggered_by == "node-update" and for_node is None and latest is not None
                     and not plan.new_allocs and not plan.stopped_allocs
                     and latest.queued_allocations == plan.queued
                     and latest.failed_tg_allocs == plan.failed_groups):
@@ -325,6 +475,9 @@ class Server:
             if plan.failed_groups:
                 log.info("job %s (namespace %s): could not place %s", job_id, namespace,
                          dict(plan.queued))
+            self.rolling.after_evaluation(
+                batch_of(job, ev.id, plan.replaced, plan.outdated_left), triggered_by,
+                bool(plan.replaced))
             return ev.id, index
 
     def _sign_tasks(self, alloc: Allocation, tasks: Sequence[str] | None = None
@@ -372,8 +525,9 @@ class Server:
             if previous is not None and previous.secret_id \
                     and previous.secret_id != node.secret_id:
                 raise PermissionError("node secret ID does not match")
-            relevant = previous is None or _scheduling_view(previous) != _scheduling_view(node)
-            return node
+            kept = keep_server_fields(previous, node)
+            relevant = previous is None or _scheduling_view(previous) != _scheduling_view(kept)
+            return kept
 
         index = await self.store.write(updates={"nodes": [(node.id, replace)]})
         # Clients re-register on every metadata tweak; only a change placement could see
@@ -391,6 +545,21 @@ class Server:
             return attrs.evolve(current, status=status, status_updated_at=int(time.time()))
 
         return await self.store.write(updates={"nodes": [(node_id, set_status)]})
+
+    async def evaluate_node(self, node_id: str) -> tuple[list[str], int]:
+        """Evaluate every job with allocations on the node and every system job that fits it
+        (Nomad's ``Node.Evaluate``, ``server.node_evaluate``); NotFound. The evaluations'
+        IDs and the index of the last (0: none was needed)."""
+        node = self._node(node_id)
+        eval_ids, index = [], 0
+        for namespace, job_id in jobs_to_evaluate(node, self.node_allocs(node_id),
+                                                  self.store.rows(JOBS)):
+            eval_id, written = await self._evaluate(job_id, "node-update", namespace,
+                                                    for_node=node)
+            if eval_id:
+                eval_ids.append(eval_id)
+                index = written
+        return eval_ids, index
 
     def _node(self, node_id: str) -> Node:
         node = self.node(node_id)
@@ -574,6 +743,13 @@ def _stopped(desired_status: str, description: str) -> RowUpdate:
         return attrs.evolve(current, desired_status=desired_status,
                             desired_description=description, alloc_modify_index=index)
     return apply
+
+
+def _force_reschedule(current: Allocation | None, index: int) -> Allocation | None:
+    if current is None or current.desired_transition.force_reschedule:
+        return None
+    return attrs.evolve(current, desired_transition=attrs.evolve(
+        current.desired_transition, force_reschedule=True), alloc_modify_index=index)
 
 
 def _scheduling_view(node: Node) -> tuple[Any, ...]:

@@ -90,8 +90,12 @@ SERVICES = "services"
 # newest first), and a periodic job's last launch ({"Launch": unix seconds}).
 SCALING_EVENTS = "scaling_events"
 PERIODIC_LAUNCHES = "periodic_launches"
+# Keyed by ``job_key``: {"Versions": [job, ...], "Submissions": {"<version>": source}}, the
+# job's kept versions, newest first, and the sources they were submitted as
+# (``server.job_versions``); it goes with the job (purge, ``server.gc``).
+JOB_VERSIONS = "job_versions"
 PLAIN_TABLES = (JOBS, ACL_BOOTSTRAP, SERVICES,  # rows are plain dicts
-                SCALING_EVENTS, PERIODIC_LAUNCHES)
+                SCALING_EVENTS, PERIODIC_LAUNCHES, JOB_VERSIONS)
 # The cap on how long any blocking query may wait, whatever wait the caller asked for; the
 # HTTP layer's own default wait is only what it asks for when the request names none.
 MAX_BLOCKING_WAIT = 300.0

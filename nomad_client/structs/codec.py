@@ -34,7 +34,9 @@ def go_name(python_name: str) -> str:
     return "".join(_INITIALISMS.get(part, part.capitalize()) for part in python_name.split("_"))
 
 
-_GO_NAME_OVERRIDES = {"global_": "Global"}
+_GO_NAME_OVERRIDES = {"global_": "Global", "gc_volumes_on_node_gc": "GCVolumesOnNodeGC",
+                      "csi_controller_plugins": "CSIControllerPlugins",
+                      "csi_node_plugins": "CSINodePlugins"}
 
 
 def _make_converter(*, api: bool) -> cattrs.Converter:

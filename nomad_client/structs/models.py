@@ -170,6 +170,20 @@ class Allocation:
     # [{"Mode", "IP", "ReservedPorts": [...], "DynamicPorts": [...]}]}}; ports the scheduler
     # gave the allocation on its node ({} when its groups ask for none).
     allocated_resources: dict[str, Any] = attrs.field(factory=dict)
+    # Nomad's other Allocation fields, at Go's zero values until something here sets them.
+    resources: dict[str, Any] | None = None
+    task_resources: dict[str, Any] | None = None
+    services: dict[str, str] | None = None
+    metrics: AllocMetric | None = None
+    deployment_id: str = ""
+    deployment_status: dict[str, Any] | None = None
+    followup_eval_id: str = ""
+    previous_allocation: str = ""
+    next_allocation: str = ""
+    reschedule_tracker: dict[str, Any] | None = None
+    network_status: dict[str, Any] | None = None
+    preempted_allocations: list[str] | None = None
+    preempted_by_allocation: str = ""
     # No signed identities here: a record is stored and persisted, a token must not be.
     # The server signs them for the client beside the record (Alloc.GetAllocs,
     # Alloc.SignIdentities) and the client keeps them in memory and task secrets dirs only.
@@ -217,13 +231,34 @@ class Node:
     meta: dict[str, str] = attrs.field(factory=dict)
     drivers: dict[str, DriverInfo] = attrs.field(factory=dict)
     node_resources: dict[str, Any] = attrs.field(factory=dict)
+    # What the operator keeps back from scheduling; nothing, in Nomad's shape, unless set.
+    reserved_resources: dict[str, Any] = attrs.field(factory=lambda: {
+        "Cpu": {"CpuShares": 0}, "Memory": {"MemoryMB": 0}, "Disk": {"DiskMB": 0},
+        "Networks": {"ReservedHostPorts": ""}})
     status: str = NODE_INIT
     status_description: str = ""
     status_updated_at: int = 0
     scheduling_eligibility: str = "eligible"
     drain: bool = False
+    # Nomad's DrainStrategy (None: not draining) and LastDrain; owned by the server
+    # (``server.drain``), never by the client's registration.
+    drain_strategy: dict[str, Any] | None = None
+    last_drain: dict[str, Any] | None = None
     create_index: int = 0
     modify_index: int = 0
+    # Nomad's other Node fields, at Go's zero values until something here sets them.
+    tls_enabled: bool = False
+    resources: dict[str, Any] | None = None
+    reserved: dict[str, Any] | None = None
+    links: dict[str, str] | None = None
+    cgroup_parent: str = ""
+    events: list[dict[str, Any]] | None = None
+    host_volumes: dict[str, Any] | None = None
+    gc_volumes_on_node_gc: bool = False
+    host_networks: dict[str, Any] | None = None
+    csi_controller_plugins: dict[str, Any] | None = None
+    csi_node_plugins: dict[str, Any] | None = None
+    node_max_allocs: int = 0
 
 
 @attrs.frozen
@@ -259,6 +294,24 @@ class Evaluation:
     modify_index: int = 0
     create_time: int = attrs.field(factory=now_ns)
     modify_time: int = attrs.field(factory=now_ns)
+    # Nomad's other Evaluation fields, at Go's zero values until something here sets them.
+    job_modify_index: int = 0
+    node_id: str = ""
+    node_modify_index: int = 0
+    deployment_id: str = ""
+    wait: int = 0  # nanoseconds, as Go's time.Duration
+    wait_until: str = ZERO_TIME
+    next_eval: str = ""
+    previous_eval: str = ""
+    blocked_eval: str = ""
+    related_evals: list[dict[str, Any]] | None = None
+    plan_annotations: dict[str, Any] | None = None
+    class_eligibility: dict[str, bool] | None = None
+    escaped_computed_class: bool = False
+    quota_limit_reached: str = ""
+    missing_non_node_resources: list[str] | None = None
+    annotate_plan: bool = False
+    snapshot_index: int = 0
 
 
 TOKEN_CLIENT = "client"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from nomad_client.server.keyring import Keyring
-from tests.unit.factories import fresh_dir, run_in_own_loop
+from tests.unit.factories import ServedAPI, fresh_dir, make_server, node, run_in_own_loop, serving
+
+if TYPE_CHECKING:
+    from tests.unit.test_cli import Nomad
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +40,26 @@ def workdir() -> Iterator[Path]:
     every user can reach (a task may run as nobody). Removed afterwards."""
     with fresh_dir("unit-", 0o755) as path:
         yield path
+
+
+@pytest.fixture
+async def nomad(tmp_path: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+                ) -> AsyncIterator[Nomad]:
+    """An agent in this process, with the CLI's environment pointing at it (``test_cli``'s
+    ``start_nomad``); stopped afterwards, its server's drain watchers with it."""
+    # Imported here: only the tests that ask for an agent load the CLI test module.
+    from tests.unit.test_cli import start_nomad
+
+    started = await start_nomad(tmp_path, keyring, monkeypatch)
+    yield started
+    await started.agent.stop()
+    await started.server.drainer.close()
+
+
+@pytest.fixture
+async def acl_node_api(keyring: Keyring) -> AsyncIterator[ServedAPI]:
+    """A server with ACLs on and one node, "n1", its API served over TCP."""
+    server = make_server(keyring, acl=True)
+    await server.register_node(node("n1"))
+    async with serving(server) as served:
+        yield served

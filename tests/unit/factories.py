@@ -18,7 +18,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -223,6 +223,20 @@ async def serve_api(server: Server, *, client: LocalClient | None = None,
     return api
 
 
+@contextlib.asynccontextmanager
+async def serving(server: Server) -> AsyncIterator[ServedAPI]:
+    """``server``'s API served over TCP (``serve_api``) for the block; afterwards the API and
+    the server are closed (a fixture sets the server up, then yields inside this)."""
+    try:
+        api = await serve_api(server)
+        try:
+            yield api
+        finally:
+            await api.close()
+    finally:
+        await server.close()
+
+
 @attrs.define
 class InProcessAgent:
     """A server with its API on real sockets and, optionally, a client of its own."""
@@ -360,6 +374,13 @@ async def call_http(session: aiohttp.ClientSession, url: str, method: str, path:
         text = await r.text()
         decoded = json.loads(text) if r.content_type == "application/json" else text
         return HttpAnswer(r.status, decoded, r.headers)
+
+
+async def call_http_once(url: str, method: str, path: str, body: Any = None, *,
+                         token: str = "") -> HttpAnswer:
+    """``call_http`` on a session of its own, for a test that makes one request at a time."""
+    async with aiohttp.ClientSession() as session:
+        return await call_http(session, url, method, path, body, token=token)
 
 
 # ---- the Task API over a real socket ----------------------------------------------------

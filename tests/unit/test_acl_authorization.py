@@ -221,6 +221,19 @@ ROUTES = [
     Route("GET", "/v1/allocations", READ_JOB),
     Route("GET", f"/v1/allocation/{WEB_ALLOC}", READ_JOB),
     Route("GET", f"/v1/evaluation/{WEB_EVAL}", READ_JOB),
+    Route("GET", f"/v1/evaluation/{WEB_EVAL}/allocations", READ_JOB),
+    Route("GET", "/v1/evaluations", READ_JOB),
+    Route("GET", "/v1/job/web/summary", READ_JOB),
+    Route("GET", "/v1/job/web/versions", READ_JOB),
+    Route("POST", "/v1/job/web/evaluate", needs("submit-job", "evaluate-job")),
+    Route("POST", "/v1/validate/job", READ_JOB, REGISTER_WEB),
+    Route("POST", "/v1/job/web/plan", needs("submit-job"), REGISTER_WEB),
+    Route("PUT", "/v1/system/gc", needs()),  # management only
+    Route("GET", "/v1/agent/members", NODE_READ),
+    Route("GET", "/v1/agent/servers", needs("agent-read")),
+    Route("GET", "/v1/metrics", OPEN),
+    Route("GET", "/v1/regions", OPEN),
+    Route("GET", "/v1/status/peers", OPEN),
     Route("GET", f"/v1/client/fs/ls/{WEB_ALLOC}", needs("read-fs")),
     Route("GET", f"/v1/client/fs/stat/{WEB_ALLOC}?path={HELLO}", needs("read-fs")),
     Route("GET", f"/v1/client/fs/cat/{WEB_ALLOC}?path={HELLO}", needs("read-fs")),
@@ -338,6 +351,13 @@ async def test_lists_keep_only_what_the_caller_may_see(acl_world: World) -> None
     assert (status, ids(body)) == (200, [API_ALLOC])
     # The node's allocations need only node read; without read-job none of them shows.
     assert await w.call("GET", "/v1/node/n1/allocations", w.tokens["node-read"]) == (200, "[]")
+
+    # Evaluations: "*" lists those of the namespaces the caller may read, and no others.
+    status, body = await w.call("GET", "/v1/evaluations?namespace=*", default_only)
+    assert (status, ids(body)) == (200, [WEB_EVAL])
+    status, body = await w.call("GET", "/v1/evaluations?namespace=*", both)
+    assert (status, ids(body)) == (200, sorted([WEB_EVAL, API_EVAL]))
+    assert await w.call("GET", "/v1/evaluations?namespace=prod", default_only) == DENIED
 
 
 async def test_objects_are_checked_in_their_own_namespace(acl_world: World) -> None:

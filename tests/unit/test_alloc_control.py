@@ -40,7 +40,7 @@ from tests.unit.factories import (
     start_agent,
     wait_until,
 )
-from tests.unit.test_cli import Nomad, cli, mock_job, newest_eval, nomad  # noqa: F401 - fixture
+from tests.unit.test_cli import Nomad, cli, mock_job, newest_eval
 from tests.unit.test_drivers import TrackingDriver, sh, started  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -238,7 +238,7 @@ async def test_signals_reach_the_task_through_its_driver(agent: Agent) -> None:
     assert signaling[0].display_message == "Task being sent a signal"
 
     assert await agent.call("POST", path, {"Task": "t", "Signal": "SIGNOPE"}) == (
-        400, "Unknown signal 'SIGNOPE'")
+        400, "failed to parse signal: invalid signal: SIGNOPE")
     assert (await agent.call("POST", path, {"Task": "t"}))[0] == 400  # Signal is required
     assert (await agent.call("POST", path, {"Task": "t", "Signal": 10}))[0] == 400
     assert await agent.call("POST", path, {"Task": "short", "Signal": "SIGUSR1"}) == (
@@ -354,7 +354,7 @@ async def test_cli_alloc_signal_restart_stop_and_stats(capsys: pytest.CaptureFix
     assert nomad.driver.signals_received(tasks["t"].handle) == ["SIGUSR1"]
     code, _, err = await cli(capsys, "alloc", "signal", "-s", "NOPE", short, "t")
     assert code == 1 and err.startswith("Error signalling allocation: ") \
-        and "Unknown signal 'NOPE'" in err
+        and "failed to parse signal: invalid signal: NOPE" in err
     code, _, err = await cli(capsys, "alloc", "restart", short, "nope")
     assert (code, err) == (1, "Could not find task named: nope, found:\n  * t\n  * u\n")
     code, _, err = await cli(capsys, "alloc", "restart", "-all-tasks", short, "t")

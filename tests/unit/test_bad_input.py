@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nomad_client.client.allocdir import AllocDir
-from nomad_client.http.endpoints.client import _log_names
+from nomad_client.http.endpoints.client import log_file_names
 from nomad_client.http.router import Route, Router
 from nomad_client.jobspec import JobspecError, JobValidationError, canonicalize_job, parse_jobspec
 from nomad_client.server.keyring import Keyring
@@ -419,5 +419,5 @@ def test_log_file_names_must_match_whole(tmp_path: Path) -> None:
     logs = adir.path / "alloc" / "logs"
     for name in ("web.stdout.0", "web.stdout.1\n", "web.stdout.\u0663", "web.stdout.2"):
         (logs / name).write_text("x")
-    assert _log_names(adir, "web", "stdout") == ["web.stdout.0", "web.stdout.2"]
+    assert log_file_names(adir, "web", "stdout") == ["web.stdout.0", "web.stdout.2"]
 

@@ -222,9 +222,16 @@ async def test_path_through_a_file_is_400(agent: Agent) -> None:
 
 
 async def test_missing_path_is_404(agent: Agent) -> None:
-    for kind in ("ls", "stat", "cat"):
+    for kind in ("ls", "stat"):
         status, body = await get(agent, kind, path="web/local/nope")
         refused(status, body, 404, "no such file or directory")
+
+
+async def test_missing_file_to_read_is_400_as_in_nomad(agent: Agent) -> None:
+    # Nomad's FileSystem.Stream (cat, readat, stream) answers a file it cannot stat with 400.
+    for kind in ("cat", "readat", "stream"):
+        status, body = await get(agent, kind, path="web/local/nope")
+        refused(status, body, 400, "no such file or directory")
 
 
 @pytest.mark.timeout(30)

@@ -15,6 +15,7 @@ import pytest
 from nomad_client.jobspec import JobspecError, JobValidationError, canonicalize_job, parse_jobspec
 from nomad_client.server.keyring import Keyring
 from nomad_client.server.scaling import MAX_SCALING_EVENTS
+from nomad_client.server.state import JOBS, job_key
 from tests.unit.launching import batch_job, register, served
 from tests.unit.test_cli import cli, mock_job, newest_eval, start_nomad
 from tests.unit.test_namespace_endpoints import Api
@@ -372,3 +373,32 @@ async def test_job_scale_and_scaling_policy_commands(tmp_path: Path, keyring: Ke
     finally:
         await nomad.agent.stop()
         await nomad.server.close()
+
+
+async def test_every_scaled_version_is_kept_in_the_jobs_history(api: Api) -> None:
+    await register(api, service_job())
+    for count in (3, 4):
+        answer = await api.call("POST", "/v1/job/web/scale",
+                                {"Count": count, "Target": {"Group": "g"}})
+        assert answer.status == 200, answer
+    kept = await api.call("GET", "/v1/job/web/versions")
+    assert [(v["Version"], v["TaskGroups"][0]["Count"]) for v in kept.body["Versions"]] == [
+        (2, 4), (1, 3), (0, 2)]
+
+
+async def test_scaling_enforces_the_jobs_version_index_not_its_last_write(api: Api) -> None:
+    await register(api, service_job())
+
+    def touch(current: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
+        return None if current is None else dict(current)
+
+    # A write of the job that makes no new version moves its ModifyIndex only.
+    await api.server.store.write(updates={JOBS: [(job_key("default", "web"), touch)]})
+    job = api.server.job("web")
+    assert job is not None and job["ModifyIndex"] > job["JobModifyIndex"]
+    answer = await api.call("POST", "/v1/job/web/scale", {
+        "Count": 3, "Target": {"Group": "g"}, "JobModifyIndex": job["JobModifyIndex"]})
+    assert answer.status == 200, answer
+    stale = await api.call("POST", "/v1/job/web/scale", {
+        "Count": 4, "Target": {"Group": "g"}, "JobModifyIndex": job["JobModifyIndex"]})
+    assert stale.status == 400 and "conflicting job modify index" in stale.body

@@ -533,11 +533,11 @@ class TaskRunner:
 
 def signal_name(name: str) -> str:
     """The signal ``name`` stands for, as Nomad names it (``usr1`` -> ``SIGUSR1``);
-    ``ControlRefused`` when it is none."""
+    ``ControlRefused`` when it is none, in Nomad's words (clients match "invalid signal")."""
     try:
         return signals.Signals(proctree.parse_signal(name)).name
     except ValueError:
-        raise ControlRefused(f"Unknown signal {name!r}") from None
+        raise ControlRefused(f"failed to parse signal: invalid signal: {name}") from None
 
 
 async def _first_of(waiter: asyncio.Future[Any], *events: asyncio.Event) -> object:

@@ -7,13 +7,20 @@ from nomad_client.http.endpoints import (
     agent,
     allocs,
     client,
+    cluster,
+    evaluations,
     events,
+    fs_stream,
+    gc,
     identity,
+    job_history,
     jobs,
+    metrics,
     namespaces,
     nodes,
     operator,
     parent_jobs,
+    plan,
     scaling,
     variables,
 )
@@ -23,6 +30,8 @@ from nomad_client.http.services import Services
 
 
 def register_all(router: Router, services: Services) -> None:
-    for module in (agent, jobs, allocs, nodes, client, identity, acl, variables,
-                   operator, namespaces, events, service_discovery, scaling, parent_jobs):
+    for module in (agent, jobs, job_history, evaluations, allocs, nodes, client, identity, acl,
+                   variables, operator, namespaces, events, service_discovery, scaling, parent_jobs,
+                   cluster, plan, fs_stream, gc,
+                   metrics):
         module.register(router, services)

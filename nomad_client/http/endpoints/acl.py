@@ -31,7 +31,7 @@ from nomad_client.http.bodyfields import strings_field as _strings
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError, bad_request, not_found
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
-from nomad_client.http.query import block
+from nomad_client.http.query import block, by_creation, by_field, list_query
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLInvalid, ACLNotFound, RoleLink
@@ -70,6 +70,9 @@ TOKEN_FIELDS = ("AccessorID", "SecretID", "Name", "Type", "Policies", "Roles", "
 POLICY_FIELDS = ("Name", "Description", "Rules", "JobACL")
 JOB_ACL_FIELDS = ("Namespace", "JobID", "Group", "Task")
 ROLE_FIELDS = ("ID", "Name", "Description", "Policies")
+BY_NAME = by_field("Name")
+BY_ACCESSOR = by_field("AccessorID")
+TOKENS_BY_CREATION = by_creation("AccessorID")
 
 
 # ---- request bodies ------------------------------------------------------------------------
@@ -231,13 +234,13 @@ async def bootstrap(services: Services, req: ApiRequest) -> Reply:
 
 
 # ---- policies ------------------------------------------------------------------------------
-async def list_policies(services: Services, req: ApiRequest) -> Reply:
+async def list_policies(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = _acls_on(services)
-    index = await block(server, req.query, (Resource.ACL_POLICIES,))
+    listing = await list_query(server, req.query, (Resource.ACL_POLICIES,))
     held = _held_policies(server, req)
-    prefix = req.query.get("prefix", "")
-    return Reply([policy_stub(p) for p in server.acls.policies()
-                  if p.name.startswith(prefix) and (held is None or p.name in held)], index)
+    return await listing.reply(
+        [policy_stub(p) for p in server.acls.policies() if held is None or p.name in held],
+        BY_NAME, prefix_of=lambda stub: stub["Name"])
 
 
 async def own_policies(services: Services, req: ApiRequest) -> Reply:
@@ -285,15 +288,14 @@ async def delete_policy(services: Services, req: ApiRequest) -> web.Response:
 
 
 # ---- tokens --------------------------------------------------------------------------------
-async def list_tokens(services: Services, req: ApiRequest) -> Reply:
+async def list_tokens(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = _acls_on(services)
-    index = await block(server, req.query, (Resource.ACL_TOKENS,))
-    prefix = req.query.get("prefix", "")
-    if prefix:  # by accessor ID, as Nomad's prefix index gives them
-        tokens = [t for t in server.acls.tokens() if t.accessor_id.startswith(prefix)]
-    else:  # oldest first
-        tokens = sorted(server.acls.tokens(), key=lambda t: (t.create_index, t.accessor_id))
-    return Reply([token_view(server, t, stub=True) for t in tokens], index)
+    listing = await list_query(server, req.query, (Resource.ACL_TOKENS,))
+    # With a prefix (of the accessor ID) in accessor ID order, as Nomad's prefix index gives
+    # them; without one oldest first.
+    order = BY_ACCESSOR if listing.prefix else TOKENS_BY_CREATION
+    return await listing.reply([token_view(server, t, stub=True) for t in server.acls.tokens()],
+                               order, prefix_of=lambda stub: stub["AccessorID"])
 
 
 async def upsert_token(services: Services, req: ApiRequest) -> Reply:
@@ -339,13 +341,13 @@ async def delete_token(services: Services, req: ApiRequest) -> web.Response:
 
 
 # ---- roles ---------------------------------------------------------------------------------
-async def list_roles(services: Services, req: ApiRequest) -> Reply:
+async def list_roles(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = _acls_on(services)
     linked = _linked_roles(req)
-    index = await block(server, req.query, (Resource.ACL_ROLES,))
-    prefix = req.query.get("prefix", "")  # on the role ID, as Nomad
-    return Reply([role_view(r) for r in server.acls.roles()
-                  if r.id.startswith(prefix) and (linked is None or r.id in linked)], index)
+    listing = await list_query(server, req.query, (Resource.ACL_ROLES,))
+    # The prefix is of the role ID, as Nomad's.
+    return await listing.reply(
+        [role_view(r) for r in server.acls.roles() if linked is None or r.id in linked])
 
 
 def _read_role(req: ApiRequest, role: ACLRole | None, index: int) -> Reply:

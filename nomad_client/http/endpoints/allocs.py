@@ -5,11 +5,13 @@ what the caller may see), /v1/allocation/:id (found by ID, checked in its namesp
 
 from __future__ import annotations
 
+from aiohttp import web
+
 from nomad_client.http.auth import Need, allows, require
-from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub, listed_namespace
+from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import found_or_404, not_found
-from nomad_client.http.query import block, query_bool
+from nomad_client.http.query import block, list_query, query_bool
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
 from nomad_client.server.server import NotFound, Resource
@@ -18,19 +20,15 @@ from nomad_client.structs.codec import to_api
 ALLOC_LIFECYCLE = Need.namespace("alloc-lifecycle")
 
 
-async def list_allocs(services: Services, req: ApiRequest) -> Reply:
+async def list_allocs(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = services.server
-    index = await block(server, req.query, (Resource.ALLOCATIONS,))
-    prefix = req.query.get("prefix", "")
     with_states = query_bool(req.query, "task_states", default=True)
-    stubs = []
-    for alloc in server.allocations(listed_namespace(req)):
-        if alloc.id.startswith(prefix) and allows(req, alloc.namespace, READ_JOB):
-            stub = alloc_stub(alloc)
-            if not with_states:
-                stub.pop("TaskStates")
-            stubs.append(stub)
-    return Reply(stubs, index)
+    with_resources = query_bool(req.query, "resources")
+    listing = await list_query(server, req.query, (Resource.ALLOCATIONS,))
+    stubs = [alloc_stub(alloc, resources=with_resources, task_states=with_states)
+             for alloc in server.allocations(listing.namespace)
+             if allows(req, alloc.namespace, READ_JOB)]
+    return await listing.reply(stubs)
 
 
 async def get_alloc(services: Services, req: ApiRequest) -> Reply:

@@ -11,6 +11,9 @@ encoding of log frames, runs in a worker thread so the event loop never blocks o
 waits for the client to take it before reading the next. A refusal found before the
 response starts is a plain 4xx; a failure after that closes the connection, so the client
 sees a truncated body rather than a complete-looking one.
+
+Following, tails and offsets (``fs/stream``, ``fs/readat``, ``fs/logs?follow=``) are in
+``fs_stream.py``, which registers the logs route and hands a plain read back to ``fs_logs``.
 """
 
 from __future__ import annotations
@@ -118,7 +121,10 @@ def _stat(adir: AllocDir, rel: str) -> dict[str, Any]:
     return info
 
 
-def _log_names(adir: AllocDir, task: str, kind: str) -> list[str]:
+def log_file_names(adir: AllocDir, task: str, kind: str) -> list[str]:
+    """The names of ``task``'s log files of ``kind`` (``<task>.<kind>.<n>``) in index order,
+    read from ``alloc/logs`` without following links (blocking: run it in a worker thread).
+    """
     pattern = re.compile(rf"\A{re.escape(task)}\.{kind}\.([0-9]+)\Z")  # `$`: "...0\n" too
     with adir.open_path("alloc/logs", want="dir", for_read=True) as logs, \
             os.scandir(logs.fd) as entries:
@@ -126,11 +132,11 @@ def _log_names(adir: AllocDir, task: str, kind: str) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def _open_file(adir: AllocDir, rel: str) -> OpenedPath:
+def open_file(adir: AllocDir, rel: str) -> OpenedPath:
     return adir.open_path(rel, want="file", for_read=True)
 
 
-def _open_log(adir: AllocDir, name: str) -> OpenedPath | None:
+def open_log_file(adir: AllocDir, name: str) -> OpenedPath | None:
     try:
         return adir.open_path(f"alloc/logs/{name}", want="file", for_read=True)
     except PathNotFoundError:
@@ -146,7 +152,7 @@ def _close_unclaimed(done: asyncio.Future[Any]) -> None:
         opened.close()
 
 
-class _StreamedFile:
+class StreamedFile:
     """The descriptor a response streams from, and the one read of it that may be running.
 
     Reads run in worker threads, which a cancelled request (agent shutdown) cannot stop:
@@ -180,7 +186,7 @@ class _Truncated(Exception):
     """A file ended before the length already promised to the client."""
 
 
-def _end_early(raw: web.BaseRequest, what: str, err: BaseException) -> None:
+def end_early(raw: web.BaseRequest, what: str, err: BaseException) -> None:
     """The response has started: close the connection so the body reads as cut short."""
     log.warning("%s ended early: %s", what, err)
     transport = raw.transport
@@ -197,7 +203,7 @@ async def _stream_cat(raw: web.BaseRequest, opened: OpenedPath) -> web.StreamRes
     resp = web.StreamResponse()
     resp.content_type = "application/octet-stream"
     resp.content_length = left = opened.st.st_size
-    source = _StreamedFile(opened)
+    source = StreamedFile(opened)
     try:
         await resp.prepare(raw)
         # The descriptor that was checked, never the name; closefd=False: ``source`` owns it.
@@ -211,27 +217,35 @@ async def _stream_cat(raw: web.BaseRequest, opened: OpenedPath) -> web.StreamRes
     except ConnectionError:
         pass  # the client hung up: no one to tell
     except Exception as err:  # after the headers, only the connection can say so
-        _end_early(raw, f"cat of {opened.rel!r}", err)
+        end_early(raw, f"cat of {opened.rel!r}", err)
     finally:
         source.close()
     return resp
 
 
+def encode_frame(file: str, offset: int, data: bytes, event: str = "") -> bytes:
+    """Nomad's ``StreamFrame`` as JSON: ``Offset`` is the file offset just past ``data``
+    (as Nomad's); ``FileEvent`` (``file truncated``, ``file deleted``) only when there is one.
+    """
+    frame: dict[str, Any] = {"Offset": offset, "Data": base64.b64encode(data).decode(),
+                             "File": file}
+    if event:
+        frame["FileEvent"] = event
+    return json.dumps(frame).encode()
+
+
 def _log_piece(fd: int, want: int, offset: int, file: str, plain: bool) -> tuple[bytes, int]:
     """Read the next piece of a log and encode it for sending: (payload, bytes read).
 
-    Frames are JSON with at most ``LOG_FRAME_BYTES`` of data; ``Offset`` is the file
-    offset just past the frame's data (as Nomad's).
+    Frames carry at most ``LOG_FRAME_BYTES`` of data.
     """
     chunk = os.read(fd, want)
     if plain or not chunk:
         return chunk, len(chunk)
-    frame = {"Offset": offset + len(chunk), "Data": base64.b64encode(chunk).decode(),
-             "File": file}
-    return json.dumps(frame).encode(), len(chunk)
+    return encode_frame(file, offset + len(chunk), chunk), len(chunk)
 
 
-async def _send_log(resp: web.StreamResponse, source: _StreamedFile, left: int,
+async def _send_log(resp: web.StreamResponse, source: StreamedFile, left: int,
                     plain: bool) -> int:
     """Send one log file, at most ``left`` bytes of it; return how many may still follow."""
     offset = 0
@@ -257,7 +271,7 @@ async def _stream_logs(raw: web.BaseRequest, first: OpenedPath, rest: list[str],
     are and how large, or sparse, they look)."""
     resp = web.StreamResponse()
     resp.content_type = "text/plain" if plain else "application/json"
-    source: _StreamedFile | None = _StreamedFile(first)
+    source: StreamedFile | None = StreamedFile(first)
     pending = iter(rest)
     left = MAX_LOG_BYTES
     try:
@@ -268,12 +282,12 @@ async def _stream_logs(raw: web.BaseRequest, first: OpenedPath, rest: list[str],
             source = None
             for name in pending:
                 if (opened := await open_next(name)) is not None:
-                    source = _StreamedFile(opened)
+                    source = StreamedFile(opened)
                     break
     except ConnectionError:
         pass  # the client hung up: no one to tell
     except Exception as err:  # after the headers, only the connection can say so
-        _end_early(raw, "log read", err)
+        end_early(raw, "log read", err)
     finally:
         if source is not None:
             source.close()
@@ -324,19 +338,19 @@ def _local_alloc(services: Services, req: ApiRequest, need: Need
     return client, alloc_id, adir
 
 
-def _alloc_dir(services: Services, req: ApiRequest, need: Need) -> AllocDir:
+def checked_alloc_dir(services: Services, req: ApiRequest, need: Need) -> AllocDir:
     """The allocation's directory, if the caller meets ``need`` in its namespace."""
     return _local_alloc(services, req, need)[2]
 
 
-def _fs_path(req: ApiRequest, *, required: bool) -> str:
+def fs_path(req: ApiRequest, *, required: bool) -> str:
     rel = req.query.get("path", "")
     if required and not rel:
         raise bad_request("must provide a file name")
     return rel or "/"
 
 
-async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run file work in a worker thread; every refusal becomes a plain 4xx."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -358,10 +372,10 @@ async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise bad_request(f"cannot access file: {err.strerror or err}") from None
 
 
-async def _open_for_stream(fn: Callable[..., T], *args: Any) -> T:
+async def open_for_stream(fn: Callable[..., T], *args: Any) -> T:
     """Open in a worker thread (refusals are 4xx); should the request be cancelled
     meanwhile, the descriptor is closed once the open finishes instead of leaking."""
-    opening = asyncio.ensure_future(_in_thread(fn, *args))
+    opening = asyncio.ensure_future(in_thread(fn, *args))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
@@ -370,43 +384,66 @@ async def _open_for_stream(fn: Callable[..., T], *args: Any) -> T:
 
 
 async def fs_ls(services: Services, req: ApiRequest) -> Any:
-    return await _in_thread(_ls, _alloc_dir(services, req, READ_FS),
-                            _fs_path(req, required=False))
+    return await in_thread(_ls, checked_alloc_dir(services, req, READ_FS),
+                            fs_path(req, required=False))
 
 
 async def fs_stat(services: Services, req: ApiRequest) -> Any:
-    return await _in_thread(_stat, _alloc_dir(services, req, READ_FS),
-                            _fs_path(req, required=True))
+    return await in_thread(_stat, checked_alloc_dir(services, req, READ_FS),
+                            fs_path(req, required=True))
+
+
+async def open_to_stream(services: Services, req: ApiRequest) -> OpenedPath:
+    """The file ``?path`` names, opened for cat, readat or stream. Nomad answers these (its
+    ``FileSystem.Stream``) with 400 for a file it cannot find, ls and stat with 404; clients
+    such as python-nomad rely on the difference."""
+    adir = checked_alloc_dir(services, req, READ_FS)
+    rel = fs_path(req, required=True)
+    try:
+        return await open_for_stream(open_file, adir, rel)
+    except HTTPError as err:
+        if err.status == 404:  # the allocation was found above: the file is what is missing
+            raise bad_request(err.message) from None
+        raise
 
 
 async def fs_cat(services: Services, req: ApiRequest) -> web.StreamResponse:
-    opened = await _open_for_stream(_open_file, _alloc_dir(services, req, READ_FS),
-                                    _fs_path(req, required=True))
-    return await _stream_cat(req.raw, opened)
+    return await _stream_cat(req.raw, await open_to_stream(services, req))
 
 
-async def fs_logs(services: Services, req: ApiRequest) -> web.StreamResponse:
+def logs_request(services: Services, req: ApiRequest) -> tuple[AllocDir, str, str]:
+    """The checked ``task`` and ``type`` of a logs request, and the alloc dir they are in."""
     task = req.query.get("task", "")
     kind = req.query.get("type", "")
     if not task:
         raise bad_request("must provide task name")
     if kind not in ("stdout", "stderr"):
         raise bad_request("must provide log type (stdout/stderr)")
-    if query_bool(req.query, "follow"):
-        raise bad_request("follow is not supported by this agent")
-    adir = _alloc_dir(services, req, READ_LOGS)
+    adir = checked_alloc_dir(services, req, READ_LOGS)
     alloc = services.server.allocation(req.params["alloc_id"])
     if alloc is not None and task not in {t["Name"] for g in alloc.job["TaskGroups"]
                                           if g["Name"] == alloc.task_group
                                           for t in g["Tasks"]}:
         raise bad_request(f"unknown task name {task!r}")
-    plain = query_bool(req.query, "plain")
-    names = await _in_thread(_log_names, adir, task, kind)
+    return adir, task, kind
+
+
+async def log_names(adir: AllocDir, task: str, kind: str) -> list[str]:
+    """The task's log files of ``kind`` in index order; none yet is a 404."""
+    names = await in_thread(log_file_names, adir, task, kind)
     if not names:
         raise not_found(f"task {task!r} not started yet. No logs available")
+    return names
+
+
+async def fs_logs(services: Services, req: ApiRequest) -> web.StreamResponse:
+    """The logs as they are now, from the start (``fs_stream.stream_logs`` does the rest)."""
+    adir, task, kind = logs_request(services, req)
+    plain = query_bool(req.query, "plain")
+    names = await log_names(adir, task, kind)
 
     async def open_log(name: str) -> OpenedPath | None:
-        return await _open_for_stream(_open_log, adir, name)
+        return await open_for_stream(open_log_file, adir, name)
 
     # The first log file is opened before the response starts, so refusing it (a
     # symlink, a FIFO) is still a plain 4xx; later files can only cut the stream short.
@@ -488,7 +525,6 @@ def register(router: Router, services: Services) -> None:
     routes.add(("GET",), "/v1/client/fs/ls/{alloc_id}", fs_ls, READ_FS)
     routes.add(("GET",), "/v1/client/fs/stat/{alloc_id}", fs_stat, READ_FS)
     routes.add(("GET",), "/v1/client/fs/cat/{alloc_id}", fs_cat, READ_FS)
-    routes.add(("GET",), "/v1/client/fs/logs/{alloc_id}", fs_logs, READ_LOGS)
     routes.add(("PUT", "POST"), "/v1/client/allocation/{alloc_id}/restart", restart_alloc,
                ALLOC_LIFECYCLE)
     routes.add(("PUT", "POST"), "/v1/client/allocation/{alloc_id}/signal", signal_alloc,

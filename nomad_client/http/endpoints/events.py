@@ -57,6 +57,7 @@ from nomad_client.http.endpoints.jobs import READ_JOB
 from nomad_client.http.endpoints.nodes import node_api
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request
+from nomad_client.http.listeners import when_lost
 from nomad_client.http.router import ApiRequest, Router
 from nomad_client.http.services import Services
 from nomad_client.server.events import (
@@ -265,7 +266,7 @@ class _EventStream:
                                                          on_close=self._on_close)
         except BrokerClosed as err:
             raise HTTPError(503, str(err)) from None
-        forget = _when_lost(self._req.raw, subscription.close)
+        forget = when_lost(self._req.raw, subscription.close)
         try:
             await self._response.prepare(self._req.raw)
             await self._write(HEARTBEAT, WRITE_TIMEOUT)
@@ -330,16 +331,6 @@ class _EventStream:
         transport = self._req.raw.transport
         if transport is not None:
             transport.abort()  # close() would wait to flush what the client is not reading
-
-
-def _when_lost(raw: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
-    """Have ``callback`` called when the request's connection is lost (our listeners' hook);
-    return what cancels that."""
-    on_lost = getattr(raw.protocol, "on_lost", None)
-    if on_lost is None:  # another server (none of ours): found out by the next write
-        return lambda: None
-    forget: Callable[[], None] = on_lost(callback)
-    return forget
 
 
 async def stream_events(services: Services, req: ApiRequest) -> web.StreamResponse:

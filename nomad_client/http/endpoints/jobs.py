@@ -1,4 +1,5 @@
-"""/v1/jobs, /v1/jobs/parse, /v1/job/:id[/allocations|/evaluations], /v1/evaluation/:id.
+"""/v1/jobs, /v1/jobs/parse, /v1/job/:id[/allocations|/evaluations] (evaluations themselves:
+``evaluations``).
 
 A job is found by its ID in the namespace the request names (``?namespace=``, default
 ``default``); two namespaces may each hold a job of one ID. On the list routes ``*`` lists
@@ -10,9 +11,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiohttp import web
+from multidict import MultiMapping
+
 from nomad_client.http.auth import (
-    ALL_NAMESPACES,
-    DEFAULT_NAMESPACE,
     Need,
     allows,
     request_namespace,
@@ -20,9 +22,11 @@ from nomad_client.http.auth import (
     require_in_request,
 )
 from nomad_client.http.endpoints.namespaces import refusals
+from nomad_client.http.endpoints.register_request import register_request
 from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.submitted import submitted_job
 from nomad_client.http.errors import bad_request, found_or_404
-from nomad_client.http.query import block, query_bool
+from nomad_client.http.query import block, by_namespace_and, list_query, parse_uint64, query_bool
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
 from nomad_client.jobspec import (
@@ -31,15 +35,13 @@ from nomad_client.jobspec import (
     canonicalize_job,
     parse_jobspec,
 )
+from nomad_client.server.job_versions import VersionConflict, job_modify_index
 from nomad_client.server.parent_jobs import JobKindChange
 from nomad_client.server.server import Resource, Server
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.models import Allocation
-from nomad_client.structs.namespaces import NAMESPACE_NAME, job_namespace
+from nomad_client.structs.namespaces import job_namespace
 
-REGISTER_KEYS = {"Job", "EnforceIndex", "JobModifyIndex", "PolicyOverride", "PreserveCounts",
-                 "PreserveResources", "EvalPriority", "Submission", "Region", "Namespace",
-                 "SecretID"}
 PARSE_KEYS = {"JobHCL", "Variables", "Canonicalize"}
 MAX_JOBSPEC_CHARS = 256 * 1024
 
@@ -51,17 +53,18 @@ DEREGISTER_JOB = Need.namespace("submit-job", "purge-job", "deregister-job")
 PURGE_JOB = Need.namespace("submit-job", "purge-job")
 
 
-def listed_namespace(req: ApiRequest) -> str | None:
-    """The namespace a list request reads; None for every namespace (``*``)."""
-    namespace = request_namespace(req.query)
-    return None if namespace == ALL_NAMESPACES else namespace
-
-
-def alloc_stub(alloc: Allocation) -> dict[str, Any]:
+def alloc_stub(alloc: Allocation, *, resources: bool = True,
+               task_states: bool = True) -> dict[str, Any]:
+    """Nomad's AllocListStub; ``AllocatedResources`` and ``TaskStates`` left out when not
+    asked for (``/v1/allocations?resources=false&task_states=false``)."""
     full = to_api(alloc)
     job = full.pop("Job")
     full["JobType"] = job.get("Type")
     full["JobVersion"] = job.get("Version", 0)
+    if not resources:
+        del full["AllocatedResources"]
+    if not task_states:
+        del full["TaskStates"]
     return full
 
 
@@ -79,57 +82,74 @@ def _object_body(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
+def query_version(query: MultiMapping[str]) -> int | None:
+    """``?version=N``: a job version (None when not asked for)."""
+    raw = query.get("version")
+    if raw is None or raw == "":
+        return None
+    version = parse_uint64(raw)
+    if version is None:
+        raise bad_request("Unable to parse job version parameter")
+    return version
+
+
 def _job_view(server: Server, job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "Status": server.job_status(job)}
 
 
-async def list_jobs(services: Services, req: ApiRequest) -> Reply:
+JOB_STUB_KEYS = ("ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool",
+                 "Multiregion", "Type", "Priority", "Periodic", "ParameterizedJob", "Stop",
+                 "StatusDescription", "CreateIndex", "ModifyIndex", "SubmitTime")
+BY_NAMESPACE_AND_ID = by_namespace_and("ID")
+
+
+def job_stub(job: dict[str, Any], summary: dict[str, Any] | None, *, meta: bool
+             ) -> dict[str, Any]:
+    """Nomad's JobListStub of a job as ``_job_view`` shows it (``Meta`` when asked)."""
+    stub = {k: job.get(k) for k in JOB_STUB_KEYS} | {
+        "Status": job["Status"], "JobSummary": summary,
+        "JobModifyIndex": job.get("JobModifyIndex") or job.get("ModifyIndex")}
+    if meta:
+        stub["Meta"] = job.get("Meta") or {}
+    return stub
+
+
+async def list_jobs(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = services.server
-    index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
-    prefix = req.query.get("prefix", "")
-    stubs = []
-    for job in server.jobs(listed_namespace(req)):
-        if not job["ID"].startswith(prefix) or not allows(req, job_namespace(job), LIST_JOBS):
-            continue
-        stubs.append({k: job.get(k) for k in (
-            "ID", "ParentID", "Name", "Namespace", "Datacenters", "NodePool", "Type",
-            "Priority", "Periodic", "ParameterizedJob", "Stop", "StatusDescription",
-            "CreateIndex", "ModifyIndex", "SubmitTime")} | {
-            "Status": server.job_status(job), "JobModifyIndex": job.get("ModifyIndex")})
-    return Reply(stubs, index)
+    with_meta = query_bool(req.query, "meta")
+    listing = await list_query(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
+    # The filter runs on the full job, as Nomad's; each is shown as its stub.
+    jobs = [_job_view(server, job) for job in server.jobs(listing.namespace)
+            if allows(req, job_namespace(job), LIST_JOBS)]
+    return await listing.reply(jobs, BY_NAMESPACE_AND_ID,
+                               view=lambda job: job_stub(
+                                   job, server.job_summary(job["ID"], job["Namespace"]),
+                                   meta=with_meta))
+
+
+def register_reply(server: Server, job_id: str, namespace: str, eval_id: str,
+                   index: int) -> Reply:
+    """Nomad's JobRegisterResponse after a write that may have made an evaluation (register,
+    revert, evaluate): ``JobModifyIndex`` is the job's, unchanged when the job was."""
+    registered = server.job(job_id, namespace)
+    return Reply({"EvalID": eval_id, "EvalCreateIndex": index,
+                  "JobModifyIndex": job_modify_index(registered) if registered else index,
+                  "Warnings": "", "Index": index, "LastContact": 0,
+                  "KnownLeader": True, "NextToken": ""}, index)
 
 
 async def register_job(services: Services, req: ApiRequest) -> Reply:
     """PUT/POST /v1/jobs, and /v1/job/:id (whose ID must then match the job's)."""
-    body = _object_body(await req.json(), REGISTER_KEYS)
-    job = body.get("Job")
-    if not isinstance(job, dict):
-        raise bad_request("Job must be specified")
-    if not job.get("ID"):
-        raise bad_request("Job ID hasn't been provided")
-    path_id = req.params.get("job_id")
-    if path_id is not None and path_id != job["ID"]:
-        raise bad_request("Job ID does not match name")
-    # Nomad's precedence: ?namespace=, the body's Namespace, the job's own, default.
-    namespace = (req.query.get("namespace") or body.get("Namespace") or job.get("Namespace")
-                 or DEFAULT_NAMESPACE)
-    try:
-        job = canonicalize_job({**job, "Namespace": namespace})
-    except JobValidationError as err:
-        raise bad_request(str(err)) from None
-    if not isinstance(namespace, str) or not NAMESPACE_NAME.fullmatch(namespace):
-        raise bad_request("invalid namespace: a namespace name is 1 to 128 letters, digits "
-                          "and dashes")
-    # The caller's right first: the namespace's existence is not told to just anyone.
-    require(req, namespace, SUBMIT_JOB)
+    body, options = register_request(await req.json())
+    server = services.server
+    job, namespace = submitted_job(req, body, SUBMIT_JOB, region=server.region)
     with refusals():  # no such namespace, or it refuses a driver the job uses
         try:
-            eval_id, index = await services.server.register_job(job)
-        except JobKindChange as err:  # e.g. a periodic job registered again without it
+            eval_id, index = await server.register_job(
+                job, enforce_index=options.enforce_index, submission=options.submission)
+        except (JobKindChange, VersionConflict) as err:  # e.g. periodic no more; -check-index
             raise bad_request(str(err)) from None
-    return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
-                  "Warnings": "", "Index": index, "LastContact": 0,
-                  "KnownLeader": True, "NextToken": ""}, index)
+    return register_reply(server, job["ID"], namespace, eval_id, index)
 
 
 async def parse(services: Services, req: ApiRequest) -> Any:
@@ -155,6 +175,12 @@ async def get_job(services: Services, req: ApiRequest) -> Reply:
     job = found_or_404(server.job(req.params["job_id"], request_namespace(req.query)),
                        "job not found")
     require(req, job_namespace(job), READ_JOB)
+    version = query_version(req.query)
+    if version is not None and version != job.get("Version"):
+        kept = server.job_versions(job["ID"], job_namespace(job)) or []
+        # An older version is shown as it was registered (its status then is not known).
+        return Reply(found_or_404(next((v for v in kept if v.get("Version") == version), None),
+                                  "job version not found"), index)
     return Reply(_job_view(server, job), index)
 
 
@@ -186,13 +212,6 @@ async def job_evaluations(services: Services, req: ApiRequest) -> Reply:
     return Reply([to_api(e) for e in evals if allows(req, e.namespace, READ_JOB)], index)
 
 
-async def get_evaluation(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.EVALUATIONS,))
-    ev = found_or_404(services.server.evaluation(req.params["eval_id"]), "eval not found")
-    require(req, ev.namespace, READ_JOB)
-    return Reply(to_api(ev), index)
-
-
 def register(router: Router, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/jobs", list_jobs, LIST_JOBS)
@@ -203,4 +222,3 @@ def register(router: Router, services: Services) -> None:
     routes.add(("DELETE",), "/v1/job/{job_id}", delete_job, DEREGISTER_JOB)
     routes.add(("GET",), "/v1/job/{job_id}/allocations", job_allocations, READ_JOB)
     routes.add(("GET",), "/v1/job/{job_id}/evaluations", job_evaluations, READ_JOB)
-    routes.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, READ_JOB)

@@ -26,7 +26,7 @@ from nomad_client.http.bodyfields import (
 )
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404
-from nomad_client.http.query import block
+from nomad_client.http.query import block, by_field, list_query
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
 from nomad_client.server.namespaces import NamespaceError
@@ -44,6 +44,7 @@ UNLICENSED = {"NodePoolConfiguration": "Node Pools Governance is unlicensed.",
 NAME_MISMATCH = "Namespace name does not match request path"
 GET = ("GET",)
 WRITE = ("PUT", "POST")
+BY_NAME = by_field("Name")
 
 
 @contextlib.contextmanager
@@ -79,13 +80,12 @@ def _written(index: int) -> web.Response:
     return web.Response(headers={"X-Nomad-Index": str(index)})
 
 
-async def list_namespaces(services: Services, req: ApiRequest) -> Reply:
+async def list_namespaces(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = services.server
-    index = await block(server, req.query, (Resource.NAMESPACES,))
-    prefix = req.query.get("prefix", "")
-    return Reply([to_api(ns) for ns in server.namespaces()
-                  if ns.name.startswith(prefix) and allows(req, ns.name, Need.namespace_access)],
-                 index)
+    listing = await list_query(server, req.query, (Resource.NAMESPACES,))
+    return await listing.reply(
+        [to_api(ns) for ns in server.namespaces() if allows(req, ns.name, Need.namespace_access)],
+        BY_NAME, prefix_of=lambda ns: ns["Name"])
 
 
 async def get_namespace(services: Services, req: ApiRequest) -> Reply:

@@ -17,15 +17,17 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from aiohttp import web
+
 from nomad_client.acl import ACL
 from nomad_client.http.auth import Need, allows, request_namespace, require
 from nomad_client.http.bodyfields import object_fields, string_field
-from nomad_client.http.endpoints.jobs import listed_namespace
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404, not_found
-from nomad_client.http.query import block
+from nomad_client.http.query import block, list_query
 from nomad_client.http.router import ApiRequest, Reply, Router
 from nomad_client.http.services import Services
+from nomad_client.jobspec.canonical import MAX_GROUP_COUNT
 from nomad_client.server.scaling import (
     JobNotFound,
     ScaleRequest,
@@ -104,6 +106,9 @@ def scale_request(body: Any, job_id: str, namespace: str) -> ScaleRequest:
     error = _flag(fields, "Error")
     if count is not None and count < 0:
         raise bad_request("scaling action count can't be negative")
+    if count is not None and count > MAX_GROUP_COUNT:
+        raise bad_request(f'scaling action count for task group "{group}" must be at most '
+                          f"{MAX_GROUP_COUNT}, got {count}")
     if count is not None and error:
         raise bad_request("scaling action should not contain count if error is true")
     meta = fields.get("Meta")
@@ -141,18 +146,16 @@ async def scale_job(services: Services, req: ApiRequest) -> Reply:
                   "NextToken": ""}, result.index)
 
 
-async def list_policies(services: Services, req: ApiRequest) -> Reply:
+async def list_policies(services: Services, req: ApiRequest) -> web.StreamResponse:
     server = services.server
-    index = await block(server, req.query, (Resource.JOBS,))
+    listing = await list_query(server, req.query, (Resource.JOBS,))
     job_id = req.query.get("job", "")
     type_prefix = req.query.get("type", "")
-    id_prefix = req.query.get("prefix", "")
-    stubs = [
-        policy_stub(p) for p in server.scaling.policies(server.jobs(listed_namespace(req)))
+    return await listing.reply([
+        policy_stub(p) for p in server.scaling.policies(server.jobs(listing.namespace))
         if (not job_id or p["Target"]["Job"] == job_id)
-        and p.get("Type", "").startswith(type_prefix) and p["ID"].startswith(id_prefix)
-        and allows(req, p["Target"]["Namespace"], LIST_SCALING_POLICIES)]
-    return Reply(stubs, index)
+        and p.get("Type", "").startswith(type_prefix)
+        and allows(req, p["Target"]["Namespace"], LIST_SCALING_POLICIES)])
 
 
 async def get_policy(services: Services, req: ApiRequest) -> Reply:

@@ -34,10 +34,17 @@ from nomad_client.http.auth import (
     request_namespace,
     require,
 )
-from nomad_client.http.endpoints.jobs import READ_JOB, listed_namespace
+from nomad_client.http.endpoints.jobs import READ_JOB
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request, not_found
-from nomad_client.http.query import block, filtered, query_filter
+from nomad_client.http.query import (
+    block,
+    by_field,
+    filtered,
+    list_query,
+    listed_namespace,
+    query_filter,
+)
 from nomad_client.http.router import ApiRequest, Reply, Router, json_response
 from nomad_client.http.services import Services
 from nomad_client.server.server import Resource
@@ -49,6 +56,7 @@ Registration = dict[str, Any]
 
 _CHOOSE_FORM = "failed to choose services: Parameter for choose must be in form '<number>|<key>'"
 _GO_INT = re.compile(r"\A[+-]?[0-9]+\Z")
+BY_NAMESPACE = by_field("Namespace")
 
 
 def choose(registrations: list[Registration], param: str) -> list[Registration]:
@@ -86,22 +94,23 @@ def _readable(services: Services, req: ApiRequest, namespace: str | None,
 def _require_read(services: Services, req: ApiRequest) -> str | None:
     """The namespace the request reads (None: every one), refused with 403 when it is one
     the caller may not read."""
-    namespace = listed_namespace(req)
+    namespace = listed_namespace(req.query)
     if namespace is not None and not allows_service_read(req, services.server, namespace):
         raise PERMISSION_REFUSED
     return namespace
 
 
-async def list_services(services: Services, req: ApiRequest) -> Reply:
+async def list_services(services: Services, req: ApiRequest) -> web.StreamResponse:
     namespace = _require_read(services, req)
-    index = await block(services.server, req.query, (Resource.SERVICES,))
+    listing = await list_query(services.server, req.query, (Resource.SERVICES,))
     names: dict[str, dict[str, set[str]]] = {}
     for row in _readable(services, req, namespace, services.server.services.all(namespace)):
         tags = names.setdefault(row["Namespace"], {}).setdefault(row["ServiceName"], set())
         tags.update(row["Tags"])
-    return Reply([{"Namespace": ns, "Services": [
+    # One item per namespace, as Nomad's; no prefix (Nomad's list takes none).
+    return await listing.reply([{"Namespace": ns, "Services": [
         {"ServiceName": name, "Tags": sorted(tags)} for name, tags in sorted(found.items())]}
-        for ns, found in sorted(names.items())], index)
+        for ns, found in names.items()], BY_NAMESPACE, prefix_of=None)
 
 
 async def get_service(services: Services, req: ApiRequest) -> Reply:

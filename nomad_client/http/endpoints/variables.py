@@ -8,7 +8,6 @@ validates anything or looks the variable up. A list keeps only what the caller m
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +21,9 @@ from nomad_client.http.auth import (
 )
 from nomad_client.http.endpoints.routes import Routes
 from nomad_client.http.errors import HTTPError, bad_request
-from nomad_client.http.query import block, blocking_params, query_filter
+from nomad_client.http.query import blocking_params, by_namespace_and, list_query, parse_uint64
 from nomad_client.http.router import ApiRequest, Reply, Router, json_response
 from nomad_client.http.services import Services
-from nomad_client.server.bexpr import Filter, FilterError
 from nomad_client.server.server import Resource
 from nomad_client.server.variables import (
     DEFAULT_LOCK_DELAY,
@@ -37,8 +35,6 @@ from nomad_client.server.variables import (
 from nomad_client.structs.models import Variable, VariableLock
 
 LOCK_OPS = ("lock-acquire", "lock-release", "lock-renew")
-_MAX_UINT64 = 2**64 - 1
-_MAX_PER_PAGE = 2**31 - 1
 
 
 # ---- shapes ------------------------------------------------------------------------------
@@ -133,13 +129,10 @@ def _cas(req: ApiRequest) -> int | None:
     raw = req.query.get("cas")
     if not raw:
         return None
-    try:
-        value = int(raw, 10)
-        if not raw.isdigit() or value > _MAX_UINT64:
-            raise ValueError
-    except ValueError:
+    value = parse_uint64(raw)
+    if value is None:
         raise bad_request(f'can not parse cas: strconv.ParseUint: parsing "{raw}": '
-                          "invalid syntax") from None
+                          "invalid syntax")
     return value
 
 
@@ -174,58 +167,17 @@ def _require(services: Services, req: ApiRequest, namespace: str, path: str, op:
 
 
 # ---- handlers ------------------------------------------------------------------------------
+BY_NAMESPACE_AND_PATH = by_namespace_and("Path")
+
+
 async def list_variables(services: Services, req: ApiRequest) -> web.StreamResponse:
     variables = services.server.variables
-    namespace = request_namespace(req.query)
-    var_filter = query_filter(req.query)
-    per_page = _per_page(req)
-    next_token = req.query.get("next_token", "")
-    index = await block(services.server, req.query, (Resource.VARIABLES,))
+    listing = await list_query(services.server, req.query, (Resource.VARIABLES,))
     management = req.identity.acl.management
     visible = [metadata_api(v, show_lock=management)
-               for v in variables.list(namespace, req.query.get("prefix", ""))
+               for v in variables.list(request_namespace(req.query), listing.prefix)
                if allows_variable(req, services.server, v.namespace, v.path, "list")]
-    if var_filter is not None:
-        # A caller's filter is CPU work on caller input: evaluate it off the event loop.
-        visible = await asyncio.to_thread(_filtered, visible, var_filter)
-    if next_token:
-        start = _token_key(next_token)
-        visible = [m for m in visible if (m["Namespace"], m["Path"]) >= start]
-    token = ""
-    if per_page and len(visible) > per_page:
-        following = visible[per_page]
-        token = f"{following['Namespace']}.{following['Path']}"
-        visible = visible[:per_page]
-    response = json_response(Reply(visible, index))
-    if token:
-        response.headers["X-Nomad-NextToken"] = token
-    return response
-
-
-def _per_page(req: ApiRequest) -> int:
-    raw = req.query.get("per_page")
-    if not raw:
-        return 0
-    try:
-        value = int(raw)
-        if not -_MAX_PER_PAGE - 1 <= value <= _MAX_PER_PAGE:
-            raise ValueError
-    except ValueError:
-        raise bad_request("Expect a number for `per_page` query string parameter") from None
-    return max(value, 0)
-
-
-def _token_key(token: str) -> tuple[str, str]:
-    # Namespaces have no dots, so the first one ends it.
-    namespace, _, path = token.partition(".")
-    return namespace, path
-
-
-def _filtered(metadata: list[dict[str, Any]], var_filter: Filter) -> list[dict[str, Any]]:
-    try:
-        return [m for m in metadata if var_filter.matches(m)]
-    except FilterError as err:
-        raise bad_request(f"failed to read result page: {err}") from None
+    return await listing.reply(visible, BY_NAMESPACE_AND_PATH, prefix_of=lambda m: m["Path"])
 
 
 async def missing_path(services: Services, req: ApiRequest) -> Any:
