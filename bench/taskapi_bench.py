@@ -535,14 +535,20 @@ async def end_process(proc: asyncio.subprocess.Process, grace: float = 30.0) -> 
 
 
 def kill_leftovers(root: Path) -> int:
-    """Kill processes still working under ``root`` (a task the agent left running), and
-    detach the secrets tmpfs mounts they kept (no agent is left to unmount them)."""
+    """Kill processes still working under ``root`` (a task the agent left running), and in
+    its agents' cgroups, and detach the secrets tmpfs mounts they kept (no agent is left to
+    unmount them); the number killed by path."""
     import psutil
 
     from nomad_client.client import tmpfs
+    from nomad_client.client.cgroups import remove_agent_cgroups
 
-    inside = str(root) + os.sep  # with the separator: no sibling dir sharing the prefix
+    # An exec task's cwd reads "/" in its chroot: its agent's cgroups find it (agents' data
+    # dirs are root's children); they and the agent's parent cgroup are removed.
+    for data_dir in (p for p in root.iterdir() if p.is_dir()):
+        remove_agent_cgroups(data_dir)
     killed = 0
+    inside = str(root) + os.sep  # with the separator: no sibling dir sharing the prefix
     for proc in psutil.process_iter(["cwd", "cmdline"]):
         try:
             cwd = (proc.info.get("cwd") or "") + os.sep

@@ -130,9 +130,8 @@ REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "/v1/agent/host", "/v1/agent/reload", "/v1/agent/monitor*", "/v1/agent/pprof/*",
         "/v1/operator/upgrade-check/*", "/v1/operator/utilization",
     )),
-    ("task actions, exec and pause not built (no interactive driver sessions)", (
-        "/v1/job/:id/actions", "/v1/job/:id/action", "/v1/client/allocation/:id/exec",
-        "/v1/client/allocation/:id/pause",
+    ("task actions and pause not built", (
+        "/v1/job/:id/actions", "/v1/job/:id/action", "/v1/client/allocation/:id/pause",
     )),
     ("alloc snapshots (migration of ephemeral disks between clients) not built", (
         "/v1/client/allocation/:id/snapshot",

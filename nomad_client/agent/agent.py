@@ -24,7 +24,8 @@ from typing import Any
 import attrs
 
 from nomad_client.agent.client import Client, ClientSettings
-from nomad_client.agent.config import AgentConfig, advertise_http_url
+from nomad_client.agent.config import AgentConfig, advertise_http_url, exec_driver_config
+from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.servers import ServerRPC
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig, TaskAPIConfig
 from nomad_client.http.context import TCP_LISTENER
@@ -110,9 +111,11 @@ class Agent:
                 region=cfg.region, http_addr=self.http_addr,
                 static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits,
                 task_api=self.task_api_config, node_class=cfg.client.node_class,
-                node_pool=cfg.client.node_pool)
+                node_pool=cfg.client.node_pool,
+                disable_remote_exec=cfg.client.disable_remote_exec)
             self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
-                                 client_db, self._task_api_server)
+                                 client_db, self._task_api_server,
+                                 builtin_drivers(exec_driver_config(cfg, data_dir)))
         register_all(self.router, Services(
             server=self.server, client=self.client, agent_config=self._api_config,
             member=self._member()))

@@ -29,8 +29,10 @@ from nomad_client.allocrunner.builtin_hooks import BUILTIN_TASK_HOOKS, builtin_a
 from nomad_client.allocrunner.checks import CheckResults
 from nomad_client.allocrunner.hooks import TaskSocketServer
 from nomad_client.client.allocdir import AllocDir, unmount_orphaned_tmpfs
+from nomad_client.client.cgroups import CgroupManager, agent_cgroups, cgroup_of
 from nomad_client.client.drivers import builtin_drivers
-from nomad_client.client.drivers.base import Driver, TaskHandle
+from nomad_client.client.drivers.base import Driver, DriverError, ExecTarget, TaskHandle
+from nomad_client.client.exec_session import ChangeSignal, ExecSessions, ExecStartError, ExecTask
 from nomad_client.client.fingerprint import fingerprint_node
 from nomad_client.client.identities import IdentityManager
 from nomad_client.client.nodemeta import MetaLimitError, MetaLimits, check_meta_update
@@ -80,6 +82,8 @@ class ClientSettings:
     # The agent's live Task API config, replaced whole on a reload (then the agent calls
     # Client.apply_task_api_config).
     task_api: LiveTaskAPIConfig = attrs.field(factory=LiveTaskAPIConfig)
+    # client { disable_remote_exec }: refuse every alloc exec (not reloadable).
+    disable_remote_exec: bool = False
 
 
 class Client:
@@ -109,7 +113,10 @@ class Client:
         self.identities = IdentityManager(self._sign_identities)
         # Results of the service checks this node runs (GET /v1/allocation/:id/checks).
         self.checks = CheckResults()
-        self._task_usage = TaskUsageSampler(self._cpu_mhz)
+        # alloc exec sessions (ended on shutdown), woken when their allocation changes.
+        self.exec_sessions = ExecSessions()
+        self._alloc_changes = ChangeSignal()
+        self._task_usage = TaskUsageSampler(self._cpu_mhz, cgroups=self._cgroups)
         self._host_usage = HostStatsSampler(self._cpu_mhz)
 
     # ---- startup -----------------------------------------------------------------------
@@ -234,8 +241,15 @@ class Client:
         await self._runner(alloc_id).signal(signal, task)
 
     async def alloc_stats(self, alloc_id: str, task: str | None) -> dict[str, Any]:
-        roots = self._runner(alloc_id).process_roots(task)
-        return await asyncio.to_thread(self._task_usage.alloc_usage, alloc_id, roots)
+        runner = self._runner(alloc_id)
+        roots = runner.process_roots(task)
+        cgroups = {name: cg for name, r in runner.task_runners.items() if name in roots
+                   and r.handle is not None and (cg := cgroup_of(r.handle.driver_state))}
+        return await asyncio.to_thread(self._task_usage.alloc_usage, alloc_id, roots, cgroups)
+
+    def _cgroups(self) -> CgroupManager | None:
+        """This agent's task cgroups, once an exec task has made them (blocking: a thread's)."""
+        return agent_cgroups(self.settings.data_dir)
 
     async def host_stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self._host_usage.host_stats, self.settings.alloc_dir)
@@ -262,6 +276,30 @@ class Client:
             host_env=dict(os.environ), persist_task=self._persist_task,
             report=self._queue_report, identities=self.identities,
             task_api_config=self.settings.task_api, namespaces=self)
+
+    # ---- alloc exec ----------------------------------------------------------------------
+    @property
+    def remote_exec_disabled(self) -> bool:
+        return self.settings.disable_remote_exec
+
+    def exec_task(self, alloc_id: str, task: str) -> ExecTask:
+        """Task ``task`` of the allocation, for ``alloc exec``: ``UnknownAllocation``, or
+        ``ControlRefused`` when the allocation has no such task."""
+        runner = self._runner(alloc_id).task_runner(task)
+
+        async def target() -> ExecTarget:
+            exec_target = getattr(runner.driver, "exec_target", None)
+            if runner.handle is None or not runner.running:
+                raise ExecStartError(f"task {task!r} is not running.")
+            if exec_target is None:
+                raise ExecStartError(f"task driver {runner.driver.name!r} does not support exec")
+            try:
+                return await exec_target(runner.handle)
+            except DriverError as err:
+                raise ExecStartError(f"task {task!r}: {err}") from None
+
+        return ExecTask(target=target, stopped=lambda: self._alloc_changes.wait_until(
+            alloc_id, lambda: not runner.running))
 
     # ---- the Task API ------------------------------------------------------------------
     async def namespace_task_api_mode(self, namespace: str) -> str | None:
@@ -316,10 +354,34 @@ class Client:
                 from_rpc(raw["state"], TaskState), handle)
         allocs = await self.db.items(B_ALLOCS)
         await self._unmount_orphans({alloc_id for alloc_id, _ in allocs})
+        await self._remove_orphan_cgroups({a: tasks.get(a, {}) for a, _ in allocs})
         for alloc_id, raw in allocs:
             alloc = from_rpc(raw, Allocation)
             log.info("restoring allocation %s", alloc_id)
             self._start_runner(alloc, tasks.get(alloc_id, {}))
+
+    async def _remove_orphan_cgroups(
+            self, restored: Mapping[str, Mapping[str, RestoredTask]]) -> None:
+        """Task cgroups an earlier agent left (it crashed, or was killed) that no restored
+        task names: their processes run unsupervised, so they are killed and removed. Runs
+        before any runner starts, so no task of this agent can be making one meanwhile."""
+        keep = {cg for tasks in restored.values() for t in tasks.values()
+                if t.handle is not None and (cg := cgroup_of(t.handle.driver_state))}
+
+        def remove() -> list[str]:
+            manager = agent_cgroups(self.settings.data_dir)
+            if manager is None:
+                return []
+            removed = manager.remove_orphans(keep)
+            manager.remove_parent_if_empty()  # an exec task makes it again when it needs it
+            return removed
+        try:
+            gone = await asyncio.to_thread(remove)
+        except Exception as err:  # the client can still run; the operator must know
+            log.warning("could not remove leftover task cgroups: %s", err)
+            return
+        for name in gone:
+            log.info("removed leftover task cgroup %s (killed its processes)", name)
 
     async def _unmount_orphans(self, restored: set[str]) -> None:
         """Secrets tmpfs mounts an earlier agent left (it crashed, or was killed) for
@@ -394,6 +456,7 @@ class Client:
 
     def _queue_report(self, update: AllocUpdate) -> None:
         self._pending_reports[update.id] = update
+        self._alloc_changes.notify(update.id)
         self._report_wakeup.set()
 
     async def _alloc_reports(self) -> None:
@@ -451,6 +514,7 @@ class Client:
     async def shutdown(self, *, stop_tasks: bool) -> None:
         """Stop the client. With ``stop_tasks`` (dev mode) every task is killed and its
         files removed; otherwise tasks keep running for the next agent to reattach."""
+        await self.exec_sessions.close()  # their commands are killed, whatever the mode
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -460,7 +524,20 @@ class Client:
             await asyncio.gather(*(r.destroy() for r in runners), return_exceptions=True)
         else:
             await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
+        await self._remove_empty_cgroup_parent()
         try:
             await self.flush_reports()
         except Exception:
             log.debug("final report failed", exc_info=True)
+
+    async def _remove_empty_cgroup_parent(self) -> None:
+        """This agent's parent cgroup, once no task cgroup is left in it (running tasks
+        keep theirs, and the parent, for the next agent to reattach)."""
+        def remove() -> None:
+            manager = agent_cgroups(self.settings.data_dir)
+            if manager is not None:
+                manager.remove_parent_if_empty()
+        try:
+            await asyncio.to_thread(remove)
+        except Exception as err:  # shutting down regardless; the operator must know
+            log.warning("could not remove this agent's parent cgroup: %s", err)

@@ -26,6 +26,17 @@ from typing import Any
 
 import attrs
 
+from nomad_client.client.cgroups import agent_parent
+from nomad_client.client.drivers import DriverError
+from nomad_client.client.drivers.exec import (
+    DEFAULT_CHROOT_ENV,
+    DEFAULT_PIDS_LIMIT,
+    DEFAULT_USER_DENYLIST,
+    NAMESPACE_MODES,
+    ExecDriverConfig,
+    parse_caps,
+)
+from nomad_client.client.drivers.isolation import DEFAULT_CAPS
 from nomad_client.client.fingerprint import network_address
 from nomad_client.client.nodemeta import MetaLimits, meta_key_problem
 from nomad_client.client.taskapi_config import PEER_CREDENTIALS_MODES, TaskAPIConfig
@@ -105,8 +116,12 @@ class ClientConfig:
     node_pool: str = "default"
     meta: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
     options: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_map)
+    # Nomad's chroot_env for exec tasks (host path -> path inside); None: Nomad's default.
+    chroot_env: Mapping[str, str] | None = None
     meta_limits: MetaLimits = attrs.field(factory=MetaLimits, converter=_meta_limits)
     task_api: TaskAPIConfig = attrs.field(factory=TaskAPIConfig, converter=_task_api)
+    # Nomad's: refuse every `alloc exec` on this node. Read at start (a reload keeps it).
+    disable_remote_exec: bool = False
 
 
 @attrs.frozen
@@ -127,6 +142,8 @@ class AgentConfig:
     client: ClientConfig = attrs.field(factory=ClientConfig)
     acl: ACLConfig = attrs.field(factory=ACLConfig)
     dev_mode: bool = False
+    # Nomad's `plugin "<name>" { config { ... } }` blocks: plugin name -> its config.
+    plugin: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     def _server_api_dict(self) -> dict[str, Any]:
         server: dict[str, Any] = {"Enabled": self.server.enabled}
@@ -152,6 +169,7 @@ class AgentConfig:
                 "Meta": dict(self.client.meta),
                 "Options": dict(self.client.options),
                 "TaskAPI": self.client.task_api.to_api_dict(),
+                "DisableRemoteExec": self.client.disable_remote_exec,
             },
             "ACL": {"Enabled": self.acl.enabled},
             "DevMode": self.dev_mode,
@@ -200,6 +218,7 @@ _SCHEMA: dict[str, Any] = {
         "state_dir": "path",
         "node_class": "string",
         "node_pool": "node_pool",
+        "chroot_env": "chroot_env",
         "meta": "meta",
         "options": "options",
         "meta_limits": {field.name: "limit" for field in attrs.fields(MetaLimits)},
@@ -216,8 +235,10 @@ _SCHEMA: dict[str, Any] = {
             "bind_identity_to_socket": "bool",
             "secrets_tmpfs": "bool",
         },
+        "disable_remote_exec": "bool",
     },
     "acl": {"enabled": "bool"},
+    "plugin": "plugin",
 }
 
 _BLOCK_MAPS = ("meta", "options")  # may be written as a block or as `key = { ... }`
@@ -467,6 +488,81 @@ def _check_string_map(value: Any, src: _Source, path: list[str], *,
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Driver options: `client { chroot_env = { ... } }` and `plugin "exec" { config { ... } }`.
+
+# The exec plugin's config keys (Nomad's names) and their kinds.
+_EXEC_PLUGIN_SCHEMA: dict[str, Any] = {
+    "allow_caps": "caps",
+    "default_pid_mode": "namespace_mode",
+    "default_ipc_mode": "namespace_mode",
+    "pids_limit": "limit",
+}
+
+
+def _check_chroot_env(value: Any, src: _Source, path: list[str]) -> dict[str, str]:
+    env = _check_string_map(value, src, path, dotted_keys=False)
+    for host_path, inside in env.items():
+        if not host_path.startswith("/") or not inside.startswith("/"):
+            raise src.error([*path, host_path], "chroot_env paths must be absolute")
+        if ".." in inside.split("/"):
+            raise src.error([*path, host_path], "chroot_env paths must not contain '..'")
+    return env
+
+
+def _check_caps(value: Any, src: _Source, path: list[str]) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise src.error(path, f"expected a list of strings, got {type_name(value)}")
+    try:
+        return sorted(parse_caps(value, path[-1]))
+    except DriverError as exc:
+        raise src.error(path, str(exc)) from None
+
+
+def _check_plugin(value: Any, src: _Source, path: list[str]) -> dict[str, Any]:
+    """`plugin "exec" { config { ... } }` (HCL: a list of {label: body}; JSON: a map)."""
+    labelled = value if isinstance(value, list) else [value]
+    out: dict[str, Any] = {}
+    for entry in labelled:
+        if not isinstance(entry, dict):
+            raise src.error(path, f"expected a labelled block, got {type_name(entry)}")
+        for name, body in entry.items():
+            block_path = [*path, name]
+            if name != "exec":
+                raise src.error(block_path, "unknown plugin (only \"exec\" takes options)")
+            block = _as_body(body, src, block_path)
+            unknown = sorted(set(block) - {"config"})
+            if unknown:
+                raise src.error([*block_path, unknown[0]], "unknown configuration key")
+            config_path = [*block_path, "config"]
+            config = _as_body(block.get("config", {}), src, config_path)
+            checked: dict[str, Any] = {}
+            for key, item in config.items():
+                kind = _EXEC_PLUGIN_SCHEMA.get(key)
+                if kind is None:
+                    raise src.error([*config_path, key], "unknown configuration key")
+                checked[key] = _CHECKS[kind](item, src, [*config_path, key])
+            out[name] = {**out.get(name, {}), **checked}
+    return out
+
+
+def exec_driver_config(cfg: AgentConfig, data_dir: Path) -> ExecDriverConfig:
+    """The exec driver's options from the agent config; its cgroups go under this agent's
+    own parent (``agent_parent(data_dir)``)."""
+    plugin = dict(cfg.plugin.get("exec") or {})
+    denylist = cfg.client.options.get("user.denylist")
+    return ExecDriverConfig(
+        chroot_env=(DEFAULT_CHROOT_ENV if cfg.client.chroot_env is None
+                    else cfg.client.chroot_env),
+        allow_caps=plugin.get("allow_caps", DEFAULT_CAPS),
+        default_pid_mode=plugin.get("default_pid_mode", "private"),
+        default_ipc_mode=plugin.get("default_ipc_mode", "private"),
+        pids_limit=plugin.get("pids_limit", DEFAULT_PIDS_LIMIT),
+        user_denylist=(DEFAULT_USER_DENYLIST if denylist is None
+                       else {u.strip() for u in denylist.split(",") if u.strip()}),
+        cgroup_parent=agent_parent(data_dir))
+
+
 _CHECKS: dict[str, Callable[[Any, _Source, list[str]], Any]] = {
     "string": _check_string,
     "bool": _check_bool,
@@ -482,6 +578,10 @@ _CHECKS: dict[str, Callable[[Any, _Source, list[str]], Any]] = {
     "default_mode": functools.partial(_check_choice, choices=AGENT_DEFAULT_MODES),
     "peer_credentials": functools.partial(_check_choice, choices=PEER_CREDENTIALS_MODES),
     "endpoint_rules": _check_endpoint_rules,
+    "chroot_env": _check_chroot_env,
+    "plugin": _check_plugin,
+    "caps": _check_caps,
+    "namespace_mode": functools.partial(_check_choice, choices=NAMESPACE_MODES),
 }
 
 

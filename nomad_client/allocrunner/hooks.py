@@ -38,7 +38,7 @@ import attrs
 from nomad_client.client.allocdir import AllocDir, TaskDir
 from nomad_client.client.drivers.base import ExitResult, TaskHandle
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig, SocketDecision
-from nomad_client.client.taskenv import NodeView
+from nomad_client.client.taskenv import FS_ISOLATION_NONE, NodeView, TaskPaths, task_paths
 from nomad_client.structs.models import Allocation, TaskEvent
 
 
@@ -164,14 +164,25 @@ class TaskContext:
     handle: TaskHandleView = attrs.field(factory=TaskHandleView)
     task_api_config: LiveTaskAPIConfig | None = None
     task_api: SocketDecision | None = None
+    # The task driver's filesystem isolation: where the task sees its directories.
+    fs_isolation: str = FS_ISOLATION_NONE
+    # Who the driver runs a task without ``user`` as (exec: nobody); None: the agent's user.
+    default_user: str | None = None
 
     @property
     def name(self) -> str:
         return str(self.task["Name"])
 
     @property
+    def paths(self) -> TaskPaths:
+        """The task's alloc, local and secrets dirs as the task sees them."""
+        return task_paths(self.fs_isolation, alloc_dir=str(self.alloc_dir.shared_dir),
+                          local_dir=str(self.task_dir.local_dir),
+                          secrets_dir=str(self.task_dir.secrets_dir))
+
+    @property
     def user(self) -> str | None:
-        return self.task.get("User") or None
+        return self.task.get("User") or self.default_user
 
     @property
     def secrets_tmpfs(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import errno
 import json as jsonlib
 import os
@@ -548,6 +549,39 @@ class ApiClient:
             f"/v1/client/fs/logs/{_seg(alloc_id)}",
             {"task": task, "type": "stderr" if stderr else "stdout", "plain": "true"},
         )
+
+    # -- alloc exec: a websocket of Nomad's exec frames (``namespace``: the allocation's) --
+
+    @contextlib.asynccontextmanager
+    async def alloc_exec(self, alloc_id: str, task: str, command: Sequence[str], *,
+                         tty: bool = False, namespace: str | None = None
+                         ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """The exec session's websocket. A refusal before the upgrade raises ``ApiError``
+        with the agent's reason; an unreachable agent ``ApiConnectionError``."""
+        path = f"/v1/client/allocation/{_seg(alloc_id)}/exec"
+        params = {"task": task, "command": jsonlib.dumps(list(command)), "tty": tty,
+                  "namespace": namespace or self.default_namespace,
+                  "region": self.default_region}
+        headers = {"X-Nomad-Token": self.token} if self.token else {}
+        connector: aiohttp.BaseConnector = (
+            aiohttp.UnixConnector(path=self._connect_path()) if self._socket_path is not None
+            else aiohttp.TCPConnector())
+        # A session of its own: it lasts as long as the command, past the API's timeout.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            try:
+                ws = await session.ws_connect(self._base + path, params=_encode_params(params),
+                                              headers=headers, autoping=True)
+            except aiohttp.WSServerHandshakeError as exc:
+                # aiohttp drops a refusal's body: ask again, without the upgrade, for it.
+                resp = await self.request("GET", path, params=params)
+                raise ApiError(exc.status, resp.text() if resp.status >= 400
+                               else exc.message) from None
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise ApiConnectionError("GET", self._base + path, self._dial_target(),
+                                         _reason(exc)) from exc
+            async with ws:
+                yield ws
 
     # -- Allocation control and resource usage (``namespace``: the allocation's) --
 

@@ -221,7 +221,8 @@ async def _random_running_alloc(client: ApiClient, job_id: str) -> dict[str, Any
         return await client.allocation_get(random.choice(running)["ID"])
 
 
-async def _target_alloc(client: ApiClient, ident: str, by_job: bool) -> dict[str, Any]:
+async def target_alloc(client: ApiClient, ident: str, by_job: bool) -> dict[str, Any]:
+    """The allocation a command names (with ``-job``: a random running one of the job)."""
     return await (_random_running_alloc(client, ident) if by_job else _get_alloc(client, ident))
 
 
@@ -258,7 +259,8 @@ async def _until_interrupted(follow: Awaitable[int]) -> int:
         loop.remove_signal_handler(signal.SIGINT)
 
 
-def _log_task(alloc: dict[str, Any], flag: str | None, positional: Sequence[str]) -> str:
+def alloc_task(alloc: dict[str, Any], flag: str | None, positional: Sequence[str]) -> str:
+    """The task a command names (``-task`` or its positional argument), or the one task."""
     tasks = _task_names(alloc)
     task = flag or (positional[0] if positional else None)
     if task:
@@ -286,8 +288,8 @@ def logs_cmd(argv: Sequence[str]) -> int:
     spec = tail_spec(ns)
 
     async def body(client: ApiClient) -> int:
-        alloc = await _target_alloc(client, ns.args[0], ns.job)
-        task = _log_task(alloc, ns.task, ns.args[1:])
+        alloc = await target_alloc(client, ns.args[0], ns.job)
+        task = alloc_task(alloc, ns.task, ns.args[1:])
         with reporting("Error reading logs"):
             await print_stream(client.alloc_logs_stream(
                 alloc["ID"], task, stderr=ns.stderr, follow=ns.f, origin=spec.origin,
@@ -318,7 +320,7 @@ def fs_cmd(argv: Sequence[str]) -> int:
     spec = tail_spec(ns)
 
     async def body(client: ApiClient) -> int:
-        alloc = await _target_alloc(client, ns.args[0], ns.job)
+        alloc = await target_alloc(client, ns.args[0], ns.job)
         alloc_id = alloc["ID"]
         with reporting("Error reading file"):
             info = await client.fs_stat(alloc_id, path)

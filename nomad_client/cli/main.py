@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from nomad_client.cli import (
     acl,
     alloc,
+    alloc_exec,
     dispatch,
     job,
     job_history,
@@ -34,7 +35,7 @@ Command = Callable[[Sequence[str]], int]
 GROUPS: Mapping[str, Mapping[str, Command]] = {
     "job": {**job.COMMANDS, **job_history.COMMANDS, **plan.COMMANDS, **scaling.JOB_COMMANDS,
             **dispatch.JOB_COMMANDS},
-    "alloc": alloc.COMMANDS,
+    "alloc": {**alloc.COMMANDS, **alloc_exec.COMMANDS},
     "node": node.COMMANDS,
     "acl": acl.COMMANDS,
     "var": var.COMMANDS,
@@ -48,7 +49,7 @@ GROUPS: Mapping[str, Mapping[str, Command]] = {
 ALIASES: Mapping[str, Command] = {"logs": alloc.logs_cmd, "fs": alloc.fs_cmd,
                                   # and ``nomad run``, ``status``, ``stop``
                                   "run": job.run_cmd, "status": job.status_cmd,
-                                  "stop": job.stop_cmd}
+                                  "stop": job.stop_cmd, "exec": alloc_exec.exec_cmd}
 
 USAGE = """\
 Usage: nomad-client <command> [args]
@@ -76,6 +77,8 @@ Commands:
     alloc stop     Stop an allocation (it is replaced)
     alloc restart  Restart an allocation's tasks in place
     alloc signal   Send a signal to an allocation's tasks
+    alloc exec     Run a command in a running task (-t: a pty; exit status is the command's)
+    exec           Shortcut for alloc exec
     node status    List nodes or show one node
     node meta      Read or apply dynamic node metadata
     node eligibility  Mark a node eligible or ineligible for placements

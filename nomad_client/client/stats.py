@@ -3,7 +3,9 @@
 (``/v1/client/stats``).
 
 A task's usage is that of its whole process tree: the process its driver handle names (for
-raw_exec, the executor) and every descendant. CPU percentages are the difference between two
+raw_exec, the executor) and every descendant. A task with a cgroup (exec: its handle's
+``driver_state`` names it) is measured by the cgroup's counters instead, as Nomad's exec
+driver does; its ``Pids`` are still the tree's. CPU percentages are the difference between two
 samples over the time between them, so a request never waits for a second sample: each
 sampler keeps its previous ones (per task, and for the host). A sample is measured against
 the latest one at least ``MIN_INTERVAL`` older (two requests in a row would otherwise
@@ -26,11 +28,24 @@ from typing import Any, Generic, TypeVar
 import attrs
 import psutil
 
+from nomad_client.client.cgroups import CgroupManager, CgroupUsage
 from nomad_client.client.drivers import proctree
 
 # What the per-process measurements fill in (Nomad's labels, not field names).
 MEMORY_MEASURED = ("RSS", "Swap")
 CPU_MEASURED = ("System Mode", "User Mode", "Percent")
+# What a task's cgroup fills in, as Nomad's exec driver labels it per cgroup version.
+CGROUP_MEMORY_MEASURED = {
+    1: ("RSS", "Cache", "Swap", "Usage", "Max Usage", "Kernel Usage", "Kernel Max Usage"),
+    2: ("RSS", "Cache", "Swap", "Usage"),
+}
+CGROUP_CPU_MEASURED = ("System Mode", "User Mode", "Throttled Periods", "Throttled Time",
+                       "Percent")
+# Stands for a task's cgroup among its processes' CPU samples: no process has pid 0.
+_CGROUP_PID = 0
+# Memory fields an allocation's usage sums over its tasks (the others are labels or derived).
+_SUMMED_MEMORY = ("RSS", "Cache", "Swap", "MappedFile", "Usage", "MaxUsage", "KernelUsage",
+                  "KernelMaxUsage")
 
 ProcessKey = tuple[int, float]  # (pid, create time): a reused pid is another process
 # The shortest interval a CPU percentage is measured over (seconds).
@@ -108,15 +123,28 @@ def resource_usage(memory: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Any
 
 
 def sum_usage(usages: Iterable[Mapping[str, Any]], *, cpu_mhz: float) -> dict[str, Any]:
-    """The sum of ``ResourceUsage`` values (an allocation's is the sum of its tasks')."""
-    rss = swap = 0
+    """The sum of ``ResourceUsage`` values (an allocation's is the sum of its tasks'), each
+    ``Measured`` list the union of the parts' (as Nomad adds them)."""
+    memory = memory_stats()
     user = system = 0.0
+    throttled_periods = throttled_time = 0
+    mem_measured: dict[str, None] = {}
+    cpu_measured: dict[str, None] = {}
     for usage in usages:
-        rss += usage["MemoryStats"]["RSS"]
-        swap += usage["MemoryStats"]["Swap"]
-        user += usage["CpuStats"]["UserMode"]
-        system += usage["CpuStats"]["SystemMode"]
-    return resource_usage(memory_stats(rss, swap), cpu_stats(user, system, cpu_mhz=cpu_mhz))
+        mem, cpu = usage["MemoryStats"], usage["CpuStats"]
+        for field in _SUMMED_MEMORY:
+            memory[field] += mem[field]
+        user += cpu["UserMode"]
+        system += cpu["SystemMode"]
+        throttled_periods += cpu["ThrottledPeriods"]
+        throttled_time += cpu["ThrottledTime"]
+        mem_measured.update(dict.fromkeys(mem["Measured"]))
+        cpu_measured.update(dict.fromkeys(cpu["Measured"]))
+    total_cpu = cpu_stats(user, system, cpu_mhz=cpu_mhz)
+    total_cpu.update(ThrottledPeriods=throttled_periods, ThrottledTime=throttled_time)
+    if mem_measured:
+        memory["Measured"], total_cpu["Measured"] = list(mem_measured), list(cpu_measured)
+    return resource_usage(memory, total_cpu)
 
 
 def _tree(root_pid: int, root_create_time: float) -> list[psutil.Process]:
@@ -150,33 +178,56 @@ class TaskUsageSampler:
     percentage. ``cpu_mhz`` tells one core's speed (for ``TotalTicks``)."""
 
     def __init__(self, cpu_mhz: Callable[[], float], *,
+                 cgroups: Callable[[], CgroupManager | None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._cpu_mhz = cpu_mhz
+        self._cgroups = cgroups
         self._clock = clock
         # (alloc ID, task) -> the CPU times of each of its processes
         self._baselines: Baselines[CPUSample] = Baselines(clock)
 
-    def alloc_usage(self, alloc_id: str, roots: Mapping[str, tuple[int, float]]
-                    ) -> dict[str, Any]:
+    def alloc_usage(self, alloc_id: str, roots: Mapping[str, tuple[int, float]],
+                    cgroups: Mapping[str, str] | None = None) -> dict[str, Any]:
         """``AllocResourceUsage`` of the tasks in ``roots`` (task -> (pid, create time) of
-        the process its handle names)."""
-        tasks = {task: self.task_usage(alloc_id, task, *root) for task, root in roots.items()}
+        the process its handle names); ``cgroups`` names the tasks' cgroups, if they have."""
+        cgroups = cgroups or {}
+        tasks = {task: self.task_usage(alloc_id, task, *root, cgroup=cgroups.get(task))
+                 for task, root in roots.items()}
         return {"ResourceUsage": sum_usage((t["ResourceUsage"] for t in tasks.values()),
                                            cpu_mhz=self._cpu_mhz()),
                 "Tasks": tasks, "Timestamp": time.time_ns()}
 
-    def task_usage(self, alloc_id: str, task: str, root_pid: int, root_create_time: float
-                   ) -> dict[str, Any]:
-        """``TaskResourceUsage``: the tree's sums, and each process under ``Pids``."""
+    def task_usage(self, alloc_id: str, task: str, root_pid: int, root_create_time: float,
+                   cgroup: str | None = None) -> dict[str, Any]:
+        """``TaskResourceUsage``: the tree's sums (the cgroup's counters when the task has
+        one), and each process of the tree under ``Pids``."""
         measured = [m for m in map(_measure, _tree(root_pid, root_create_time))
                     if m is not None]
+        in_cgroup = self._cgroup_usage(cgroup)
+        whole = None if in_cgroup is None else _as_process(in_cgroup[1], root_create_time)
+        sampled = measured if whole is None else [*measured, whole]
         now = self._clock()
         previous = self._baselines.measure_against((alloc_id, task),
-                                                   {m.key: m.cpu for m in measured})
+                                                   {m.key: m.cpu for m in sampled})
         mhz = self._cpu_mhz()
         pids = {str(m.key[0]): _process_usage(m, previous, now, mhz) for m in measured}
-        return {"ResourceUsage": sum_usage(pids.values(), cpu_mhz=mhz),
-                "Timestamp": time.time_ns(), "Pids": pids}
+        if in_cgroup is None or whole is None:
+            usage = sum_usage(pids.values(), cpu_mhz=mhz)
+        else:
+            usage = _with_cgroup(_process_usage(whole, previous, now, mhz), *in_cgroup)
+        return {"ResourceUsage": usage, "Timestamp": time.time_ns(), "Pids": pids}
+
+    def _cgroup_usage(self, name: str | None) -> tuple[int, CgroupUsage] | None:
+        """(cgroup version, counters) of the task cgroup ``name``; None to measure the
+        process tree instead (no cgroup, or it cannot be read)."""
+        manager = self._cgroups() if name else None
+        if manager is None or name is None:
+            return None
+        try:
+            cg = manager.open(name)
+            return None if cg is None else (cg.version, cg.usage())
+        except (OSError, ValueError):
+            return None
 
     def forget(self, alloc_id: str) -> None:
         """Drop the previous samples of ``alloc_id``'s tasks (it is gone)."""
@@ -203,6 +254,26 @@ def _process_usage(m: _Measured, previous: tuple[float, CPUSample] | None, now: 
 
     return resource_usage(memory_stats(m.rss, m.swap),
                           cpu_stats(percent(user), percent(system), cpu_mhz=cpu_mhz))
+
+
+def _as_process(c: CgroupUsage, started: float) -> _Measured:
+    """A task's cgroup as if it were one process (pid 0), started when its root was: so its
+    CPU times are measured against the previous sample like a process's."""
+    return _Measured((_CGROUP_PID, started),
+                     _CPUTimes(c.cpu_user_ns / 1e9, c.cpu_system_ns / 1e9),
+                     c.memory_rss, c.memory_swap)
+
+
+def _with_cgroup(usage: dict[str, Any], version: int, c: CgroupUsage) -> dict[str, Any]:
+    """A task's ``ResourceUsage`` from its cgroup's counters, in Nomad's fields and labels."""
+    usage["MemoryStats"].update(
+        Cache=c.memory_cache, Usage=c.memory_usage, MaxUsage=c.memory_max_usage,
+        KernelUsage=c.memory_kernel_usage, KernelMaxUsage=c.memory_kernel_max_usage,
+        Measured=list(CGROUP_MEMORY_MEASURED[version]))
+    usage["CpuStats"].update(ThrottledPeriods=c.throttled_periods,
+                             ThrottledTime=c.throttled_time_ns,
+                             Measured=list(CGROUP_CPU_MEASURED))
+    return usage
 
 
 # ---- the host ------------------------------------------------------------------------------

@@ -21,14 +21,18 @@ from nomad_client.structs.node_properties import (
 )
 
 __all__ = [
+    "FS_ISOLATION_CHROOT",
+    "FS_ISOLATION_NONE",
     "HOST_ENV_DENYLIST",
     "NodeView",
     "TaskEnvInput",
+    "TaskPaths",
     "build_task_env",
     "clean_env_key",
     "interpolate",
     "interpolate_config",
     "port_env",
+    "task_paths",
 ]
 
 # Agent-side credentials and licences that must never reach a task through the host env.
@@ -55,6 +59,31 @@ HOST_ENV_DENYLIST: frozenset[str] = frozenset(
 _CLEANED_PREFIXES = ("NOMAD_ADDR_", "NOMAD_IP_", "NOMAD_PORT_", "NOMAD_HOST_PORT_", "NOMAD_META_")
 
 _REFERENCE = re.compile(r"\$\{([a-zA-Z0-9_\-.]+)\}")
+
+
+# A driver's filesystem isolation (Nomad's ``FSIsolation`` capability): "none" runs a task
+# in the host's tree, "chroot" makes its task dir its root.
+FS_ISOLATION_NONE = "none"
+FS_ISOLATION_CHROOT = "chroot"
+
+
+@attrs.frozen
+class TaskPaths:
+    """A task's directories as the task itself sees them."""
+
+    alloc_dir: str
+    local_dir: str
+    secrets_dir: str
+
+
+def task_paths(fs_isolation: str, *, alloc_dir: str, local_dir: str,
+               secrets_dir: str) -> TaskPaths:
+    """Where a task run with ``fs_isolation`` finds the directories that are at the given
+    host paths: the same paths, or Nomad's ``/alloc``, ``/local`` and ``/secrets`` inside
+    a chroot."""
+    if fs_isolation == FS_ISOLATION_CHROOT:
+        return TaskPaths(alloc_dir="/alloc", local_dir="/local", secrets_dir="/secrets")
+    return TaskPaths(alloc_dir=alloc_dir, local_dir=local_dir, secrets_dir=secrets_dir)
 
 
 @attrs.frozen

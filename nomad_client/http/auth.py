@@ -308,3 +308,33 @@ def allows_service_read(req: ApiRequest, server: Server, namespace: str) -> bool
     claims = req.identity.claims
     claim = None if claims is None else _workload_claim(server, claims)
     return claim is not None and claim.namespace == namespace
+
+
+# ---- alloc exec ------------------------------------------------------------------------
+ALLOC_EXEC = Need.namespace("alloc-exec")
+# Also needed for a task without filesystem isolation (raw_exec): its commands run on the
+# node itself, as Nomad asks.
+ALLOC_NODE_EXEC = Need.namespace("alloc-node-exec")
+HANDSHAKE_MISMATCH = HTTPError(400, "handshake auth token mismatched auth header token")
+
+
+def require_exec(identity: Identity, namespace: str, *, fs_isolated: bool) -> None:
+    """Raise 403 unless ``identity`` may run commands in a task of ``namespace``: with
+    ``alloc-exec`` there, and ``alloc-node-exec`` too when the task is not isolated. A
+    workload identity holds them only through a policy attached to its job."""
+    needs = (ALLOC_EXEC,) if fs_isolated else (ALLOC_EXEC, ALLOC_NODE_EXEC)
+    acl = identity.acl
+    if not acl.management and (namespace == ALL_NAMESPACES
+                               or not all(need.allows(acl, namespace) for need in needs)):
+        raise PERMISSION_REFUSED
+
+
+async def authenticate_handshake(server: Server, headers: Mapping[str, str], token: str,
+                                 ctx: ListenerContext) -> Identity:
+    """The caller named by a websocket's first frame (``ws_handshake``, for browsers, which
+    cannot set headers); a header token, if one was sent too, must be the same."""
+    header_token = request_token(headers)
+    if header_token and header_token != token:
+        raise HANDSHAKE_MISMATCH
+    identity = authenticate(server, {"X-Nomad-Token": token}, ctx)
+    return await resolve(server, identity) if identity.acl is UNRESOLVED else identity

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from nomad_client.client.exec_session import ExecSessions, ExecTask
 from nomad_client.server.server import Server
 
 
@@ -30,6 +31,13 @@ class LocalClient(Protocol):
     def alloc_checks(self, alloc_id: str) -> dict[str, Any] | None: ...
     # PUT /v1/client/gc: destroy the allocations that finished here; their IDs.
     async def collect_garbage(self) -> list[str]: ...
+    # alloc exec: the running sessions, the agent's switch and a task to exec into
+    # (``UnknownAllocation``; ``ControlRefused`` for a task the allocation does not have).
+    exec_sessions: ExecSessions
+
+    @property
+    def remote_exec_disabled(self) -> bool: ...
+    def exec_task(self, alloc_id: str, task: str) -> ExecTask: ...
 
 
 def _config_source(value: dict[str, Any] | Callable[[], dict[str, Any]]

@@ -106,6 +106,13 @@ def _merge(defaults: Mapping[str, Any], given: Any) -> dict[str, Any]:
     return out
 
 
+def _fill_resources(given: Any) -> dict[str, Any]:
+    """Nomad's resource defaults; a task that asks for ``cores`` gets no default ``cpu``.
+    ``Cores`` and ``MemoryMaxMB`` stay absent unless given (absent reads as Nomad's 0)."""
+    asks_cores = isinstance(given, Mapping) and given.get("Cores") is not None
+    return _merge({"CPU": 0 if asks_cores else 100, "MemoryMB": 300}, given)
+
+
 def _family(job_type: Any) -> str:
     # system/sysbatch share the service/batch restart defaults respectively.
     return "batch" if job_type in ("batch", "sysbatch") else "service"
@@ -240,7 +247,7 @@ def _fill_task(task: dict[str, Any], group_restart: dict[str, Any]) -> None:
     _default(task, "Env", {})
     _default(task, "Meta", {})
     _default(task, "Constraints", [])
-    task["Resources"] = _merge({"CPU": 100, "MemoryMB": 300}, task.get("Resources"))
+    task["Resources"] = _fill_resources(task.get("Resources"))
     task["RestartPolicy"] = _merge(group_restart, task.get("RestartPolicy"))
     _default(task, "KillTimeout", DEFAULT_KILL_TIMEOUT)
     _default(task, "Leader", False)
@@ -400,6 +407,26 @@ class _JobChecker:
         for twhere, task in self._members(f"{where} task", "task", tasks, _task_name_problem):
             self._task(twhere, task)
 
+    def _resources(self, where: str, res: dict[str, Any]) -> None:
+        """Nomad's checks: ``cores`` instead of ``cpu``, never both; ``memory_max`` (the
+        oversubscription hard limit) at least ``memory``, or -1 for no hard limit."""
+        cores = res.get("Cores", 0)
+        if not _is_int(cores) or cores < 0:
+            self.add(where, f"resources: cores value cannot be negative, got {short_repr(cores)}")
+            cores = 0
+        if cores and _is_int(res["CPU"]) and res["CPU"] > 0:
+            self.add(where, "resources: Task can only ask for 'cpu' or 'cores' resource, not both.")
+        elif not cores and (not _is_int(res["CPU"]) or res["CPU"] < 1):
+            self.add(where, f"resources: minimum CPU value is 1, got {short_repr(res['CPU'])}")
+        memory = res["MemoryMB"]
+        if not _is_int(memory) or memory < 10:
+            self.add(where, f"resources: minimum MemoryMB value is 10, got {short_repr(memory)}")
+            return
+        memory_max = res.get("MemoryMaxMB", 0)
+        if not _is_int(memory_max) or memory_max not in (0, -1) and memory_max < memory:
+            self.add(where, f"resources: MemoryMaxMB value ({short_repr(memory_max)}) should be"
+                            f" larger than MemoryMB value ({memory})")
+
     def _task(self, where: str, task: dict[str, Any]) -> None:
         driver = task.get("Driver")
         if not driver or not isinstance(driver, str):
@@ -421,14 +448,7 @@ class _JobChecker:
             )
         if not isinstance(task["Leader"], bool):
             self.add(where, "Leader must be a bool")
-        res = task["Resources"]
-        if not _is_int(res["CPU"]) or res["CPU"] < 1:
-            self.add(where, f"resources: minimum CPU value is 1, got {short_repr(res['CPU'])}")
-        if not _is_int(res["MemoryMB"]) or res["MemoryMB"] < 10:
-            self.add(
-                where,
-                f"resources: minimum MemoryMB value is 10, got {short_repr(res['MemoryMB'])}",
-            )
+        self._resources(where, task["Resources"])
         self._task_api(where, task["TaskAPI"])
         self._identity(where, task["Identity"], default=True)
         idents = task["Identities"]

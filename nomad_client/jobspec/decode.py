@@ -488,7 +488,12 @@ def _task_api(r: _Reader) -> dict[str, Any] | None:
 
 
 def _resources(r: _Reader) -> dict[str, Any]:
-    return {"CPU": r.get("cpu", r.dec.to_int), "MemoryMB": r.get("memory", r.dec.to_int)}
+    resources = {"CPU": r.get("cpu", r.dec.to_int), "MemoryMB": r.get("memory", r.dec.to_int)}
+    # Only when written: a task without them keeps Nomad's defaults (no pinning, no
+    # oversubscription), and canonical.py tells "cores given" from "cores absent".
+    resources.update(_present(Cores=r.get("cores", r.dec.to_int),
+                              MemoryMaxMB=r.get("memory_max", r.dec.to_int)))
+    return resources
 
 
 def _identities(r: _Reader) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:

@@ -71,6 +71,12 @@ def group_networks(group: Mapping[str, Any]) -> tuple[NetworkAsk, ...]:
                  for net in group.get("Networks") or ())
 
 
+def group_network_mode(group: Mapping[str, Any]) -> str:
+    """The mode of a canonical task group's network ("host" without a ``network`` block)."""
+    networks = group_networks(group)
+    return networks[0].mode if networks else "host"
+
+
 def allocated_ports(allocated_resources: Mapping[str, Any]) -> tuple[AllocatedPort, ...]:
     """The ports recorded in an allocation's ``allocated_resources`` (none when it has none)."""
     shared = allocated_resources.get("Shared") or {}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nomad_client.client import tmpfs
-from tests.integration.harness import AgentProcess
+from tests.integration.harness import AgentProcess, kill_exec_leftovers
 
 
 @pytest.fixture
@@ -26,6 +26,7 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[Callable[..., AgentProc
     yield make
     for agent in made:
         await agent.kill()
+        kill_exec_leftovers(agent.data_dir)
     _kill_leftover_tasks(tmp_path)
 
 
@@ -72,5 +73,6 @@ async def short_agent_factory() -> AsyncIterator[Callable[..., AgentProcess]]:
     finally:
         for agent in made:
             await agent.kill()
+            kill_exec_leftovers(agent.data_dir)
         _kill_leftover_tasks(root)
         shutil.rmtree(root, ignore_errors=True)

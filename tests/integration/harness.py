@@ -391,3 +391,22 @@ job {json.dumps(job_id)} {{
 # not of the project): skipped, saying why, where it is missing.
 NEEDS_CURL = pytest.mark.skipif(shutil.which("curl") is None,
                                 reason="curl is not installed: tasks cannot call their sockets")
+
+
+def kill_exec_leftovers(data_dir: Path) -> list[str]:
+    """Kill the processes of every task cgroup of the (stopped or killed) agent whose data
+    dir is ``data_dir``, remove those cgroups and the agent's parent, and detach every mount
+    under ``data_dir``; the task cgroups' names.
+
+    An ``exec`` task outlives a killed agent like any task, but sweeping processes by their
+    cwd misses it: in its chroot its cwd reads ``/``. Its cgroup names all of it. Only the
+    mounts the agent made in the host's namespace are left to detach: a chroot's live in
+    the task's own mount namespace and go with its last process.
+    """
+    from nomad_client.client import tmpfs
+    from nomad_client.client.cgroups import remove_agent_cgroups
+
+    names = remove_agent_cgroups(data_dir)
+    for mount in tmpfs.mounts_under(data_dir):
+        tmpfs.unmount(mount.mount_point)
+    return names

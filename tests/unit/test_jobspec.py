@@ -81,6 +81,7 @@ def parse_error(src: str, **kwargs: Any) -> JobspecError:
 EXAMPLE_BLOCKS: dict[str, tuple[set[str], set[str]]] = {
     "example.nomad.hcl": ({"Update", "Migrate"},
                           {"Networks", "Services", "EphemeralDisk"}),
+    "taskapi-exec.nomad.hcl": (set(), {"Networks"}),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 from collections.abc import Awaitable, Callable, Mapping
 
 from nomad_client.allocrunner.hooks import TaskContext
@@ -47,7 +48,7 @@ class IdentityHook:
             env["NOMAD_TOKEN"] = token
             if ctx.has_task_api_socket:
                 env["NOMAD_UNIX_ADDR"] = (
-                    f"unix://{ctx.task_dir.secrets_dir / DEFAULT_SOCKET_NAME}")
+                    f"unix://{posixpath.join(ctx.paths.secrets_dir, DEFAULT_SOCKET_NAME)}")
         if identity.get("File"):
             await write(token)
             if identity.get("TTL"):

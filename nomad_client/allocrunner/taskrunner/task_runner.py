@@ -59,6 +59,7 @@ from nomad_client.client.drivers.base import (
 )
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import (
+    FS_ISOLATION_NONE,
     NodeView,
     TaskEnvInput,
     build_task_env,
@@ -67,6 +68,7 @@ from nomad_client.client.taskenv import (
 from nomad_client.structs import models as m
 from nomad_client.structs.jobs import is_batch, task_group
 from nomad_client.structs.models import Allocation, TaskEvent, TaskState, rfc3339
+from nomad_client.structs.network import group_network_mode
 
 Persist = Callable[["TaskRunner"], Awaitable[None]]
 
@@ -78,6 +80,7 @@ GONE_TIMEOUT = 10.0
 RESTORE_KILL_REASON = "failed to restore task: killing it"
 DEFAULT_KILL_SIGNAL = "SIGINT"
 SIGNALING_MESSAGE = "Task being sent a signal"
+OOM_KILLED_MESSAGE = "OOM Killed"
 
 
 class ControlRefused(Exception):
@@ -99,7 +102,9 @@ class TaskRunner:
             alloc=alloc, task=task, alloc_dir=alloc_dir,
             task_dir=alloc_dir.task_dir(str(task["Name"])), node=node, emit=self.emit, log=log,
             identities=identities, handle=TaskHandleView(handle),
-            task_api_config=task_api_config)
+            task_api_config=task_api_config,
+            fs_isolation=getattr(driver, "fs_isolation", FS_ISOLATION_NONE),
+            default_user=getattr(driver, "default_user", None))
         self.driver = driver
         self._prestart_hooks = [h for h in hooks if isinstance(h, TaskPrestartHook)]
         self._poststart_hooks = [h for h in hooks if isinstance(h, TaskPoststartHook)]
@@ -322,9 +327,7 @@ class TaskRunner:
             await self._kill_task(self.handle)
             return None
         self.handle = None
-        self.emit(TaskEvent(type=m.EVENT_TERMINATED, exit_code=result.exit_code,
-                            signal=result.signal, message=result.err or "",
-                            display_message=_exit_message(result)))
+        self.emit(terminated_event(result))
         await self._persist(self)
         for exited in self._exited_hooks:
             await self._hooked(exited, "exited", exited.exited(self.ctx, result))
@@ -500,7 +503,7 @@ class TaskRunner:
                           observer.name, phase)
 
     def _build_env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
-        alloc, task, td = self.ctx.alloc, self.ctx.task, self.ctx.task_dir
+        alloc, task, paths = self.ctx.alloc, self.ctx.task, self.ctx.paths
         job = alloc.job
         group = task_group(job, alloc.task_group)
         resources = task.get("Resources") or {}
@@ -509,8 +512,8 @@ class TaskRunner:
             job_id=alloc.job_id, job_name=job.get("Name") or alloc.job_id,
             group=alloc.task_group, task=self.name, namespace=alloc.namespace,
             region=job.get("Region") or "global", datacenter=self.ctx.node.datacenter,
-            alloc_dir=str(self.ctx.alloc_dir.shared_dir), task_dir=str(td.local_dir),
-            secrets_dir=str(td.secrets_dir), job_meta=job.get("Meta") or {},
+            alloc_dir=paths.alloc_dir, task_dir=paths.local_dir,
+            secrets_dir=paths.secrets_dir, job_meta=job.get("Meta") or {},
             group_meta=group.get("Meta") or {}, task_meta=task.get("Meta") or {},
             task_env=task.get("Env") or {}, cpu_mhz=int(resources.get("CPU") or 0),
             memory_mb=int(resources.get("MemoryMB") or 0), extra_env=extra_env,
@@ -528,7 +531,10 @@ class TaskRunner:
             stdout_path=logs / f"{self.name}.stdout.0",
             stderr_path=logs / f"{self.name}.stderr.0",
             kill_timeout=self.kill_timeout,
-            state_dir=self._driver_state_dir)
+            state_dir=self._driver_state_dir,
+            network_mode=group_network_mode(task_group(self.ctx.alloc.job,
+                                                       self.ctx.alloc.task_group)),
+            resources=task.get("Resources") or {})
 
 
 def signal_name(name: str) -> str:
@@ -555,11 +561,25 @@ async def _first_of(waiter: asyncio.Future[Any], *events: asyncio.Event) -> obje
     return next(event for watcher, event in watchers.items() if watcher in done)
 
 
-def _exit_message(result: ExitResult) -> str:
+def terminated_event(result: ExitResult) -> TaskEvent:
+    """Nomad's Terminated event: exit code, signal and OOM kill in ``Details`` too, and an
+    OOM kill the driver gave no other reason for shown as "OOM Killed" (as Nomad's docker
+    driver words it), so ``alloc status`` says why the task died."""
+    message = result.err or (OOM_KILLED_MESSAGE if result.oom_killed else "")
+    details = {"exit_code": str(result.exit_code), "signal": str(result.signal),
+               "oom_killed": "true" if result.oom_killed else "false"}
+    if message:
+        details["exit_message"] = message
+    return TaskEvent(type=m.EVENT_TERMINATED, exit_code=result.exit_code, signal=result.signal,
+                     message=message, details=details,
+                     display_message=_exit_message(result, message))
+
+
+def _exit_message(result: ExitResult, message: str) -> str:
     text = f"Exit Code: {result.exit_code}"
     if result.signal:
         text += f", Signal: {result.signal}"
-    if result.err:
-        text += f', Exit Message: "{result.err}"'
+    if message:
+        text += f', Exit Message: "{message}"'
     return text
 

@@ -47,6 +47,10 @@ class TaskConfig:
     stderr_path: Path
     kill_timeout: float
     state_dir: Path
+    # The group network's mode ("host", "none"); only an isolating driver can honour "none".
+    network_mode: str = "host"
+    # The task's canonical ``Resources`` block (``MemoryMB``, ``CPU``, ...), for limits.
+    resources: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -91,10 +95,33 @@ class ExitResult:
     exit_code: int
     signal: int = 0
     err: str | None = None
+    # The kernel's OOM killer ended it (the task's memory cgroup recorded a kill).
+    oom_killed: bool = False
 
     @property
     def successful(self) -> bool:
         return self.exit_code == 0 and self.signal == 0 and self.err is None
+
+
+@attrs.frozen
+class ExecTarget:
+    """Where ``alloc exec`` runs a command for one running task, as its driver sees it.
+
+    ``pid`` names a process of the task whose namespaces and root the command joins (None:
+    the host's, as for raw_exec). ``cgroup_procs`` are the cgroup files the command's pid is
+    written to before it runs, so its usage and limits are the task's. ``cwd`` is inside
+    the task's root. ``uid``/``gid``/``groups`` are the task's user (None: the agent's).
+    """
+
+    # The task's env holds its NOMAD_TOKEN: kept out of the repr (logs, tracebacks).
+    env: Mapping[str, str] = attrs.field(repr=False)
+    cwd: str
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    pid: int | None = None
+    pid_create_time: float = 0.0
+    cgroup_procs: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -1,4 +1,5 @@
-"""The raw_exec executor: a tiny process that runs one task and records how it ended.
+"""The task executor (raw_exec, exec): a tiny process that runs one task and records how it
+ended.
 
 Run as ``python -m nomad_client.client.drivers.executor`` in its own session, so the agent
 can die (even by SIGKILL) without taking the task with it, and a restarted agent can still
@@ -25,6 +26,16 @@ The task's processes run as ``spec["uid"]``/``spec["gid"]`` with exactly the sup
 groups in ``spec["groups"]`` (the allocation's group), or as this process when ``uid`` is
 null.
 
+With ``spec["isolation"]`` (the ``exec`` driver) the task is forked instead: the child
+joins the task's cgroup (``cgroup_procs``), enters new mount, UTS and (``ipc_namespace``,
+``network_namespace``) IPC and network namespaces, and pid 1 of a new PID namespace when
+``pid_namespace``; it turns the task dir (``cwd``) into its root (``isolation.build_root``:
+``chroot_env`` bound read-only, ``shared_alloc_dir`` at ``/alloc``, a fresh ``/dev`` and
+``/proc``), pivots into it, keeps only ``capabilities`` in its bounding set (and
+``ambient_capabilities`` for a non-root user), sets no-new-privileges and execs the command
+found inside its root, in ``work_dir``. A failure of any step comes back as the ``error``
+of the report.
+
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the executor are forwarded to
 the task's process group. It makes itself a child subreaper, so processes the task orphans
 stay its descendants; when the task's main process exits, whatever it left behind is killed.
@@ -32,7 +43,6 @@ stay its descendants; when the task's main process exits, whatever it left behin
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -44,6 +54,8 @@ import sys
 import time
 from typing import Any
 
+from nomad_client.client.drivers import isolation
+
 FORWARDED_SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -52,7 +64,6 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class LaunchError(Exception):
@@ -205,8 +216,7 @@ def _open_logs(spec: dict[str, Any]) -> tuple[int, int]:
 
 def _become_subreaper() -> None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        isolation.become_child_subreaper()
     except (OSError, AttributeError):
         pass  # not Linux: leftovers that left the process group are not tracked
 
@@ -225,7 +235,7 @@ def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     # Only the allocation's group: never the agent's own supplementary groups.
     groups = [int(g) for g in spec.get("groups") or []]
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [command, *args],
             executable=path,
             cwd=cwd,
@@ -245,6 +255,92 @@ def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     finally:
         os.close(out_fd)
         os.close(err_fd)
+    # Popen must not reap the task behind our back; main waits for it itself.
+    proc.returncode = 0  # silence Popen's "still running" bookkeeping; we own reaping
+    return proc
+
+
+def _launch_isolated(spec: dict[str, Any]) -> int:
+    """Fork the task into its namespaces and root (``spec["isolation"]``); its pid.
+
+    The child sets everything up as root and reports a failure through a close-on-exec
+    pipe, so the agent gets the reason; a successful ``execve`` closes the pipe unwritten.
+    """
+    iso = dict(spec["isolation"])
+    if not os.path.isdir(str(spec["cwd"])):
+        raise LaunchError(f"task directory {spec['cwd']} does not exist")
+    out_fd, err_fd = _open_logs(spec)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        if iso.get("pid_namespace"):
+            # Our next child is pid 1 of a new PID namespace; we stay where we are.
+            isolation.unshare(isolation.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child execs or exits
+            os.close(read_end)
+            try:
+                _become_task(spec, iso, out_fd, err_fd)
+            except BaseException as exc:
+                os.write(write_end, str(exc).encode()[:4000] or b"setup failed")
+            os._exit(127)
+    except OSError as exc:
+        os.close(read_end)
+        raise LaunchError(f"cannot start the isolated task: {exc}") from exc
+    finally:
+        os.close(write_end)
+        os.close(out_fd)
+        os.close(err_fd)
+    with os.fdopen(read_end, "rb") as failure:
+        reason = failure.read().decode("utf-8", "replace")
+    if reason:
+        os.waitpid(pid, 0)
+        raise LaunchError(reason)
+    return pid
+
+
+def _become_task(spec: dict[str, Any], iso: dict[str, Any], out_fd: int, err_fd: int) -> None:
+    """In the forked child: join the cgroup, enter new namespaces and the task's root, drop
+    to the task's user and capabilities, and exec the command. Returns only by raising."""
+    os.setpgid(0, 0)  # its own group, so signals reach all of it and not us
+    for signum in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
+    for procs in iso.get("cgroup_procs") or ():
+        # "0" is the writer itself, in whatever PID namespace it is.
+        with open(procs, "w") as fh:
+            fh.write("0")
+    flags = isolation.CLONE_NEWNS | isolation.CLONE_NEWUTS
+    if iso.get("ipc_namespace"):
+        flags |= isolation.CLONE_NEWIPC
+    if iso.get("network_namespace"):
+        flags |= isolation.CLONE_NEWNET
+    isolation.unshare(flags)
+    if iso.get("network_namespace"):
+        isolation.loopback_up()
+    root = str(spec["cwd"])
+    isolation.make_private("/")
+    isolation.build_root(root, str(iso["shared_alloc_dir"]), iso.get("chroot_env") or ())
+    isolation.mount_proc(root)
+    isolation.pivot_root(root)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd, target in ((devnull, 0), (out_fd, 1), (err_fd, 2)):
+        os.dup2(fd, target)
+    _drop_privileges(spec, iso)
+    env = {str(k): str(v) for k, v in dict(spec["env"]).items()}
+    path = find_command(str(spec["command"]), "/", env)
+    os.chdir(str(iso.get("work_dir") or "/"))
+    os.execve(path, [str(spec["command"]), *(str(a) for a in spec.get("args") or [])], env)
+
+
+def _drop_privileges(spec: dict[str, Any], iso: dict[str, Any]) -> None:
+    """Become the task's user with only the allowed capabilities (the bounding set), the
+    explicitly added ones ambient for a non-root user, and no way to gain more."""
+    uid, gid = spec.get("uid"), spec.get("gid")
+    caps = isolation.CapabilitySets.for_task(
+        [int(c) for c in iso.get("capabilities") or ()],
+        [int(c) for c in iso.get("ambient_capabilities") or ()],
+        root=uid is None or int(uid) == 0)
+    isolation.become_user(None if uid is None else int(uid), None if gid is None else int(gid),
+                          [int(g) for g in spec.get("groups") or []], caps)
 
 
 def _write_exit(path: str, record: dict[str, Any]) -> None:
@@ -341,16 +437,13 @@ def main() -> int:
     _become_subreaper()
 
     try:
-        proc = _launch(spec)
+        task_pid = _launch_isolated(spec) if spec.get("isolation") else _launch(spec).pid
     except LaunchError as exc:
         _report({"ok": False, "error": str(exc)})
         return 1
     except Exception as exc:  # a malformed spec; tell the agent rather than just dying
         _report({"ok": False, "error": f"executor failed: {exc!r}"})
         return 2
-    # Popen must not reap the task behind our back; we wait for it ourselves below.
-    task_pid = proc.pid
-    proc.returncode = 0  # silence Popen's "still running" bookkeeping; we own reaping
     _report({"ok": True, "pid": task_pid})
     _detach_stdio()
     for signum in pending:

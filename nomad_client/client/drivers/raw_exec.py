@@ -42,10 +42,21 @@ import nomad_client
 from nomad_client.client.allocdir import alloc_group
 
 from . import proctree
-from .base import DriverError, DriverInfo, ExitResult, TaskConfig, TaskHandle
+from .base import DriverError, DriverInfo, ExecTarget, ExitResult, TaskConfig, TaskHandle
 from .executor import FORWARDED_SIGNALS
 
-__all__ = ["RawExecDriver"]
+# Besides the driver, what the exec driver (``exec.py``) and ``alloc exec``
+# (``client/exec_session.py``) reuse to launch through a helper process of this package:
+# the command config, the launcher's environment and spec, the exchange of a spec for its
+# reply, and a task process's env.
+__all__ = [
+    "RawExecDriver",
+    "exchange_spec",
+    "executor_env",
+    "parse_command_config",
+    "process_env",
+    "task_spec",
+]
 
 EXECUTOR_MODULE = "nomad_client.client.drivers.executor"
 EXIT_FILE = "exit.json"
@@ -57,20 +68,24 @@ _FORWARDED = frozenset(int(s) for s in FORWARDED_SIGNALS)
 _SIGKILL = int(SIGKILL)
 
 
-def _parse_config(config: Mapping[str, Any]) -> tuple[str, list[str]]:
+def parse_command_config(
+    config: Mapping[str, Any], driver: str = "raw_exec", allowed: frozenset[str] = _CONFIG_KEYS
+) -> tuple[str, list[str]]:
+    """``command`` and ``args`` of a task's config; other keys must be in ``allowed`` (the
+    exec driver passes its own keys and name)."""
     if not isinstance(config, Mapping):
-        raise DriverError("raw_exec: config must be a map", recoverable=False)
-    unknown = sorted(set(config) - _CONFIG_KEYS)
+        raise DriverError(f"{driver}: config must be a map", recoverable=False)
+    unknown = sorted(set(config) - allowed)
     if unknown:
         raise DriverError(
-            f"raw_exec: unknown config key(s) {', '.join(map(repr, unknown))} "
-            "(allowed: command, args)",
+            f"{driver}: unknown config key(s) {', '.join(map(repr, unknown))} "
+            f"(allowed: {', '.join(sorted(allowed))})",
             recoverable=False,
         )
     command = config.get("command")
     if not isinstance(command, str) or not command.strip():
         raise DriverError(
-            "raw_exec: config key 'command' is required and must be a non-empty string",
+            f"{driver}: config key 'command' is required and must be a non-empty string",
             recoverable=False,
         )
     args = config.get("args", [])
@@ -78,9 +93,20 @@ def _parse_config(config: Mapping[str, Any]) -> tuple[str, list[str]]:
         args = []
     if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
         raise DriverError(
-            "raw_exec: config key 'args' must be a list of strings", recoverable=False
+            f"{driver}: config key 'args' must be a list of strings", recoverable=False
         )
     return command, list(args)
+
+
+def refuse_network_isolation(cfg: TaskConfig) -> None:
+    """A driver without network isolation cannot honour a group network mode other than
+    ``host`` (Nomad's "task x does not support "none" networking mode")."""
+    if cfg.network_mode != "host":
+        raise DriverError(
+            f"task {cfg.task} does not support {cfg.network_mode!r} networking mode "
+            "(raw_exec runs in the host's network; use the exec driver to isolate it)",
+            recoverable=False,
+        )
 
 
 def _resolve_user(user: str | None) -> tuple[int | None, int | None]:
@@ -105,7 +131,7 @@ def _task_groups(alloc_dir: Path, uid: int | None) -> list[int]:
     return [] if gid is None else [gid]
 
 
-def _alloc_dir_of(cfg: TaskConfig) -> Path:
+def _alloc_dir_of(cfg: TaskConfig, driver: str) -> Path:
     """The alloc dir above the log files, which must sit in ``<alloc>/alloc/logs``.
 
     The executor opens the logs relative to this directory, refusing symlinks below it, so
@@ -116,13 +142,13 @@ def _alloc_dir_of(cfg: TaskConfig) -> Path:
         logs = path.parent
         if not path.is_absolute() or logs.name != "logs" or logs.parent.name != "alloc":
             raise DriverError(
-                f"raw_exec: log path {path} is not inside <alloc dir>/alloc/logs",
+                f"{driver}: log path {path} is not inside <alloc dir>/alloc/logs",
                 recoverable=False,
             )
         alloc_dirs.add(logs.parent.parent)
     if len(alloc_dirs) != 1:
         raise DriverError(
-            f"raw_exec: stdout and stderr logs are in different alloc dirs "
+            f"{driver}: stdout and stderr logs are in different alloc dirs "
             f"({cfg.stdout_path}, {cfg.stderr_path})",
             recoverable=False,
         )
@@ -138,8 +164,10 @@ def _prepare_state_dir(state_dir: Path) -> Any:
     return open(state_dir / EXECUTOR_LOG, "ab")  # noqa: SIM115 - handed to the child
 
 
-def _executor_env() -> dict[str, str]:
-    # The executor only needs to import this package; the task env is passed separately.
+def executor_env() -> dict[str, str]:
+    """The environment of a process that runs a module of this package (the executor, the
+    exec driver's probe, the ``alloc exec`` helper): it only needs to import it; what the
+    task or command gets is passed separately."""
     package_root = str(Path(nomad_client.__file__).resolve().parent.parent)
     existing = os.environ.get("PYTHONPATH")
     return {
@@ -175,6 +203,48 @@ def _tail(path: Path, limit: int = 2000) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
+async def task_spec(
+    cfg: TaskConfig, command: str, args: list[str], user: str | None, driver: str = "raw_exec"
+) -> dict[str, Any]:
+    """The executor's launch spec for ``cfg`` run as ``user`` (None: the agent's user)."""
+    alloc_dir = _alloc_dir_of(cfg, driver)
+    # User lookups may go through NSS (LDAP, ...), so they run off the event loop.
+    uid, gid = await asyncio.to_thread(_resolve_user, user)
+    groups = await asyncio.to_thread(_task_groups, alloc_dir, uid)
+    return {
+        "command": command,
+        "args": args,
+        "cwd": str(cfg.task_dir),
+        "alloc_dir": str(alloc_dir),
+        "env": dict(cfg.env),
+        "stdout_path": str(cfg.stdout_path),
+        "stderr_path": str(cfg.stderr_path),
+        "uid": uid,
+        "gid": gid,
+        "groups": groups,
+    }
+
+
+async def exchange_spec(proc: asyncio.subprocess.Process, spec: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """Hand a launcher of this package (the executor, the ``alloc exec`` helper) its JSON
+    ``spec`` on stdin and read its one-line JSON reply: ``{"ok": true, ...}``, or
+    ``{"ok": false, "error"?: ...}`` when it failed or exited without a proper reply."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await proc.stdin.drain()
+    proc.stdin.close()
+    line = await proc.stdout.readline()
+    if not line:
+        return {"ok": False}
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        return {"ok": False, "error": f"executor said {line[:200]!r}"}
+    return reply if isinstance(reply, dict) else {"ok": False}
+
+
 class RawExecDriver:
     """Runs tasks as plain host processes (optionally as another user when root)."""
 
@@ -184,6 +254,9 @@ class RawExecDriver:
         # Executors this driver instance spawned; after an agent restart there are none and
         # the driver falls back to polling by pid + start time.
         self._children: dict[tuple[str, str, int], asyncio.subprocess.Process] = {}
+        # The env each task was started with, for ``alloc exec`` (in memory only: it may
+        # hold secrets; after an agent restart it is read from the task's process).
+        self._envs: dict[tuple[str, str, int], dict[str, str]] = {}
 
     def fingerprint(self) -> DriverInfo:
         if os.name != "posix" or not sys.executable:
@@ -193,30 +266,24 @@ class RawExecDriver:
     # -- start ------------------------------------------------------------------------------
 
     async def start_task(self, cfg: TaskConfig) -> TaskHandle:
-        command, args = _parse_config(cfg.driver_config)
-        alloc_dir = _alloc_dir_of(cfg)
-        # User lookups may go through NSS (LDAP, ...), so they run off the event loop.
-        uid, gid = await asyncio.to_thread(_resolve_user, cfg.user)
-        groups = await asyncio.to_thread(_task_groups, alloc_dir, uid)
+        command, args = parse_command_config(cfg.driver_config)
+        refuse_network_isolation(cfg)
+        spec = await task_spec(cfg, command, args, cfg.user)
+        return await self._start_executor(cfg, spec)
+
+    async def _start_executor(
+        self, cfg: TaskConfig, spec: dict[str, Any], driver_state: Mapping[str, Any] | None = None
+    ) -> TaskHandle:
+        """Start an executor with ``spec`` (plus the exit path) and wait for its report; the
+        handle's ``driver_state`` gets ``driver_state`` besides the task's own pid."""
         exit_path = cfg.state_dir / EXIT_FILE
+        spec = {**spec, "exit_path": str(exit_path)}
         try:
             log = await asyncio.to_thread(_prepare_state_dir, cfg.state_dir)
         except OSError as exc:
-            raise DriverError(f"raw_exec: cannot prepare state dir {cfg.state_dir}: {exc}") from exc
-
-        spec = {
-            "command": command,
-            "args": args,
-            "cwd": str(cfg.task_dir),
-            "alloc_dir": str(alloc_dir),
-            "env": dict(cfg.env),
-            "stdout_path": str(cfg.stdout_path),
-            "stderr_path": str(cfg.stderr_path),
-            "uid": uid,
-            "gid": gid,
-            "groups": groups,
-            "exit_path": str(exit_path),
-        }
+            raise DriverError(
+                f"{self.name}: cannot prepare state dir {cfg.state_dir}: {exc}"
+            ) from exc
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -228,10 +295,10 @@ class RawExecDriver:
                 stderr=log,
                 start_new_session=True,
                 cwd=str(cfg.state_dir),
-                env=_executor_env(),
+                env=executor_env(),
             )
         except OSError as exc:
-            raise DriverError(f"raw_exec: cannot start executor: {exc}") from exc
+            raise DriverError(f"{self.name}: cannot start executor: {exc}") from exc
         finally:
             log.close()
 
@@ -240,13 +307,13 @@ class RawExecDriver:
             # The executor is blocked reading its spec, so it is certainly alive here.
             executor_ct = await asyncio.to_thread(proctree.create_time, proc.pid)
             async with asyncio.timeout(_START_TIMEOUT):  # not wait_for: it can swallow a cancel
-                reply = await self._handshake(proc, spec)
+                reply = await exchange_spec(proc, spec)
         except BaseException as exc:
             # Cancelled or timed out mid-start: the task may already run; take it all down.
             await asyncio.shield(self._abort_start(proc, executor_ct))
             if isinstance(exc, TimeoutError):
                 raise DriverError(
-                    f"raw_exec: executor did not report within {_START_TIMEOUT:.0f}s"
+                    f"{self.name}: executor did not report within {_START_TIMEOUT:.0f}s"
                 ) from None
             raise
 
@@ -256,13 +323,14 @@ class RawExecDriver:
             log_tail = ""
             if "error" not in reply:
                 log_tail = await asyncio.to_thread(_tail, cfg.state_dir / EXECUTOR_LOG)
-            raise DriverError(f"raw_exec: {error}" + (f": {log_tail}" if log_tail else ""))
+            raise DriverError(f"{self.name}: {error}" + (f": {log_tail}" if log_tail else ""))
         if executor_ct is None:
-            raise DriverError("raw_exec: executor vanished during start")
+            raise DriverError(f"{self.name}: executor vanished during start")
 
         task_pid = int(reply["pid"])
         task_ct = await asyncio.to_thread(proctree.create_time, task_pid)
         self._children[(cfg.alloc_id, cfg.task, proc.pid)] = proc
+        self._envs[(cfg.alloc_id, cfg.task, proc.pid)] = dict(cfg.env)
         return TaskHandle(
             driver=self.name,
             alloc_id=cfg.alloc_id,
@@ -275,6 +343,8 @@ class RawExecDriver:
                 "task_create_time": task_ct if task_ct is not None else 0.0,
                 "state_dir": str(cfg.state_dir),
                 "exit_path": str(exit_path),
+                "task_dir": str(cfg.task_dir),
+                **(driver_state or {}),
             },
         )
 
@@ -287,21 +357,6 @@ class RawExecDriver:
                 proc.kill()
         await proc.wait()
 
-    @staticmethod
-    async def _handshake(proc: asyncio.subprocess.Process, spec: dict[str, Any]) -> dict[str, Any]:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(spec).encode())
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await proc.stdin.drain()
-        proc.stdin.close()
-        line = await proc.stdout.readline()
-        if not line:
-            return {"ok": False}
-        try:
-            reply = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": f"executor said {line[:200]!r}"}
-        return reply if isinstance(reply, dict) else {"ok": False}
 
     # -- wait / stop ------------------------------------------------------------------------
 
@@ -325,6 +380,7 @@ class RawExecDriver:
     async def wait_task(self, handle: TaskHandle) -> ExitResult:
         await self._wait_gone(handle, None)
         proc = self._children.pop(_key(handle), None)
+        self._envs.pop(_key(handle), None)
         returncode = proc.returncode if proc is not None else None
         return await asyncio.to_thread(_read_exit, _exit_path(handle), handle.pid, returncode)
 
@@ -334,7 +390,7 @@ class RawExecDriver:
         timeout: float,  # noqa: ASYNC109 - the task's kill_timeout, by contract
         signal: str = "SIGINT",
     ) -> None:
-        signum = _signal_number(signal)
+        signum = _signal_number(signal, self.name)
         if not await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
             return
         if signum == _SIGKILL:
@@ -345,9 +401,9 @@ class RawExecDriver:
             await self._kill(handle)
 
     async def signal_task(self, handle: TaskHandle, signal: str) -> None:
-        signum = _signal_number(signal)
+        signum = _signal_number(signal, self.name)
         if not await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
-            raise DriverError("raw_exec: task is not running")
+            raise DriverError(f"{self.name}: task is not running")
         await self._deliver(handle, signum)
 
     @staticmethod
@@ -381,6 +437,14 @@ class RawExecDriver:
         )
         await self._wait_gone(handle, 5.0)
 
+    # -- alloc exec -------------------------------------------------------------------------
+
+    async def exec_target(self, handle: TaskHandle) -> ExecTarget:
+        """Where ``alloc exec`` runs a command: on the host (no isolation), in the task
+        dir, with the env the task was started with and as the user and groups its process
+        runs as."""
+        return await asyncio.to_thread(_exec_target, handle, self._envs.get(_key(handle)))
+
     # -- restart / cleanup ------------------------------------------------------------------
 
     async def recover_task(self, handle: TaskHandle) -> bool:
@@ -396,16 +460,17 @@ class RawExecDriver:
         if await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
             await self._kill(handle)
         self._children.pop(_key(handle), None)
+        self._envs.pop(_key(handle), None)
         state_dir = handle.driver_state.get("state_dir")
         if state_dir:
             await asyncio.to_thread(_clean_state_dir, Path(state_dir))
 
 
-def _signal_number(name: str) -> int:
+def _signal_number(name: str, driver: str) -> int:
     try:
         return proctree.parse_signal(name)
     except ValueError as exc:
-        raise DriverError(f"raw_exec: {exc}", recoverable=False) from None
+        raise DriverError(f"{driver}: {exc}", recoverable=False) from None
 
 
 def _key(handle: TaskHandle) -> tuple[str, str, int]:
@@ -415,7 +480,7 @@ def _key(handle: TaskHandle) -> tuple[str, str, int]:
 def _exit_path(handle: TaskHandle) -> Path:
     path = handle.driver_state.get("exit_path")
     if not path:
-        raise DriverError("raw_exec: task handle has no exit_path in its driver state")
+        raise DriverError(f"{handle.driver}: task handle has no exit_path in its driver state")
     return Path(path)
 
 
@@ -425,6 +490,39 @@ def _signal_task_group(handle: TaskHandle, signum: int) -> None:
     if proctree.same_process(task_pid, task_ct):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(task_pid, signum)
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (a task's, as its executor gave it: what
+    ``alloc exec`` runs a command with when the agent has no record of it)."""
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        data = fh.read()
+    env: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key:
+            env[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+    return env
+
+
+def _exec_target(handle: TaskHandle, env: Mapping[str, str] | None) -> ExecTarget:
+    task_pid = int(handle.driver_state.get("task_pid", 0))
+    task_ct = float(handle.driver_state.get("task_create_time", 0.0))
+    if not proctree.same_process(task_pid, task_ct):
+        raise DriverError("task is not running")
+    try:
+        status = Path(f"/proc/{task_pid}/status").read_text()
+        if env is None:
+            env = process_env(task_pid)
+        cwd = str(handle.driver_state.get("task_dir") or os.readlink(f"/proc/{task_pid}/cwd"))
+    except OSError as exc:
+        raise DriverError(f"cannot inspect the task's process: {exc.strerror}") from exc
+    ids = {key: value.split() for key, _, value in
+           (line.partition(":") for line in status.splitlines())
+           if key in ("Uid", "Gid", "Groups")}
+    # The effective ids (the second field) are what the task runs as.
+    return ExecTarget(env=env, cwd=cwd, uid=int(ids["Uid"][1]), gid=int(ids["Gid"][1]),
+                      groups=tuple(int(g) for g in ids.get("Groups", [])))
 
 
 def _is_our_executor(pid: int, create_time: float) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nomad_client.http.endpoints import (
     acl,
     agent,
+    alloc_exec,
     allocs,
     client,
     cluster,
@@ -33,5 +34,5 @@ def register_all(router: Router, services: Services) -> None:
     for module in (agent, jobs, job_history, evaluations, allocs, nodes, client, identity, acl,
                    variables, operator, namespaces, events, service_discovery, scaling, parent_jobs,
                    cluster, plan, fs_stream, gc,
-                   metrics):
+                   metrics, alloc_exec):
         module.register(router, services)
