@@ -261,13 +261,10 @@ async def _until_interrupted(follow: Awaitable[int]) -> int:
 
 def alloc_task(alloc: dict[str, Any], flag: str | None, positional: Sequence[str]) -> str:
     """The task a command names (``-task`` or its positional argument), or the one task."""
-    tasks = _task_names(alloc)
-    task = flag or (positional[0] if positional else None)
+    task = _chosen_task(alloc, flag, positional)
     if task:
-        if tasks and task not in tasks:
-            raise CommandError(f'Could not find task named "{task}" in allocation; '
-                               f"tasks: {', '.join(tasks)}")
         return task
+    tasks = _task_names(alloc)
     if len(tasks) == 1:
         return tasks[0]
     listing = "\n".join(f"  * {t}" for t in tasks) or "  (none)"

@@ -128,3 +128,22 @@ def test_abbreviated_flags_are_refused(capsys: pytest.CaptureFixture[str],
                                        argv: list[str]) -> None:
     code, _, err = run(capsys, *argv)
     assert code == 1 and "unrecognized arguments: -v" in err
+
+
+def test_a_task_is_named_or_the_only_one_and_checked_with_nomads_words() -> None:
+    # logs, fs and exec choose their task the same way alloc restart and signal check it.
+    from nomad_client.cli.alloc import alloc_task
+    from nomad_client.cli.common import CommandError
+
+    two = {"ID": "0123456789", "TaskGroup": "g",
+           "Job": {"TaskGroups": [{"Name": "g", "Tasks": [{"Name": "u"}, {"Name": "t"}]}]}}
+    one = {"ID": "0123456789", "TaskStates": {"only": {}}}
+    assert alloc_task(two, "t", []) == "t"
+    assert alloc_task(two, None, ["u"]) == "u"
+    assert alloc_task(two, "t", ["u"]) == "t"  # -task wins over the positional one
+    assert alloc_task(one, None, []) == "only"
+    with pytest.raises(CommandError) as named:
+        alloc_task(two, "nope", [])
+    assert str(named.value) == "Could not find task named: nope, found:\n  * t\n  * u"
+    with pytest.raises(CommandError, match="Please specify the task"):
+        alloc_task(two, None, [])
