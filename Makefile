@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench lint clean
+.PHONY: run test demo bench bench-density lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py nomad_client/client/drivers/supervise.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,dev]'
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/taskapi_bench.py
+
+# Task density; e.g. `make bench-density DENSITY_ARGS="--tasks 1000 --driver exec"`.
+DENSITY_ARGS ?=
+bench-density: $(STAMP)
+	$(BIN)/python bench/density_bench.py $(DENSITY_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check nomad_client tests bench scripts

@@ -7,6 +7,10 @@ module touches only the database file given to :meth:`StateDB.open`, its sqlite 
 
 Round-trip notes: msgpack returns tuples as lists and bytes as bytes; map keys may be any
 msgpack scalar.
+
+:class:`CoalescingWriter` is group commit over a :class:`StateDB`: puts made while one
+transaction is being written all go into the next one, and each caller returns once its value
+is durable, so N task runners changing state at once cost a few transactions, not N.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from typing import Any, TypeVar
 
 import msgpack
 
-__all__ = ["StateDB", "StateDBError"]
+__all__ = ["CoalescingWriter", "StateDB", "StateDBError"]
 
 _T = TypeVar("_T")
+
+_UPSERT = ("INSERT INTO kv (bucket, key, value) VALUES (?, ?, ?) "
+           "ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -132,13 +139,7 @@ class StateDB:
     async def put(self, bucket: str, key: str, value: Any) -> None:
         _check_names(bucket, key)
         blob = _encode(bucket, key, value)  # before any I/O so a bad value writes nothing
-        await self._run(
-            lambda conn: conn.execute(
-                "INSERT INTO kv (bucket, key, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value",
-                (bucket, key, blob),
-            )
-        )
+        await self._run(lambda conn: conn.execute(_UPSERT, (bucket, key, blob)))
 
     async def write_batch(self, puts: Sequence[tuple[str, str, Any]],
                           deletes: Sequence[tuple[str, str]] = ()) -> None:
@@ -150,14 +151,16 @@ class StateDB:
             rows.append((bucket, key, _encode(bucket, key, value)))  # encode before any I/O
         for bucket, key in deletes:
             _check_names(bucket, key)
+        await self._write_encoded(rows, list(deletes))
 
+    async def _write_encoded(self, rows: Sequence[tuple[str, str, bytes]],
+                             deletes: Sequence[tuple[str, str]]) -> None:
+        """One transaction of already checked and encoded rows, and deletes."""
         def apply(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "INSERT INTO kv (bucket, key, value) VALUES (?, ?, ?) "
-                    "ON CONFLICT (bucket, key) DO UPDATE SET value = excluded.value", rows)
-                conn.executemany("DELETE FROM kv WHERE bucket = ? AND key = ?", list(deletes))
+                conn.executemany(_UPSERT, rows)
+                conn.executemany("DELETE FROM kv WHERE bucket = ? AND key = ?", deletes)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -221,3 +224,76 @@ class StateDB:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class CoalescingWriter:
+    """Group commit of puts to one :class:`StateDB`.
+
+    :meth:`put` returns once its value is on disk, as ``StateDB.put`` does, but every put
+    that arrives while a transaction is being written waits for the next one, which holds
+    them all (the latest value of a key wins). So the cost is a transaction per burst, not
+    per put, and nothing is acknowledged before it is durable. Deletes made directly on the
+    database must :meth:`flush` first, so a put queued earlier cannot land after them.
+    """
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
+        self._pending: dict[tuple[str, str], bytes] = {}
+        self._next_commit: asyncio.Future[None] | None = None  # what pending puts wait for
+        self._flusher: asyncio.Task[None] | None = None
+        self.transactions = 0  # how many have been written (for tests and metrics)
+
+    async def put(self, bucket: str, key: str, value: Any) -> None:
+        _check_names(bucket, key)
+        # Encoded now: a bad value fails its own caller only, and later changes to the
+        # caller's object cannot leak into the write.
+        self._pending[bucket, key] = _encode(bucket, key, value)
+        commit = self._commit_for_pending()
+        # Shielded: a caller cancelled while waiting must not cancel the others' commit.
+        await asyncio.shield(commit)
+
+    async def flush(self) -> None:
+        """Return once everything put so far is on disk (or its write has failed)."""
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.shield(flusher)
+
+    async def close(self) -> None:
+        """Write everything pending (the database stays open: its owner closes it)."""
+        await self.flush()
+
+    def _commit_for_pending(self) -> asyncio.Future[None]:
+        if self._next_commit is None:
+            self._next_commit = asyncio.get_running_loop().create_future()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_all(), name="state-db-writes")
+        return self._next_commit
+
+    async def _flush_all(self) -> None:
+        # Runs while there is something to write, then ends; it is owned through
+        # self._flusher and awaited by flush/close.
+        while self._pending:
+            rows = [(bucket, key, blob) for (bucket, key), blob in self._pending.items()]
+            commit, self._pending, self._next_commit = self._next_commit, {}, None
+            assert commit is not None
+            try:
+                await self._db._write_encoded(rows, [])
+            except Exception as exc:
+                _fail(commit, exc)
+                continue
+            except BaseException:
+                # Cancelled (the loop is going away): no later write will come either, so
+                # every caller still waiting is told rather than left hanging.
+                cancelled = StateDBError(f"state database {self._db.path}: write cancelled")
+                for waiting in (commit, self._next_commit):
+                    if waiting is not None:
+                        _fail(waiting, cancelled)
+                self._pending, self._next_commit = {}, None
+                raise
+            self.transactions += 1
+            commit.set_result(None)
+
+
+def _fail(future: asyncio.Future[None], exc: Exception) -> None:
+    future.set_exception(exc)
+    future.exception()  # its callers see it; never "exception was never retrieved"

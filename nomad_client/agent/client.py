@@ -10,6 +10,8 @@ It reaches the server only through ``ServerRPC``; it persists what an agent rest
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import os
 import uuid
@@ -40,7 +42,7 @@ from nomad_client.client.servers import ServerRPC
 from nomad_client.client.stats import HostStatsSampler, TaskUsageSampler
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import NodeView
-from nomad_client.state_db import StateDB
+from nomad_client.state_db import CoalescingWriter, StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
 from nomad_client.structs.models import (
     NODE_READY,
@@ -58,6 +60,12 @@ HEARTBEAT_INTERVAL = 10.0
 WATCH_WAIT = 30.0
 NODE_UPDATE_COALESCE = 0.1  # dynamic metadata reaches the servers well within a second
 REPORT_COALESCE = 0.05
+# Allocations fetched (and signed) per Alloc.GetAllocs: in a start storm the first runners
+# start while the rest are fetched, and no one step holds the event loop for long.
+FETCH_CHUNK = 100
+# Allocation reports per Node.UpdateAlloc, for the same reason: the server encodes and writes
+# every row a report changes in one step.
+REPORT_CHUNK = 100
 
 B_NODE, B_ALLOCS, B_TASKS = "node", "allocs", "tasks"
 # Dynamic metadata: one row per key (None: a static key unset), so an update writes only the
@@ -93,6 +101,9 @@ class Client:
         self.settings = settings
         self.rpc = rpc
         self.db = db
+        # Alloc and task rows go through group commit: a start storm of N tasks costs a few
+        # transactions, and each caller still returns only once its row is durable.
+        self._writes = CoalescingWriter(db)
         self.task_api = task_api
         # Each namespace's Task API capability as last read: the answer when the servers
         # cannot be reached (the last thing they said, never a guess).
@@ -266,7 +277,10 @@ class Client:
         return runner.alloc_dir if runner is not None else None
 
     # ---- allocations -------------------------------------------------------------------
+    @functools.cached_property
     def _runner_config(self) -> AllocRunnerConfig:
+        # One for every runner: a copy per allocation (the host env above all) costs memory
+        # per task, and nothing in it changes while the client runs.
         return AllocRunnerConfig(
             alloc_dir_root=self.settings.alloc_dir,
             driver_state_root=self.settings.state_dir / "tasks",
@@ -342,7 +356,7 @@ class Client:
 
     async def _persist_task(self, alloc_id: str, task: str, state: TaskState,
                             handle: TaskHandle | None) -> None:
-        await self.db.put(B_TASKS, f"{alloc_id}/{task}", {
+        await self._writes.put(B_TASKS, f"{alloc_id}/{task}", {
             "state": to_rpc(state), "handle": handle.to_dict() if handle else None})
 
     async def _restore_allocs(self) -> None:
@@ -397,7 +411,7 @@ class Client:
 
     def _start_runner(self, alloc: Allocation,
                       restored: Mapping[str, RestoredTask] | None = None) -> None:
-        runner = AllocRunner(alloc, self._runner_config(), restored)
+        runner = AllocRunner(alloc, self._runner_config, restored)
         self.runners[alloc.id] = runner
         runner.start()
 
@@ -409,11 +423,10 @@ class Client:
                 allocs, new_index = await self.rpc.node_get_client_allocs(
                     self.node_id, index, WATCH_WAIT)
                 changed = [a for a, idx in allocs.items() if known.get(a) != idx]
-                fetched, identities = await self.rpc.alloc_get_allocs(
-                    self.node_id, self._secret_id, changed) if changed else ([], {})
-                for alloc in fetched:
-                    self.identities.seed(alloc.id, identities.get(alloc.id, {}))
-                    await self._apply_alloc(alloc)
+                for start in range(0, len(changed), FETCH_CHUNK):
+                    fetched, identities = await self.rpc.alloc_get_allocs(
+                        self.node_id, self._secret_id, changed[start:start + FETCH_CHUNK])
+                    await self._apply_allocs(fetched, identities)
                 for gone in set(self.runners) - set(allocs):
                     await self._gc(gone)
             except asyncio.CancelledError:
@@ -425,15 +438,20 @@ class Client:
                 continue
             index, known = new_index, allocs
 
-    async def _apply_alloc(self, alloc: Allocation) -> None:
-        runner = self.runners.get(alloc.id)
-        if runner is None and alloc.terminal():
-            return  # never ran here and never will: nothing to remember or restore
-        await self.db.put(B_ALLOCS, alloc.id, to_rpc(alloc))
-        if runner is None:
-            self._start_runner(alloc)
-        else:
-            await runner.update(alloc)
+    async def _apply_allocs(self, fetched: Sequence[Allocation],
+                            identities: Mapping[str, Mapping[str, str]]) -> None:
+        # Never ran here and never will: nothing to remember or restore.
+        kept = [a for a in fetched if a.id in self.runners or not a.terminal()]
+        # Every row is durable before any runner starts (a restored agent needs the
+        # allocation of every task it finds), in one transaction for them all.
+        await asyncio.gather(*(self._writes.put(B_ALLOCS, a.id, to_rpc(a)) for a in kept))
+        for alloc in kept:
+            self.identities.seed(alloc.id, identities.get(alloc.id, {}))
+            runner = self.runners.get(alloc.id)
+            if runner is None:
+                self._start_runner(alloc)
+            else:
+                await runner.update(alloc)
 
     async def _gc(self, alloc_id: str) -> None:
         # The watcher and PUT /v1/client/gc may both collect one allocation: the first wins.
@@ -443,6 +461,7 @@ class Client:
         await runner.destroy()
         self._task_usage.forget(alloc_id)
         self.identities.forget_alloc(alloc_id)
+        await self._writes.flush()  # a row put before the destroy must not land after this
         await self.db.delete(B_ALLOCS, alloc_id)
         await self.db.delete_prefix(B_TASKS, f"{alloc_id}/")
 
@@ -464,25 +483,33 @@ class Client:
             await self._report_wakeup.wait()
             await asyncio.sleep(REPORT_COALESCE)
             self._report_wakeup.clear()
-            batch, self._pending_reports = list(self._pending_reports.values()), {}
-            try:
-                await self.rpc.node_update_alloc(batch)
-            except asyncio.CancelledError:
-                # Shutting down: hand the batch back so the final flush still sends it.
-                for update in batch:
-                    self._pending_reports.setdefault(update.id, update)
-                raise
-            except Exception:
-                log.exception("reporting allocation state failed; will retry")
-                for update in batch:
-                    self._pending_reports.setdefault(update.id, update)
-                self._report_wakeup.set()
-                await asyncio.sleep(1)
+            while self._pending_reports:
+                batch = self._take_reports()
+                try:
+                    await self.rpc.node_update_alloc(batch)
+                except asyncio.CancelledError:
+                    # Shutting down: hand the batch back so the final flush still sends it.
+                    self._requeue_reports(batch)
+                    raise
+                except Exception:
+                    log.exception("reporting allocation state failed; will retry")
+                    self._requeue_reports(batch)
+                    self._report_wakeup.set()
+                    await asyncio.sleep(1)
+                    break
+
+    def _take_reports(self) -> list[AllocUpdate]:
+        """The oldest pending reports, at most ``REPORT_CHUNK`` of them."""
+        ids = list(itertools.islice(self._pending_reports, REPORT_CHUNK))
+        return [self._pending_reports.pop(alloc_id) for alloc_id in ids]
+
+    def _requeue_reports(self, batch: Sequence[AllocUpdate]) -> None:
+        for update in batch:  # a newer report of the same allocation wins
+            self._pending_reports.setdefault(update.id, update)
 
     async def flush_reports(self) -> None:
-        if self._pending_reports:
-            batch, self._pending_reports = list(self._pending_reports.values()), {}
-            await self.rpc.node_update_alloc(batch)
+        while self._pending_reports:
+            await self.rpc.node_update_alloc(self._take_reports())
 
     # ---- node ---------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -525,10 +552,23 @@ class Client:
         else:
             await asyncio.gather(*(r.shutdown() for r in runners), return_exceptions=True)
         await self._remove_empty_cgroup_parent()
+        await self._close_drivers()
+        await self._writes.close()  # what the runners persisted is on disk before we return
         try:
             await self.flush_reports()
         except Exception:
             log.debug("final report failed", exc_info=True)
+
+    async def _close_drivers(self) -> None:
+        """Drivers that own helper processes (the exec drivers' launchers) let them go;
+        the tasks those started keep running."""
+        for driver in self.drivers.values():
+            close = getattr(driver, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception as err:  # shutting down regardless
+                    log.warning("could not close driver %s: %s", driver.name, err)
 
     async def _remove_empty_cgroup_parent(self) -> None:
         """This agent's parent cgroup, once no task cgroup is left in it (running tasks

@@ -151,18 +151,26 @@ class AllocRunner:
             return
         if self.alloc.server_terminal():
             self.kill("alloc not needed")
-        runners = [asyncio.create_task(self._run_task(tr), name=f"task-{tr.name}")
-                   for tr in self.task_runners.values()]
-        try:
-            await asyncio.gather(*runners)
-        except asyncio.CancelledError:
-            for t in runners:
-                t.cancel()
-            await asyncio.gather(*runners, return_exceptions=True)
-            raise
+        await self._run_tasks()
         for postrun in self._postrun_hooks:
             await _logged(self.log, postrun.name, postrun.postrun())
         self._report()
+
+    async def _run_tasks(self) -> None:
+        runners = list(self.task_runners.values())
+        if len(runners) == 1:
+            # The common case, run here: no task of its own to hold for the task's life.
+            await self._run_task(runners[0])
+            return
+        tasks = [asyncio.create_task(self._run_task(tr), name=f"task-{tr.name}")
+                 for tr in runners]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _run_task(self, runner: TaskRunner) -> None:
         await runner.run()

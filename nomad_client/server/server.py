@@ -49,6 +49,7 @@ from nomad_client.server.job_versions import (
 )
 from nomad_client.server.keyring import IdentityClaims, IdentityError, IdentityVerifier, Keyring
 from nomad_client.server.namespaces import Namespaces, admit_job
+from nomad_client.server.node_allocs import NodeAllocIndex
 from nomad_client.server.node_evaluate import jobs_to_evaluate
 from nomad_client.server.parent_jobs import (
     JobKindChange,
@@ -156,6 +157,8 @@ class Server:
         # Every committed change becomes events here (GET /v1/event/stream).
         self.events = EventBroker()
         store.observe(self.events.publish)
+        # What each client watches, kept per node so a status report wakes no watcher.
+        self._node_allocs = NodeAllocIndex(store)
         # Scaling, dispatch and periodic launches (``server.scaling``, ``dispatch``,
         # ``periodic``). The launcher's task starts now if the store holds a periodic job,
         # else with the first one registered; ``close`` stops it.
@@ -569,10 +572,10 @@ class Server:
 
     async def client_allocs(self, node_id: str, min_index: int, wait: float
                             ) -> tuple[dict[str, int], int]:
-        index = await self.store.wait_for_change(("allocs",), min_index, wait)
-        allocs = {a.id: a.alloc_modify_index for a in self.store.values("allocs")
-                  if a.node_id == node_id}
-        return allocs, index
+        """The node's allocations (ID -> ``AllocModifyIndex``) once one of them has changed
+        since ``min_index`` (``server.node_allocs``), or ``wait`` has passed."""
+        index = await self._node_allocs.wait(node_id, min_index, wait)
+        return self._node_allocs.allocs(node_id), index
 
     def allocs_by_id(self, alloc_ids: Sequence[str]) -> list[Allocation]:
         return [a for a in (self.store.get("allocs", i) for i in alloc_ids) if a is not None]

@@ -10,12 +10,14 @@ Nothing here performs I/O.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
 import msgpack
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from nomad_client.structs.jobs import shared_jobs
 
 T = TypeVar("T")
 
@@ -50,7 +52,9 @@ def _make_converter(*, api: bool) -> cattrs.Converter:
         return make_dict_unstructure_fn(cls, conv, **overrides)  # type: ignore[arg-type]
 
     def structure_factory(cls: type) -> Any:
-        overrides = {f.name: override(rename=go_name(f.name)) for f in attrs.fields(cls)}
+        overrides = {f.name: override(rename=go_name(f.name),
+                                      struct_hook=_shared_job if f.metadata.get("job") else None)
+                     for f in attrs.fields(cls)}
         return make_dict_structure_fn(cls, conv, **overrides)  # type: ignore[arg-type]
 
     conv.register_unstructure_hook_factory(attrs.has, unstructure_factory)
@@ -78,6 +82,17 @@ def from_rpc(data: Any, cls: type[T]) -> T:
 def msgpack_roundtrip(value: Any) -> Any:
     """Encode and decode a plain value exactly as it would cross a process boundary."""
     return msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=False)
+
+
+def _shared_job(value: Any, _: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"a job must be a map, not {type(value).__name__}")
+    return shared_jobs.share(dict(value))
+
+
+# The metadata of an attrs field holding a job dict: decoded records share one copy of each
+# job version (``structs.jobs.SharedJobs``), so such a job must never be mutated in place.
+SHARED_JOB: Final = {"job": True}
 
 
 def hidden_from_api(default: Any = attrs.NOTHING, **kwargs: Any) -> Any:

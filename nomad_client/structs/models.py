@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from nomad_client.structs.codec import hidden_from_api
+from nomad_client.structs.codec import SHARED_JOB, hidden_from_api
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
@@ -153,7 +153,8 @@ class Allocation:
     node_id: str
     node_name: str
     job_id: str
-    job: dict[str, Any]
+    # Shared with other allocations of the job version (SHARED_JOB): never mutate it.
+    job: dict[str, Any] = attrs.field(metadata=SHARED_JOB)
     task_group: str
     desired_status: str = DESIRED_RUN
     desired_description: str = ""

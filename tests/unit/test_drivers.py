@@ -453,7 +453,8 @@ async def test_executor_death_is_reported(workdir: Path, drv: RawExecDriver) -> 
         os.kill(handle.pid, signal.SIGKILL)
         result = await drv.wait_task(handle)
         assert result.exit_code == -1
-        assert result.err is not None and result.err.startswith("executor died")
+        assert result.err is not None and result.err.startswith("task supervisor died")
+        assert gone(task_pid)  # never left running unsupervised
     finally:
         if not gone(task_pid):
             os.kill(task_pid, signal.SIGKILL)
@@ -580,18 +581,24 @@ async def test_exit_record_is_recoverable_only_if_wait_can_report_it(
     result = await drv.wait_task(handle)
     assert (result == ExitResult(exit_code=3)) is recoverable
     if not recoverable:
-        assert result.exit_code == -1 and result.err == "executor died"
+        assert result.exit_code == -1 and result.err is not None
+        assert result.err.startswith("task supervisor died")
 
 
 async def test_live_executor_with_wrong_create_time_is_not_recovered(
     workdir: Path, drv: RawExecDriver
 ) -> None:
     handle = await drv.start_task(make_cfg(workdir, "sleep", ["30"]))
-    impostor = attrs.evolve(handle, create_time=handle.create_time - 5.0)
+    # Both pids reused by other processes: nothing of ours may be touched.
+    stale_task = {**handle.driver_state,
+                  "task_create_time": handle.driver_state["task_create_time"] - 5.0}
+    impostor = attrs.evolve(handle, create_time=handle.create_time - 5.0,
+                            driver_state=stale_task)
     fresh = RawExecDriver()
     assert await fresh.recover_task(impostor) is False
     await fresh.stop_task(impostor, timeout=0.1)  # must not touch the real executor
     assert same_process(handle.pid, handle.create_time)
+    assert same_process(handle.driver_state["task_pid"], handle.driver_state["task_create_time"])
     assert await fresh.recover_task(handle) is True
     await fresh.destroy_task(handle)
 

@@ -105,7 +105,9 @@ def launch(alloc: Path, script: str, **isolation_spec: Any) -> tuple[dict[str, A
         },
     }
     done = subprocess.run([sys.executable, "-m", "nomad_client.client.drivers.executor"],
-                          input=json.dumps(spec).encode(), capture_output=True, timeout=30,
+                          # the spec's line, then the agent's word that it took the task
+                          input=json.dumps(spec).encode() + b"\n\n", capture_output=True,
+                          timeout=30,
                           check=False)
     report = json.loads(done.stdout.decode().splitlines()[0])
     out = alloc / "alloc" / "logs" / "t.stdout.0"

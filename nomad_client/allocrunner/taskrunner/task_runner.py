@@ -129,6 +129,9 @@ class TaskRunner:
         self._restart = asyncio.Event()
         self._restart_reason: str | None = None
         self._restart_waiters: list[asyncio.Future[None]] = []
+        # While the run loop waits on the task: resolved by a kill or a restart (a callback,
+        # not a task per event: an idle task is waited on for its whole life).
+        self._wakeup: asyncio.Future[None] | None = None
         group = task_group(ctx.alloc.job, ctx.alloc.task_group)
         policy = ctx.task.get("RestartPolicy") or group.get("RestartPolicy") or {}
         self.restarts = RestartTracker.from_policy(policy, batch=is_batch(ctx.alloc.job))
@@ -185,6 +188,11 @@ class TaskRunner:
     def kill(self, reason: str = "") -> None:
         self._kill_reason = reason
         self._kill.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     # ---- user control ------------------------------------------------------------------
     async def restart(self, reason: str) -> None:
@@ -197,6 +205,7 @@ class TaskRunner:
                                 display_message=reason))
             self._restart_reason = reason
             self._restart.set()
+            self._wake()
         done = asyncio.get_running_loop().create_future()
         self._restart_waiters.append(done)
         await asyncio.shield(done)
@@ -370,9 +379,11 @@ class TaskRunner:
         waiter = asyncio.ensure_future(self.driver.wait_task(handle))
         try:
             while not waiter.done() and not self._kill.is_set():
-                if await _first_of(waiter, self._kill, self._restart) is self._restart:
+                if self._restart.is_set():
                     self._restart.clear()
                     await self._stop_for_restart(handle, waiter)
+                else:
+                    await self._woken_or_done(waiter)
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -384,6 +395,15 @@ class TaskRunner:
             await self._kill_task(handle, f"waiting for the task failed: killing it ({error})")
             return ExitResult(exit_code=-1, err=str(error))
         return waiter.result()
+
+    async def _woken_or_done(self, waiter: asyncio.Future[Any]) -> None:
+        """Wait until ``waiter`` is done or a kill or restart comes; never cancels it."""
+        self._wakeup = wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait({waiter, wakeup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._wakeup = None
+            wakeup.cancel()
 
     async def _stop_for_restart(self, handle: TaskHandle, waiter: asyncio.Future[Any]
                                 ) -> None:
@@ -544,21 +564,6 @@ def signal_name(name: str) -> str:
         return signals.Signals(proctree.parse_signal(name)).name
     except ValueError:
         raise ControlRefused(f"failed to parse signal: invalid signal: {name}") from None
-
-
-async def _first_of(waiter: asyncio.Future[Any], *events: asyncio.Event) -> object:
-    """Wait until ``waiter`` is done or one of ``events`` is set; return which (the waiter
-    first, then the events in the order given). ``waiter`` is never cancelled here."""
-    watchers = {asyncio.ensure_future(event.wait()): event for event in events}
-    try:
-        done, _ = await asyncio.wait({waiter, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for watcher in watchers:
-            watcher.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
-    if waiter in done:
-        return waiter
-    return next(event for watcher, event in watchers.items() if watcher in done)
 
 
 def terminated_event(result: ExitResult) -> TaskEvent:

@@ -5,11 +5,18 @@ Run as ``python -m nomad_client.client.drivers.executor`` in its own session, so
 can die (even by SIGKILL) without taking the task with it, and a restarted agent can still
 learn the exit status. Standard library only, to start fast and stay small.
 
+It is started by the launcher (``launcher.py``), which forks it with this module already
+imported; ``python -m nomad_client.client.drivers.executor`` runs one the same way.
+
 Protocol:
-  * stdin: one JSON object (the launch spec, see ``_launch``), then EOF. The spec carries
+  * stdin: one line, the launch spec as a JSON object (see ``_launch``). The spec carries
     the task env, which may hold secrets, so it is never written to disk.
-  * stdout: exactly one JSON line, ``{"ok": true, "pid": <task pid>}`` or
-    ``{"ok": false, "error": "..."}``; then stdin/stdout are detached (``/dev/null``).
+  * stdout: exactly one JSON line, ``{"ok": true, "pid": <task pid>, "executor_pid": <own
+    pid>}`` or ``{"ok": false, "error": "..."}``.
+  * stdin again, after a good report: ``\n`` once the agent has recorded the task. EOF
+    instead (the agent gave up on the start, or died before it knew the task) means nobody
+    will ever own the task: it is killed and the executor exits without an exit record.
+    Then stdin/stdout are detached (``/dev/null``).
   * stderr: the executor's own diagnostics (the driver points it at a log file).
   * on task exit: ``exit.json`` is written atomically at ``spec["exit_path"]`` with
     ``executor_pid``, ``task_pid``, ``exit_code`` (128+N when killed by signal N),
@@ -39,6 +46,11 @@ of the report.
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to the executor are forwarded to
 the task's process group. It makes itself a child subreaper, so processes the task orphans
 stay its descendants; when the task's main process exits, whatever it left behind is killed.
+
+Once the task runs, the executor ``execve``s the compiled supervisor (``supervise.c``, built
+by the install into ``SUPERVISOR_PATH``), which does that same wait in well under 1 MiB: the
+pid, the task as a child, the subreaper flag and the blocked forwarded signals all survive
+``execve``. Without a usable supervisor the wait stays here, in Python.
 """
 
 from __future__ import annotations
@@ -64,6 +76,20 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+
+
+# Built from supervise.c by the project's install (setup.py); absent without a C compiler.
+SUPERVISOR_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervise")
+
+
+def supervisor_available() -> bool:
+    """Whether the compiled supervisor can take over: it is an executable file, and the
+    kernel lists a process's children (how it finds the leftovers to kill)."""
+    return (
+        os.path.isfile(SUPERVISOR_PATH)
+        and os.access(SUPERVISOR_PATH, os.X_OK)
+        and os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+    )
 
 
 class LaunchError(Exception):
@@ -409,11 +435,69 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-def main() -> int:
+def _hand_off(task_pid: int, exit_path: str, mask: set[signal.Signals]) -> None:
+    """Replace this process by the compiled supervisor; returns only if it cannot run.
+
+    The forwarded signals stay blocked across ``execve``, so one that arrives meanwhile
+    waits, pending, for the supervisor's handlers instead of killing the process.
+    """
+    if not supervisor_available():
+        print(f"executor: no usable supervisor at {SUPERVISOR_PATH}; waiting in Python",
+              file=sys.stderr, flush=True)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, mask)
     try:
-        spec = json.loads(sys.stdin.buffer.read())
-        if not isinstance(spec, dict):
-            raise ValueError("spec is not an object")
+        os.execv(SUPERVISOR_PATH, [SUPERVISOR_PATH, str(task_pid), exit_path])
+    except OSError as exc:
+        print(f"executor: cannot run the supervisor {SUPERVISOR_PATH}: {exc}; waiting in Python",
+              file=sys.stderr, flush=True)
+    # Whatever arrived meanwhile is forwarded by our own handlers now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+
+
+class _Stdin:
+    """Lines from fd 0, read without a buffer the process could lose on ``execve``."""
+
+    _LIMIT = 64 << 20  # far beyond any spec; a runaway writer must not exhaust memory
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def line(self) -> bytes | None:
+        """The next line without its newline; None at EOF before a newline."""
+        while b"\n" not in self._pending:
+            chunk = os.read(0, 1 << 16)
+            if not chunk or len(self._pending) > self._LIMIT:
+                return None
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
+
+
+def _read_spec(stdin: _Stdin) -> dict[str, Any]:
+    line = stdin.line()
+    if line is None:
+        raise ValueError("no complete line before EOF")
+    spec = json.loads(line)
+    if not isinstance(spec, dict):
+        raise ValueError("spec is not an object")
+    return spec
+
+
+def _abandon(task_pid: int) -> int:
+    """Nobody took the task over (the agent gave up or died mid-start): take it down."""
+    try:
+        os.killpg(task_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _kill_leftovers(time.monotonic() + 5.0)
+    return 1
+
+
+def main() -> int:
+    stdin = _Stdin()
+    try:
+        spec = _read_spec(stdin)
     except ValueError as exc:
         _report({"ok": False, "error": f"executor received a bad launch spec: {exc}"})
         return 2
@@ -444,13 +528,20 @@ def main() -> int:
     except Exception as exc:  # a malformed spec; tell the agent rather than just dying
         _report({"ok": False, "error": f"executor failed: {exc!r}"})
         return 2
-    _report({"ok": True, "pid": task_pid})
+    try:
+        _report({"ok": True, "pid": task_pid, "executor_pid": os.getpid()})
+        taken = stdin.line() == b""
+    except OSError:  # the agent's end is gone
+        taken = False
+    if not taken:
+        return _abandon(task_pid)
     _detach_stdio()
     for signum in pending:
         forward(signum, None)
 
-    status = 0
     mask = set(FORWARDED_SIGNALS)
+    _hand_off(task_pid, str(spec["exit_path"]), mask)
+    status = 0
     while True:
         # Wait without reaping, then reap with forwarding blocked, so a signal handler
         # never targets a pid that has just been released.

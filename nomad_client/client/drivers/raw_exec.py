@@ -11,15 +11,21 @@ its allocation's own (``allocdir.alloc_group``, read from the alloc dir): that i
 it into its alloc dir and lets tasks of one allocation share ``alloc/data`` across users,
 while tasks of other allocations stay out.
 
-Each task gets an executor process (``nomad_client.client.drivers.executor``) started in a
-new session. The handle's ``pid``/``create_time`` name the executor; ``driver_state``
-records the task's own pid. Because the executor, not the agent, is the task's parent and
-writes the exit status to ``exit.json``, the agent may die and a new agent can reattach
-with ``recover_task`` and still learn the exit code.
+Each task gets an executor process (``nomad_client.client.drivers.executor``), forked in a
+new session by the driver's launcher (``launcher.py``); once the task runs it ``execve``s
+the compiled supervisor (same pid, far less memory) when the install built one (the
+``driver.raw_exec.supervisor`` attribute says ``compiled`` or ``python``). The handle's
+``pid``/``create_time`` name the executor; ``driver_state`` records the task's own pid.
+Because the executor, not the agent, is the task's parent and writes the exit status to
+``exit.json``, the agent may die and a new agent can reattach with ``recover_task`` and
+still learn the exit code. The agent watches each executor through a pidfd
+(``pidwatch.py``): no thread and no timer per task.
 
 Exit reporting: a task killed by signal N gives ``ExitResult(128+N, signal=N)``. If the
-executor vanished without writing ``exit.json`` (e.g. it was SIGKILLed), the result is
-``ExitResult(exit_code=-1, err="executor died ...")``.
+executor vanished without writing ``exit.json`` (e.g. it was SIGKILLed), the task is never
+left running unsupervised: its process tree is killed and the result is
+``ExitResult(exit_code=-1, err="task supervisor died ...")``; the same when a restarted
+agent finds the executor gone without a record.
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ import psutil
 import nomad_client
 from nomad_client.client.allocdir import alloc_group
 
-from . import proctree
+from . import pidwatch, proctree
 from .base import DriverError, DriverInfo, ExecTarget, ExitResult, TaskConfig, TaskHandle
-from .executor import FORWARDED_SIGNALS
+from .executor import FORWARDED_SIGNALS, SUPERVISOR_PATH, supervisor_available
+from .launcher import LAUNCHER_MODULE, Launcher, LauncherError
 
 # Besides the driver, what the exec driver (``exec.py``) and ``alloc exec``
 # (``client/exec_session.py``) reuse to launch through a helper process of this package:
@@ -59,11 +66,16 @@ __all__ = [
 ]
 
 EXECUTOR_MODULE = "nomad_client.client.drivers.executor"
+# What an executor's argv[0] ends with once it has handed the wait to the compiled supervisor
+# (wherever the package is installed: an upgraded agent still knows its old tasks).
+_SUPERVISOR_SUFFIX = os.sep + os.path.join("nomad_client", "client", "drivers",
+                                           os.path.basename(SUPERVISOR_PATH))
 EXIT_FILE = "exit.json"
 EXECUTOR_LOG = "executor.log"
 _CONFIG_KEYS = frozenset({"command", "args"})
 _START_TIMEOUT = 30.0
-_POLL_INTERVAL = 0.1
+_SUPERVISOR_DIED = "task supervisor died; the task's processes were killed"
+_KILL_WAIT = 5.0  # SIGKILL is sure, but not instant
 _FORWARDED = frozenset(int(s) for s in FORWARDED_SIGNALS)
 _SIGKILL = int(SIGKILL)
 
@@ -187,12 +199,32 @@ def _load_exit(exit_path: Path, executor_pid: int) -> ExitResult | None:
         return None
 
 
-def _read_exit(exit_path: Path, executor_pid: int, returncode: int | None) -> ExitResult:
-    result = _load_exit(exit_path, executor_pid)
+async def _read_exit(handle: TaskHandle) -> ExitResult:
+    result = await asyncio.to_thread(_load_exit, _exit_path(handle), handle.pid)
     if result is not None:
         return result
-    detail = "" if returncode is None else f" (executor exit status {returncode})"
-    return ExitResult(exit_code=-1, err=f"executor died{detail}")
+    await _kill_unsupervised(handle)
+    return ExitResult(exit_code=-1, err=_SUPERVISOR_DIED)
+
+
+def _task_process(handle: TaskHandle) -> tuple[int, float]:
+    return (int(handle.driver_state.get("task_pid", 0)),
+            float(handle.driver_state.get("task_create_time", 0.0)))
+
+
+def _task_alive(handle: TaskHandle) -> bool:
+    return proctree.same_process(*_task_process(handle))
+
+
+async def _kill_unsupervised(handle: TaskHandle) -> None:
+    """Kill the task tree of an executor that died without a record (SIGKILLed, or crashed):
+    nothing would ever reap, signal or account for it again. Returns once the task's main
+    process is gone (bounded)."""
+    task_pid, task_ct = _task_process(handle)
+    if await asyncio.to_thread(proctree.same_process, task_pid, task_ct):
+        await asyncio.to_thread(proctree.kill_tree, task_pid, task_ct, include_root=True,
+                                extra_pgid=task_pid)
+        await pidwatch.wait_gone(task_pid, task_ct, _KILL_WAIT)
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
@@ -227,15 +259,23 @@ async def task_spec(
 
 async def exchange_spec(proc: asyncio.subprocess.Process, spec: dict[str, Any]
                         ) -> dict[str, Any]:
-    """Hand a launcher of this package (the executor, the ``alloc exec`` helper) its JSON
-    ``spec`` on stdin and read its one-line JSON reply: ``{"ok": true, ...}``, or
-    ``{"ok": false, "error"?: ...}`` when it failed or exited without a proper reply."""
+    """Hand a helper process of this package (the ``alloc exec`` helper) its JSON ``spec``
+    on stdin, then EOF, and read its one-line JSON reply (see ``read_reply``)."""
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(json.dumps(spec).encode())
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         await proc.stdin.drain()
     proc.stdin.close()
-    line = await proc.stdout.readline()
+    return await read_reply(proc.stdout)
+
+
+async def read_reply(stream: asyncio.StreamReader) -> dict[str, Any]:
+    """A launched helper's one-line JSON reply: ``{"ok": true, ...}``, or ``{"ok": false,
+    "error"?: ...}`` when it failed or exited without a proper reply."""
+    try:
+        line = await stream.readline()
+    except (OSError, ValueError):  # reset, or a line beyond the stream's limit
+        return {"ok": False}
     if not line:
         return {"ok": False}
     try:
@@ -251,9 +291,7 @@ class RawExecDriver:
     name = "raw_exec"
 
     def __init__(self) -> None:
-        # Executors this driver instance spawned; after an agent restart there are none and
-        # the driver falls back to polling by pid + start time.
-        self._children: dict[tuple[str, str, int], asyncio.subprocess.Process] = {}
+        self._launcher = Launcher(executor_env())
         # The env each task was started with, for ``alloc exec`` (in memory only: it may
         # hold secrets; after an agent restart it is read from the task's process).
         self._envs: dict[tuple[str, str, int], dict[str, str]] = {}
@@ -261,7 +299,8 @@ class RawExecDriver:
     def fingerprint(self) -> DriverInfo:
         if os.name != "posix" or not sys.executable:
             return DriverInfo(False, False, "raw_exec needs a POSIX host and a Python executable")
-        return DriverInfo(True, True, "Healthy", {})
+        supervisor = "compiled" if supervisor_available() else "python"
+        return DriverInfo(True, True, "Healthy", {"driver.raw_exec.supervisor": supervisor})
 
     # -- start ------------------------------------------------------------------------------
 
@@ -285,62 +324,27 @@ class RawExecDriver:
                 f"{self.name}: cannot prepare state dir {cfg.state_dir}: {exc}"
             ) from exc
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-P",
-                "-m",
-                EXECUTOR_MODULE,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-                cwd=str(cfg.state_dir),
-                env=executor_env(),
-            )
-        except OSError as exc:
+            reader, writer = await self._launcher.launch(cfg.state_dir, log.fileno())
+        except (OSError, LauncherError) as exc:
             raise DriverError(f"{self.name}: cannot start executor: {exc}") from exc
         finally:
             log.close()
-
-        executor_ct: float | None = None
         try:
-            # The executor is blocked reading its spec, so it is certainly alive here.
-            executor_ct = await asyncio.to_thread(proctree.create_time, proc.pid)
-            async with asyncio.timeout(_START_TIMEOUT):  # not wait_for: it can swallow a cancel
-                reply = await exchange_spec(proc, spec)
-        except BaseException as exc:
-            # Cancelled or timed out mid-start: the task may already run; take it all down.
-            await asyncio.shield(self._abort_start(proc, executor_ct))
-            if isinstance(exc, TimeoutError):
-                raise DriverError(
-                    f"{self.name}: executor did not report within {_START_TIMEOUT:.0f}s"
-                ) from None
-            raise
-
-        if not reply.get("ok"):
-            await proc.wait()
-            error = reply.get("error") or "executor exited without reporting"
-            log_tail = ""
-            if "error" not in reply:
-                log_tail = await asyncio.to_thread(_tail, cfg.state_dir / EXECUTOR_LOG)
-            raise DriverError(f"{self.name}: {error}" + (f": {log_tail}" if log_tail else ""))
-        if executor_ct is None:
-            raise DriverError(f"{self.name}: executor vanished during start")
-
-        task_pid = int(reply["pid"])
-        task_ct = await asyncio.to_thread(proctree.create_time, task_pid)
-        self._children[(cfg.alloc_id, cfg.task, proc.pid)] = proc
-        self._envs[(cfg.alloc_id, cfg.task, proc.pid)] = dict(cfg.env)
+            started = await self._exchange(cfg, reader, writer, spec)
+        finally:
+            writer.close()
+        executor_pid, executor_ct, task_pid, task_ct = started
+        self._envs[(cfg.alloc_id, cfg.task, executor_pid)] = dict(cfg.env)
         return TaskHandle(
             driver=self.name,
             alloc_id=cfg.alloc_id,
             task=cfg.task,
-            pid=proc.pid,
+            pid=executor_pid,
             create_time=executor_ct,
             started_at=time.time(),
             driver_state={
                 "task_pid": task_pid,
-                "task_create_time": task_ct if task_ct is not None else 0.0,
+                "task_create_time": task_ct,
                 "state_dir": str(cfg.state_dir),
                 "exit_path": str(exit_path),
                 "task_dir": str(cfg.task_dir),
@@ -348,41 +352,67 @@ class RawExecDriver:
             },
         )
 
-    @staticmethod
-    async def _abort_start(proc: asyncio.subprocess.Process, executor_ct: float | None) -> None:
-        if executor_ct is not None:
-            await asyncio.to_thread(proctree.kill_tree, proc.pid, executor_ct, include_root=True)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await proc.wait()
+    async def _exchange(self, cfg: TaskConfig, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, spec: dict[str, Any]
+                        ) -> tuple[int, float, int, float]:
+        """Give a new executor its spec and take its task over: the executor's pid and
+        start time, the task's. Until the executor hears that it was taken over, it kills
+        the task if the agent goes away, so a start cut short leaves nothing behind."""
+        executor: tuple[int, float] | None = None
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):  # not wait_for: it can swallow a cancel
+                writer.write(json.dumps(spec).encode() + b"\n")
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                reply = await read_reply(reader)
+                if not reply.get("ok"):
+                    raise DriverError(f"{self.name}: {await self._failure(cfg, reply)}")
+                executor_pid, task_pid = int(reply["executor_pid"]), int(reply["pid"])
+                # Both are certainly alive: the executor waits for our word.
+                executor_ct = await asyncio.to_thread(proctree.create_time, executor_pid)
+                if executor_ct is None:
+                    raise DriverError(f"{self.name}: executor vanished during start")
+                executor = (executor_pid, executor_ct)
+                task_ct = await asyncio.to_thread(proctree.create_time, task_pid)
+                writer.write(b"\n")
+                await writer.drain()
+        except BaseException as exc:
+            if executor is not None:
+                # Cancelled or timed out mid-start: the task may already run; take it all down.
+                await asyncio.shield(asyncio.to_thread(
+                    proctree.kill_tree, *executor, include_root=True))
+            if isinstance(exc, TimeoutError):
+                raise DriverError(
+                    f"{self.name}: executor did not report within {_START_TIMEOUT:.0f}s"
+                ) from None
+            if isinstance(exc, ConnectionError | KeyError | ValueError | TypeError):
+                raise DriverError(f"{self.name}: executor failed during start: {exc!r}"
+                                  ) from None
+            raise
+        return executor_pid, executor_ct, task_pid, task_ct or 0.0
 
+    async def _failure(self, cfg: TaskConfig, reply: Mapping[str, Any]) -> str:
+        error = str(reply.get("error") or "executor exited without reporting")
+        if "error" in reply:
+            return error
+        log_tail = await asyncio.to_thread(_tail, cfg.state_dir / EXECUTOR_LOG)
+        return error + (f": {log_tail}" if log_tail else "")
+
+    async def close(self) -> None:
+        """Let the launcher go (the tasks it started keep running)."""
+        await self._launcher.close()
 
     # -- wait / stop ------------------------------------------------------------------------
 
-    async def _wait_gone(self, handle: TaskHandle, limit: float | None) -> bool:
+    @staticmethod
+    async def _wait_gone(handle: TaskHandle, limit: float | None) -> bool:
         """Wait until the executor is gone; False if ``limit`` seconds passed first."""
-        proc = self._children.get(_key(handle))
-        if proc is not None:
-            try:
-                async with asyncio.timeout(limit):
-                    await asyncio.shield(proc.wait())
-            except TimeoutError:
-                return False
-            return True
-        deadline = None if limit is None else time.monotonic() + limit
-        while await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(_POLL_INTERVAL)
-        return True
+        return await pidwatch.wait_gone(handle.pid, handle.create_time, limit)
 
     async def wait_task(self, handle: TaskHandle) -> ExitResult:
         await self._wait_gone(handle, None)
-        proc = self._children.pop(_key(handle), None)
         self._envs.pop(_key(handle), None)
-        returncode = proc.returncode if proc is not None else None
-        return await asyncio.to_thread(_read_exit, _exit_path(handle), handle.pid, returncode)
+        return await _read_exit(handle)
 
     async def stop_task(
         self,
@@ -392,6 +422,7 @@ class RawExecDriver:
     ) -> None:
         signum = _signal_number(signal, self.name)
         if not await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
+            await _kill_unsupervised(handle)
             return
         if signum == _SIGKILL:
             await self._kill(handle)
@@ -420,8 +451,7 @@ class RawExecDriver:
     async def _kill(self, handle: TaskHandle) -> None:
         # Kill the task tree first so the executor still records the exit; then, if it
         # does not finish promptly, the executor itself.
-        task_pid = int(handle.driver_state.get("task_pid", 0))
-        task_ct = float(handle.driver_state.get("task_create_time", 0.0))
+        task_pid, task_ct = _task_process(handle)
         task_alive = await asyncio.to_thread(proctree.same_process, task_pid, task_ct)
         await asyncio.to_thread(
             proctree.kill_tree,
@@ -453,13 +483,15 @@ class RawExecDriver:
         if await asyncio.to_thread(_is_our_executor, handle.pid, handle.create_time):
             return True
         # The task may have finished while no agent was watching: its executor then left
-        # an exit record, which wait_task reports. The task must not be run again.
-        return await asyncio.to_thread(_has_exit_record, handle)
+        # an exit record, which wait_task reports. The task must not be run again. If its
+        # executor died instead and the task still runs, unsupervised, wait_task kills it
+        # and reports the supervisor's death, as when the agent watches.
+        return await asyncio.to_thread(_has_exit_record, handle) or await asyncio.to_thread(
+            _task_alive, handle)
 
     async def destroy_task(self, handle: TaskHandle) -> None:
         if await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
             await self._kill(handle)
-        self._children.pop(_key(handle), None)
         self._envs.pop(_key(handle), None)
         state_dir = handle.driver_state.get("state_dir")
         if state_dir:
@@ -485,8 +517,7 @@ def _exit_path(handle: TaskHandle) -> Path:
 
 
 def _signal_task_group(handle: TaskHandle, signum: int) -> None:
-    task_pid = int(handle.driver_state.get("task_pid", 0))
-    task_ct = float(handle.driver_state.get("task_create_time", 0.0))
+    task_pid, task_ct = _task_process(handle)
     if proctree.same_process(task_pid, task_ct):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(task_pid, signum)
@@ -506,8 +537,7 @@ def process_env(pid: int) -> dict[str, str]:
 
 
 def _exec_target(handle: TaskHandle, env: Mapping[str, str] | None) -> ExecTarget:
-    task_pid = int(handle.driver_state.get("task_pid", 0))
-    task_ct = float(handle.driver_state.get("task_create_time", 0.0))
+    task_pid, task_ct = _task_process(handle)
     if not proctree.same_process(task_pid, task_ct):
         raise DriverError("task is not running")
     try:
@@ -529,9 +559,15 @@ def _is_our_executor(pid: int, create_time: float) -> bool:
     if not proctree.same_process(pid, create_time):
         return False
     try:
-        return EXECUTOR_MODULE in " ".join(psutil.Process(pid).cmdline())
+        cmdline = psutil.Process(pid).cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+    if cmdline and cmdline[0].endswith(_SUPERVISOR_SUFFIX):
+        return True
+    # Without a compiled supervisor the executor still runs the launcher's command line
+    # (it was forked from it), or the executor module's when run by hand.
+    joined = " ".join(cmdline)
+    return LAUNCHER_MODULE in joined or EXECUTOR_MODULE in joined
 
 
 def _has_exit_record(handle: TaskHandle) -> bool:
