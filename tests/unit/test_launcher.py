@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import pytest
 
 from nomad_client.client.drivers import pidwatch
 from nomad_client.client.drivers.base import TaskHandle
-from nomad_client.client.drivers.launcher import LAUNCHER_MODULE
+from nomad_client.client.drivers.launcher import LAUNCHER_MODULE, Launcher
 from nomad_client.client.drivers.proctree import kill_tree, same_process
 from nomad_client.client.drivers.raw_exec import EXECUTOR_MODULE, RawExecDriver, executor_env
 from tests.unit.test_drivers import gone, make_cfg, sh, wait_for_file, wait_gone
@@ -56,6 +58,41 @@ async def test_one_launcher_forks_every_executor(
     assert LAUNCHER_MODULE in " ".join(launcher.cmdline())
     # Each executor leads its own session: a signal to the agent's group never reaches it.
     assert all(os.getsid(h.pid) == h.pid for h in handles)
+
+
+async def test_launches_waiting_together_for_a_full_socket_all_go_out() -> None:
+    # The launcher's socket is full (it reads nothing for now), and then several launches
+    # come at once: every one must go out once it drains, not only the last to wait.
+    launcher = Launcher({})
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while queued < 100_000:
+                socket.send_fds(ours, [b"fill"], [fd, fd])
+                queued += 1
+        sends = [asyncio.ensure_future(launcher._send(ours, b"m%d" % i, [fd, fd]))
+                 for i in range(20)]
+        await asyncio.sleep(0.05)
+        assert not any(s.done() for s in sends)  # all wait for room
+        received: list[bytes] = []
+
+        def drain() -> None:
+            while len(received) < queued + 20:
+                message, fds, _flags, _addr = socket.recv_fds(theirs, 64, 2)
+                received.append(message)
+                for got in fds:
+                    os.close(got)
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(asyncio.to_thread(drain), *sends)
+        assert sorted(received[queued:]) == sorted(b"m%d" % i for i in range(20))
+    finally:
+        os.close(fd)
+        ours.close()
+        theirs.close()
 
 
 async def test_tasks_outlive_the_launcher_and_a_new_one_takes_over(

@@ -62,6 +62,9 @@ class Launcher:
         self._proc: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
         self._lock = asyncio.Lock()
+        # One sender at a time: a full socket is waited on with the loop's writer callback,
+        # and a descriptor has only one (a second waiter would replace the first's).
+        self._sending = asyncio.Lock()
 
     async def launch(self, state_dir: Path, stderr_fd: int
                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -133,20 +136,24 @@ class Launcher:
         if proc is not None and control is not None:
             await _stop(proc, control)
 
-    @staticmethod
-    async def _send(control: socket.socket, message: bytes, fds: list[int]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    async def _send(self, control: socket.socket, message: bytes, fds: list[int]) -> None:
+        async with self._sending:
+            await _send_when_writable(control, message, fds)
+
+
+async def _send_when_writable(control: socket.socket, message: bytes, fds: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            socket.send_fds(control, [message], fds)
+            return
+        except BlockingIOError:
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(control, _settle, writable)
             try:
-                socket.send_fds(control, [message], fds)
-                return
-            except BlockingIOError:
-                writable: asyncio.Future[None] = loop.create_future()
-                loop.add_writer(control, _settle, writable)
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(control)
+                await writable
+            finally:
+                loop.remove_writer(control)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
