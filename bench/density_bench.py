@@ -353,6 +353,8 @@ def bench_job(job_id: str, driver: str, count: int) -> dict[str, Any]:
             "Name": TASK, "Driver": driver,
             "Config": {"command": "/bin/sh", "args": ["-c", TASK_SCRIPT]},
             "Resources": TASK_RESOURCES, "KillTimeout": int(2e9),
+            # Within that disk, as Nomad requires: two 2 MB files per stream.
+            "LogConfig": {"MaxFiles": 2, "MaxFileSizeMB": 2},
             "Identity": {"Env": True, "File": True}}]}]})
 
 

@@ -33,7 +33,6 @@ UNSUPPORTED_BLOCKS = frozenset(
         "disconnect",
         "ephemeral_disk",
         "lifecycle",
-        "logs",
         "migrate",
         "multiregion",
         "network",
@@ -467,10 +466,19 @@ def _task(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
         "TaskAPI": _task_api(r),
     }
     task.update(_present(
-        DispatchPayload=_optional_block(r, "dispatch_payload", _dispatch_payload)))
+        DispatchPayload=_optional_block(r, "dispatch_payload", _dispatch_payload),
+        LogConfig=_optional_block(r, "logs", _logs)))
     task.update(_present(Services=_services(r)))
     r.finish()
     return task
+
+
+def _logs(r: _Reader) -> dict[str, Any]:
+    """``logs { max_files, max_file_size, disabled }`` (size in MB; defaults and checks in
+    ``rollout``). Nomad's deprecated ``enabled`` is refused as unknown, not half-honoured."""
+    return {"MaxFiles": r.get("max_files", r.dec.to_int),
+            "MaxFileSizeMB": r.get("max_file_size", r.dec.to_int),
+            "Disabled": r.get("disabled", r.dec.to_bool)}
 
 
 def _task_api(r: _Reader) -> dict[str, Any] | None:

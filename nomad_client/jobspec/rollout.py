@@ -1,6 +1,7 @@
 """Defaults and validation of the blocks that say how a group's allocations are sized on disk
-and replaced: ``ephemeral_disk`` (group), ``migrate`` (group) and ``update`` (job and group),
-as Nomad's Canonicalize and Validate treat them; ``canonical`` calls in here for every job.
+and replaced: ``ephemeral_disk`` (group), a task's ``logs`` (kept within that disk),
+``migrate`` (group) and ``update`` (job and group), as Nomad's Canonicalize and Validate
+treat them; ``canonical`` calls in here for every job.
 
 A group's ``update`` is the job's ``update`` overridden by its own, over Nomad's defaults, for
 service and system jobs; batch jobs take none. ``migrate`` is for service jobs only. Canary
@@ -15,7 +16,7 @@ from typing import Any
 
 from nomad_client.durations import MINUTE, SECOND
 from nomad_client.jobspec.errors import short_repr
-from nomad_client.jobspec.walk import object_groups
+from nomad_client.jobspec.walk import object_groups, object_tasks
 
 DEFAULT_DISK_MB = 300
 MIN_DISK_MB = 10
@@ -24,6 +25,8 @@ MIGRATE_HEALTH_CHECKS = ("checks", "task_states")
 UPDATED_TYPES = ("service", "system")
 
 _DISK_DEFAULTS: dict[str, Any] = {"SizeMB": DEFAULT_DISK_MB, "Sticky": False, "Migrate": False}
+# A task's log rotation: at most MaxFiles files of MaxFileSizeMB per stream.
+LOG_DEFAULTS: dict[str, Any] = {"MaxFiles": 10, "MaxFileSizeMB": 10, "Disabled": False}
 _MIGRATE_DEFAULTS: dict[str, Any] = {"MaxParallel": 1, "HealthCheck": "checks",
                                      "MinHealthyTime": 10 * SECOND,
                                      "HealthyDeadline": 5 * MINUTE}
@@ -48,6 +51,8 @@ def fill_rollout_blocks(job: dict[str, Any]) -> None:
         _fill(job, "Update", _UPDATE_DEFAULTS, keep_unset=True)
     for group in object_groups(job):
         _fill(group, "EphemeralDisk", _DISK_DEFAULTS)
+        for task in object_tasks(group):
+            _fill(task, "LogConfig", LOG_DEFAULTS)
         if job_type == "service":
             _fill(group, "Migrate", {**_MIGRATE_DEFAULTS, **_set(job.get("Migrate"))})
         if job_type in UPDATED_TYPES:
@@ -75,6 +80,9 @@ def rollout_problems(job: Mapping[str, Any]) -> list[str]:
         where = f"group {group.get('Name')!r}"
         disk = group.get("EphemeralDisk")
         problems.extend(f"{where} ephemeral_disk: {p}" for p in _disk(disk))
+        for task in object_tasks(group):
+            problems.extend(f"{where} task {task.get('Name')!r} logs: {p}"
+                            for p in _logs(task.get("LogConfig"), disk))
         migrate = group.get("Migrate")
         if migrate is not None and job_type != "service":
             problems.append(f"{where}: Job type {short_repr(job_type)} does not allow migrate "
@@ -104,6 +112,25 @@ def _disk(disk: Any) -> list[str]:
         f"minimum DiskMB value is {MIN_DISK_MB}; got {size}"]
     problems += [f"{key} must be true or false" for key in ("Sticky", "Migrate")
                  if not isinstance(disk.get(key), bool)]
+    return problems
+
+
+def _logs(logs: Any, disk: Any) -> list[str]:
+    """Nomad's checks: at least one file of at least 1 MB, and all of them together less
+    than the group's disk."""
+    if not isinstance(logs, dict):
+        return ["LogConfig must be an object"]
+    files: Any = logs.get("MaxFiles")
+    size: Any = logs.get("MaxFileSizeMB")
+    problems = [] if isinstance(logs.get("Disabled"), bool) else ["Disabled must be true or false"]
+    for value, minimum in ((files, "minimum number of files is 1"),
+                           (size, "minimum file size is 1MB")):
+        if not _whole(value) or value < 1:
+            problems.append(f"{minimum}; got {short_repr(value)}")
+    disk_mb: Any = disk.get("SizeMB") if isinstance(disk, dict) else None
+    if not problems and _whole(disk_mb) and disk_mb <= files * size:
+        problems.append(f"log storage ({files * size} MB) must be less than requested disk "
+                        f"capacity ({disk_mb} MB)")
     return problems
 
 

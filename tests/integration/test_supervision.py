@@ -14,9 +14,9 @@ node cannot isolate tasks):
    ``kill_timeout``, for everything it forked too; a task that exits on the signal stops
    without waiting for the timeout.
 4. Logs: stdout and stderr land in ``alloc/logs/<task>.std{out,err}.0`` and the logs API,
-   and keep flowing across an agent SIGKILL. What holds today for ``logs { max_files,
-   max_file_size }``: the jobspec refuses the block, and nothing is rotated or dropped
-   (a chatty task's output is all in ``.0``).
+   and keep flowing across an agent SIGKILL. Within Nomad's default ``logs`` (10 files of
+   10 MB) a chatty task's output is all in ``.0``; with a small ``logs { max_files,
+   max_file_size }`` the files rotate and only the newest are kept, through the API too.
 5. After an agent SIGKILL, ``job stop`` leaves no process of the tasks (daemonized ones
    included) and no zombie child of the agent; and no supervisor or task process holds a
    pipe, socket or state file of the agent (which would outlive the agent).
@@ -314,14 +314,20 @@ async def _supervisor_died_and_restarted(api: ApiClient, run: Running, marker: s
     return alloc
 
 
+def _forking_job(node: Node, driver: str, job_id: str, markers: list[str]
+                 ) -> tuple[dict[str, Any], str]:
+    """A task that forks a child and waits for it, restarted once; and its marker."""
+    marker = new_marker()
+    markers.append(marker)
+    return job_for(node, driver, job_id, f": {marker}; sleep 300 & wait",
+                   restart=RESTART_ONCE, kill_timeout_s=1), marker
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_supervisor_sigkill_kills_the_task_tree_and_restarts_it(
         node: Node, agent: AgentProcess, markers: list[str], driver: str) -> None:
-    marker = new_marker()
-    markers.append(marker)
     job_id = f"orphan-{driver}"
-    job = job_for(node, driver, job_id, f": {marker}; sleep 300 & wait",
-                  restart=RESTART_ONCE, kill_timeout_s=1)
+    job, marker = _forking_job(node, driver, job_id, markers)
     async with agent.api() as api:
         run = await start_task(api, job, marker, forks=True)
         supervisor = run.supervisor
@@ -334,11 +340,8 @@ async def test_supervisor_sigkill_kills_the_task_tree_and_restarts_it(
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_supervisor_dead_during_outage_is_handled_after_restart(
         node: Node, agent: AgentProcess, markers: list[str], driver: str) -> None:
-    marker = new_marker()
-    markers.append(marker)
     job_id = f"outage-orphan-{driver}"
-    job = job_for(node, driver, job_id, f": {marker}; sleep 300 & wait",
-                  restart=RESTART_ONCE, kill_timeout_s=1)
+    job, marker = _forking_job(node, driver, job_id, markers)
     async with agent.api() as api:
         run = await start_task(api, job, marker, forks=True)
     supervisor = run.supervisor
@@ -421,8 +424,7 @@ LOG_LINES = 50_000  # about 3.4 MB: more than any one read or pipe buffer
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_chatty_task_logs_land_whole_in_files_and_api(
         node: Node, agent: AgentProcess, driver: str) -> None:
-    """No cap or rotation applies today (the jobspec refuses ``logs``): every byte is kept,
-    in order, in ``.0``."""
+    """Within the default limits every byte is kept, in order, in ``.0``."""
     script = f"yes '{LOG_LINE}' | head -n {LOG_LINES}; echo to-stderr >&2"
     job_id = f"chatty-{driver}"
     job = job_for(node, driver, job_id, script, job_type="batch", restart=NO_RESTARTS)
@@ -439,13 +441,46 @@ async def test_chatty_task_logs_land_whole_in_files_and_api(
         assert await api.alloc_logs(stub["ID"], "t", stderr=True) == b"to-stderr\n"
 
 
-async def test_logs_block_is_refused(agent: AgentProcess) -> None:
-    hcl = ('job "j" { group "g" { task "t" { driver = "raw_exec"\n'
-           'config { command = "true" }\n logs { max_files = 2\n max_file_size = 1 } } } }')
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_logs_rotate_within_the_jobs_logs_block(
+        node: Node, agent: AgentProcess, driver: str) -> None:
+    mib = 1 << 20
+    script = f"yes '{LOG_LINE}' | head -n {LOG_LINES}; echo last-line"  # 3.4 MB, then a mark
+    job_id = f"rotating-{driver}"
+    job = job_for(node, driver, job_id, script, job_type="batch", restart=NO_RESTARTS,
+                  extra_task={"LogConfig": {"MaxFiles": 2, "MaxFileSizeMB": 1}})
     async with agent.api() as api:
-        resp = await api.request("POST", "/v1/jobs/parse", json={"JobHCL": hcl})
+        (stub,) = await run_job(api, job)
+        alloc = await wait_client_status(api, stub["ID"], *TERMINAL, timeout=30)
+        assert alloc["ClientStatus"] == "complete", task_events(alloc)
+        logs = agent.data_dir / "alloc" / stub["ID"] / "alloc" / "logs"
+        # 3.4 MB in files of 1 MiB: .0 to .3 written, only the newest two kept.
+        assert sorted(p.name for p in logs.glob("t.stdout.*")) == ["t.stdout.2", "t.stdout.3"]
+        assert (logs / "t.stdout.2").stat().st_size == mib
+        kept = (logs / "t.stdout.2").read_bytes() + (logs / "t.stdout.3").read_bytes()
+        whole = f"{LOG_LINE}\n".encode() * LOG_LINES + b"last-line\n"
+        assert whole.endswith(kept) and len(kept) == len(whole) - 2 * mib
+        assert await api.alloc_logs(stub["ID"], "t") == kept
+
+
+async def test_logs_block_is_parsed_and_kept_within_the_disk(agent: AgentProcess) -> None:
+    def hcl(logs: str, disk: int) -> str:
+        return (f'job "j" {{ group "g" {{ ephemeral_disk {{ size = {disk} }}\n'
+                f'task "t" {{ driver = "raw_exec"\n config {{ command = "true" }}\n'
+                f'{logs} }} }} }}')
+
+    async with agent.api() as api:
+        resp = await api.request("POST", "/v1/jobs/parse", json={
+            "JobHCL": hcl("logs {\n max_files = 2\n max_file_size = 1\n}", 10)})
+        assert resp.status == 200, resp.text()
+        task = resp.json()["TaskGroups"][0]["Tasks"][0]
+        assert task["LogConfig"] == {"MaxFiles": 2, "MaxFileSizeMB": 1, "Disabled": None}
+        job = resp.json()
+        job["TaskGroups"][0]["EphemeralDisk"] = {"SizeMB": 20}
+        job["TaskGroups"][0]["Tasks"][0]["LogConfig"] = {"MaxFiles": 3, "MaxFileSizeMB": 10}
+        resp = await api.request("PUT", "/v1/jobs", json={"Job": job})
     assert resp.status == 400, resp.text()
-    assert "'logs' block is not supported" in resp.text()
+    assert "log storage (30 MB) must be less than requested disk capacity (20 MB)" in resp.text()
 
 
 TICKING = ('i=0; while :; do i=$((i+1)); echo "tick $i"; echo "tock $i" >&2; '

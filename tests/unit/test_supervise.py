@@ -261,8 +261,11 @@ def test_an_isolated_task_is_supervised_in_its_pid_namespace(runner: Runner,
     # pid 1 of its namespace ignores a signal it has no handler for: the trap is the proof.
     run = runner.sh("trap 'exit 3' TERM; echo $$ > /alloc/pid; while :; do sleep 0.05; done",
                     isolation=isolated)
-    wait_until(lambda: (workdir / "alloc" / "pid").exists(), "the task to start")
-    assert (workdir / "alloc" / "pid").read_text().strip() == "1"
+    pid_file = workdir / "alloc" / "pid"
+    # Not just there: the shell creates the file before it writes the pid into it.
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"),
+               "the task to write its pid")
+    assert pid_file.read_text().strip() == "1"
     wait_until(lambda: handed_off(run.proc.pid), "the executor to exec the supervisor")
     os.kill(run.proc.pid, signal.SIGTERM)
     assert run.finish() == 0

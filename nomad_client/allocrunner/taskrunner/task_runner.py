@@ -65,6 +65,7 @@ from nomad_client.client.taskenv import (
     build_task_env,
     interpolate_config,
 )
+from nomad_client.jobspec.rollout import LOG_DEFAULTS
 from nomad_client.structs import models as m
 from nomad_client.structs.jobs import is_batch, task_group
 from nomad_client.structs.models import Allocation, TaskEvent, TaskState, rfc3339
@@ -554,7 +555,9 @@ class TaskRunner:
             state_dir=self._driver_state_dir,
             network_mode=group_network_mode(task_group(self.ctx.alloc.job,
                                                        self.ctx.alloc.task_group)),
-            resources=task.get("Resources") or {})
+            resources=task.get("Resources") or {},
+            # A job stored before logs were rotated has none: Nomad's defaults then.
+            log_config=task.get("LogConfig") or LOG_DEFAULTS)
 
 
 def signal_name(name: str) -> str:

@@ -51,6 +51,9 @@ class TaskConfig:
     network_mode: str = "host"
     # The task's canonical ``Resources`` block (``MemoryMB``, ``CPU``, ...), for limits.
     resources: Mapping[str, Any] = attrs.field(factory=dict)
+    # The task's canonical ``LogConfig`` (``MaxFiles``, ``MaxFileSizeMB``, ``Disabled``): how
+    # its stdout and stderr files rotate. Empty: written to ``*_path`` as they are, uncapped.
+    log_config: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen

@@ -22,16 +22,24 @@ Protocol:
     ``executor_pid``, ``task_pid``, ``exit_code`` (128+N when killed by signal N),
     ``signal`` and ``finished_at``.
 
-It touches: the task's two log files, the exit file, and the processes it starts. The logs
-live in ``<alloc_dir>/alloc/logs``, which only the agent's user may write (the alloc dir's
-layout), while this process may be root; a tree of an older layout, or one a task made
-before it was tightened, must still not trick it. So they are opened relative to
-``spec["alloc_dir"]`` without following a symlink at ``alloc``, ``logs`` or the file
-itself, and a log file is appended to only when it is a regular file with a single link,
-owned by this process's user (no FIFO, device, planted hard link or file a task created).
-The task's processes run as ``spec["uid"]``/``spec["gid"]`` with exactly the supplementary
-groups in ``spec["groups"]`` (the allocation's group), or as this process when ``uid`` is
-null.
+It touches: the task's two log files (or, with rotation, its files of each stream), the
+exit file, and the processes it starts. The logs live in ``<alloc_dir>/alloc/logs``, which
+only the agent's user may write (the alloc dir's layout), while this process may be root; a
+tree of an older layout, or one a task made before it was tightened, must still not trick
+it. So they are opened relative to ``spec["alloc_dir"]`` without following a symlink at
+``alloc``, ``logs`` or the file itself, and a log file is appended to only when it is a
+regular file with a single link, owned by this process's user (no FIFO, device, planted
+hard link or file a task created). The task's processes run as
+``spec["uid"]``/``spec["gid"]`` with exactly the supplementary groups in ``spec["groups"]``
+(the allocation's group), or as this process when ``uid`` is null.
+
+With ``spec["logs"]`` (Nomad's ``logs`` block, ``{"max_files": N, "max_file_size": bytes}``)
+the task writes into two pipes instead, and the supervisor copies them into rotated files
+``<prefix>.<index>`` of the logs dir (the prefix is the log file name without its index),
+by the rules of ``LogLimits``; the executor finds each stream's starting index and opens
+its current file (same checks) before the task starts. ``{"disabled": true}`` sends the
+task's output to ``/dev/null``. Without ``logs`` (an older agent's spec) the task writes to
+the two files itself.
 
 With ``spec["isolation"]`` (the ``exec`` driver) the task is forked instead: the child
 joins the task's cgroup (``cgroup_procs``), enters new mount, UTS and (``ipc_namespace``,
@@ -55,15 +63,18 @@ pid, the task as a child, the subreaper flag and the blocked forwarded signals a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import selectors
 import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from nomad_client.client.drivers import isolation
@@ -220,24 +231,239 @@ def _open_log(logs_fd: int, name: str, path: str) -> int:
     return fd
 
 
-def _open_logs(spec: dict[str, Any]) -> tuple[int, int]:
+class LogLimits:
+    """Nomad's ``logs { max_files, max_file_size }`` (the size in bytes here) and its rules,
+    which supervise.c mirrors: a stream's files are ``<prefix>.<index>``; writing continues
+    at the highest index found; a file never grows past ``max_file_size`` (what does not fit
+    goes to index + 1); before index N opens, ``<prefix>.<N - max_files>`` and older go."""
+
+    __slots__ = ("max_files", "max_file_size")
+
+    def __init__(self, max_files: int, max_file_size: int) -> None:
+        self.max_files = max_files
+        self.max_file_size = max_file_size
+
+    @staticmethod
+    def of(spec: dict[str, Any]) -> LogLimits | None:
+        """The spec's limits; None for a spec without ``logs`` (no rotation, as before)."""
+        logs = spec.get("logs")
+        if logs is None:
+            return None
+        if not isinstance(logs, dict):
+            raise LaunchError(f"bad logs settings {logs!r}")
+        return LogLimits(_limit(logs, "max_files"), _limit(logs, "max_file_size"))
+
+    @staticmethod
+    def prefix(name: str) -> str:
+        """``web.stdout.0`` -> ``web.stdout``: the spec names a stream's first file."""
+        stem, dot, index = name.rpartition(".")
+        return stem if dot and stem and LogLimits.index_of(index) is not None else name
+
+    @staticmethod
+    def file_name(prefix: str, index: int) -> str:
+        return f"{prefix}.{index}"
+
+    @staticmethod
+    def index_of(suffix: str) -> int | None:
+        """A decimal index as we write it (no sign, no leading zero, fits in 64 bits as in
+        supervise.c), else None."""
+        if (not suffix.isascii() or not suffix.isdigit() or len(suffix) > 18
+                or (suffix[0] == "0" and suffix != "0")):
+            return None
+        return int(suffix)
+
+    def expired(self, index: int) -> int:
+        """The newest index to delete once ``index`` is open (negative: none)."""
+        return index - self.max_files
+
+
+def _limit(logs: dict[str, Any], key: str) -> int:
+    value = logs.get(key)
+    if type(value) is not int or value < 1:  # not a bool either
+        raise LaunchError(f"bad logs limits {logs!r}: {key} must be an integer >= 1")
+    return value
+
+
+def _logs_disabled(spec: dict[str, Any]) -> bool:
+    logs = spec.get("logs")
+    return isinstance(logs, dict) and logs.get("disabled") is True
+
+
+class _Stream:
+    """One captured stream: the pipe from the task and the file it is copied into."""
+
+    __slots__ = ("pipe", "prefix", "index", "file", "size", "complained")
+
+    def __init__(self, pipe: int, prefix: str, index: int, file: int) -> None:
+        self.pipe, self.prefix, self.index, self.file = pipe, prefix, index, file
+        self.size = os.fstat(file).st_size
+        self.complained = False
+
+
+class _Capture:
+    """The task's output as the supervisor takes it over: the logs dir, the limits and the
+    two streams (stdout, stderr)."""
+
+    __slots__ = ("logs_fd", "limits", "streams")
+
+    def __init__(self, logs_fd: int, limits: LogLimits) -> None:
+        self.logs_fd, self.limits = logs_fd, limits
+        self.streams: list[_Stream] = []
+
+    def fds(self) -> list[int]:
+        return [self.logs_fd, *(fd for s in self.streams for fd in (s.pipe, s.file))]
+
+    def close(self) -> None:
+        for fd in self.fds():
+            os.close(fd)
+
+    def supervisor_args(self) -> list[str]:
+        """``--logs DIR_FD MAX_FILES MAX_FILE_SIZE`` then, per stream, ``PIPE FILE INDEX
+        PREFIX``: appended to the supervisor's ``<task pid> <exit path>``."""
+        args = ["--logs", str(self.logs_fd), str(self.limits.max_files),
+                str(self.limits.max_file_size)]
+        for s in self.streams:
+            args += [str(s.pipe), str(s.file), str(s.index), s.prefix]
+        return args
+
+
+def _start_index(logs_fd: int, prefix: str, limits: LogLimits) -> int:
+    """The highest index of ``prefix`` in the logs dir (0 if none), deleting those that
+    are too old for it (a restart with a smaller ``max_files``, say)."""
+    found = []
+    for name in os.listdir(logs_fd):
+        stem, dot, suffix = name.rpartition(".")
+        index = LogLimits.index_of(suffix) if dot and stem == prefix else None
+        if index is not None:
+            found.append(index)
+    start = max(found, default=0)
+    for index in found:
+        problem = None
+        if index <= limits.expired(start):
+            problem = _unlink_log(logs_fd, LogLimits.file_name(prefix, index))
+            if problem:
+                print(f"executor: {problem}", file=sys.stderr, flush=True)
+    return start
+
+
+def _unlink_log(logs_fd: int, name: str) -> str | None:
+    """Delete an old log file; why it could not be, if it exists and could not."""
+    try:
+        os.unlink(name, dir_fd=logs_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            return f"cannot delete the old log {name}: {exc.strerror}"
+    return None
+
+
+def _capture_stream(capture: _Capture, path: str, name: str) -> int:
+    """Set up one captured stream; the write end of its pipe, for the task."""
+    prefix = LogLimits.prefix(name)
+    index = _start_index(capture.logs_fd, prefix, capture.limits)
+    current = LogLimits.file_name(prefix, index)
+    file = _open_log(capture.logs_fd, current, os.path.join(os.path.dirname(path), current))
+    try:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        os.close(file)
+        raise
+    capture.streams.append(_Stream(read_end, prefix, index, file))
+    return write_end
+
+
+def _open_logs(spec: dict[str, Any]) -> tuple[tuple[int, int], _Capture | None]:
+    """The task's stdout and stderr, and what the supervisor copies into rotated logs
+    (None: the task writes to its log files, or to /dev/null, itself)."""
+    if _logs_disabled(spec):
+        return (os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC),
+                os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)), None
     alloc_dir = str(spec.get("alloc_dir") or "")
     if not alloc_dir:
         raise LaunchError("launch spec has no alloc_dir")
-    out_path, err_path = str(spec["stdout_path"]), str(spec["stderr_path"])
-    out_name = _log_name(alloc_dir, out_path)
-    err_name = _log_name(alloc_dir, err_path)
+    limits = LogLimits.of(spec)
+    paths = (str(spec["stdout_path"]), str(spec["stderr_path"]))
+    names = [_log_name(alloc_dir, path) for path in paths]
     logs_fd = _open_logs_dir(alloc_dir)
+    capture = None if limits is None else _Capture(logs_fd, limits)
+    task_fds: list[int] = []
     try:
-        out_fd = _open_log(logs_fd, out_name, out_path)
-        try:
-            err_fd = _open_log(logs_fd, err_name, err_path)
-        except BaseException:
-            os.close(out_fd)
-            raise
-    finally:
+        for path, name in zip(paths, names, strict=True):
+            if capture is None:
+                task_fds.append(_open_log(logs_fd, name, path))
+            else:
+                task_fds.append(_capture_stream(capture, path, name))
+    except BaseException:
+        for fd in task_fds:
+            os.close(fd)
+        if capture is not None:
+            capture.close()
+        else:
+            os.close(logs_fd)
+        raise
+    if capture is None:
         os.close(logs_fd)
-    return out_fd, err_fd
+    return (task_fds[0], task_fds[1]), capture
+
+
+# One read from a task's pipe: its default capacity. Each chunk is written out before the
+# next read, so this is all the output the executor ever holds.
+_CHUNK = 64 << 10
+# After the task and its leftovers are gone, what is still in the pipes is copied for at
+# most this long (a leftover that could not be killed may hold a write end open).
+_DRAIN_SECONDS = 5.0
+
+
+def _complain(stream: _Stream, problem: str) -> None:
+    """Report a problem with a stream's logs once: the task must go on regardless."""
+    if not stream.complained:
+        stream.complained = True
+        print(f"executor: {problem}; dropping the task's output that does not fit",
+              file=sys.stderr, flush=True)
+
+
+def _rotate(capture: _Capture, stream: _Stream) -> bool:
+    """Move ``stream`` to its next file, deleting first the one that falls off the end (so
+    that there are never more than ``max_files``)."""
+    index = stream.index + 1
+    expired = capture.limits.expired(index)
+    problem = None
+    if expired >= 0:
+        problem = _unlink_log(capture.logs_fd, LogLimits.file_name(stream.prefix, expired))
+    if problem:
+        _complain(stream, problem)
+    name = LogLimits.file_name(stream.prefix, index)
+    try:
+        file = _open_log(capture.logs_fd, name, name)
+    except LaunchError as exc:
+        _complain(stream, str(exc))
+        return False
+    os.close(stream.file)
+    stream.file, stream.index, stream.size = file, index, os.fstat(file).st_size
+    return True
+
+
+def _store(capture: _Capture, stream: _Stream, data: memoryview) -> None:
+    """Append ``data`` to the stream's files, never one past ``max_file_size``; what
+    cannot be written (disk full) is dropped so that the task never waits on us."""
+    limit = capture.limits.max_file_size
+    while data:
+        if stream.size >= limit and not _rotate(capture, stream):
+            return
+        try:
+            written = os.write(stream.file, data[: limit - stream.size])
+        except OSError as exc:
+            _complain(stream, f"cannot write {stream.prefix}.{stream.index}: {exc.strerror}")
+            return
+        stream.size += written
+        data = data[written:]
+
+
+def _copy_once(capture: _Capture, stream: _Stream) -> bool:
+    """Copy one read's worth from the stream's pipe; False at EOF."""
+    data = os.read(stream.pipe, _CHUNK)
+    if data:
+        _store(capture, stream, memoryview(data))
+    return bool(data)
 
 
 def _become_subreaper() -> None:
@@ -247,47 +473,65 @@ def _become_subreaper() -> None:
         pass  # not Linux: leftovers that left the process group are not tracked
 
 
-def _launch(spec: dict[str, Any]) -> subprocess.Popen[bytes]:
+@contextlib.contextmanager
+def _closed_on_failure(capture: _Capture | None) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if capture is not None:
+            capture.close()
+        raise
+
+
+def _launch(spec: dict[str, Any]) -> tuple[int, _Capture | None]:
+    """Start the task as a plain child; its pid and the output the supervisor copies."""
     cwd = str(spec["cwd"])
     env = {str(k): str(v) for k, v in dict(spec["env"]).items()}
     command = str(spec["command"])
-    args = [str(a) for a in spec.get("args") or []]
     if not os.path.isdir(cwd):
         raise LaunchError(f"task directory {cwd} does not exist")
     path = find_command(command, cwd, env)
-    out_fd, err_fd = _open_logs(spec)
+    task_fds, capture = _open_logs(spec)
+    try:
+        with _closed_on_failure(capture):
+            proc = _spawn(spec, path, env, task_fds)
+    finally:
+        for fd in task_fds:
+            os.close(fd)
+    # Popen must not reap the task behind our back; main waits for it itself.
+    proc.returncode = 0  # silence Popen's "still running" bookkeeping; we own reaping
+    return proc.pid, capture
+
+
+def _spawn(spec: dict[str, Any], path: str, env: dict[str, str], task_fds: tuple[int, int]
+           ) -> subprocess.Popen[bytes]:
+    command = str(spec["command"])
     uid = spec.get("uid")
-    gid = spec.get("gid")
     # Only the allocation's group: never the agent's own supplementary groups.
     groups = [int(g) for g in spec.get("groups") or []]
     try:
-        proc = subprocess.Popen(
-            [command, *args],
+        return subprocess.Popen(
+            [command, *(str(a) for a in spec.get("args") or [])],
             executable=path,
-            cwd=cwd,
+            cwd=str(spec["cwd"]),
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=out_fd,
-            stderr=err_fd,
+            stdout=task_fds[0],
+            stderr=task_fds[1],
             close_fds=True,
             process_group=0,  # its own group, so signals reach all of it and not us
             user=uid,
-            group=gid,
+            group=spec.get("gid"),
             extra_groups=groups if uid is not None else None,
         )
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise LaunchError(f"cannot run {command!r}: {reason}") from exc
-    finally:
-        os.close(out_fd)
-        os.close(err_fd)
-    # Popen must not reap the task behind our back; main waits for it itself.
-    proc.returncode = 0  # silence Popen's "still running" bookkeeping; we own reaping
-    return proc
 
 
-def _launch_isolated(spec: dict[str, Any]) -> int:
-    """Fork the task into its namespaces and root (``spec["isolation"]``); its pid.
+def _launch_isolated(spec: dict[str, Any]) -> tuple[int, _Capture | None]:
+    """Fork the task into its namespaces and root (``spec["isolation"]``); its pid and the
+    output the supervisor copies.
 
     The child sets everything up as root and reports a failure through a close-on-exec
     pipe, so the agent gets the reason; a successful ``execve`` closes the pipe unwritten.
@@ -295,7 +539,12 @@ def _launch_isolated(spec: dict[str, Any]) -> int:
     iso = dict(spec["isolation"])
     if not os.path.isdir(str(spec["cwd"])):
         raise LaunchError(f"task directory {spec['cwd']} does not exist")
-    out_fd, err_fd = _open_logs(spec)
+    (out_fd, err_fd), capture = _open_logs(spec)
+    with _closed_on_failure(capture):
+        return _fork_isolated(spec, iso, out_fd, err_fd), capture
+
+
+def _fork_isolated(spec: dict[str, Any], iso: dict[str, Any], out_fd: int, err_fd: int) -> int:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         if iso.get("pid_namespace"):
@@ -435,7 +684,8 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-def _hand_off(task_pid: int, exit_path: str, mask: set[signal.Signals]) -> None:
+def _hand_off(task_pid: int, exit_path: str, mask: set[signal.Signals],
+              capture: _Capture | None) -> None:
     """Replace this process by the compiled supervisor; returns only if it cannot run.
 
     The forwarded signals stay blocked across ``execve``, so one that arrives meanwhile
@@ -445,9 +695,14 @@ def _hand_off(task_pid: int, exit_path: str, mask: set[signal.Signals]) -> None:
         print(f"executor: no usable supervisor at {SUPERVISOR_PATH}; waiting in Python",
               file=sys.stderr, flush=True)
         return
+    args = [SUPERVISOR_PATH, str(task_pid), exit_path]
+    if capture is not None:
+        args += capture.supervisor_args()
+        for fd in capture.fds():  # the task runs already: only the supervisor gets these
+            os.set_inheritable(fd, True)
     signal.pthread_sigmask(signal.SIG_BLOCK, mask)
     try:
-        os.execv(SUPERVISOR_PATH, [SUPERVISOR_PATH, str(task_pid), exit_path])
+        os.execv(SUPERVISOR_PATH, args)
     except OSError as exc:
         print(f"executor: cannot run the supervisor {SUPERVISOR_PATH}: {exc}; waiting in Python",
               file=sys.stderr, flush=True)
@@ -494,6 +749,101 @@ def _abandon(task_pid: int) -> int:
     return 1
 
 
+class _Task:
+    """The task's main process as the executor's signal handlers see it."""
+
+    __slots__ = ("pid", "reaped", "status", "pending")
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.reaped = False
+        self.status = 0
+        self.pending: list[int] = []  # signals that came before the task ran
+
+    def forward(self, signum: int, _frame: object) -> None:
+        if self.pid is None:
+            self.pending.append(signum)
+        elif not self.reaped:
+            # The task is unreaped (maybe a zombie), so its pid still names its group.
+            try:
+                os.killpg(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def reap(self, pid: int, mask: set[signal.Signals]) -> None:
+        """Reap child ``pid`` with forwarding blocked, so a signal handler never targets a
+        pid that has just been released; the task's group is killed before its zombie
+        releases the pid."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+        try:
+            if pid == self.pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            reaped, wstatus = os.waitpid(pid, 0)
+            if reaped == self.pid:
+                self.status, self.reaped = wstatus, True
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+
+
+class _Supervision:
+    """The Python fallback of supervise.c: wait for the task while copying its output into
+    rotated logs, then copy what is left in the pipes."""
+
+    def __init__(self, task: _Task, mask: set[signal.Signals], capture: _Capture | None
+                 ) -> None:
+        self.task, self.mask, self.capture = task, mask, capture
+        self.selector = selectors.DefaultSelector()
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # A child's exit interrupts the select below through this pipe.
+        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        self.selector.register(wake_read, selectors.EVENT_READ)
+        for stream in capture.streams if capture is not None else ():
+            self.selector.register(stream.pipe, selectors.EVENT_READ, stream)
+
+    def wait_task(self) -> None:
+        while not self.task.reaped:
+            # Wait without reaping, so the task's zombie still names its group (see reap).
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None and info.si_pid:
+                self.task.reap(info.si_pid, self.mask)
+            else:
+                self._copy(None)
+
+    def drain(self) -> None:
+        """Copy what the pipes still hold up to EOF, for at most ``_DRAIN_SECONDS``."""
+        deadline = time.monotonic() + _DRAIN_SECONDS
+        while len(self.selector.get_map()) > 1 and time.monotonic() < deadline:
+            self._copy(max(0.0, deadline - time.monotonic()))
+
+    def _copy(self, timeout: float | None) -> None:
+        for key, _events in self.selector.select(timeout):
+            stream = key.data
+            if stream is None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(key.fd, 512):
+                        pass
+            elif self.capture is not None and not _copy_once(self.capture, stream):
+                self.selector.unregister(key.fd)
+
+
+def _start_task(spec: dict[str, Any], task: _Task) -> _Capture | None | int:
+    """Launch the task into ``task.pid``; its captured output, or the exit code after a
+    failure reported to the agent."""
+    try:
+        task.pid, capture = (_launch_isolated if spec.get("isolation") else _launch)(spec)
+    except LaunchError as exc:
+        _report({"ok": False, "error": str(exc)})
+        return 1
+    except Exception as exc:  # a malformed spec; tell the agent rather than just dying
+        _report({"ok": False, "error": f"executor failed: {exc!r}"})
+        return 2
+    return capture
+
+
 def main() -> int:
     stdin = _Stdin()
     try:
@@ -502,69 +852,30 @@ def main() -> int:
         _report({"ok": False, "error": f"executor received a bad launch spec: {exc}"})
         return 2
 
-    task_pid: int | None = None
-    reaped = False
-    pending: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        if task_pid is None:
-            pending.append(signum)
-        elif not reaped:
-            # The task is unreaped (maybe a zombie), so its pid still names its group.
-            try:
-                os.killpg(task_pid, signum)
-            except ProcessLookupError:
-                pass
-
+    task = _Task()
     for forwarded in FORWARDED_SIGNALS:
-        signal.signal(forwarded, forward)
+        signal.signal(forwarded, task.forward)
     _become_subreaper()
-
+    capture = _start_task(spec, task)
+    if isinstance(capture, int):
+        return capture
+    assert task.pid is not None
     try:
-        task_pid = _launch_isolated(spec) if spec.get("isolation") else _launch(spec).pid
-    except LaunchError as exc:
-        _report({"ok": False, "error": str(exc)})
-        return 1
-    except Exception as exc:  # a malformed spec; tell the agent rather than just dying
-        _report({"ok": False, "error": f"executor failed: {exc!r}"})
-        return 2
-    try:
-        _report({"ok": True, "pid": task_pid, "executor_pid": os.getpid()})
+        _report({"ok": True, "pid": task.pid, "executor_pid": os.getpid()})
         taken = stdin.line() == b""
     except OSError:  # the agent's end is gone
         taken = False
     if not taken:
-        return _abandon(task_pid)
+        return _abandon(task.pid)
     _detach_stdio()
-    for signum in pending:
-        forward(signum, None)
+    for signum in task.pending:
+        task.forward(signum, None)
 
     mask = set(FORWARDED_SIGNALS)
-    _hand_off(task_pid, str(spec["exit_path"]), mask)
-    status = 0
-    while True:
-        # Wait without reaping, then reap with forwarding blocked, so a signal handler
-        # never targets a pid that has just been released.
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-        if info is None:
-            continue
-        signal.pthread_sigmask(signal.SIG_BLOCK, mask)
-        try:
-            if info.si_pid == task_pid:
-                # Kill what the task left in its group while its zombie still holds the pid.
-                try:
-                    os.killpg(task_pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            pid, wstatus = os.waitpid(info.si_pid, 0)
-            if pid == task_pid:
-                status = wstatus
-                reaped = True
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
-        if reaped:
-            break
-
+    _hand_off(task.pid, str(spec["exit_path"]), mask, capture)
+    supervision = _Supervision(task, mask, capture)
+    supervision.wait_task()
+    status = task.status
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         exit_code = 128 + sig
@@ -572,11 +883,12 @@ def main() -> int:
         sig = 0
         exit_code = os.WEXITSTATUS(status)
     _kill_leftovers(time.monotonic() + 5.0)
+    supervision.drain()
     _write_exit(
         str(spec["exit_path"]),
         {
             "executor_pid": os.getpid(),
-            "task_pid": task_pid,
+            "task_pid": task.pid,
             "exit_code": exit_code,
             "signal": sig,
             "finished_at": time.time(),

@@ -76,6 +76,7 @@ _CONFIG_KEYS = frozenset({"command", "args"})
 _START_TIMEOUT = 30.0
 _SUPERVISOR_DIED = "task supervisor died; the task's processes were killed"
 _KILL_WAIT = 5.0  # SIGKILL is sure, but not instant
+_MIB = 1 << 20
 _FORWARDED = frozenset(int(s) for s in FORWARDED_SIGNALS)
 _SIGKILL = int(SIGKILL)
 
@@ -254,7 +255,19 @@ async def task_spec(
         "uid": uid,
         "gid": gid,
         "groups": groups,
+        **_log_rotation(cfg.log_config),
     }
+
+
+def _log_rotation(log_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's ``logs``: how the supervisor rotates the task's output (nothing: written
+    to the two log files as they are, the way tasks of older agents were)."""
+    if not log_config:
+        return {}
+    if log_config.get("Disabled"):
+        return {"logs": {"disabled": True}}
+    return {"logs": {"max_files": int(log_config["MaxFiles"]),
+                     "max_file_size": int(log_config["MaxFileSizeMB"]) * _MIB}}
 
 
 async def exchange_spec(proc: asyncio.subprocess.Process, spec: dict[str, Any]
@@ -292,9 +305,6 @@ class RawExecDriver:
 
     def __init__(self) -> None:
         self._launcher = Launcher(executor_env())
-        # The env each task was started with, for ``alloc exec`` (in memory only: it may
-        # hold secrets; after an agent restart it is read from the task's process).
-        self._envs: dict[tuple[str, str, int], dict[str, str]] = {}
 
     def fingerprint(self) -> DriverInfo:
         if os.name != "posix" or not sys.executable:
@@ -334,7 +344,6 @@ class RawExecDriver:
         finally:
             writer.close()
         executor_pid, executor_ct, task_pid, task_ct = started
-        self._envs[(cfg.alloc_id, cfg.task, executor_pid)] = dict(cfg.env)
         return TaskHandle(
             driver=self.name,
             alloc_id=cfg.alloc_id,
@@ -411,7 +420,6 @@ class RawExecDriver:
 
     async def wait_task(self, handle: TaskHandle) -> ExitResult:
         await self._wait_gone(handle, None)
-        self._envs.pop(_key(handle), None)
         return await _read_exit(handle)
 
     async def stop_task(
@@ -473,7 +481,7 @@ class RawExecDriver:
         """Where ``alloc exec`` runs a command: on the host (no isolation), in the task
         dir, with the env the task was started with and as the user and groups its process
         runs as."""
-        return await asyncio.to_thread(_exec_target, handle, self._envs.get(_key(handle)))
+        return await asyncio.to_thread(_exec_target, handle)
 
     # -- restart / cleanup ------------------------------------------------------------------
 
@@ -492,7 +500,6 @@ class RawExecDriver:
     async def destroy_task(self, handle: TaskHandle) -> None:
         if await asyncio.to_thread(proctree.same_process, handle.pid, handle.create_time):
             await self._kill(handle)
-        self._envs.pop(_key(handle), None)
         state_dir = handle.driver_state.get("state_dir")
         if state_dir:
             await asyncio.to_thread(_clean_state_dir, Path(state_dir))
@@ -503,10 +510,6 @@ def _signal_number(name: str, driver: str) -> int:
         return proctree.parse_signal(name)
     except ValueError as exc:
         raise DriverError(f"{driver}: {exc}", recoverable=False) from None
-
-
-def _key(handle: TaskHandle) -> tuple[str, str, int]:
-    return (handle.alloc_id, handle.task, handle.pid)
 
 
 def _exit_path(handle: TaskHandle) -> Path:
@@ -536,14 +539,15 @@ def process_env(pid: int) -> dict[str, str]:
     return env
 
 
-def _exec_target(handle: TaskHandle, env: Mapping[str, str] | None) -> ExecTarget:
+def _exec_target(handle: TaskHandle) -> ExecTarget:
     task_pid, task_ct = _task_process(handle)
     if not proctree.same_process(task_pid, task_ct):
         raise DriverError("task is not running")
     try:
         status = Path(f"/proc/{task_pid}/status").read_text()
-        if env is None:
-            env = process_env(task_pid)
+        # Read from the task's process, not kept per task by the agent: memory a thousand
+        # idle tasks would pay for, and secrets the agent would hold for no one.
+        env = process_env(task_pid)
         cwd = str(handle.driver_state.get("task_dir") or os.readlink(f"/proc/{task_pid}/cwd"))
     except OSError as exc:
         raise DriverError(f"cannot inspect the task's process: {exc.strerror}") from exc
