@@ -45,6 +45,14 @@ def parent_of(pid: int) -> psutil.Process:
     return parent
 
 
+async def started_with_launcher(drv: RawExecDriver, handles: list[TaskHandle], workdir: Path
+                                ) -> tuple[TaskHandle, psutil.Process]:
+    """A first task (kept for cleanup) and the launcher that forked its executor."""
+    first = await drv.start_task(make_cfg(workdir, "sleep", ["30"], task="a"))
+    handles.append(first)
+    return first, parent_of(first.pid)
+
+
 async def test_one_launcher_forks_every_executor(
     workdir: Path, driver: tuple[RawExecDriver, list[TaskHandle]]
 ) -> None:
@@ -99,9 +107,7 @@ async def test_tasks_outlive_the_launcher_and_a_new_one_takes_over(
     workdir: Path, driver: tuple[RawExecDriver, list[TaskHandle]]
 ) -> None:
     drv, handles = driver
-    first = await drv.start_task(make_cfg(workdir, "sleep", ["30"], task="a"))
-    handles.append(first)
-    launcher = parent_of(first.pid)
+    first, launcher = await started_with_launcher(drv, handles, workdir)
     await drv.close()  # as at agent shutdown: the launcher exits, the task goes on
     assert await wait_gone(launcher.pid)
     assert same_process(first.pid, first.create_time)
@@ -116,9 +122,7 @@ async def test_a_killed_launcher_is_replaced_on_the_next_start(
     workdir: Path, driver: tuple[RawExecDriver, list[TaskHandle]]
 ) -> None:
     drv, handles = driver
-    first = await drv.start_task(make_cfg(workdir, "sleep", ["30"], task="a"))
-    handles.append(first)
-    launcher = parent_of(first.pid)
+    first, launcher = await started_with_launcher(drv, handles, workdir)
     launcher.kill()
     assert await wait_gone(launcher.pid)
     second = await drv.start_task(sh(workdir, "echo again; exec sleep 30", task="b"))

@@ -20,6 +20,9 @@ from nomad_client.client.drivers.base import ExitResult
 from nomad_client.client.drivers.proctree import create_time
 from nomad_client.client.drivers.raw_exec import _is_our_executor
 from tests.unit.test_supervise import Run, Runner, _cannot_isolate, handed_off, wait_until
+from tests.unit.test_supervise import runner as shared_runner
+
+runner = shared_runner  # the executors' fixture, under the name the tests ask for
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -39,15 +42,6 @@ def supervisor(request: pytest.FixtureRequest, workdir: Path) -> str | None:
     if not executor.supervisor_available():
         pytest.skip("the install built no supervisor (no compiler)")
     return None
-
-
-@pytest.fixture
-def runner(workdir: Path) -> Iterator[Runner]:
-    runner = Runner(workdir)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
 
 
 def logs_dir(workdir: Path) -> Path:

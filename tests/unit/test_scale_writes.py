@@ -28,10 +28,10 @@ from tests.unit.factories import (
     make_server,
     node,
     settle,
-    start_agent,
     wait_until,
 )
 from tests.unit.test_cli import mock_job
+from tests.unit.test_client_gc import agent as in_process_agent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,14 +154,8 @@ async def test_a_failed_transaction_fails_its_callers_and_not_later_ones(db: Sta
 
 
 # ---- the client ------------------------------------------------------------------------
-@pytest.fixture
-async def agent(keyring: Keyring) -> AsyncIterator[InProcessAgent]:
-    with fresh_dir("scale-") as base:
-        agent = await start_agent(base, keyring)
-        try:
-            yield agent
-        finally:
-            await agent.stop()
+# A real in-process agent per test, as the client GC tests use.
+agent = in_process_agent
 
 
 async def test_task_state_writes_of_many_tasks_at_once_are_one_transaction(
