@@ -365,6 +365,12 @@ async def test_cli_alloc_signal_restart_stop_and_stats(capsys: pytest.CaptureFix
     await wait_until(lambda: tasks["u"].running, "u to run again")
     assert (tasks["u"].state.restarts, tasks["t"].state.restarts) == (1, 0)
 
+    def reported_running() -> bool:
+        # The CLI shows the servers' view, which the client's reports reach a moment later.
+        served = nomad.server.allocation(alloc.id)
+        states = served.task_states if served is not None else {}
+        return all(name in states and states[name].state == "running" for name in ("t", "u"))
+    await wait_until(reported_running, "the servers to hear that t and u run")
     code, out, _ = await cli(capsys, "alloc", "status", "-stats", short)
     assert code == 0
     lines = out.splitlines()
