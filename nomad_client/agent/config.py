@@ -40,6 +40,7 @@ from nomad_client.client.drivers.isolation import DEFAULT_CAPS
 from nomad_client.client.fingerprint import network_address
 from nomad_client.client.nodemeta import MetaLimits, meta_key_problem
 from nomad_client.client.taskapi_config import PEER_CREDENTIALS_MODES, TaskAPIConfig
+from nomad_client.durations import parse_duration
 from nomad_client.goflags import GoArgumentParser, UsageError
 from nomad_client.http.endpoint_rules import parse_endpoint_rule
 from nomad_client.jobspec.errors import JobspecError, type_name
@@ -50,6 +51,9 @@ from nomad_client.structs.taskapi import AGENT_DEFAULT_MODES
 LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
               "WARN": logging.WARNING, "ERROR": logging.ERROR}
 DEFAULT_HTTP_PORT = 4646
+DEFAULT_RPC_PORT = 4647
+# How a server keeps its state: in this agent's own files, or in an etcd cluster it shares.
+SERVER_STORES = ("embedded", "etcd")
 # The smallest audit file worth rotating: a few lines.
 MIN_AUDIT_FILE_SIZE = 4096
 
@@ -87,6 +91,56 @@ def _frozen_map(value: Mapping[str, str] | None) -> Mapping[str, str]:
 @attrs.frozen
 class PortsConfig:
     http: int = DEFAULT_HTTP_PORT
+    # The server's RPC listener (clients and other agents connect here); 0 picks a free port.
+    rpc: int = DEFAULT_RPC_PORT
+
+
+@attrs.frozen
+class AdvertiseConfig:
+    """What other agents are told to dial ("host" or "host:port"); unset: the bound address."""
+
+    http: str | None = None
+    rpc: str | None = None
+
+
+@attrs.frozen
+class TLSConfig:
+    """Nomad's ``tls`` block, for the RPC port: mutual TLS between clients and servers."""
+
+    rpc: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_server_hostname: bool = False
+
+
+def _tuple(value: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(value or ())
+
+
+@attrs.frozen
+class EtcdTLSConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def _etcd_tls(value: EtcdTLSConfig | Mapping[str, Any] | None) -> EtcdTLSConfig | None:
+    if value is None or isinstance(value, EtcdTLSConfig):
+        return value
+    return EtcdTLSConfig(**value)
+
+
+@attrs.frozen
+class EtcdConfig:
+    endpoints: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    # Every key this cluster writes starts with it: several clusters may share one etcd.
+    prefix: str = "/nomad/"
+    tls: EtcdTLSConfig | None = attrs.field(default=None, converter=_etcd_tls)
+
+
+def _etcd(value: EtcdConfig | Mapping[str, Any]) -> EtcdConfig:
+    return value if isinstance(value, EtcdConfig) else EtcdConfig(**value)
 
 
 @attrs.frozen
@@ -97,6 +151,19 @@ class ServerConfig:
     oidc_issuer: str | None = None
     # How many versions of each job the server keeps (Nomad's job_tracked_versions).
     job_tracked_versions: int = 6
+    # "embedded": this agent's own files; "etcd": shared by every server of the cluster.
+    store: str = "embedded"
+    etcd: EtcdConfig = attrs.field(factory=EtcdConfig, converter=_etcd)
+    # etcd mode: the key-encryption key file (32 random bytes, base64) sealing the keyring.
+    keyring_kek_file: str | None = None
+    # Nomad's heartbeat settings: the TTL grows with the number of nodes so the servers
+    # handle at most max_heartbeats_per_second; a node is down after TTL + grace.
+    min_heartbeat_ttl: float = 10.0
+    max_heartbeats_per_second: float = 50.0
+    heartbeat_grace: float = 10.0
+    # etcd mode: the leader's lease; another server takes over at most this long after the
+    # leader stops renewing it.
+    leader_lease_ttl: int = 10
 
 
 def _meta_limits(value: MetaLimits | Mapping[str, int]) -> MetaLimits:
@@ -110,6 +177,8 @@ def _task_api(value: TaskAPIConfig | Mapping[str, Any]) -> TaskAPIConfig:
 @attrs.frozen
 class ClientConfig:
     enabled: bool = False
+    # RPC addresses of the servers ("host:port"); empty: this agent's own server.
+    servers: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     alloc_dir: str | None = None
     state_dir: str | None = None
     node_class: str = ""
@@ -127,6 +196,10 @@ class ClientConfig:
 @attrs.frozen
 class ACLConfig:
     enabled: bool = False
+    # A client without a local server caches what servers said of a token and of a policy
+    # this long (seconds); a deleted token stops working within token_ttl.
+    token_ttl: float = 30.0
+    policy_ttl: float = 30.0
 
 
 @attrs.frozen
@@ -138,6 +211,8 @@ class AgentConfig:
     name: str = attrs.field(factory=socket.gethostname)
     log_level: str = "INFO"
     ports: PortsConfig = attrs.field(factory=PortsConfig)
+    advertise: AdvertiseConfig = attrs.field(factory=AdvertiseConfig)
+    tls: TLSConfig = attrs.field(factory=TLSConfig)
     server: ServerConfig = attrs.field(factory=ServerConfig)
     client: ClientConfig = attrs.field(factory=ClientConfig)
     acl: ACLConfig = attrs.field(factory=ACLConfig)
@@ -146,7 +221,13 @@ class AgentConfig:
     plugin: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     def _server_api_dict(self) -> dict[str, Any]:
-        server: dict[str, Any] = {"Enabled": self.server.enabled}
+        server: dict[str, Any] = {"Enabled": self.server.enabled,
+                                  "Store": self.server.store}
+        if self.server.store == "etcd":
+            # Endpoints and prefix only: the KEK file's path is shown, never its content.
+            server["Etcd"] = {"Endpoints": list(self.server.etcd.endpoints),
+                              "Prefix": self.server.etcd.prefix}
+            server["KeyringKEKFile"] = self.server.keyring_kek_file or ""
         if self.server.oidc_issuer:
             server["OIDCIssuer"] = self.server.oidc_issuer
         return server
@@ -160,10 +241,17 @@ class AgentConfig:
             "DataDir": self.data_dir or "",
             "BindAddr": self.bind_addr,
             "LogLevel": self.log_level,
-            "Ports": {"HTTP": self.ports.http},
+            "Ports": {"HTTP": self.ports.http, "RPC": self.ports.rpc},
+            "AdvertiseAddrs": {"HTTP": self.advertise.http or "",
+                               "RPC": self.advertise.rpc or ""},
+            "TLSConfig": {"EnableRPC": self.tls.rpc, "CAFile": self.tls.ca_file or "",
+                          "CertFile": self.tls.cert_file or "",
+                          "KeyFile": self.tls.key_file or "",
+                          "VerifyServerHostname": self.tls.verify_server_hostname},
             "Server": self._server_api_dict(),
             "Client": {
                 "Enabled": self.client.enabled,
+                "Servers": list(self.client.servers),
                 "AllocDir": self.client.alloc_dir or "",
                 "StateDir": self.client.state_dir or "",
                 "Meta": dict(self.client.meta),
@@ -171,7 +259,8 @@ class AgentConfig:
                 "TaskAPI": self.client.task_api.to_api_dict(),
                 "DisableRemoteExec": self.client.disable_remote_exec,
             },
-            "ACL": {"Enabled": self.acl.enabled},
+            "ACL": {"Enabled": self.acl.enabled, "TokenTTL": self.acl.token_ttl,
+                    "PolicyTTL": self.acl.policy_ttl},
             "DevMode": self.dev_mode,
         }
 
@@ -196,6 +285,8 @@ class AgentFlags:
     alloc_dir: str | None = None
     server: bool | None = None
     client: bool | None = None
+    # -servers (comma-separated) and -join (repeatable): RPC addresses of servers.
+    servers: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
 
 
 # --------------------------------------------------------------------------------------
@@ -210,10 +301,20 @@ _SCHEMA: dict[str, Any] = {
     "datacenter": "string",
     "name": "string",
     "log_level": "level",
-    "ports": {"http": "port"},
-    "server": {"enabled": "bool", "oidc_issuer": "issuer", "job_tracked_versions": "limit"},
+    "ports": {"http": "port", "rpc": "port"},
+    "advertise": {"http": "address", "rpc": "address"},
+    "tls": {"rpc": "bool", "ca_file": "path", "cert_file": "path", "key_file": "path",
+            "verify_server_hostname": "bool"},
+    "server": {"enabled": "bool", "oidc_issuer": "issuer", "job_tracked_versions": "limit",
+               "store": "server_store",
+               "etcd": {"endpoints": "addresses", "prefix": "etcd_prefix",
+                        "tls": {"ca_file": "path", "cert_file": "path", "key_file": "path"}},
+               "keyring_kek_file": "path",
+               "min_heartbeat_ttl": "duration", "max_heartbeats_per_second": "positive_rate",
+               "heartbeat_grace": "duration", "leader_lease_ttl": "lease_ttl"},
     "client": {
         "enabled": "bool",
+        "servers": "addresses",
         "alloc_dir": "path",
         "state_dir": "path",
         "node_class": "string",
@@ -237,7 +338,7 @@ _SCHEMA: dict[str, Any] = {
         },
         "disable_remote_exec": "bool",
     },
-    "acl": {"enabled": "bool"},
+    "acl": {"enabled": "bool", "token_ttl": "duration", "policy_ttl": "duration"},
     "plugin": "plugin",
 }
 
@@ -438,6 +539,79 @@ def _check_rate(value: Any, src: _Source, path: list[str]) -> float:
     return float(value)
 
 
+def _check_positive_rate(value: Any, src: _Source, path: list[str]) -> float:
+    rate = _check_rate(value, src, path)
+    if rate <= 0:
+        raise src.error(path, f"must be greater than 0, got {value}")
+    return rate
+
+
+def _check_duration(value: Any, src: _Source, path: list[str]) -> float:
+    """A Go duration ("10s", "1m30s") or a number of seconds; more than 0."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise src.error(path, f"expected a duration such as \"10s\", got {type_name(value)}")
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise src.error(path, str(exc)) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise src.error(path, f"must be a duration greater than 0, got {value!r}")
+    return seconds
+
+
+def _check_lease_ttl(value: Any, src: _Source, path: list[str]) -> int:
+    # etcd leases are whole seconds; below 2 s a busy machine would lose leadership for nothing.
+    seconds = math.ceil(_check_duration(value, src, path))
+    if not 2 <= seconds <= 3600:
+        raise src.error(path, f"must be between 2s and 1h, got {value!r}")
+    return seconds
+
+
+def _check_address(value: Any, src: _Source, path: list[str]) -> str:
+    """"host" or "host:port" ("[v6]:port"), as Nomad's advertise and servers take them."""
+    s = _check_string(value, src, path)
+    problem = address_problem(s)
+    if problem:
+        raise src.error(path, problem)
+    return s
+
+
+def _check_addresses(value: Any, src: _Source, path: list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):  # a single address, as a flag gives it
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise src.error(path, f"expected a non-empty list of addresses, got {type_name(value)}")
+    return tuple(_check_address(item, src, [*path, str(i)]) for i, item in enumerate(value))
+
+
+def _check_etcd_prefix(value: Any, src: _Source, path: list[str]) -> str:
+    s = _check_string(value, src, path)
+    if not s.startswith("/") or "\x00" in s:
+        raise src.error(path, f"must start with \"/\", got {s!r}")
+    return s if s.endswith("/") else s + "/"
+
+
+def address_problem(text: str) -> str | None:
+    """Why ``text`` is not "host", "host:port" or "[v6]:port" (None: it is)."""
+    host, port = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return f"invalid address {text!r}: missing ']'"
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            return f"invalid address {text!r}"
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        return f"invalid address {text!r}: expected host or host:port"
+    if text.startswith("[") or port:
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            return f"invalid address {text!r}: port must be 1..65535"
+    return None
+
+
 def _check_choice(value: Any, src: _Source, path: list[str], *,
                   choices: Sequence[str]) -> str:
     s = _check_string(value, src, path)
@@ -574,6 +748,13 @@ _CHECKS: dict[str, Callable[[Any, _Source, list[str]], Any]] = {
     "issuer": _check_issuer,
     "node_pool": _check_node_pool,
     "rate": _check_rate,
+    "positive_rate": _check_positive_rate,
+    "duration": _check_duration,
+    "lease_ttl": _check_lease_ttl,
+    "address": _check_address,
+    "addresses": _check_addresses,
+    "etcd_prefix": _check_etcd_prefix,
+    "server_store": functools.partial(_check_choice, choices=SERVER_STORES),
     "audit_size": functools.partial(_check_limit, minimum=MIN_AUDIT_FILE_SIZE),
     "default_mode": functools.partial(_check_choice, choices=AGENT_DEFAULT_MODES),
     "peer_credentials": functools.partial(_check_choice, choices=PEER_CREDENTIALS_MODES),
@@ -677,6 +858,8 @@ def _flag_overrides(flags: AgentFlags) -> dict[str, Any]:
         if enabled is not None:
             over[role] = {"enabled": enabled}
     client: dict[str, Any] = {}
+    if flags.servers:
+        client["servers"] = _check_addresses(list(flags.servers), src, ["-servers"])
     if flags.meta:
         client["meta"] = _check_string_map(dict(flags.meta), src, ["-meta"], dotted_keys=True)
     for key, flag in _CLIENT_SETTING_FLAGS.items():
@@ -705,6 +888,8 @@ def build_agent_config(files: Sequence[Path], flags: AgentFlags) -> AgentConfig:
 
     server = ServerConfig(**merged.get("server", {}))
     client = ClientConfig(**merged.get("client", {}))
+    tls = TLSConfig(**merged.get("tls", {}))
+    _check_roles(server, client, tls, dev=flags.dev)
     if not flags.dev:
         if not (server.enabled or client.enabled):
             raise ConfigError("must enable at least one of server or client "
@@ -714,15 +899,43 @@ def build_agent_config(files: Sequence[Path], flags: AgentFlags) -> AgentConfig:
             raise ConfigError("data_dir is required unless running with -dev "
                               "(set data_dir in a config file or pass -data-dir)",
                               key="data_dir")
-    top = {k: v for k, v in merged.items() if k not in ("ports", "server", "client", "acl")}
+    top = {k: v for k, v in merged.items()
+           if k not in ("ports", "advertise", "tls", "server", "client", "acl")}
     return AgentConfig(
         **top,
         ports=PortsConfig(**merged.get("ports", {})),
+        advertise=AdvertiseConfig(**merged.get("advertise", {})),
+        tls=tls,
         server=server,
         client=client,
         acl=ACLConfig(**merged.get("acl", {})),
         dev_mode=flags.dev,
     )
+
+
+def _check_roles(server: ServerConfig, client: ClientConfig, tls: TLSConfig, *,
+                 dev: bool) -> None:
+    """Settings that only make sense together, checked once the files and flags are merged."""
+    if server.store == "etcd":
+        if dev:
+            raise ConfigError("-dev keeps the server's state in memory: "
+                              "server.store = \"etcd\" cannot be used with it",
+                              key="server.store")
+        if not server.etcd.endpoints:
+            raise ConfigError("server.store = \"etcd\" needs server.etcd.endpoints",
+                              key="server.etcd.endpoints")
+        if not server.keyring_kek_file:
+            raise ConfigError("server.store = \"etcd\" needs server.keyring_kek_file: the "
+                              "key-encryption key (32 random bytes, base64) that every server "
+                              "uses to seal the shared keyring", key="server.keyring_kek_file")
+    if client.servers and server.enabled:
+        raise ConfigError("client.servers names other agents' servers: leave it out on an "
+                          "agent whose server is enabled (its client uses that server)",
+                          key="client.servers")
+    if tls.rpc:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if not getattr(tls, name):
+                raise ConfigError(f"tls.rpc = true needs tls.{name}", key=f"tls.{name}")
 
 
 # --------------------------------------------------------------------------------------
@@ -749,11 +962,13 @@ def _agent_parser() -> GoArgumentParser:
     p.add_flag("node-pool", metavar="POOL", help="the client node's pool (default default)")
     p.add_flag("state-dir", metavar="PATH", help="directory for the client's state")
     p.add_flag("alloc-dir", metavar="PATH", help="directory for allocation directories")
-    p.add_bool_flag("server", default=None, help="enable server mode (the server always runs "
-                                                 "in-process: this sets what agent/self says)")
+    p.add_bool_flag("server", default=None, help="enable server mode")
     p.add_bool_flag("client", default=None, help="enable client mode")
     p.add_flag("servers", metavar="ADDRS",
-               help="not supported: the client talks to this agent's own server only")
+               help="comma-separated RPC addresses of servers for the client (host:port)")
+    p.add_flag("join", action="append", default=[], metavar="ADDR",
+               help="a server's RPC address to join (repeatable; servers find each other "
+                    "through etcd, so only a client uses it)")
     return p
 
 
@@ -784,9 +999,8 @@ def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
             raise ConfigError(f"-http-port: {ns.http_port!r} is not a number") from None
         if not 0 <= port <= 65535:
             raise ConfigError(f"-http-port: port {port} out of range 0..65535")
-    if ns.servers is not None:
-        raise ConfigError("-servers: this agent's client talks only to the agent's own "
-                          "in-process server; joining other servers is not supported")
+    servers = [a.strip() for a in (ns.servers or "").split(",") if a.strip()]
+    servers += [a.strip() for a in ns.join if a.strip()]
     return AgentFlags(
         dev=bool(ns.dev),
         config_files=tuple(ns.config),
@@ -799,4 +1013,5 @@ def parse_agent_args(argv: Sequence[str]) -> AgentFlags:
         node_name=ns.node_name, region=ns.region, datacenter=ns.datacenter,
         node_class=ns.node_class, node_pool=ns.node_pool, state_dir=ns.state_dir,
         alloc_dir=ns.alloc_dir, server=ns.server, client=ns.client,
+        servers=tuple(servers),
     )

@@ -65,8 +65,8 @@ def test_defaults_and_api_dict(tmp_path: Path) -> None:
                               client=cfg.client, dev_mode=False)
     api = cfg.to_api_dict()
     assert api["Region"] == "global" and api["Datacenter"] == "dc1"
-    assert api["Ports"] == {"HTTP": 4646} and api["ACL"] == {"Enabled": False}
-    assert api["Client"]["Enabled"] is True and api["Server"] == {"Enabled": False}
+    assert api["Ports"] == {"HTTP": 4646, "RPC": 4647} and api["ACL"]["Enabled"] is False
+    assert api["Client"]["Enabled"] is True and api["Server"] == {"Enabled": False, "Store": "embedded"}
     assert api["NodeName"] == socket.gethostname() and api["DevMode"] is False
 
 
