@@ -3,10 +3,13 @@ the ACL records (tokens, policies, roles, the bootstrap marker), variables (item
 ``server.variables`` before they reach a row), a Raft-style index bumped by every
 write, and blocking queries that wake on change.
 
-The store is in memory and, when given a ``StateDB``, writes every change through to disk so a
-restarted agent finds its jobs and allocations again. Only the server package touches it.
+The store is in memory, and every read is served from there. Given a backend
+(``state_backends``), it writes every change through before applying it: a ``StateDB`` file so
+a restarted agent finds its jobs and allocations again (the embedded mode), or etcd, shared by
+the servers of a cluster (``from_etcd``), where each server holds the whole state in memory and
+replays the batches the others commit, in commit order. Only the server package touches it.
 Credential fields are sealed on their way to disk and opened on the way back (``sealing``):
-the file never holds a secret in the clear.
+what is at rest never holds a secret in the clear.
 
 Read-modify-write callers pass *row updates* (``fn(current_row_or_None, index)``) rather than
 whole rows they read earlier: the function runs under the write lock against the latest row,
@@ -21,8 +24,8 @@ a row by what it holds (``ROW_KEYS``: a job by its namespace and ID); a row an o
 version stored under another key is moved to its key on restore.
 
 Commit observers (``observe``) hear of every committed batch, with its index and each row's
-before and after (the event stream's broker is one): called once per write, after the commit,
-under the write lock, so they see batches in index order.
+before and after (the event stream's broker is one): called once per batch, after the commit,
+in index order, whether this server or another committed it.
 """
 
 from __future__ import annotations
@@ -30,18 +33,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import attrs
 
 from nomad_client.server.sealing import (
     SECRET_FIELDS,
     Sealer,
+    SealError,
     row_context,
     seal_record,
     unseal_record,
+)
+from nomad_client.server.state_backends import (
+    Batch,
+    OutcomeUnknown,
+    Snapshot,
+    SqliteBackend,
+    StateBackend,
+    StateContention,
+    WriteConflict,
 )
 from nomad_client.state_db import StateDB
 from nomad_client.structs.codec import from_rpc, to_rpc
@@ -60,6 +75,9 @@ from nomad_client.structs.namespaces import (
     Namespace,
     job_namespace,
 )
+
+if TYPE_CHECKING:
+    from nomad_client.server.etcd.client import EtcdClient
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +117,14 @@ PLAIN_TABLES = (JOBS, ACL_BOOTSTRAP, SERVICES,  # rows are plain dicts
 # The cap on how long any blocking query may wait, whatever wait the caller asked for; the
 # HTTP layer's own default wait is only what it asks for when the request names none.
 MAX_BLOCKING_WAIT = 300.0
+# How often a write is computed again after losing to another server's, and how long it
+# waits each time to have applied the winner's batch (a shared backend only).
+WRITE_ATTEMPTS = 64
+CATCH_UP_TIMEOUT = 30.0
+# How often one batch is sent again while etcd cannot say whether it went through.
+UNKNOWN_OUTCOME_ATTEMPTS = 3
+# How many replayed batches' ids are remembered, to recognise a lost commit of ours.
+_REPLAYED_IDS = 64
 
 
 class _Delete:
@@ -163,10 +189,15 @@ SECONDARY_INDEXES: Mapping[str, Mapping[str, Callable[[Any], Hashable | None]]] 
 
 
 class StateStore:
-    def __init__(self, db: StateDB | None = None, sealer: Sealer | None = None) -> None:
-        if db is not None and sealer is None:
+    def __init__(self, db: StateDB | None = None, sealer: Sealer | None = None, *,
+                 backend: StateBackend | None = None) -> None:
+        if db is not None:
+            if backend is not None:
+                raise ValueError("a store has one backend: a database or another")
+            backend = SqliteBackend(db)
+        if backend is not None and sealer is None:
             raise ValueError("a persisted store needs a sealer for its secrets")
-        self._db = db
+        self._backend = backend
         self._sealer = sealer
         self._tables: dict[str, dict[str, Any]] = {
             name: {} for name in (*TABLE_TYPES, *PLAIN_TABLES)}
@@ -180,34 +211,69 @@ class StateStore:
         self._changed = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._observers: list[CommitObserver] = []
+        # Done once the commit in flight (if any) is applied or refused: a follower waits
+        # for it, so it can tell this server's own batch from another's.
+        self._committing: asyncio.Future[None] | None = None
+        # index -> id of the last batches replayed from other writers (and lost own ones).
+        self._replayed: dict[int, str] = {}
 
     @classmethod
     async def restore(cls, db: StateDB, sealer: Sealer) -> StateStore:
-        store = cls(db, sealer)
-        meta = await db.get("server_meta", "index")
-        store.index = int(meta or 0)
+        """The store of the embedded mode: loaded from, and written through to, ``db``."""
+        return await cls._open(SqliteBackend(db), sealer)
+
+    @classmethod
+    async def from_etcd(cls, client: EtcdClient, sealer: Sealer) -> StateStore:
+        """A store shared with other servers through etcd: loaded from one consistent read
+        of the state, then following every batch any server commits (see
+        ``server.etcd.state_backend``). Writes raise ``EtcdUnavailable`` (an ``EtcdError``)
+        while etcd cannot be reached, and ``StateContention`` when they keep losing to other
+        servers; reads go on serving the last state applied. ``close`` stops following;
+        ``client`` stays its caller's to close."""
+        # Imported here: only a server in etcd mode loads the etcd client (and grpc).
+        from nomad_client.server.etcd.state_backend import EtcdBackend
+
+        backend = EtcdBackend(client)
+        store = await cls._open(backend, sealer)
+        backend.follow(store._replay, store._resync)
+        return store
+
+    @classmethod
+    async def _open(cls, backend: StateBackend, sealer: Sealer) -> StateStore:
+        store = cls(sealer=sealer, backend=backend)
+        snapshot = await backend.load(tuple(store._tables))
+        store.index = snapshot.index
         # Rows an older version stored differently: secrets in the clear (sealed now), rows
         # under an older key (moved to theirs).
         rewrites: list[tuple[str, str, Any]] = []
         moved: list[tuple[str, str]] = []
         for table in store._tables:
             row_key = ROW_KEYS.get(table)
-            for key, raw in await db.items(f"table/{table}"):
+            for key, raw in snapshot.rows.get(table, ()):
                 raw, rewrite = unseal_record(sealer, table, key, raw)  # True: in the clear
                 cls_ = TABLE_TYPES.get(table)
                 row = from_rpc(raw, cls_) if cls_ else raw
                 if row_key is not None and row_key(row) != key:
-                    moved.append((f"table/{table}", key))
+                    moved.append((table, key))
                     key, rewrite = row_key(row), True
                 if rewrite:
-                    rewrites.append((f"table/{table}", key, seal_record(sealer, table, key,
-                                                                        raw)))
+                    rewrites.append((table, key, seal_record(sealer, table, key, raw)))
                 store._tables[table][key] = row
                 store._index_row(table, key, None, row)
             store._table_index[table] = store.index
-        if rewrites or moved:  # one transaction, as every write
-            await db.write_batch(rewrites, moved)
+        if rewrites or moved:  # one transaction, as every write; no index moves
+            try:
+                await store._commit_surely(store.index, Batch(store.index, rewrites, moved))
+            except WriteConflict:
+                # Another server wrote meanwhile: the old forms still load, so the next
+                # start rewrites them.
+                log.warning("state rewrite at start left for later: the state moved on")
         return store
+
+    async def close(self) -> None:
+        """Stop following other servers' writes (nothing to do for a store of its own)."""
+        if self._backend is not None:
+            await self._backend.close()
 
     def observe(self, observer: CommitObserver) -> None:
         """Tell ``observer`` of every batch committed from now on (see the module doc)."""
@@ -272,54 +338,144 @@ class StateStore:
         them stamped here, so callers never pick indexes themselves. A batch that names no
         table in ``upserts``/``deletes`` and whose updates all return None changes nothing
         and returns the current index.
+
+        When another server committed first (a shared backend), the batch is computed again
+        against the rows as they are after that server's writes: a row update may run more
+        than once, and must be a pure function of its arguments. That is what makes a
+        check-and-set inside one (an enforced index, a variable's cas, a lock, the ACL
+        bootstrap) hold across servers.
         """
         async with self._write_lock:
-            index = self.index + 1
-            # table -> key -> new row or DELETE; later entries for a key win.
-            pending: dict[str, dict[str, Any]] = {}
-            for table, new_rows in (upserts or {}).items():
-                pending.setdefault(table, {}).update(new_rows)
-            for table, keys in (deletes or {}).items():
-                pending.setdefault(table, {}).update(dict.fromkeys(keys, DELETE))
-            for table, fns in (updates or {}).items():
-                for key, fn in fns:
-                    staged = pending.get(table, {})
-                    current = staged[key] if key in staged else self._tables[table].get(key)
-                    result = fn(None if current is DELETE else current, index)
-                    if result is not None:
-                        pending.setdefault(table, {})[key] = result
-            if not pending:
-                return self.index
-            for table, rows in pending.items():
-                for key, value in rows.items():
-                    if value is not DELETE and (attrs.has(type(value))
-                                                or isinstance(value, dict)):
-                        rows[key] = _stamp(value, self._tables[table].get(key), index)
-            if self._db is not None:
-                # One transaction: a crash never leaves half a batch or a stale index on disk.
-                await self._db.write_batch(
-                    [*((f"table/{table}", key, self._on_disk(table, key, v))
-                       for table, rows in pending.items() for key, v in rows.items()
-                       if v is not DELETE),
-                     ("server_meta", "index", index)],
-                    [(f"table/{table}", key) for table, rows in pending.items()
-                     for key, v in rows.items() if v is DELETE])
-            changes: list[Change] = []
-            for table, rows in pending.items():
-                live = self._tables[table]
-                for key, value in rows.items():
-                    row = None if value is DELETE else value
-                    previous = live.pop(key, None)
-                    if row is not None:
-                        live[key] = row
-                    self._index_row(table, key, previous, row)
-                    changes.append(Change(table, key, previous, row))
-                self._table_index[table] = index
-            self.index = index
-            self._changed.set()
-            self._changed = asyncio.Event()
-            self._tell_observers(index, changes)
-            return index
+            for _ in range(WRITE_ATTEMPTS):
+                index = self.index + 1
+                pending = self._stage(index, upserts, deletes, updates)
+                if not pending:
+                    return self.index
+                if self._backend is None:
+                    self._apply(index, pending)
+                    return index
+                batch = Batch(
+                    index,
+                    [(table, key, self._on_disk(table, key, v))
+                     for table, rows in pending.items() for key, v in rows.items()
+                     if v is not DELETE],
+                    [(table, key) for table, rows in pending.items()
+                     for key, v in rows.items() if v is DELETE],
+                    secrets.token_hex(8))
+                try:
+                    await self._commit_surely(index - 1, batch,
+                                              partial(self._apply, index, pending))
+                except WriteConflict as conflict:
+                    await self._catch_up(conflict.index)
+                    continue
+                return index
+            raise StateContention(
+                f"a write lost to other servers' writes {WRITE_ATTEMPTS} times in a row")
+
+    def _stage(self, index: int, upserts: Mapping[str, Sequence[tuple[str, Any]]] | None,
+               deletes: Mapping[str, Sequence[str]] | None,
+               updates: Mapping[str, Sequence[tuple[str, RowUpdate]]] | None
+               ) -> dict[str, dict[str, Any]]:
+        """The rows ``write`` would commit at ``index``, against the rows as they are now."""
+        # table -> key -> new row or DELETE; later entries for a key win.
+        pending: dict[str, dict[str, Any]] = {}
+        for table, new_rows in (upserts or {}).items():
+            pending.setdefault(table, {}).update(new_rows)
+        for table, keys in (deletes or {}).items():
+            pending.setdefault(table, {}).update(dict.fromkeys(keys, DELETE))
+        for table, fns in (updates or {}).items():
+            for key, fn in fns:
+                staged = pending.get(table, {})
+                current = staged[key] if key in staged else self._tables[table].get(key)
+                result = fn(None if current is DELETE else current, index)
+                if result is not None:
+                    pending.setdefault(table, {})[key] = result
+        for table, rows in pending.items():
+            for key, value in rows.items():
+                if value is not DELETE and (attrs.has(type(value)) or isinstance(value, dict)):
+                    rows[key] = _stamp(value, self._tables[table].get(key), index)
+        return pending
+
+    async def _commit(self, expected: int, batch: Batch,
+                      apply: Callable[[], Any] = lambda: None) -> None:
+        """Commit ``batch`` to the backend and ``apply`` it to memory, marked as in flight
+        throughout so a follower that sees it come back waits and then skips it."""
+        assert self._backend is not None
+        committing = asyncio.get_running_loop().create_future()
+        self._committing = committing
+        try:
+            await self._backend.commit(expected, batch)
+            apply()
+        finally:
+            self._committing = None
+            committing.set_result(None)
+
+    async def _commit_surely(self, expected: int, batch: Batch,
+                             apply: Callable[[], Any] = lambda: None) -> None:
+        """``_commit``, trying the same batch again while its outcome is unknown (etcd lost
+        mid-commit, e.g. as its leader died). Safe: both tries are guarded by ``expected``,
+        so at most one commits; when a retry meets a moved index, the batch that moved it is
+        looked up by id, and if it was the lost try, the write is done (the follower applied
+        it). Raises the last unknown outcome if etcd stays away."""
+        for attempt in range(UNKNOWN_OUTCOME_ATTEMPTS):
+            try:
+                await self._commit(expected, batch, apply)
+                return
+            except OutcomeUnknown as exc:
+                unknown = exc
+                log.warning("state commit of index %d lost track of (%s); trying again",
+                            batch.index, exc)
+                await asyncio.sleep(0.2 * (attempt + 1))
+            except WriteConflict as conflict:
+                if attempt == 0 or batch.index == expected:
+                    raise  # a plain conflict (a rewrite's try is idempotent anyway)
+                await self._catch_up(conflict.index)
+                if self._replayed.get(batch.index) == batch.id:
+                    return  # the lost try went through
+                raise
+        raise unknown
+
+    async def _catch_up(self, index: int) -> None:
+        """After a lost commit: wait until the batches up to ``index`` are applied here."""
+        if index <= self.index:
+            # The state at rest is behind this store: it was replaced under the cluster
+            # (restored from an older backup). Retrying cannot fix that; the retries end.
+            log.error("the shared state is at index %d, behind this server's %d",
+                      index, self.index)
+            return
+        if not await self.wait_until(index, CATCH_UP_TIMEOUT):
+            raise StateContention(
+                f"this server did not catch up with index {index} within "
+                f"{CATCH_UP_TIMEOUT:g}s")
+
+    async def wait_until(self, index: int, timeout: float) -> bool:
+        """Wait until this store has applied ``index`` (a write of another server, say);
+        False if ``timeout`` passed first."""
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                while self.index < index:
+                    await self._changed.wait()
+        except TimeoutError:
+            return self.index >= index
+        return True
+
+    def _apply(self, index: int, pending: Mapping[str, Mapping[str, Any]]) -> None:
+        """Make a committed batch current: rows, indexes, blocked readers, observers."""
+        changes: list[Change] = []
+        for table, rows in pending.items():
+            live = self._tables[table]
+            for key, value in rows.items():
+                row = None if value is DELETE else value
+                previous = live.pop(key, None)
+                if row is not None:
+                    live[key] = row
+                self._index_row(table, key, previous, row)
+                changes.append(Change(table, key, previous, row))
+            self._table_index[table] = index
+        self.index = index
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._tell_observers(index, changes)
 
     def _tell_observers(self, index: int, changes: Sequence[Change]) -> None:
         for observer in self._observers:
@@ -328,6 +484,93 @@ class StateStore:
             except Exception:
                 # The batch is committed whatever an observer makes of it.
                 log.exception("commit observer failed at index %d", index)
+
+    # ---- following other servers -------------------------------------------------------
+    async def _replay(self, batch: Batch) -> None:
+        """Apply a batch the backend saw committed, unless it is this server's own."""
+        await self._settled()
+        if batch.index <= self.index:
+            return  # ours (applied when committed), or a re-seal that changed no content
+        puts = await self._opened(batch.puts)
+        await self._settled()
+        if batch.index <= self.index:
+            return
+        if batch.index != self.index + 1:
+            log.warning("state batch %d follows %d: batches between them were missed",
+                        batch.index, self.index)
+        pending: dict[str, dict[str, Any]] = {}
+        for table, key, row in puts:
+            pending.setdefault(table, {})[key] = row
+        for table, key in batch.deletes:
+            if table in self._tables:
+                pending.setdefault(table, {})[key] = DELETE
+        self._apply(batch.index, pending)
+        self._replayed[batch.index] = batch.id
+        if len(self._replayed) > _REPLAYED_IDS:
+            del self._replayed[next(iter(self._replayed))]
+
+    async def _resync(self, snapshot: Snapshot) -> None:
+        """Catch up with a whole snapshot (the follower fell further behind than the backend
+        keeps history): apply the difference as one batch at the snapshot's index."""
+        opened = await self._opened(
+            [(table, key, raw) for table, rows in snapshot.rows.items() for key, raw in rows])
+        await self._settled()
+        stored: dict[str, dict[str, Any]] = {}
+        for table, key, row in opened:
+            stored.setdefault(table, {})[key] = row
+        pending: dict[str, dict[str, Any]] = {}
+        for table, live in self._tables.items():
+            rows = stored.get(table, {})
+            changed = {key: row for key, row in rows.items() if live.get(key) != row}
+            seeds = {seed for seed, _ in SEED_ROWS.get(table, ())}
+            changed.update(dict.fromkeys(
+                (key for key in live if key not in rows and key not in seeds), DELETE))
+            if changed:
+                pending[table] = changed
+        if pending or snapshot.index > self.index:
+            self._apply(max(snapshot.index, self.index), pending)
+
+    async def _settled(self) -> None:
+        """Return once no commit of this server is in flight."""
+        while (committing := self._committing) is not None:
+            # wait(), not await: a cancelled follower must not cancel the writer's future.
+            await asyncio.wait([committing])
+
+    async def _opened(self, puts: Iterable[tuple[str, str, Any]]
+                      ) -> list[tuple[str, str, Any]]:
+        """Replayed rows in their in-memory form, those that cannot be used left out
+        (logged). A row sealed with a key this server does not hold yet (another server
+        rotated the keyring a moment ago) is waited for, not dropped: the follower stops
+        until the key arrives, as this store must not go on without the row."""
+        delay = 0.1
+        while True:
+            try:
+                return [(table, key, row) for table, key, raw in puts
+                        if (row := self._decoded(table, key, raw)) is not None]
+            except SealError as exc:
+                log.warning("a replayed state row does not open yet (%s); waiting for the "
+                            "keyring", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _decoded(self, table: str, key: str, raw: Any) -> Any | None:
+        """A replayed row's in-memory form, or None (logged) when it cannot be used; raises
+        ``SealError`` when it does not open with the keys held now."""
+        if table not in self._tables:
+            log.warning("state row of unknown table %r ignored", table)
+            return None
+        assert self._sealer is not None  # a store with a backend always has one
+        try:
+            raw, _ = unseal_record(self._sealer, table, key, raw)
+            cls_ = TABLE_TYPES.get(table)
+            return from_rpc(raw, cls_) if cls_ else raw
+        except SealError:
+            raise
+        except Exception as exc:
+            # Never the value in the message: it may hold a secret.
+            log.error("state row %s of %s could not be loaded: %s", key, table,
+                      type(exc).__name__)
+            return None
 
     async def reseal(self) -> int:
         """Seal every sealed value of the state again with the sealer's active key (a full
@@ -354,11 +597,25 @@ class StateStore:
             for table, rows in self._tables.items()
         }
         index = await self.write(updates={t: u for t, u in updates.items() if u})
+        if self._backend is None:
+            return index
         async with self._write_lock:
-            batch = [(f"table/{table}", key, self._on_disk(table, key, row))
-                     for table in SECRET_FIELDS for key, row in self._tables[table].items()]
-            if batch and self._db is not None:
-                await self._db.write_batch(batch, [])
+            for _ in range(WRITE_ATTEMPTS):
+                batch = [(table, key, self._on_disk(table, key, row))
+                         for table in SECRET_FIELDS for key, row in self._tables[table].items()]
+                if not batch:
+                    break
+                try:
+                    # Guarded by the index: a row another server changed meanwhile is not
+                    # overwritten with its older form.
+                    await self._commit_surely(self.index, Batch(self.index, batch, []))
+                except WriteConflict as conflict:
+                    await self._catch_up(conflict.index)
+                    continue
+                break
+            else:
+                raise StateContention(
+                    f"re-sealing lost to other servers' writes {WRITE_ATTEMPTS} times")
         return index
 
     def _resealed(self, table: str, key: str, sealer: Sealer) -> RowUpdate:
