@@ -5,10 +5,12 @@ as Nomad does: each has an ID, a create time, a state (``KeyState``), an RSA-204
 signing key and a 32-byte AES-256-GCM data key (``sealing.Sealer`` uses those).
 New tokens are signed with the active key; a token signed with any key still held
 verifies (until it expires), and the JWKS lists them all. ``rotate`` adds a new
-active key. The keys live in the keyring directory (0700) in two 0600 files, the
-key pairs (``KEY_FILE``) and their metadata (``META_FILE``), and this module
-touches nothing but that directory. The files of a single-key agent
-(``LEGACY_*``) are taken over on load, their IDs kept.
+active key. Where the keys are kept is a ``KeyStore``'s job: ``FileKeyStore`` keeps
+them in the keyring directory (0700) in two 0600 files, the key pairs (``KEY_FILE``)
+and their metadata (``META_FILE``), and touches nothing but that directory; the
+files of a single-key agent (``LEGACY_*``) are taken over on load, their IDs kept.
+A cluster's servers share one ring through another store (etcd), which may change
+under a server: ``adopt`` installs a ring another server stored.
 
 Tokens are compact JWS (RS256) carrying the claims of a Nomad default task
 identity. PyJWT's JWS layer signs them and checks their signatures, pinned to
@@ -38,7 +40,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import jwt
@@ -53,9 +55,12 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "IdentityClaims",
     "IdentityError",
+    "FileKeyStore",
     "IdentityVerifier",
     "KeyState",
+    "KeyStore",
     "Keyring",
+    "KeyringConflict",
     "KeyringError",
     "RootKey",
 ]
@@ -105,7 +110,12 @@ class IdentityError(Exception):
 
 
 class KeyringError(Exception):
-    """The keyring directory or its files are unusable."""
+    """The keyring's store (its directory and files, or its shared copy) is unusable."""
+
+
+class KeyringConflict(KeyringError):
+    """The stored ring is not the one this keyring last read or wrote: another server created
+    or changed it first."""
 
 
 @attrs.frozen
@@ -241,19 +251,58 @@ class RootKey:
                 "ModifyIndex": 0, "State": str(self.state), "PublishTime": 0}
 
 
+class KeyStore(Protocol):
+    """Where a keyring's root keys are kept."""
+
+    async def load(self) -> list[RootKey] | None:
+        """The stored ring, or None when there is none yet."""
+        ...
+
+    async def save(self, keys: Sequence[RootKey], *, new_ring: bool) -> None:
+        """Store ``keys`` as the whole ring: the first one (``new_ring``), or the successor of
+        the ring this store last loaded or saved (what it compares is taken when called, before
+        any await). A shared store raises ``KeyringConflict`` when another writer got there
+        first (its ring exists, or it changed since)."""
+        ...
+
+
+class FileKeyStore:
+    """The root keys in a private directory of this agent's (embedded mode)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    async def load(self) -> list[RootKey] | None:
+        # Worker threads: the file I/O is blocking.
+        return await asyncio.to_thread(_load_keys, self.directory)
+
+    async def save(self, keys: Sequence[RootKey], *, new_ring: bool) -> None:
+        await asyncio.to_thread(_write_keys, self.directory, keys, new_ring=new_ring)
+
+
+# How often a change of a shared ring is tried again when another server changed it first.
+_COMMIT_ATTEMPTS = 5
+
+
 class Keyring:
     """Every root key held: signs with the active one (and publishes and verifies with all),
-    hands the data keys to the sealer, rotates, and persists the set in its directory."""
+    hands the data keys to the sealer, rotates, and persists the set in its store."""
 
-    def __init__(self, keys: Sequence[RootKey], directory: Path | None = None) -> None:
-        actives = [k for k in keys if k.state is KeyState.ACTIVE]
-        if len(actives) != 1:
-            raise ValueError(f"a keyring needs exactly one active key, got {len(actives)}")
+    def __init__(self, keys: Sequence[RootKey], directory: Path | None = None, *,
+                 store: KeyStore | None = None) -> None:
+        _check_one_active(keys)
         # The ``iss`` of every token signed, and what OIDC discovery advertises; the agent
         # sets it once its address is known. None: no ``iss``, and discovery is off.
         self.issuer: str | None = None
-        self._directory = directory
+        if store is None and directory is not None:
+            store = FileKeyStore(directory)
+        self._store = store
         self._rotate_lock = asyncio.Lock()
+        self._install(keys)
+
+    def adopt(self, keys: Sequence[RootKey]) -> None:
+        """Hold ``keys`` from now on: the ring as another server stored it."""
+        _check_one_active(keys)
         self._install(keys)
 
     def _install(self, keys: Sequence[RootKey]) -> None:
@@ -300,36 +349,74 @@ class Keyring:
         async with self._rotate_lock:
             new = await asyncio.to_thread(RootKey.generate)
             retired = KeyState.REKEYING if full else KeyState.INACTIVE
-            keys = [k if k.state is not KeyState.ACTIVE else attrs.evolve(k, state=retired)
-                    for k in self._keys.values()]
-            await self._commit([*keys, new])
+
+            def change(keys: list[RootKey]) -> list[RootKey]:
+                return [*(k if k.state is not KeyState.ACTIVE else attrs.evolve(k, state=retired)
+                          for k in keys), new]
+
+            await self._commit(change)
             return new
 
     async def finish_rekeying(self) -> None:
         """Every value is sealed with the active key now: ``rekeying`` keys become inactive."""
-        async with self._rotate_lock:
-            if self.rekeying:
-                await self._commit([attrs.evolve(k, state=KeyState.INACTIVE)
-                                    if k.state is KeyState.REKEYING else k
-                                    for k in self._keys.values()])
 
-    async def _commit(self, keys: list[RootKey]) -> None:
-        if self._directory is not None:
-            await asyncio.to_thread(_write_keys, self._directory, keys, new_ring=False)
-        self._install(keys)
+        def change(keys: list[RootKey]) -> list[RootKey] | None:
+            if not any(k.state is KeyState.REKEYING for k in keys):
+                return None
+            return [attrs.evolve(k, state=KeyState.INACTIVE) if k.state is KeyState.REKEYING
+                    else k for k in keys]
+
+        async with self._rotate_lock:
+            await self._commit(change)
+
+    async def _commit(self, change: Callable[[list[RootKey]], list[RootKey] | None]) -> None:
+        """Store and install ``change`` applied to the ring. A shared ring another server
+        changed first is read again and the change applied to that, so neither is lost."""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            keys = change(self.keys())
+            if keys is None:
+                return
+            if self._store is None:
+                self._install(keys)
+                return
+            try:
+                await self._store.save(keys, new_ring=False)
+            except KeyringConflict:
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                current = await self._store.load()
+                if current is None:
+                    raise KeyringError("the stored keyring disappeared") from None
+                self.adopt(current)
+                continue
+            self._install(keys)
+            return
 
     # ------------------------------------------------------------------ persistence
 
     @classmethod
     async def load_or_create(cls, keyring_dir: Path) -> Keyring:
         """Load the root keys from ``keyring_dir``, creating the first one on first use and
-        migrating the files of a single-key agent (IDs kept).
+        migrating the files of a single-key agent (IDs kept)."""
+        return await cls.load_or_create_from(FileKeyStore(Path(keyring_dir)))
 
-        Runs in a worker thread: RSA key generation takes tens to hundreds of
-        milliseconds and the file I/O is blocking.
-        """
-        directory = Path(keyring_dir)
-        return cls(await asyncio.to_thread(_load_or_create_keys, directory), directory)
+    @classmethod
+    async def load_or_create_from(cls, store: KeyStore) -> Keyring:
+        """Load the ring ``store`` holds, creating its first key on first use. When servers
+        sharing a store start together, one creates the ring and the others load it."""
+        keys = await store.load()
+        if keys is None:
+            # A worker thread: RSA key generation takes tens to hundreds of milliseconds.
+            first = [await asyncio.to_thread(RootKey.generate)]
+            try:
+                await store.save(first, new_ring=True)
+                keys = first
+            except KeyringConflict:
+                keys = await store.load()
+                if keys is None:
+                    raise KeyringError("the keyring another server created cannot be "
+                                       "found") from None
+        return cls(keys, store=store)
 
     # ------------------------------------------------------------------ signing
 
@@ -548,6 +635,12 @@ class IdentityVerifier:
 # ---------------------------------------------------------------------- helpers
 
 
+def _check_one_active(keys: Sequence[RootKey]) -> None:
+    actives = [k for k in keys if k.state is KeyState.ACTIVE]
+    if len(actives) != 1:
+        raise ValueError(f"a keyring needs exactly one active key, got {len(actives)}")
+
+
 def _digest(token: str) -> bytes:
     # surrogatepass: a token string may hold lone surrogates; it must still hash.
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -573,7 +666,7 @@ def _new_rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=_RSA_EXPONENT, key_size=_RSA_BITS)
 
 
-def _public_fingerprint(public_key: rsa.RSAPublicKey) -> str:
+def public_fingerprint(public_key: rsa.RSAPublicKey) -> str:
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -610,7 +703,7 @@ def read_private_file(path: Path) -> bytes:
 
 
 # ---------------------------------------------------------------------- the root key files
-# Runs in worker threads (``Keyring.load_or_create``, ``Keyring._commit``).
+# Runs in worker threads (``FileKeyStore``).
 
 
 def _refuse_keys_without_metadata(key_path: Path, meta_path: Path, what: str) -> None:
@@ -621,17 +714,19 @@ def _refuse_keys_without_metadata(key_path: Path, meta_path: Path, what: str) ->
                            f"refusing to replace {what}")
 
 
-def _load_or_create_keys(directory: Path) -> list[RootKey]:
+def _load_keys(directory: Path) -> list[RootKey] | None:
     ensure_private_dir(directory)
     key_path, meta_path = directory / KEY_FILE, directory / META_FILE
+    keys: list[RootKey] | None
     if os.path.lexists(key_path):
         _refuse_keys_without_metadata(key_path, meta_path, "existing root keys")
         keys = _read_keys(key_path, meta_path)
     else:
-        # No key file: a new ring (or one whose creation was interrupted before its commit
-        # point), or the files of a single-key agent to take over.
-        keys = _read_legacy_keys(directory) or [RootKey.generate()]
-        _write_keys(directory, keys, new_ring=True)
+        # No key file: a new ring (None: or one whose creation was interrupted before its
+        # commit point), or the files of a single-key agent to take over.
+        keys = _read_legacy_keys(directory)
+        if keys is not None:
+            _write_keys(directory, keys, new_ring=True)
     # This code never writes the single-key files: once the ring holds their keys they go.
     for name in (LEGACY_KEY_FILE, LEGACY_META_FILE, LEGACY_DATA_KEY_FILE):
         with contextlib.suppress(FileNotFoundError):
@@ -653,7 +748,7 @@ def _write_keys(directory: Path, keys: Sequence[RootKey], *, new_ring: bool) -> 
                 "algorithm": DATA_KEY_ALGORITHM,
                 "create_time": key.create_time,
                 "state": str(key.state),
-                "public_key_sha256": _public_fingerprint(key.private_key.public_key()),
+                "public_key_sha256": public_fingerprint(key.private_key.public_key()),
                 **({"legacy_data_key_id": key.legacy_data_key_id}
                    if key.legacy_data_key_id else {}),
             }
@@ -668,12 +763,17 @@ def _write_keys(directory: Path, keys: Sequence[RootKey], *, new_ring: bool) -> 
         write_keyring_file(directory, name, data)
 
 
-def _key_pair_pem(key: RootKey) -> bytes:
-    signing = key.private_key.private_bytes(
+def signing_key_pem(key: RootKey) -> bytes:
+    """A root key's RSA signing key as PKCS#8 PEM, unencrypted: seal it before it leaves."""
+    return key.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _key_pair_pem(key: RootKey) -> bytes:
+    signing = signing_key_pem(key)
     body = base64.encodebytes(key.data_key)  # 64-character lines, as PEM has them
     label = _DATA_KEY_BLOCK
     return signing + b"-----BEGIN " + label + b"-----\n" + body + b"-----END " + label + b"-----\n"
@@ -702,8 +802,8 @@ def _read_keys(key_path: Path, meta_path: Path) -> list[RootKey]:
         )
     keys = []
     for entry, (signing, data) in zip(entries, pairs, strict=True):
-        private_key = _load_signing_key(key_path, signing[1])
-        if _public_fingerprint(private_key.public_key()) != entry.fingerprint:
+        private_key = load_signing_key(key_path, signing[1])
+        if public_fingerprint(private_key.public_key()) != entry.fingerprint:
             raise KeyringError(f"{key_path}: does not match the key recorded in {meta_path.name}")
         try:
             data_key = base64.b64decode(b"".join(data[2].split()), validate=True)
@@ -752,13 +852,14 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def _load_signing_key(path: Path, pem: bytes) -> rsa.RSAPrivateKey:
+def load_signing_key(where: str | Path, pem: bytes) -> rsa.RSAPrivateKey:
+    """A root key's RSA signing key from its PKCS#8 PEM; errors start with ``where``."""
     try:
         private_key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise KeyringError(f"{path}: corrupt signing key ({exc})") from None
+        raise KeyringError(f"{where}: corrupt signing key ({exc})") from None
     if not isinstance(private_key, rsa.RSAPrivateKey) or private_key.key_size < _RSA_BITS:
-        raise KeyringError(f"{path}: not an RSA key of at least {_RSA_BITS} bits")
+        raise KeyringError(f"{where}: not an RSA key of at least {_RSA_BITS} bits")
     return private_key
 
 
@@ -795,8 +896,8 @@ def _read_legacy_signing_key(key_path: Path, meta_path: Path
         _check_algorithm(meta["algorithm"], ALGORITHM)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KeyringError(f"{meta_path}: corrupt keyring metadata ({exc})") from None
-    private_key = _load_signing_key(key_path, read_private_file(key_path))
-    if _public_fingerprint(private_key.public_key()) != fingerprint:
+    private_key = load_signing_key(key_path, read_private_file(key_path))
+    if public_fingerprint(private_key.public_key()) != fingerprint:
         raise KeyringError(f"{key_path}: does not match the key recorded in {meta_path.name}")
     return key_id, create_time, private_key
 
