@@ -9,7 +9,13 @@ Rules by listener:
 * TCP API: with ACLs disabled everyone is allowed; with ACLs enabled a missing token means
   the anonymous identity and an invalid one is 403.
 
-Authorization: an authenticated identity carries its compiled ACL (``Server.resolve_acl``:
+Credentials come from a ``CredentialSource``: the embedded ``Server`` itself, or on a
+client-only agent the servers' answers cached by ``agent.acl_cache.RemoteCredentials``.
+A remote source that has to ask the servers first raises ``CredentialPending`` from the
+synchronous calls; ``authenticate_settled`` (and the router) await it and ask again, so the
+request path of a cached caller stays without a coroutine.
+
+Authorization: an authenticated identity carries its compiled ACL (``resolve_acl``:
 everything with ACLs disabled; for anonymous, the ``anonymous`` policy or nothing). Each
 route declares a ``Need``, checked before its handler, a namespaced one in the namespace the
 request names (``?namespace=``, default ``default``). Handlers that look an object up check
@@ -21,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import attrs
 from multidict import MultiMapping
@@ -33,8 +39,7 @@ from nomad_client.http.context import ACLS_DISABLED, UNRESOLVED, Identity, Liste
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError
 from nomad_client.server.acl_resolver import workload_key
 from nomad_client.server.keyring import LEEWAY_SECONDS, IdentityClaims, IdentityError
-from nomad_client.server.server import Server
-from nomad_client.structs.models import ACLToken
+from nomad_client.structs.models import ACLToken, Allocation
 from nomad_client.structs.namespaces import DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
@@ -50,6 +55,47 @@ TOKEN_NOT_FOUND = HTTPError(403, "ACL token not found")
 PERMISSION_REFUSED = HTTPError(403, PERMISSION_DENIED)
 # In a request: every namespace. To the ACL, a check in it asks "in any namespace?".
 ALL_NAMESPACES = "*"
+
+
+class CredentialPending(Exception):
+    """A remote credential source cannot answer from its cache: await ``settle()`` (it asks
+    the servers and caches their answer, or what it may still use when they are unreachable),
+    then ask again. The embedded server never raises it. Carries no credential text."""
+
+    def __init__(self, settle: Callable[[], Awaitable[None]]) -> None:
+        super().__init__("credential lookup pending")
+        self.settle = settle
+
+
+class CredentialSource(Protocol):
+    """What authentication and authorization ask of the agent's credential source. The
+    synchronous calls may raise ``CredentialPending`` (a remote source's cache miss)."""
+
+    @property
+    def acl_enabled(self) -> bool: ...
+
+    def token_by_secret(self, secret: str) -> ACLToken | None:
+        """The token whose secret ID is ``secret`` (expired or not); None if none."""
+        ...
+
+    def verify_workload_identity(self, token: str) -> IdentityClaims:
+        """The claims of a valid workload identity of a running allocation, else
+        ``IdentityError``."""
+        ...
+
+    def cached_acl(self, token: ACLToken | None, claims: IdentityClaims | None
+                   ) -> ACL | None:
+        """The caller's compiled ACL if it is at hand without waiting, else None."""
+        ...
+
+    async def resolve_acl(self, token: ACLToken | None, claims: IdentityClaims | None
+                          ) -> ACL:
+        """The caller's compiled ACL (anonymous with neither)."""
+        ...
+
+    def allocation(self, alloc_id: str) -> Allocation | None:
+        """The allocation a workload identity names (its workload's policies and grants)."""
+        ...
 
 
 def request_token(headers: Mapping[str, str]) -> str:
@@ -83,7 +129,7 @@ def _is_token_text(token: str) -> bool:
     return token.isascii()
 
 
-def _credential(server: Server, token: str
+def _credential(server: CredentialSource, token: str
                 ) -> tuple[ACLToken | None, IdentityClaims | None] | None:
     """A real credential's ACL token or workload identity claims; None if it is not one.
     Never raises for bad input."""
@@ -100,11 +146,12 @@ def _credential(server: Server, token: str
     return acl_token, None
 
 
-def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContext
+def authenticate(server: CredentialSource, headers: Mapping[str, str], ctx: ListenerContext
                  ) -> Identity:
     """The caller, or 401/403. Synchronous, so the request path pays no coroutine: when the
     caller's ACL still has to be compiled, the identity carries ``UNRESOLVED`` (which allows
-    nothing) and ``resolve`` must be awaited."""
+    nothing) and ``resolve`` must be awaited. A remote source may raise
+    ``CredentialPending`` (``authenticate_settled`` handles it)."""
     token = request_token(headers)
     if ctx.task_api:
         if not token:
@@ -118,6 +165,21 @@ def authenticate(server: Server, headers: Mapping[str, str], ctx: ListenerContex
         raise FORBIDDEN if ctx.task_api else TOKEN_NOT_FOUND
     acl_token, claims = credential
     return Identity(acl_token, claims, server.cached_acl(acl_token, claims) or UNRESOLVED)
+
+
+async def authenticate_settled(server: CredentialSource, headers: Mapping[str, str],
+                               ctx: ListenerContext) -> Identity:
+    """``authenticate``, waiting for a remote source to settle a credential it had to look
+    up. A source still unsettled after that is treated as having refused the credential:
+    never fail open."""
+    try:
+        return authenticate(server, headers, ctx)
+    except CredentialPending as pending:
+        await pending.settle()
+    try:
+        return authenticate(server, headers, ctx)
+    except CredentialPending:
+        raise (FORBIDDEN if ctx.task_api else TOKEN_NOT_FOUND) from None
 
 
 # bind_identity_to_socket: a workload identity works only on its own allocation's sockets.
@@ -135,7 +197,7 @@ def socket_binding_refusal(identity: Identity, ctx: ListenerContext) -> str | No
     return None
 
 
-async def resolve(server: Server, identity: Identity) -> Identity:
+async def resolve(server: CredentialSource, identity: Identity) -> Identity:
     """``identity`` with its compiled ACL (for one ``authenticate`` left unresolved)."""
     return identity._replace(acl=await server.resolve_acl(identity.token, identity.claims))
 
@@ -153,14 +215,14 @@ def credential_expiry(identity: Identity) -> float | None:
     return None
 
 
-async def reauthenticate(server: Server, identity: Identity, headers: Mapping[str, str],
-                         ctx: ListenerContext) -> Identity:
+async def reauthenticate(server: CredentialSource, identity: Identity,
+                         headers: Mapping[str, str], ctx: ListenerContext) -> Identity:
     """The caller of a request that outlives a moment (an event stream) checked again, as
     a new request would be, with its ACL as it is now (policy changes included). 403
     ``ACL token expired`` once ``identity``'s credential has expired; 403 once its token
     is deleted or its workload's allocation has stopped."""
     try:
-        fresh = authenticate(server, headers, ctx)
+        fresh = await authenticate_settled(server, headers, ctx)
     except HTTPError:
         expiry = credential_expiry(identity)
         if expiry is not None and time.time() >= expiry:
@@ -271,7 +333,7 @@ def require(req: ApiRequest, namespace: str, need: Need) -> None:
 _CLAIMED_VARIABLE_OPS = frozenset({"read", "list"})
 
 
-def _workload_claim(server: Server, claims: IdentityClaims) -> WorkloadClaim | None:
+def _workload_claim(server: CredentialSource, claims: IdentityClaims) -> WorkloadClaim | None:
     alloc = server.allocation(claims.alloc_id)
     if alloc is None:
         return None
@@ -279,8 +341,8 @@ def _workload_claim(server: Server, claims: IdentityClaims) -> WorkloadClaim | N
     return WorkloadClaim(namespace=namespace, job_id=job_id, group=group, task=task)
 
 
-def allows_variable(req: ApiRequest, server: Server, namespace: str, path: str, op: str
-                    ) -> bool:
+def allows_variable(req: ApiRequest, server: CredentialSource, namespace: str, path: str,
+                    op: str) -> bool:
     """Whether the caller may ``op`` (read, list, write, destroy) the variable at ``path``.
     Variable capabilities come only from ``variables`` rules and, for read and list, a
     workload's implicit grant of its own ``nomad/jobs/...`` paths."""
@@ -298,7 +360,7 @@ def allows_variable(req: ApiRequest, server: Server, namespace: str, path: str, 
 _READ_SERVICES = Need.namespace("read-job")
 
 
-def allows_service_read(req: ApiRequest, server: Server, namespace: str) -> bool:
+def allows_service_read(req: ApiRequest, server: CredentialSource, namespace: str) -> bool:
     """Whether the caller may read the service registrations of ``namespace``: with
     ``read-job`` there, or as a workload of that namespace, which needs no policy for it
     (Nomad's implicit grant lets every workload discover services; here, those of its own
@@ -329,12 +391,12 @@ def require_exec(identity: Identity, namespace: str, *, fs_isolated: bool) -> No
         raise PERMISSION_REFUSED
 
 
-async def authenticate_handshake(server: Server, headers: Mapping[str, str], token: str,
+async def authenticate_handshake(server: CredentialSource, headers: Mapping[str, str], token: str,
                                  ctx: ListenerContext) -> Identity:
     """The caller named by a websocket's first frame (``ws_handshake``, for browsers, which
     cannot set headers); a header token, if one was sent too, must be the same."""
     header_token = request_token(headers)
     if header_token and header_token != token:
         raise HANDSHAKE_MISMATCH
-    identity = authenticate(server, {"X-Nomad-Token": token}, ctx)
+    identity = await authenticate_settled(server, {"X-Nomad-Token": token}, ctx)
     return await resolve(server, identity) if identity.acl is UNRESOLVED else identity

@@ -23,11 +23,18 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiMapping
 
-from nomad_client.http.auth import Need, authenticate, authorize, resolve
+from nomad_client.http.auth import (
+    CredentialPending,
+    CredentialSource,
+    Need,
+    authenticate,
+    authenticate_settled,
+    authorize,
+    resolve,
+)
 from nomad_client.http.context import UNRESOLVED, Identity, ListenerContext
 from nomad_client.http.errors import HTTPError
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
-from nomad_client.server.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +105,10 @@ class Route:
 
 
 class Router:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, credentials: CredentialSource) -> None:
+        # Who vouches for callers: the embedded server, or a client-only agent's cache of
+        # the servers' answers.
+        self.credentials = credentials
         self._static: dict[str, list[Route]] = {}
         self._dynamic: list[Route] = []
 
@@ -141,12 +150,15 @@ class Router:
     async def dispatch(self, request: web.BaseRequest, ctx: ListenerContext,
                        screen: RequestScreen | None = None) -> web.StreamResponse:
         try:
-            identity = authenticate(self.server, request.headers, ctx)
+            try:
+                identity = authenticate(self.credentials, request.headers, ctx)
+            except CredentialPending:  # rare: a remote source had to ask the servers
+                identity = await authenticate_settled(self.credentials, request.headers, ctx)
             path = _route_path(request)
             if screen is not None:  # the Task API's; the TCP listener has none
                 screen.admit(ctx, identity, request.method, self.route_key(path))
             if identity.acl is UNRESOLVED:  # rare: a cached caller's ACL is already there
-                identity = await resolve(self.server, identity)
+                identity = await resolve(self.credentials, identity)
             route, params = self.match(request.method, path)
             authorize(identity, route.need, request)
             result = await route.handler(ApiRequest(request, ctx, identity, params))
