@@ -24,6 +24,8 @@ from nomad_client.api.client import ApiClient, ApiResponse
 from nomad_client.jobspec import canonicalize_job, parse_jobspec
 
 _STARTED = re.compile(r"HTTP API: (http://[0-9.]+:\d+)")
+# A server agent says where its RPC listener is, before the started line.
+_RPC = re.compile(r"==> RPC: ([0-9.]+:\d+)")
 # The last line an agent logs for each SIGHUP, whatever came of it.
 RELOAD_DONE = re.compile(r"config reload(: applied |: no change |.*keeping the current "
                          r"configuration|.*previous Task API config back)")
@@ -33,8 +35,18 @@ POLICY_DIR = REPO / "testdata" / "policies"
 
 class AgentProcess:
     def __init__(self, data_dir: Path, *, acl: bool = False, meta: Mapping[str, str] | None = None,
-                 extra_config: str = "", task_api: Mapping[str, Any] | None = None) -> None:
+                 extra_config: str = "", task_api: Mapping[str, Any] | None = None,
+                 server: bool = True, client: bool = True, servers: Iterable[str] = (),
+                 cluster: Mapping[str, Any] | None = None, name: str | None = None) -> None:
+        """``servers``: RPC addresses for a client-only agent (``server=False``);
+        ``cluster``: more top-level config merged in (e.g. the etcd store's server block)."""
         self.data_dir = data_dir
+        self.server = server
+        self.client = client
+        self.servers = list(servers)
+        self.cluster = dict(cluster or {})
+        self.name = name
+        self.rpc_address = ""
         self.acl = acl
         self.meta = dict(meta or {})
         self.extra_config = extra_config
@@ -50,13 +62,21 @@ class AgentProcess:
         return self.data_dir.parent / f"{self.data_dir.name}.agent.json"
 
     def write_config(self) -> None:
-        config = {
+        config: dict[str, Any] = {
             "data_dir": str(self.data_dir), "bind_addr": "127.0.0.1", "log_level": "DEBUG",
-            "ports": {"http": 0}, "server": {"enabled": True},
-            "client": {"enabled": True, "meta": self.meta}, "acl": {"enabled": self.acl},
+            "ports": {"http": 0, "rpc": 0}, "server": {"enabled": self.server},
+            "client": {"enabled": self.client, "meta": self.meta},
+            "acl": {"enabled": self.acl},
         }
+        if self.name:
+            config["name"] = self.name
+        if self.servers:
+            config["client"]["servers"] = self.servers
         if self.task_api:
             config["client"]["task_api"] = self.task_api
+        for key, value in self.cluster.items():
+            config[key] = ({**config[key], **value} if isinstance(config.get(key), dict)
+                           else value)
         self.config_path.write_text(json.dumps(config))
 
     async def start(self, timeout: float = 20.0) -> None:
@@ -80,6 +100,9 @@ class AgentProcess:
         async for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
             self._output.append(line)
+            rpc = _RPC.search(line)
+            if rpc:
+                self.rpc_address = rpc.group(1)
             match = _STARTED.search(line)
             if match and not started.done():
                 started.set_result(match.group(1))

@@ -66,7 +66,8 @@ def test_defaults_and_api_dict(tmp_path: Path) -> None:
     api = cfg.to_api_dict()
     assert api["Region"] == "global" and api["Datacenter"] == "dc1"
     assert api["Ports"] == {"HTTP": 4646, "RPC": 4647} and api["ACL"]["Enabled"] is False
-    assert api["Client"]["Enabled"] is True and api["Server"] == {"Enabled": False, "Store": "embedded"}
+    assert api["Client"]["Enabled"] is True
+    assert api["Server"] == {"Enabled": False, "Store": "embedded"}
     assert api["NodeName"] == socket.gethostname() and api["DevMode"] is False
 
 
@@ -491,7 +492,8 @@ def test_task_api_rate_may_be_off_or_fractional(tmp_path: Path) -> None:
 # ---- the running agent: /v1/agent/self and reload --------------------------------------
 def _agent_file(tmp_path: Path, task_api: str, *, port: int = 0) -> Path:
     return write_file(tmp_path, "agent.hcl",
-                      f'data_dir = "{tmp_path / "data"}"\nports {{ http = {port} }}\n'
+                      f'data_dir = "{tmp_path / "data"}"\n'
+                      f'ports {{\n  http = {port}\n  rpc = 0\n}}\n'
                       "server { enabled = true }\n"
                       f"client {{\n  enabled = true\n  task_api {{\n{task_api}\n  }}\n}}\n")
 

@@ -36,7 +36,8 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[StartAgent]:
     async def start(client_extra: str = "") -> Agent:
         config = tmp_path / "agent.hcl"
         config.write_text(
-            f'data_dir = "{tmp_path / "data"}"\nname = "meta-test"\nports {{ http = 0 }}\n'
+            f'data_dir = "{tmp_path / "data"}"\nname = "meta-test"\n'
+            'ports {\n  http = 0\n  rpc = 0\n}\n'
             'server { enabled = true }\n'
             f'client {{\n enabled = true\n meta {{ rack = "r1" }}\n {client_extra}\n}}\n')
         agent = Agent(build_agent_config([config], AgentFlags()))
