@@ -1,10 +1,15 @@
-"""The agent: wires the embedded server, the client, the router and the TCP listener, and
-owns their start, stop and live reload.
+"""The agent: wires its server (``agent.server_role``), the client, the router and the TCP
+listener, and owns their start, stop and live reload.
+
+Roles: an agent runs a server when ``server.enabled``, in ``-dev``, or when its client names
+no ``servers`` (then the client uses this agent's own server in process, as before cluster
+mode existed). A client-only agent (``client.servers`` set) reaches the servers over TCP RPC:
+credentials through ``agent.acl_cache``, server routes forwarded (``http.forward``).
 
 Start order: data dir -> server state + keyring -> router + endpoints -> TCP listener ->
-client (which restores allocations, recreating their Task API sockets). Stop order is the
-reverse; with ``dev_mode`` tasks are killed and the temporary data dir removed, otherwise
-tasks keep running for the next agent to reattach.
+server RPC listener and leadership -> client (which restores allocations, recreating their
+Task API sockets). Stop order is the reverse; with ``dev_mode`` tasks are killed and the
+temporary data dir removed, otherwise tasks keep running for the next agent to reattach.
 
 Reload: only ``client { task_api { ... } }`` changes while the agent runs. The one
 ``LiveTaskAPIConfig`` is shared by the client (who gets a socket) and the Task API server
@@ -23,23 +28,28 @@ from typing import Any
 
 import attrs
 
+from nomad_client.agent.acl_cache import RemoteCredentials
 from nomad_client.agent.client import Client, ClientSettings
 from nomad_client.agent.config import AgentConfig, advertise_http_url, exec_driver_config
+from nomad_client.agent.server_role import EtcdClusterView, ServerRole, tls_settings
 from nomad_client.client.drivers import builtin_drivers
+from nomad_client.client.rpc_tcp import TcpTransport
 from nomad_client.client.servers import ServerRPC
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig, TaskAPIConfig
+from nomad_client.http.auth import CredentialSource
 from nomad_client.http.context import TCP_LISTENER
 from nomad_client.http.endpoints import register_all
+from nomad_client.http.forward import HTTPForwarder, forwarded_dispatch
 from nomad_client.http.listeners import Listener, tcp_socket
 from nomad_client.http.router import Router
-from nomad_client.http.services import Services
+from nomad_client.http.services import ClusterView, EmbeddedCluster, Services
 from nomad_client.http.taskapi import TaskAPIServer
-from nomad_client.server.keyring import Keyring
+from nomad_client.rpcwire.tls import client_context, expected_server_name
 from nomad_client.server.rpc import InProcessTransport
-from nomad_client.server.sealing import Sealer
+from nomad_client.server.rpc_http import make_http_handler
 from nomad_client.server.server import Server
-from nomad_client.server.state import StateStore
 from nomad_client.state_db import StateDB
+from nomad_client.structs.models import Allocation
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,19 @@ class Agent:
         self.http_address: tuple[str, int] | None = None
         self._listener: Listener | None = None
         self._dbs: list[StateDB] = []
+        self._server_role: ServerRole | None = None
+        self._transport: TcpTransport | None = None
+        self._credentials: RemoteCredentials | None = None
+
+    @property
+    def runs_server(self) -> bool:
+        cfg = self.config
+        return cfg.server.enabled or cfg.dev_mode or not cfg.client.servers
+
+    @property
+    def rpc_address(self) -> str:
+        """The server's advertised RPC address ("" without a server or RPC listener)."""
+        return self._server_role.rpc_address if self._server_role is not None else ""
 
     @property
     def http_addr(self) -> str:
@@ -80,24 +103,27 @@ class Agent:
     async def _start_parts(self) -> None:
         cfg, data_dir = self.config, self.data_dir
         assert data_dir is not None
-        server_db = await self._open_db(data_dir / "server" / "state.db")
-        keyring_dir = data_dir / "server" / "keyring"
-        keyring = await Keyring.load_or_create(keyring_dir)
-        # The store seals with whichever root key is active, and follows rotations.
-        store = await StateStore.restore(server_db, Sealer.for_keyring(keyring))
-        if keyring.rekeying:  # a full rotation stopped before it had re-sealed everything
-            await store.reseal()
-            await keyring.finish_rekeying()
-        self.server = Server(store, keyring, region=cfg.region, acl_enabled=cfg.acl.enabled,
-                             data_dir=data_dir / "server",
-                             tracked_versions=cfg.server.job_tracked_versions)
-        self.router = Router(self.server)
+        credentials: CredentialSource
+        if self.runs_server:
+            self._server_role = ServerRole(cfg, data_dir, self._open_db)
+            self.server = credentials = await self._server_role.open()
+        else:
+            self._transport = self._tcp_transport()
+            self._credentials = credentials = RemoteCredentials(
+                self._transport, acl_enabled=cfg.acl.enabled, token_ttl=cfg.acl.token_ttl,
+                policy_ttl=cfg.acl.policy_ttl, alloc_view=self._client_allocation,
+                node_credentials=lambda: dict(zip(("NodeID", "SecretID"),
+                                                  self._node_credentials(), strict=True)))
+        self.router = Router(credentials)
 
         sock = tcp_socket(cfg.bind_addr, cfg.ports.http)
         self._listener = Listener(self.router, TCP_LISTENER, sock)  # owns sock from here on
         self.http_address = sock.getsockname()[:2]
-        # Signed tokens' ``iss`` and OIDC discovery name this one issuer (never a Host header).
-        keyring.issuer = cfg.server.oidc_issuer or advertise_http_url(*self.http_address)
+        if self.server is not None:
+            # Signed tokens' ``iss`` and OIDC discovery name this one issuer (never a Host
+            # header); in a cluster every server must be given the same one.
+            self.server.keyring.issuer = (cfg.server.oidc_issuer
+                                          or advertise_http_url(*self.http_address))
         client_db = None
         if cfg.client.enabled or cfg.dev_mode:
             state_dir = Path(cfg.client.state_dir or data_dir / "client")
@@ -112,17 +138,55 @@ class Agent:
                 static_meta=dict(cfg.client.meta), meta_limits=cfg.client.meta_limits,
                 task_api=self.task_api_config, node_class=cfg.client.node_class,
                 node_pool=cfg.client.node_pool,
-                disable_remote_exec=cfg.client.disable_remote_exec)
-            self.client = Client(settings, ServerRPC(InProcessTransport(self.server)),
+                disable_remote_exec=cfg.client.disable_remote_exec,
+                servers=cfg.client.servers)
+            transport = (InProcessTransport(self.server) if self.server is not None
+                         else self._transport)
+            assert transport is not None
+            self.client = Client(settings, ServerRPC(transport),
                                  client_db, self._task_api_server,
                                  builtin_drivers(exec_driver_config(cfg, data_dir)))
+        forward = None
+        if self._transport is not None:
+            forward = HTTPForwarder(self._transport, self._node_credentials)
         register_all(self.router, Services(
             server=self.server, client=self.client, agent_config=self._api_config,
-            member=self._member()))
+            member=self._member(), cluster=self._cluster_view(), forward=forward,
+            alloc_view=self._client_allocation))
         await self._listener.start()
         log.info("HTTP API listening on http://%s", self.http_addr)
+        if self._server_role is not None:
+            await self._server_role.start(
+                {"Agent.HTTP": make_http_handler(forwarded_dispatch(self.router))},
+                http_addr=self.http_addr)
         if self.client is not None:
             await self.client.start()
+        if self._credentials is not None:
+            self._credentials.start()
+
+    def _tcp_transport(self) -> TcpTransport:
+        cfg = self.config
+        tls = tls_settings(cfg)
+        return TcpTransport(
+            cfg.client.servers, ssl_context=client_context(tls) if tls.rpc else None,
+            server_hostname=(expected_server_name(cfg.region)
+                             if tls.rpc and tls.verify_server_hostname else None))
+
+    def _cluster_view(self) -> ClusterView:
+        role = self._server_role
+        if role is not None and role.uses_etcd:
+            return EtcdClusterView(role)
+        if self._transport is not None:
+            return _ClientCluster(self._transport)
+        return EmbeddedCluster(self._member(), self.config.region)
+
+    def _node_credentials(self) -> tuple[str, str]:
+        client = self.client
+        return ("", "") if client is None else client.node_credentials()
+
+    def _client_allocation(self, alloc_id: str) -> Allocation | None:
+        client = self.client
+        return None if client is None else client.allocation(alloc_id)
 
     async def _open_db(self, path: Path) -> StateDB:
         db = await StateDB.open(path)
@@ -188,6 +252,9 @@ class Agent:
     async def stop(self) -> None:
         if self.server is not None:  # event streams end cleanly, before their listeners
             self.server.events.close()
+        if self._credentials is not None:
+            await self._credentials.close()
+            self._credentials = None
         if self.client is not None:
             await self.client.shutdown(stop_tasks=self.config.dev_mode)
             self.client = None
@@ -197,13 +264,34 @@ class Agent:
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
-        if self.server is not None:
-            await self.server.close()
+        if self._server_role is not None:
+            await self._server_role.close()
+            self._server_role = None
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
         for db in reversed(self._dbs):
             await db.close()
         self._dbs.clear()
         if self._temp_data_dir and self.data_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+
+class _ClientCluster:
+    """``ClusterView`` of a client-only agent: the servers it was told of. Who leads and
+    who is a member are server questions, forwarded to one."""
+
+    def __init__(self, transport: TcpTransport) -> None:
+        self._transport = transport
+
+    def members(self) -> list[dict[str, Any]]:
+        return []
+
+    def leader(self) -> dict[str, Any] | None:
+        return None
+
+    def known_servers(self) -> list[str]:
+        return list(self._transport.servers)
 
 
 def _with_task_api(config: AgentConfig, task_api: TaskAPIConfig) -> AgentConfig:

@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import os
+import random
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from nomad_client.client.exec_session import ChangeSignal, ExecSessions, ExecSta
 from nomad_client.client.fingerprint import fingerprint_node
 from nomad_client.client.identities import IdentityManager
 from nomad_client.client.nodemeta import MetaLimitError, MetaLimits, check_meta_update
-from nomad_client.client.servers import ServerRPC
+from nomad_client.client.servers import NodeReply, ServerRPC, UnknownNode
 from nomad_client.client.stats import HostStatsSampler, TaskUsageSampler
 from nomad_client.client.taskapi_config import LiveTaskAPIConfig
 from nomad_client.client.taskenv import NodeView
@@ -56,7 +57,14 @@ from nomad_client.structs.models import (
 
 log = logging.getLogger(__name__)
 
+# Until the servers give a TTL (or when one gives none): how often the node heartbeats.
 HEARTBEAT_INTERVAL = 10.0
+# A heartbeat goes out at a random 40-60 % of the last TTL, so a lost one leaves time for
+# another and clients started together spread out.
+HEARTBEAT_TTL_SHARE = (0.4, 0.6)
+# While the servers cannot be reached: retries back off from the first to the last, with
+# jitter. Tasks keep running meanwhile.
+HEARTBEAT_RETRY_MIN, HEARTBEAT_RETRY_MAX = 1.0, 30.0
 WATCH_WAIT = 30.0
 NODE_UPDATE_COALESCE = 0.1  # dynamic metadata reaches the servers well within a second
 REPORT_COALESCE = 0.05
@@ -92,6 +100,8 @@ class ClientSettings:
     task_api: LiveTaskAPIConfig = attrs.field(factory=LiveTaskAPIConfig)
     # client { disable_remote_exec }: refuse every alloc exec (not reloadable).
     disable_remote_exec: bool = False
+    # The servers' RPC addresses of a client-only agent (empty: this agent's own server).
+    servers: tuple[str, ...] = ()
 
 
 class Client:
@@ -116,6 +126,11 @@ class Client:
         self._meta_lock = asyncio.Lock()
         self.runners: dict[str, AllocRunner] = {}
         self._pending_reports: dict[str, AllocUpdate] = {}
+        # The latest report of each allocation, sent again when the servers are reached
+        # after a time without them (they may have marked the allocations unknown or lost).
+        self._last_reports: dict[str, AllocUpdate] = {}
+        self._heartbeat_ttl = HEARTBEAT_INTERVAL / HEARTBEAT_TTL_SHARE[1]
+        self._rng = random.Random()
         self._report_wakeup = asyncio.Event()
         self._node_dirty = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
@@ -135,8 +150,13 @@ class Client:
         await self._load_identity()
         await self._load_metadata()
         self._node = await self._build_node()
-        await self.rpc.node_register(self._node)
-        self._registered = True
+        try:
+            await self._register()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            # Tasks restored below run on; the heartbeat loop keeps trying to register.
+            log.warning("could not register with the servers (%s); will retry", _brief(err))
         await self._restore_allocs()
         for name, coro in (("watch-allocs", self._watch_allocs()),
                            ("heartbeat", self._heartbeat()),
@@ -236,7 +256,20 @@ class Client:
                         pool=node.node_pool, attributes=node.attributes, meta=node.meta)
 
     def healthy(self) -> tuple[bool, str]:
-        return (True, "ok") if self._registered else (False, "no known servers")
+        # Healthy while it knows servers, reachable or not: tasks and their sockets run on
+        # through an outage, and an orchestrator restarting the agent would only hurt.
+        if self._registered or self.settings.servers:
+            return True, "ok"
+        return False, "no known servers"
+
+    def node_credentials(self) -> tuple[str, str]:
+        """This node's ID and secret, which its calls to the servers carry."""
+        return self.node_id, self._secret_id
+
+    def allocation(self, alloc_id: str) -> Allocation | None:
+        """The allocation as this client runs it (None: not here)."""
+        runner = self.runners.get(alloc_id)
+        return None if runner is None else runner.alloc
 
     # ---- allocation control and resource usage (the client's HTTP routes) ---------------
     def _runner(self, alloc_id: str) -> AllocRunner:
@@ -461,6 +494,7 @@ class Client:
         await runner.destroy()
         self._task_usage.forget(alloc_id)
         self.identities.forget_alloc(alloc_id)
+        self._last_reports.pop(alloc_id, None)
         await self._writes.flush()  # a row put before the destroy must not land after this
         await self.db.delete(B_ALLOCS, alloc_id)
         await self.db.delete_prefix(B_TASKS, f"{alloc_id}/")
@@ -475,6 +509,7 @@ class Client:
 
     def _queue_report(self, update: AllocUpdate) -> None:
         self._pending_reports[update.id] = update
+        self._last_reports[update.id] = update
         self._alloc_changes.notify(update.id)
         self._report_wakeup.set()
 
@@ -512,15 +547,62 @@ class Client:
             await self.rpc.node_update_alloc(self._take_reports())
 
     # ---- node ---------------------------------------------------------------------------
+    async def _register(self) -> NodeReply:
+        assert self._node is not None
+        reply = await self.rpc.node_register(self._node)
+        self._registered = True
+        self._take_ttl(reply)
+        return reply
+
+    def _take_ttl(self, reply: NodeReply) -> None:
+        if reply.heartbeat_ttl > 0:
+            self._heartbeat_ttl = reply.heartbeat_ttl
+
+    def _heartbeat_delay(self, failures: int) -> float:
+        if failures:
+            backoff = min(HEARTBEAT_RETRY_MAX, HEARTBEAT_RETRY_MIN * 2 ** (failures - 1))
+            return backoff * self._rng.uniform(0.5, 1.0)
+        if not self._registered:
+            return 0.0
+        return self._heartbeat_ttl * self._rng.uniform(*HEARTBEAT_TTL_SHARE)
+
     async def _heartbeat(self) -> None:
+        """Heartbeat within the TTL the servers set. While they cannot be reached, every
+        task (and its Task API socket) keeps running and heartbeats retry with backoff;
+        once they answer again, the latest report of every allocation is sent again. A
+        node they no longer know registers again."""
+        failures = 0
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self._heartbeat_delay(failures))
             try:
-                await self.rpc.node_update_status(self.node_id, NODE_READY)
+                if self._registered:
+                    self._take_ttl(await self.rpc.node_update_status(self.node_id, NODE_READY))
+                else:
+                    await self._register()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("heartbeat failed")
+            except UnknownNode:
+                log.warning("the servers no longer know this node; registering again")
+                self._registered = False
+                failures = 0
+                continue
+            except Exception as err:
+                failures += 1
+                if failures == 1:
+                    log.warning("heartbeat failed (%s); tasks keep running, retrying",
+                                _brief(err))
+                continue
+            if failures:
+                log.info("heartbeat succeeded again after %d failures", failures)
+                self._resend_reports()
+            failures = 0
+
+    def _resend_reports(self) -> None:
+        for alloc_id, update in self._last_reports.items():
+            if alloc_id in self.runners:  # a newer pending report wins
+                self._pending_reports.setdefault(alloc_id, update)
+        if self._pending_reports:
+            self._report_wakeup.set()
 
     async def _node_updates(self) -> None:
         while True:
@@ -529,7 +611,7 @@ class Client:
             self._node_dirty.clear()
             assert self._node is not None
             try:
-                await self.rpc.node_register(self._node)
+                await self._register()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -581,3 +663,8 @@ class Client:
             await asyncio.to_thread(remove)
         except Exception as err:  # shutting down regardless; the operator must know
             log.warning("could not remove this agent's parent cgroup: %s", err)
+
+
+def _brief(err: Exception) -> str:
+    """An error for a log line: its type and message, no traceback."""
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

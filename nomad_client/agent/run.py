@@ -23,6 +23,8 @@ from nomad_client.agent.config import (
     build_agent_config,
     parse_agent_args,
 )
+from nomad_client.server.etcd.client import EtcdError
+from nomad_client.server.etcd.kek import KEKError
 from nomad_client.server.keyring import KeyringError
 from nomad_client.state_db import StateDBError
 
@@ -68,7 +70,7 @@ async def _serve(config: AgentConfig, read_config: Callable[[], AgentConfig]) ->
     loop.add_signal_handler(signal.SIGHUP, reloads.request)
     try:
         await agent.start()
-    except (OSError, StateDBError, KeyringError) as err:
+    except (OSError, StateDBError, KeyringError, KEKError, EtcdError) as err:
         print(f"Error starting agent: {err}", file=sys.stderr)
         return 1
     reloads.start()
@@ -76,6 +78,8 @@ async def _serve(config: AgentConfig, read_config: Callable[[], AgentConfig]) ->
     # Everything loaded so far lives as long as the agent: keep the garbage collector from
     # rescanning it, so per-request collections stay small.
     gc.freeze()
+    if agent.rpc_address:
+        print(f"==> RPC: {agent.rpc_address}", flush=True)
     mode = "dev mode" if config.dev_mode else "agent"
     print(f"==> nomad-client {mode} started! HTTP API: http://{agent.http_addr} "
           f"(data dir {agent.data_dir})", flush=True)

@@ -1,9 +1,9 @@
 """Entry point of the ``nomad-client`` command line: dispatches to command groups and
 turns every failure into a message on stderr and an exit code (never a traceback).
 
-Command groups live in their own modules (job, alloc, node, acl, var, operator, namespace,
-service, scaling; ``job scale`` is in scaling, ``job dispatch`` and ``job periodic`` in
-dispatch); ``agent`` is handed to the agent runner untouched.
+Command groups live in their own modules (job, alloc, node, server, acl, var, operator,
+namespace, service, scaling; ``job scale`` is in scaling, ``job dispatch`` and ``job
+periodic`` in dispatch); ``agent`` is handed to the agent runner untouched.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nomad_client.cli import (
     operator,
     plan,
     scaling,
+    server,
     service,
     var,
 )
@@ -43,6 +44,7 @@ GROUPS: Mapping[str, Mapping[str, Command]] = {
     "namespace": namespace.COMMANDS,
     "service": service.COMMANDS,
     "scaling": scaling.COMMANDS,
+    "server": server.COMMANDS,
 }
 
 # Top-level shortcuts, as Nomad's ``nomad logs`` and ``nomad fs``.
@@ -79,6 +81,7 @@ Commands:
     alloc signal   Send a signal to an allocation's tasks
     alloc exec     Run a command in a running task (-t: a pty; exit status is the command's)
     exec           Shortcut for alloc exec
+    server members List the cluster's servers (-detailed: with their tags)
     node status    List nodes or show one node
     node meta      Read or apply dynamic node metadata
     node eligibility  Mark a node eligible or ineligible for placements

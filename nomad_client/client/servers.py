@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import attrs
+
 from nomad_client.structs.codec import from_rpc, to_rpc
 from nomad_client.structs.models import Allocation, AllocUpdate, Node
 
@@ -17,18 +19,35 @@ class RPCTransport(Protocol):
     async def call(self, method: str, args: dict[str, Any]) -> Any: ...
 
 
+class UnknownNode(Exception):
+    """The servers do not know this node (their state was lost, or the node was collected):
+    it must register again."""
+
+
+@attrs.frozen
+class NodeReply:
+    """A reply to Node.Register and Node.UpdateStatus: the write's index, and the TTL
+    (seconds) within which the servers must hear from the node again."""
+
+    index: int
+    heartbeat_ttl: float
+
+
 class ServerRPC:
     def __init__(self, transport: RPCTransport) -> None:
         self._transport = transport
 
-    async def node_register(self, node: Node) -> int:
+    async def node_register(self, node: Node) -> NodeReply:
         reply = await self._transport.call("Node.Register", {"Node": to_rpc(node)})
-        return int(reply["Index"])
+        return NodeReply(int(reply["Index"]), float(reply.get("HeartbeatTTL") or 0.0))
 
-    async def node_update_status(self, node_id: str, status: str) -> int:
+    async def node_update_status(self, node_id: str, status: str) -> NodeReply:
+        """A heartbeat; ``UnknownNode`` when the servers do not know the node."""
         reply = await self._transport.call("Node.UpdateStatus",
                                            {"NodeID": node_id, "Status": status})
-        return int(reply["Index"])
+        if reply.get("UnknownNode"):
+            raise UnknownNode(f"node {node_id} is not registered")
+        return NodeReply(int(reply["Index"]), float(reply.get("HeartbeatTTL") or 0.0))
 
     async def node_get_client_allocs(self, node_id: str, min_index: int, wait: float
                                      ) -> tuple[dict[str, int], int]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from nomad_client.durations import HOUR, MINUTE, SECOND
 from nomad_client.jobspec.api_zeros import fill_api_zeros
+from nomad_client.jobspec.disconnect import disconnect_problems, fill_disconnect
 from nomad_client.jobspec.errors import JobValidationError, short_repr
 from nomad_client.jobspec.launch_blocks import fill_launch_blocks, launch_block_problems
 from nomad_client.jobspec.network import fill_networks, network_problems
@@ -216,6 +217,7 @@ def _fill_job(job: dict[str, Any]) -> None:
     fill_launch_blocks(job)
     fill_services(job)
     fill_rollout_blocks(job)
+    fill_disconnect(job)
     fill_api_zeros(job)  # last: only what nothing else has filled
 
 
@@ -354,6 +356,7 @@ class _JobChecker:
             self._group(where, group)
         self.problems.extend(service_problems(job))
         self.problems.extend(rollout_problems(job))
+        self.problems.extend(disconnect_problems(job))
         return self.problems
 
     def _members(

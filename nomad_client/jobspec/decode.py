@@ -30,7 +30,6 @@ UNSUPPORTED_BLOCKS = frozenset(
         "consul",
         "csi_plugin",
         "device",
-        "disconnect",
         "ephemeral_disk",
         "lifecycle",
         "migrate",
@@ -378,6 +377,7 @@ def _group(dec: _Decoder, block: Block, parent: _Reader) -> dict[str, Any]:
     group.update(_present(EphemeralDisk=_optional_block(r, "ephemeral_disk", _ephemeral_disk),
                           Migrate=_optional_block(r, "migrate", _migrate),
                           Update=_optional_block(r, "update", _update)))
+    group.update(_present(Disconnect=_optional_block(r, "disconnect", _disconnect)))
     r.finish()
     return group
 
@@ -725,6 +725,17 @@ def _health_timing(r: _Reader) -> dict[str, Any]:
 
 def _migrate(r: _Reader) -> dict[str, Any]:
     return _health_timing(r)
+
+
+def _disconnect(r: _Reader) -> dict[str, Any]:
+    """Group ``disconnect { lost_after, replace, reconcile, stop_on_client_after }``
+    (``jobspec.disconnect`` fills and checks it)."""
+    return {
+        "LostAfter": r.get("lost_after", r.dec.to_duration),
+        "Replace": r.get("replace", r.dec.to_bool),
+        "Reconcile": r.get("reconcile", r.dec.to_str),
+        "StopOnClientAfter": r.get("stop_on_client_after", r.dec.to_duration),
+    }
 
 
 def _update(r: _Reader) -> dict[str, Any]:

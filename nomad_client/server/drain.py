@@ -83,8 +83,12 @@ def keep_server_fields(previous: Node | None, node: Node) -> Node:
 class NodeDrainer:
     def __init__(self, store: StateStore, evaluate: Evaluate,
                  reevaluate_queued: Callable[[], Awaitable[None]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 leading: Callable[[], bool] = lambda: True) -> None:
+        """``leading``: whether this server leads now; a drain set through another server
+        is watched by the leader only (it resumes drains when it takes over)."""
         self._store = store
+        self._leading = leading
         self._evaluate = evaluate
         self._reevaluate_queued = reevaluate_queued
         self._clock = clock
@@ -162,7 +166,8 @@ class NodeDrainer:
                                          meta))
 
         index = await self._store.write(updates={"nodes": [(node_id, start)]})
-        self._watch(node_id)
+        if self._leading():
+            self._watch(node_id)
         return index
 
     def _require(self, node_id: str) -> Node:

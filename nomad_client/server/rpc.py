@@ -7,10 +7,13 @@ like a remote one would.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nomad_client.server.server import Resource, Server
+from nomad_client.rpcwire.errors import UnknownMethod
+from nomad_client.server.rpc_acl import ACL_HANDLERS
+from nomad_client.server.server import NotFound, Resource, Server
 from nomad_client.structs.codec import from_rpc, msgpack_roundtrip, to_rpc
 from nomad_client.structs.models import AllocUpdate, Node
 
@@ -18,11 +21,18 @@ Handler = Callable[[Server, dict[str, Any]], Awaitable[Any]]
 
 
 async def _node_register(server: Server, args: dict[str, Any]) -> Any:
-    return {"Index": await server.register_node(from_rpc(args["Node"], Node))}
+    index, ttl = await server.client_register(from_rpc(args["Node"], Node))
+    return {"Index": index, "HeartbeatTTL": ttl}
 
 
 async def _node_update_status(server: Server, args: dict[str, Any]) -> Any:
-    return {"Index": await server.update_node_status(args["NodeID"], args["Status"])}
+    # A heartbeat. An unknown node is told so in the reply (any transport carries that),
+    # and registers again.
+    try:
+        index, ttl = await server.client_heartbeat(args["NodeID"], args["Status"])
+    except NotFound:
+        return {"Index": server.store.index, "HeartbeatTTL": 0.0, "UnknownNode": True}
+    return {"Index": index, "HeartbeatTTL": ttl}
 
 
 async def _node_get_client_allocs(server: Server, args: dict[str, Any]) -> Any:
@@ -84,17 +94,32 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-class RPCError(Exception):
-    pass
+def rpc_handlers() -> dict[str, Handler]:
+    """Every RPC a server answers: the client's calls and the ACL and key set look-ups of
+    client-only agents (``server.rpc_acl``). The agent adds ``Agent.HTTP``, which needs its
+    router."""
+    return {**HANDLERS, **ACL_HANDLERS}
 
 
 class InProcessTransport:
+    """The embedded agent's way from its client to its server: the same handlers a TCP
+    listener dispatches to, with every request and reply round-tripped through msgpack.
+    A server exception reaches the caller as itself (over TCP it arrives as the
+    ``rpcwire.errors`` class of its kind, each a subclass of the same builtin)."""
+
     def __init__(self, server: Server) -> None:
         self._server = server
+        self._handlers = rpc_handlers()
 
-    async def call(self, method: str, args: dict[str, Any]) -> Any:
-        handler = HANDLERS.get(method)
+    async def call(self, method: str, args: dict[str, Any], *,
+                   timeout: float | None = None) -> Any:
+        handler = self._handlers.get(method)
         if handler is None:
-            raise RPCError(f"unknown RPC method {method!r}")
-        reply = await handler(self._server, msgpack_roundtrip(args))
+            raise UnknownMethod(f"unknown RPC method {method!r}")
+        request = msgpack_roundtrip(args)
+        if timeout is None:
+            reply = await handler(self._server, request)
+        else:
+            async with asyncio.timeout(timeout):
+                reply = await handler(self._server, request)
         return msgpack_roundtrip(reply)

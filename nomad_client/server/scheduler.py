@@ -7,7 +7,10 @@ job's, group's and tasks' constraints. Placement spreads by picking the node wit
 live allocations among those that have room for its ephemeral disk (``disk``) and can give
 the group's network ports (``ports``); a node that cannot is exhausted, and the reason is
 recorded as Nomad's exhausted dimension. Live allocations the job no longer asks for (its
-group is gone, or the group's count shrank below their index) are stopped. The caller hands
+group is gone, or the group's count shrank below their index) are stopped. An allocation
+whose node is disconnected (client status ``unknown``) holds its slot only when its group says
+``disconnect { replace = false }``; otherwise a replacement is placed, naming it as its
+``PreviousAllocation`` (as does the replacement of a lost one). The caller hands
 in the job's own allocations (those of its namespace and ID) and, for the ports and disk they
 hold, every allocation; new ones carry the job's namespace.
 """
@@ -23,12 +26,14 @@ from typing import Any
 import attrs
 
 from nomad_client.server.constraints import check_constraints
+from nomad_client.server.disconnect import replaced_while_unknown
 from nomad_client.server.disk import DISK_EXHAUSTED, DiskBook, group_disk_mb
 from nomad_client.server.ports import PortBook, PortsExhausted
 from nomad_client.server.rolling import UPDATING, outdated
 from nomad_client.structs.codec import to_api
 from nomad_client.structs.jobs import is_batch, iter_groups
 from nomad_client.structs.models import (
+    ALLOC_LOST,
     DESIRED_RUN,
     DESIRED_STOP,
     NODE_READY,
@@ -98,18 +103,26 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
         return PlacementPlan((), tuple(_stop(a) for a in live), {}, {})
 
     counts = {g["Name"]: int(g.get("Count", 1)) for g in iter_groups(job)}
+    # Allocations on a disconnected node that their group lets be replaced hold no slot
+    # (``server.disconnect``); they are neither stopped nor updated while unknown.
+    absent = {a.id for a in live if replaced_while_unknown(job, a)}
     # Those the new version has no slot for are stopped; those it changed are replaced, as
     # many as ``replace`` allows (``rolling``).
     surplus = [a for a in live if a.index >= counts.get(a.task_group, 0)]
     surplus_ids = {a.id for a in surplus}
-    stale = [a for a in outdated(job, live) if a.id not in surplus_ids]
+    stale = [a for a in outdated(job, [a for a in live if a.id not in absent])
+             if a.id not in surplus_ids]
     replaced = _first_of_each_group(stale, replace or {})
     stopped = {a.id for a in (*surplus, *replaced)}
     batch = is_batch(job)
     load: dict[str, int] = {n.id: 0 for n in nodes}
     for alloc in live:
-        if alloc.id not in stopped:
+        if alloc.id not in stopped and alloc.id not in absent:
             load[alloc.node_id] = load.get(alloc.node_id, 0) + 1
+    # What a new allocation replaces, by slot: an absent one, or one lost and not yet
+    # replaced (Nomad's PreviousAllocation).
+    previous = {(a.task_group, a.index): a.id for a in existing
+                if a.id in absent or (a.client_status == ALLOC_LOST and not a.next_allocation)}
     node_views = {n.id: to_api(n) for n in nodes}
     # What this plan stops is free for what it places (as Nomad's plan applier counts it).
     everyone = [a for a in {a.id: a for a in (*every_alloc, *existing)}.values()
@@ -125,7 +138,7 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
         # A batch alloc that finished successfully still counts: batch work is not redone.
         taken = {a.index for a in existing
                  if a.task_group == name and a.desired_status == DESIRED_RUN
-                 and a.id not in stopped
+                 and a.id not in stopped and a.id not in absent
                  and (not a.client_terminal() or (batch and a.client_status == "complete"))}
         missing = [i for i in range(int(group.get("Count", 1))) if i not in taken]
         if not missing:
@@ -159,7 +172,8 @@ def plan_job(job: Mapping[str, Any], eval_id: str, nodes: Sequence[Node],
                 id=str(uuid.uuid4()), namespace=job_namespace(job),
                 eval_id=eval_id, name=f"{job['ID']}.{name}[{index}]", node_id=node.id,
                 node_name=node.name, job_id=job["ID"], job=dict(job), task_group=name,
-                allocated_resources=resources))
+                allocated_resources=resources,
+                previous_allocation=previous.get((name, index), "")))
     return PlacementPlan(tuple(new), (*(_stop(a) for a in surplus),
                                       *(_stop(a, UPDATING) for a in replaced)),
                          failed, queued, tuple(replaced), len(stale) - len(replaced))

@@ -8,6 +8,12 @@ HTTP endpoints call it directly (they live in the same agent process); the clien
 only through ``rpc.ServerRPC``. Every write goes through ``StateStore.write`` so indexes and
 blocking queries stay consistent; a change to part of an existing row is a row update applied
 under the store's write lock, never a whole row read earlier.
+
+One server of a cluster is the leader (``set_leader``; a server alone always is). Only the
+leader plans: another server's evaluations are written ``pending`` and the leader's broker
+task plans them. Only the leader tracks heartbeats (``server.heartbeats``; a node not heard
+from in time is marked as ``server.disconnect`` says), launches periodic jobs, drains nodes
+and rolls updates out.
 """
 
 from __future__ import annotations
@@ -29,9 +35,22 @@ from nomad_client.acl import ACL, DENY_ALL, MANAGEMENT
 from nomad_client.server.acl_resolver import ACLResolver, workload_key
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLs
 from nomad_client.server.alloc_control import ALLOC_STOP_TRIGGER, stopped_by_user
+from nomad_client.server.disconnect import (
+    Reconnect,
+    mark_lost,
+    mark_unknown,
+    on_missed,
+    on_reconnect,
+)
 from nomad_client.server.dispatch import Dispatcher
 from nomad_client.server.drain import NodeDrainer, keep_server_fields
 from nomad_client.server.events import EventBroker
+from nomad_client.server.heartbeats import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_PER_SECOND,
+    DEFAULT_MIN_TTL,
+    HeartbeatTracker,
+)
 from nomad_client.server.job_summary import job_summary
 from nomad_client.server.job_versions import (
     DEFAULT_TRACKED_VERSIONS,
@@ -77,6 +96,7 @@ from nomad_client.server.state import (
     SCALING_EVENTS,
     SERVICES,
     VARIABLES,
+    Change,
     RowUpdate,
     StateStore,
     job_key,
@@ -84,8 +104,14 @@ from nomad_client.server.state import (
 from nomad_client.server.variables import Sealing, Variables
 from nomad_client.structs.jobs import tasks as job_tasks
 from nomad_client.structs.models import (
+    ALLOC_UNKNOWN,
     DESIRED_RUN,
+    DESIRED_STOP,
     EVAL_COMPLETE,
+    EVAL_PENDING,
+    NODE_DISCONNECTED,
+    NODE_DOWN,
+    NODE_INIT,
     NODE_READY,
     TOKEN_MANAGEMENT,
     ACLToken,
@@ -100,6 +126,12 @@ log = logging.getLogger(__name__)
 
 # Evaluations are history: only the newest few of each job are kept.
 MAX_EVALS_PER_JOB = 10
+EVAL_FAILED = "failed"
+NODE_UPDATE_TRIGGER = "node-update"
+# Jobs whose allocations are bound to their nodes: nothing is placed elsewhere for them.
+_NODE_BOUND_TYPES = frozenset({"system", "sysbatch"})
+# What a client may say its node is (Nomad's valid node statuses).
+_CLIENT_STATUSES = frozenset({NODE_INIT, NODE_READY, NODE_DOWN, NODE_DISCONNECTED})
 
 
 class NotFound(Exception):
@@ -132,12 +164,23 @@ class Server:
                  acl_enabled: bool, data_dir: Path | None = None,
                  sealer: Sealing | None = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 tracked_versions: int = DEFAULT_TRACKED_VERSIONS) -> None:
+                 tracked_versions: int = DEFAULT_TRACKED_VERSIONS,
+                 leader: bool = True,
+                 min_heartbeat_ttl: float = DEFAULT_MIN_TTL,
+                 max_heartbeats_per_second: float = DEFAULT_MAX_PER_SECOND,
+                 heartbeat_grace: float = DEFAULT_GRACE,
+                 heartbeat_clock: Callable[[], float] = time.monotonic,
+                 heartbeat_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """``data_dir`` is the server's own data directory (where an operator may put the
         ACL bootstrap reset file); None for a server that keeps no files. ``sealer`` seals
         variables' items (default: the store's; a store kept only in memory gets a key of
-        its own that dies with it). ``clock`` (unix seconds) times variable locks and, with
-        ``sleep``, periodic launches."""
+        its own that dies with it). ``clock`` (unix seconds) times variable locks, nodes'
+        disconnect windows and, with ``sleep``, periodic launches. ``leader``: whether the
+        server starts as the leader (a server alone always is; in a cluster the election
+        says, through ``set_leader``). The heartbeat knobs are Nomad's ``server`` options;
+        ``heartbeat_clock`` (monotonic seconds) and ``heartbeat_sleep`` time heartbeats.
+        A server made leader plans inline; the broker that plans evaluations other servers
+        left pending starts with ``set_leader(True)``."""
         self.store = store
         self.keyring = keyring
         self.region = region
@@ -164,24 +207,159 @@ class Server:
         # else with the first one registered; ``close`` stops it.
         self.scaling = JobScaler(store, self._evaluate, tracked_versions=tracked_versions)
         self.dispatcher = Dispatcher(store, self.register_job, self.job_status, clock=clock)
-        self.periodic = PeriodicLauncher(store, self.register_job, self.job_status,
-                                         clock=clock, sleep=sleep)
-        self.periodic.start_if_needed()
+        self._clock = clock
+        self._sleep = sleep
+        self.periodic = self._new_launcher()
         # Node eligibility and drains (``server.drain``); drains a restart interrupted resume.
-        self.drainer = NodeDrainer(store, self._evaluate, self._reevaluate_queued, clock=clock)
-        self.drainer.resume()
+        self.drainer = NodeDrainer(store, self._evaluate, self._reevaluate_queued, clock=clock,
+                                   leading=lambda: self._leader)
         # Rolling updates of jobs whose new version changed their groups (``server.rolling``).
         self.rolling = RollingUpdates(
             lambda namespace, job_id: self.job_allocs(job_id, namespace),
             lambda index, wait: store.wait_for_change(("allocs",), index, wait),
             self._evaluate, clock=clock, sleep=sleep)
+        # Node liveness (``server.heartbeats``, ``server.disconnect``): the leader's.
+        self.heartbeats = HeartbeatTracker(
+            self._heartbeat_missed, min_ttl=min_heartbeat_ttl,
+            max_per_second=max_heartbeats_per_second, grace=heartbeat_grace,
+            clock=heartbeat_clock, sleep=heartbeat_sleep)
+        # Evaluations a follower left pending, for the leader to process; kept up to date
+        # from every commit (this server's or another's), so finding them scans nothing.
+        self._pending_evals: set[str] = {e.id for e in store.values("evals")
+                                         if e.status == EVAL_PENDING}
+        self._periodic_changed: dict[str, dict[str, Any]] = {}
+        self._drain_started = False
+        self._leader_wake = asyncio.Event()
+        self._eval_loop: asyncio.Task[None] | None = None
+        self._leader = False
+        store.observe(self._observe_commit)
+        if leader:
+            # Alone, it plans every evaluation as it is made: no other server leaves one
+            # pending, so the broker waits for a ``set_leader(True)``.
+            self._start_leader_duties(broker=False)
 
-    async def close(self) -> None:
-        """Stop the server's background work (the variable lock reaper) and end every event
-        stream."""
-        self.events.close()
+    # ---- leadership --------------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    async def set_leader(self, leader: bool) -> None:
+        """Become the leader (start the duties only one server may run: heartbeat
+        tracking, periodic launches, drains, rolling updates and evaluation processing)
+        or stop being it (every one of them is stopped before this returns)."""
+        if leader:
+            self._start_leader_duties()
+            return
+        if not self._leader and self._eval_loop is None:
+            return
+        self._leader = False
+        await self._stop_leader_duties()
+
+    def _start_leader_duties(self, *, broker: bool = True) -> None:
+        """Idempotent; the parts that need a running event loop wait for one (a server made
+        outside a loop starts them at its first ``set_leader(True)``). ``broker``: start the
+        task that plans pending evaluations too."""
+        self._leader = True
+        self.periodic.start_if_needed()
+        self.drainer.resume()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        # As Nomad's new leader: every node not known down gets a full TTL from now.
+        self.heartbeats.start(n.id for n in self.store.values("nodes")
+                              if n.status not in (NODE_DOWN, NODE_INIT))
+        if broker and self._eval_loop is None:
+            # Evaluations left pending (by followers, or before a restart) come first.
+            self._leader_wake.set()
+            self._eval_loop = loop.create_task(self._process_pending_evals(),
+                                               name="evaluation-broker")
+
+    async def _stop_leader_duties(self) -> None:
+        loop_task, self._eval_loop = self._eval_loop, None
+        if loop_task is not None:
+            loop_task.cancel()
+            await asyncio.gather(loop_task, return_exceptions=True)
         await self.drainer.close()
         await self.rolling.close()
+        await self.heartbeats.stop()
+        # A closed launcher stays closed: the next leadership gets a fresh one.
+        launcher, self.periodic = self.periodic, self._new_launcher()
+        await launcher.close()
+
+    def _new_launcher(self) -> PeriodicLauncher:
+        return PeriodicLauncher(self.store, self.register_job, self.job_status,
+                                clock=self._clock, sleep=self._sleep)
+
+    def _observe_commit(self, index: int, changes: Sequence[Change]) -> None:
+        for change in changes:
+            if change.table == "evals":
+                ev = change.after
+                if ev is not None and ev.status == EVAL_PENDING:
+                    self._pending_evals.add(ev.id)
+                    self._leader_wake.set()
+                else:
+                    self._pending_evals.discard(change.key)
+            elif change.table == "nodes" and change.after is not None \
+                    and change.after.drain_strategy is not None \
+                    and (change.before is None or change.before.drain_strategy is None):
+                # A drain started through another server: the leader's drainer runs it.
+                self._drain_started = True
+                self._leader_wake.set()
+            elif change.table == JOBS and isinstance(change.after, dict) \
+                    and change.after.get("Periodic") is not None:
+                # A periodic job registered through another server: the leader's launcher
+                # must look at its schedule.
+                self._periodic_changed[change.key] = change.after
+                self._leader_wake.set()
+
+    async def _process_pending_evals(self) -> None:
+        """The leader's evaluation broker: plans every pending evaluation, oldest first,
+        and wakes whenever a new one is committed."""
+        while True:
+            await self._leader_wake.wait()
+            self._leader_wake.clear()
+            changed, self._periodic_changed = self._periodic_changed, {}
+            for job in changed.values():
+                self.periodic.notify(job)
+            if self._drain_started:
+                self._drain_started = False
+                self.drainer.resume()  # starts a watcher only where none runs
+            pending = [ev for ev in (self.store.get("evals", i) for i in list(self._pending_evals))
+                       if ev is not None and ev.status == EVAL_PENDING]
+            for ev in sorted(pending, key=lambda e: e.create_index):
+                try:
+                    await self._run_pending(ev.id)
+                except Exception as err:
+                    # Failed for good (it would fail again): recorded, not retried forever.
+                    log.exception("evaluation %s of job %s failed", ev.id, ev.job_id)
+                    await self._finish_eval(ev.id, EVAL_FAILED, f"evaluation failed: {err}")
+
+    async def _run_pending(self, eval_id: str) -> None:
+        async with self._plan_lock:
+            ev: Evaluation | None = self.store.get("evals", eval_id)
+            if ev is None or ev.status != EVAL_PENDING:
+                return
+            job = self.job(ev.job_id, ev.namespace)
+            if job is None or is_parent(job):
+                await self._finish_eval(eval_id, EVAL_COMPLETE, "")
+                return
+            await self._plan(job, ev, dedupe=False)
+
+    async def _finish_eval(self, eval_id: str, status: str, description: str) -> None:
+        def finish(current: Evaluation | None, index: int) -> Evaluation | None:
+            if current is None or current.status != EVAL_PENDING:
+                return None
+            return attrs.evolve(current, status=status, status_description=description,
+                                modify_time=time.time_ns())
+        await self.store.write(updates={"evals": [(eval_id, finish)]})
+
+    async def close(self) -> None:
+        """Stop the server's background work (the leader's duties, the variable lock
+        reaper) and end every event stream."""
+        self.events.close()
+        self._leader = False
+        await self._stop_leader_duties()
         await self.periodic.close()
         await self.variables.close()
         await self.services.close()
@@ -366,7 +544,8 @@ class Server:
 
         await self.store.write(updates={JOBS: [(key, next_version)],
                                         JOB_VERSIONS: [(key, record)]})
-        self.periodic.notify(submitted)
+        if self._leader:
+            self.periodic.notify(submitted)
         return await self._evaluate(job_id, triggered_by, namespace)
 
     async def deregister_job(self, job_id: str, *, purge: bool,
@@ -393,7 +572,8 @@ class Server:
             return with_version(history, stopped[0], stopped[1], self.tracked_versions)
 
         await self.store.write(updates={JOBS: [(key, stop)], JOB_VERSIONS: [(key, record)]})
-        self.periodic.notify(self.store.get(JOBS, key) or {})
+        if self._leader:
+            self.periodic.notify(self.store.get(JOBS, key) or {})
         eval_id, index = await self._evaluate(job_id, "job-deregister", namespace)
         if purge:
             # Allocations already finished go now; running ones once their client reports
@@ -441,47 +621,68 @@ class Server:
                         namespace: str = DEFAULT_NAMESPACE, *,
                         for_node: Node | None = None) -> tuple[str, int]:
         """``for_node``: a user asked to evaluate that node (``evaluate_node``): the
-        evaluation names it and is made even when it changes nothing."""
+        evaluation names it and is made even when it changes nothing. Only the leader plans:
+        another server leaves the evaluation pending for it."""
+        if not self._leader:
+            return await self._enqueue(job_id, triggered_by, namespace, for_node)
         async with self._plan_lock:
             job = self.job(job_id, namespace)
             if job is None or is_parent(job):  # a parent never runs itself
                 return "", self.store.index
-            ev = Evaluation(id=str(uuid.uuid4()), namespace=namespace,
-                            job_id=job_id, type=job.get("Type", "service"),
-                            triggered_by=triggered_by, priority=job.get("Priority", 50),
-                            job_modify_index=job_modify_index(job),
-                            node_id=for_node.id if for_node else "",
-                            node_modify_index=for_node.modify_index if for_node else 0)
-            nodes = self.store.values("nodes")
-            plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id, namespace),
-                            self.store.values("allocs"),
-                            replace=replace_allowance(job, triggered_by))
-            history = self._job_evals(job_id, namespace)
-            latest = history[-1] if history else None
-            if (triggered_by == "node-update" and for_node is None and latest is not None
-                    and not plan.new_allocs and not plan.stopped_allocs
-                    and latest.queued_allocations == plan.queued
-                    and latest.failed_tg_allocs == plan.failed_groups):
-                # Nothing changed for this job: a new evaluation would only be noise.
-                return latest.id, self.store.index
-            ev = attrs.evolve(ev, status=EVAL_COMPLETE, failed_tg_allocs=dict(plan.failed_groups),
-                              queued_allocations=dict(plan.queued))
-            expired = [e.id for e in history[:max(len(history) - MAX_EVALS_PER_JOB + 1, 0)]]
-            index = await self.store.write(
-                {"evals": [(ev.id, ev)]}, {"evals": expired},
-                updates={"allocs": [
-                    # No identities here: they are signed when the client fetches its
-                    # allocations (allocs_for_node), so no token reaches the state store.
-                    *((a.id, _placed(a)) for a in plan.new_allocs),
-                    *((a.id, _stopped(a.desired_status, a.desired_description))
-                      for a in plan.stopped_allocs)]})
-            if plan.failed_groups:
-                log.info("job %s (namespace %s): could not place %s", job_id, namespace,
-                         dict(plan.queued))
-            self.rolling.after_evaluation(
-                batch_of(job, ev.id, plan.replaced, plan.outdated_left), triggered_by,
-                bool(plan.replaced))
-            return ev.id, index
+            ev = _new_evaluation(job, triggered_by, namespace, for_node)
+            return await self._plan(job, ev, dedupe=triggered_by == NODE_UPDATE_TRIGGER
+                                    and for_node is None)
+
+    async def _enqueue(self, job_id: str, triggered_by: str, namespace: str,
+                       for_node: Node | None) -> tuple[str, int]:
+        """A pending evaluation, for the leader's broker (Nomad's eval broker)."""
+        job = self.job(job_id, namespace)
+        if job is None or is_parent(job):
+            return "", self.store.index
+        ev = _new_evaluation(job, triggered_by, namespace, for_node)
+        return ev.id, await self.store.write({"evals": [(ev.id, ev)]})
+
+    async def _plan(self, job: dict[str, Any], ev: Evaluation, *, dedupe: bool
+                    ) -> tuple[str, int]:
+        """Place ``job`` as evaluation ``ev`` (new, or pending) and write the result with
+        the evaluation, complete. Under the plan lock. ``dedupe``: a plan that changes
+        nothing since the job's latest evaluation writes none."""
+        job_id, namespace, triggered_by = ev.job_id, ev.namespace, ev.triggered_by
+        nodes = self.store.values("nodes")
+        plan = plan_job(job, ev.id, nodes, self.job_allocs(job_id, namespace),
+                        self.store.values("allocs"),
+                        replace=replace_allowance(job, triggered_by))
+        history = [e for e in self._job_evals(job_id, namespace) if e.id != ev.id]
+        latest = history[-1] if history else None
+        if (dedupe and latest is not None
+                and not plan.new_allocs and not plan.stopped_allocs
+                and latest.queued_allocations == plan.queued
+                and latest.failed_tg_allocs == plan.failed_groups):
+            # Nothing changed for this job: a new evaluation would only be noise.
+            return latest.id, self.store.index
+        ev = attrs.evolve(ev, status=EVAL_COMPLETE, failed_tg_allocs=dict(plan.failed_groups),
+                          queued_allocations=dict(plan.queued), modify_time=time.time_ns())
+        # Pending ones are the leader's work still to do, never pruned as history.
+        done = [e for e in history if e.status != EVAL_PENDING]
+        expired = [e.id for e in done[:max(len(done) - MAX_EVALS_PER_JOB + 1, 0)]]
+        index = await self.store.write(
+            {"evals": [(ev.id, ev)]}, {"evals": expired},
+            updates={"allocs": [
+                # No identities here: they are signed when the client fetches its
+                # allocations (allocs_for_node), so no token reaches the state store.
+                *((a.id, _placed(a)) for a in plan.new_allocs),
+                *((a.id, _stopped(a.desired_status, a.desired_description))
+                  for a in plan.stopped_allocs),
+                # The allocations replaced point to their replacements (Nomad's).
+                *((a.previous_allocation, _replaced_by(a.id)) for a in plan.new_allocs
+                  if a.previous_allocation)]})
+        if plan.failed_groups:
+            log.info("job %s (namespace %s): could not place %s", job_id, namespace,
+                     dict(plan.queued))
+        self.rolling.after_evaluation(
+            batch_of(job, ev.id, plan.replaced, plan.outdated_left), triggered_by,
+            bool(plan.replaced))
+        return ev.id, index
 
     def _sign_tasks(self, alloc: Allocation, tasks: Sequence[str] | None = None
                     ) -> dict[str, str]:
@@ -512,27 +713,48 @@ class Server:
             if job.get("Stop") or ev is None or not ev.queued_allocations:
                 continue
             try:
-                await self._evaluate(job["ID"], "node-update", namespace)
+                await self._evaluate(job["ID"], NODE_UPDATE_TRIGGER, namespace)
             except Exception:
                 # One bad job must never stop nodes from registering.
                 log.exception("re-evaluating job %s (namespace %s) failed", job["ID"],
                               namespace)
 
     # ---- nodes (the client side of the RPC interface lands here) ------------------------
+    async def client_register(self, node: Node) -> tuple[int, float]:
+        """A client's ``Node.Register``: the write's index and the heartbeat TTL (seconds)
+        the client must next be heard within."""
+        index = await self.register_node(node)
+        return index, self.heartbeats.reset(node.id)
+
+    async def client_heartbeat(self, node_id: str, status: str) -> tuple[int, float]:
+        """A client's ``Node.UpdateStatus`` (its heartbeat): NotFound for a node the
+        servers do not know (the client registers again)."""
+        if status not in _CLIENT_STATUSES:
+            raise ValueError(f"invalid status for node: {status!r}")
+        index = await self.update_node_status(node_id, status)
+        if status == NODE_DOWN:
+            self.heartbeats.forget(node_id)
+            return index, 0.0
+        return index, self.heartbeats.reset(node_id)
+
     async def register_node(self, node: Node) -> int:
-        node = attrs.evolve(node, status=NODE_READY, status_updated_at=int(time.time()))
+        node = attrs.evolve(node, status=NODE_READY, status_updated_at=int(self._clock()))
         relevant = False
+        was = ""
 
         def replace(previous: Node | None, index: int) -> Node:
-            nonlocal relevant
+            nonlocal relevant, was
             if previous is not None and previous.secret_id \
                     and previous.secret_id != node.secret_id:
                 raise PermissionError("node secret ID does not match")
             kept = keep_server_fields(previous, node)
+            was = previous.status if previous is not None else ""
             relevant = previous is None or _scheduling_view(previous) != _scheduling_view(kept)
             return kept
 
         index = await self.store.write(updates={"nodes": [(node.id, replace)]})
+        if was in (NODE_DOWN, NODE_DISCONNECTED):
+            await self._node_returned(node.id)
         # Clients re-register on every metadata tweak; only a change placement could see
         # is worth a scheduling pass.
         if relevant:
@@ -540,14 +762,113 @@ class Server:
         return index
 
     async def update_node_status(self, node_id: str, status: str) -> int:
-        self._node(node_id)
+        """Set the node's status. ``down`` (an operator's word, or the heartbeat tracker's
+        through ``_node_missed``) loses its allocations; ``ready`` after ``down`` or
+        ``disconnected`` is the node's return."""
+        node = self._node(node_id)
+        if status == NODE_DOWN:
+            return await self._node_missed(node_id, windows=False)
 
         def set_status(current: Node | None, index: int) -> Node | None:
             if current is None or current.status == status:
                 return None
-            return attrs.evolve(current, status=status, status_updated_at=int(time.time()))
+            return attrs.evolve(current, status=status,
+                                status_updated_at=int(self._clock()))
 
-        return await self.store.write(updates={"nodes": [(node_id, set_status)]})
+        index = await self.store.write(updates={"nodes": [(node_id, set_status)]})
+        if status == NODE_READY and node.status in (NODE_DOWN, NODE_DISCONNECTED):
+            await self._node_returned(node_id)
+            await self._reevaluate_queued()  # a ready node again: what waited may land
+        return index
+
+    async def _heartbeat_missed(self, node_id: str) -> None:
+        """The tracker's call: the node was not heard from in time (or a disconnect window
+        of one of its allocations ended)."""
+        node = self.node(node_id)
+        if not self._leader or node is None or node.status in (NODE_DOWN, NODE_INIT):
+            return
+        log.warning("node %s missed its heartbeats", node_id)
+        await self._node_missed(node_id, windows=True)
+
+    async def _node_missed(self, node_id: str, *, windows: bool) -> int:
+        """Mark the node ``disconnected`` or ``down`` and its allocations ``unknown`` or
+        ``lost`` (``server.disconnect``), then evaluate their jobs so that what may be
+        replaced is placed on other nodes."""
+        node = self._node(node_id)
+        now = self._clock()
+        since = node.status_updated_at if node.status == NODE_DISCONNECTED else now
+        missed = on_missed(self.node_allocs(node_id), since, now, windows=windows)
+        stamp = time.time_ns()
+
+        def set_status(current: Node | None, index: int) -> Node | None:
+            if current is None or current.status == missed.node_status:
+                return None
+            return attrs.evolve(current, status=missed.node_status,
+                                status_updated_at=int(now))
+
+        def mark(change: Callable[[Allocation, int], Allocation]) -> RowUpdate:
+            def apply(current: Allocation | None, index: int) -> Allocation | None:
+                # Decided on the rows read above: one that finished or was stopped since
+                # keeps what it is now.
+                if current is None or current.desired_status != DESIRED_RUN \
+                        or current.client_terminal():
+                    return None
+                return attrs.evolve(change(current, stamp), alloc_modify_index=index)
+            return apply
+
+        index = await self.store.write(updates={
+            "nodes": [(node_id, set_status)],
+            "allocs": [*((a.id, mark(mark_unknown)) for a in missed.unknown),
+                       *((a.id, mark(mark_lost)) for a in missed.lost)]})
+        if missed.recheck_in is not None:
+            self.heartbeats.schedule(node_id, missed.recheck_in)
+        else:
+            self.heartbeats.forget(node_id)
+        for alloc in missed.lost:
+            self.identities.forget_alloc(alloc.id)
+        await self._evaluate_jobs_of((*missed.unknown, *missed.lost))
+        return index
+
+    async def _node_returned(self, node_id: str) -> None:
+        """A node marked down or disconnected is back: its unknown allocations run on or
+        give way to their replacements (``server.disconnect``), then its jobs and the
+        system jobs that fit it are evaluated."""
+        node = self._node(node_id)
+        log.info("node %s is back", node_id)
+        node_allocs = self.node_allocs(node_id)
+        decided: Reconnect = on_reconnect(node_allocs, self.store.values("allocs"))
+
+        def resume(status: str) -> RowUpdate:
+            def apply(current: Allocation | None, index: int) -> Allocation | None:
+                if current is None or current.client_status != ALLOC_UNKNOWN \
+                        or current.desired_status != DESIRED_RUN:
+                    return None
+                return attrs.evolve(current, client_status=status, client_description="",
+                                    modify_time=time.time_ns(), alloc_modify_index=index)
+            return apply
+
+        if decided.resumed or decided.stopped:
+            await self.store.write(updates={"allocs": [
+                *((a.id, resume(status)) for a, status in decided.resumed),
+                *((a.id, _stopped(DESIRED_STOP, why)) for a, why in decided.stopped)]})
+        await self._evaluate_jobs_of(
+            [a for a, _ in (*decided.resumed, *decided.stopped)],
+            jobs_to_evaluate(node, node_allocs, self.store.rows(JOBS)))
+
+    async def _evaluate_jobs_of(self, allocs: Sequence[Allocation],
+                                more: Sequence[tuple[str, str]] = ()) -> None:
+        """A node-update evaluation of each job of ``allocs`` (but those bound to their
+        nodes, which have nowhere else to go) and of ``more`` (namespace, job ID)."""
+        jobs = dict.fromkeys((a.namespace, a.job_id) for a in allocs
+                             if a.job.get("Type") not in _NODE_BOUND_TYPES)
+        jobs.update(dict.fromkeys(more))
+        for namespace, job_id in jobs:
+            try:
+                await self._evaluate(job_id, NODE_UPDATE_TRIGGER, namespace)
+            except Exception:
+                # One bad job must not keep the others from being replaced.
+                log.exception("evaluating job %s (namespace %s) after a node change failed",
+                              job_id, namespace)
 
     async def evaluate_node(self, node_id: str) -> tuple[list[str], int]:
         """Evaluate every job with allocations on the node and every system job that fits it
@@ -557,7 +878,7 @@ class Server:
         eval_ids, index = [], 0
         for namespace, job_id in jobs_to_evaluate(node, self.node_allocs(node_id),
                                                   self.store.rows(JOBS)):
-            eval_id, written = await self._evaluate(job_id, "node-update", namespace,
+            eval_id, written = await self._evaluate(job_id, NODE_UPDATE_TRIGGER, namespace,
                                                     for_node=node)
             if eval_id:
                 eval_ids.append(eval_id)
@@ -746,6 +1067,23 @@ def _stopped(desired_status: str, description: str) -> RowUpdate:
         return attrs.evolve(current, desired_status=desired_status,
                             desired_description=description, alloc_modify_index=index)
     return apply
+
+
+def _replaced_by(replacement_id: str) -> RowUpdate:
+    def apply(current: Allocation | None, index: int) -> Allocation | None:
+        if current is None or current.next_allocation == replacement_id:
+            return None
+        return attrs.evolve(current, next_allocation=replacement_id)
+    return apply
+
+
+def _new_evaluation(job: Mapping[str, Any], triggered_by: str, namespace: str,
+                    for_node: Node | None) -> Evaluation:
+    return Evaluation(id=str(uuid.uuid4()), namespace=namespace, job_id=job["ID"],
+                      type=job.get("Type", "service"), triggered_by=triggered_by,
+                      priority=job.get("Priority", 50), job_modify_index=job_modify_index(job),
+                      node_id=for_node.id if for_node else "",
+                      node_modify_index=for_node.modify_index if for_node else 0)
 
 
 def _force_reschedule(current: Allocation | None, index: int) -> Allocation | None:

@@ -91,6 +91,9 @@ ALLOC_RUNNING = "running"
 ALLOC_COMPLETE = "complete"
 ALLOC_FAILED = "failed"
 ALLOC_LOST = "lost"
+# The server's word for an allocation on a node it has not heard from, while the group's
+# ``disconnect.lost_after`` lets it wait for the node before calling it lost.
+ALLOC_UNKNOWN = "unknown"
 CLIENT_TERMINAL = frozenset({ALLOC_COMPLETE, ALLOC_FAILED, ALLOC_LOST})
 
 DESIRED_RUN = "run"
@@ -217,6 +220,10 @@ class DriverInfo:
 
 NODE_READY = "ready"
 NODE_INIT = "initializing"
+# Missed its heartbeats: ``disconnected`` while some allocation on it may still come back
+# (``disconnect.lost_after``), ``down`` otherwise.
+NODE_DOWN = "down"
+NODE_DISCONNECTED = "disconnected"
 
 
 @attrs.frozen

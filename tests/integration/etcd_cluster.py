@@ -81,6 +81,10 @@ class EtcdMember:
             return ""
 
 
+# etcd's limit on one request (its default is 1.5 MiB): a plan of a few hundred allocations.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
+
 class EtcdCluster:
     def __init__(self, root: Path, members: int = 3, *, token: str = "test-cluster") -> None:
         if members < 1:
@@ -132,7 +136,7 @@ class EtcdCluster:
             # What the servers' state needs (docs/design.md): one scheduling plan is one
             # transaction, which etcd's defaults cap at 128 operations and 1.5 MiB.
             "--max-txn-ops", "10000",
-            "--max-request-bytes", str(32 * 1024 * 1024),
+            "--max-request-bytes", str(MAX_REQUEST_BYTES),
             "--logger", "zap",
             "--log-level", "warn",
         ]

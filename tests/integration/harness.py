@@ -37,7 +37,8 @@ class AgentProcess:
     def __init__(self, data_dir: Path, *, acl: bool = False, meta: Mapping[str, str] | None = None,
                  extra_config: str = "", task_api: Mapping[str, Any] | None = None,
                  server: bool = True, client: bool = True, servers: Iterable[str] = (),
-                 cluster: Mapping[str, Any] | None = None, name: str | None = None) -> None:
+                 cluster: Mapping[str, Any] | None = None, node_name: str | None = None
+                 ) -> None:
         """``servers``: RPC addresses for a client-only agent (``server=False``);
         ``cluster``: more top-level config merged in (e.g. the etcd store's server block)."""
         self.data_dir = data_dir
@@ -45,7 +46,7 @@ class AgentProcess:
         self.client = client
         self.servers = list(servers)
         self.cluster = dict(cluster or {})
-        self.name = name
+        self.name = node_name
         self.rpc_address = ""
         self.acl = acl
         self.meta = dict(meta or {})

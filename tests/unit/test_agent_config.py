@@ -615,7 +615,7 @@ async def test_reload_with_a_bad_file_logs_where_and_applies_nothing(
         loop.request()
         await wait_until(lambda: len(agent.reloaded) == 1, "the first reload")
         assert agent.reloaded[0].client.task_api.max_connections_per_task == 2
-        _agent_file(tmp_path, 'peer_credentials = "always"')  # line 7 of the file
+        _agent_file(tmp_path, 'peer_credentials = "always"')  # line 10 of the file
         with caplog.at_level(logging.INFO, logger="nomad_client.agent.run"):
             loop.request()
             await wait_until(lambda: "keeping the current configuration" in caplog.text,
@@ -623,7 +623,7 @@ async def test_reload_with_a_bad_file_logs_where_and_applies_nothing(
     finally:
         await loop.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors == [f"config reload: {path}:7: client.task_api.peer_credentials: unknown "
+    assert errors == [f"config reload: {path}:10: client.task_api.peer_credentials: unknown "
                       "value 'always' (want one of \"off\", \"log\", \"enforce\"); keeping "
                       "the current configuration"]
     assert len(agent.reloaded) == 1

@@ -4,11 +4,21 @@ through the real router on a real socket: Nomad's shapes and who may read them."
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import attrs
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
+from nomad_client.http.context import ACLS_DISABLED, TCP_LISTENER
+from nomad_client.http.endpoints import cluster, register_all
+from nomad_client.http.forward import HTTPForwarder
+from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.services import Services
 from nomad_client.server.keyring import Keyring
+from nomad_client.server.server import Server
 from nomad_client.structs.models import ACLPolicy, AllocUpdate
 from tests.unit.factories import (
     HttpAnswer,
@@ -228,3 +238,89 @@ async def test_system_gc_keeps_the_evaluation_of_an_allocation_it_keeps(api: Ser
         # As in Nomad, the running allocation's EvalID still resolves.
         placed_by = await call_http(session, api.url, "GET", f"/v1/evaluation/{alloc.eval_id}")
     assert placed_by.status == 200 and placed_by.body["ID"] == alloc.eval_id
+
+
+# ---- a cluster of several servers (a ClusterView) ----------------------------------------
+@attrs.define
+class TwoServers:
+    """Two servers; ``leading`` names the leader's index, None while there is none."""
+
+    leading: int | None = 0
+
+    def members(self) -> list[dict[str, Any]]:
+        return [{"Name": f"s{i}.global", "Addr": f"10.0.0.{i}", "RPCAddr": f"10.0.0.{i}:4647",
+                 "HTTPAddr": f"10.0.0.{i}:4646", "Region": "global", "Datacenter": f"dc{i}",
+                 "Status": "alive"} for i in (1, 2)]
+
+    def leader(self) -> dict[str, Any] | None:
+        return None if self.leading is None else self.members()[self.leading]
+
+    def known_servers(self) -> list[str]:
+        return ["10.0.0.2:4647"]  # what a client learnt: not necessarily every server
+
+
+def _cluster_services(server: Server | None, view: TwoServers) -> Services:
+    forward = None if server is not None else HTTPForwarder(_NoTransport(), lambda: ("", ""))
+    return Services(server=server, client=None, agent_config={}, cluster=view,
+                    member={"Name": "s1.global", "Addr": "10.0.0.1",
+                            "Tags": {"region": "global", "dc": "dc1"}},
+                    forward=forward)
+
+
+class _NoTransport:
+    async def call(self, method: str, args: dict[str, Any], *,
+                   timeout: float | None = None) -> Any:
+        raise AssertionError("the cluster routes are answered locally")
+
+
+def _request(path: str) -> ApiRequest:
+    return ApiRequest(make_mocked_request("GET", path), TCP_LISTENER, ACLS_DISABLED, {})
+
+
+async def test_members_list_every_server_with_its_rpc_port(keyring: Keyring) -> None:
+    server = make_server(keyring)
+    try:
+        body = await cluster.members(_cluster_services(server, TwoServers()),
+                                     _request("/v1/agent/members"))
+    finally:
+        await server.close()
+    assert (body["ServerName"], body["ServerRegion"], body["ServerDC"]) == ("s1", "global",
+                                                                           "dc1")
+    assert [m["Name"] for m in body["Members"]] == ["s1.global", "s2.global"]
+    second = body["Members"][1]
+    assert second["Addr"] == "10.0.0.2" and second["Port"] == 4647
+    assert second["Tags"]["rpc_addr"] == "10.0.0.2" and second["Tags"]["port"] == "4647"
+    assert second["Tags"]["dc"] == "dc2" and second["Tags"]["role"] == "nomad"
+    assert second["Tags"]["expect"] == "2" and second["Status"] == "alive"
+
+
+async def test_servers_peers_and_leader_of_a_cluster(keyring: Keyring) -> None:
+    view = TwoServers(leading=1)
+    server = make_server(keyring)
+    try:
+        on_server = _cluster_services(server, view)
+        assert await cluster.servers(on_server, _request("/")) == ["10.0.0.1:4647",
+                                                                   "10.0.0.2:4647"]
+        assert await cluster.peers(on_server, _request("/")) == ["10.0.0.1:4647",
+                                                                 "10.0.0.2:4647"]
+        assert await cluster.leader(on_server, _request("/")) == "10.0.0.2:4647"
+    finally:
+        await server.close()
+    # A client-only agent names the servers it knows.
+    on_client = _cluster_services(None, view)
+    assert await cluster.servers(on_client, _request("/")) == ["10.0.0.2:4647"]
+    assert await cluster.regions(on_client, _request("/")) == ["global"]
+    assert await cluster.leader(on_client, _request("/")) == "10.0.0.2:4647"
+
+
+async def test_no_leader_is_nomads_500(keyring: Keyring) -> None:
+    server = make_server(keyring)
+    router = Router(server)
+    register_all(router, _cluster_services(server, TwoServers(leading=None)))
+    try:
+        answer = await router.dispatch(make_mocked_request("GET", "/v1/status/leader"),
+                                       TCP_LISTENER)
+    finally:
+        await server.close()
+    assert isinstance(answer, web.Response)
+    assert (answer.status, answer.text) == (500, "No cluster leader")

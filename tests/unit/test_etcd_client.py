@@ -27,7 +27,7 @@ from nomad_client.server.etcd.client import (
     prefix_end,
     value_equals,
 )
-from tests.integration.etcd_cluster import EtcdCluster, _free_ports
+from tests.integration.etcd_cluster import MAX_REQUEST_BYTES, EtcdCluster, _free_ports
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ async def test_txn_compares_and_branches(client: EtcdClient) -> None:
 
 
 async def test_errors_name_the_operation_not_the_value(client: EtcdClient) -> None:
-    secret = b"TOPSECRET" * (2 * 1024 * 1024 // 9)  # over etcd's request limit
+    secret = b"TOPSECRET" * (MAX_REQUEST_BYTES // 9 + 1)  # over etcd's request limit
     with pytest.raises(EtcdError) as err:
         await client.put(client.key("big"), secret)
     assert "TOPSECRET" not in str(err.value)

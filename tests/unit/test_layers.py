@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nomad_client"
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"__init__", "durations", "goflags", "logredact", "safefs",
                "state_db", "untrusted_regex"}),
-    frozenset({"structs", "jobspec"}),
+    frozenset({"structs", "jobspec", "rpcwire"}),
     frozenset({"acl"}),
     frozenset({"server", "client"}),
     frozenset({"allocrunner"}),

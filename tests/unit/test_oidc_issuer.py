@@ -40,7 +40,8 @@ def test_oidc_issuer_is_read_from_the_server_block(tmp_path: Path) -> None:
                                  f'  oidc_issuer = "{ISSUER}"\n}}\n')
     cfg = build_agent_config([f], AgentFlags())
     assert cfg.server.oidc_issuer == ISSUER
-    assert cfg.to_api_dict()["Server"] == {"Enabled": True, "OIDCIssuer": ISSUER}
+    assert cfg.to_api_dict()["Server"] == {"Enabled": True, "Store": "embedded",
+                                           "OIDCIssuer": ISSUER}
 
 
 def test_oidc_issuer_from_json(tmp_path: Path) -> None:

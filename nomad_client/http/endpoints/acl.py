@@ -28,11 +28,11 @@ from nomad_client.http.bodyfields import object_fields as _fields
 from nomad_client.http.bodyfields import path_id as _path_id
 from nomad_client.http.bodyfields import string_field as _string
 from nomad_client.http.bodyfields import strings_field as _strings
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import PERMISSION_DENIED, HTTPError, bad_request, not_found
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
 from nomad_client.http.query import block, by_creation, by_field, list_query
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.acls import ANONYMOUS_POLICY, ACLInvalid, ACLNotFound, RoleLink
 from nomad_client.server.server import Resource, Server
@@ -184,7 +184,7 @@ def _written(index: int) -> web.Response:
 
 # ---- who is asking -------------------------------------------------------------------------
 def _acls_on(services: Services) -> Server:
-    server = services.server
+    server = services.own_server
     if not server.acl_enabled:
         raise ACL_DISABLED
     return server
@@ -323,7 +323,7 @@ async def get_token(services: Services, req: ApiRequest) -> Reply:
 
 
 async def token_self(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     if not server.acl_enabled:
         return Reply(token_view(server, ACLS_DISABLED_TOKEN), server.index_of(
             Resource.ACL_TOKENS))
@@ -395,7 +395,7 @@ def _missing(message: str) -> Any:
     return refuse
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(WRITE, "/v1/acl/bootstrap", bootstrap)
     routes.add(GET, "/v1/acl/policies", list_policies)

@@ -16,9 +16,9 @@ from aiohttp import web
 from nomad_client.client.fingerprint import NOMAD_VERSION
 from nomad_client.goflags import parse_go_bool
 from nomad_client.http.auth import Need
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import bad_request
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import Services
 
 GET = ("GET",)
@@ -91,7 +91,8 @@ def agent_stats(services: Services) -> dict[str, dict[str, str]]:
     """``stats`` of /v1/agent/self: Nomad's sections, every value a string."""
     member = services.member
     stats: dict[str, dict[str, str]] = {
-        "nomad": {"server": "true", "client": str(services.client is not None).lower(),
+        "nomad": {"server": str(services.server is not None).lower(),
+                  "client": str(services.client is not None).lower(),
                   "leader": "true", "bootstrap": "true", "known_regions": "1",
                   "leader_addr": f"{member.get('Addr', '')}:{member.get('Port', 0)}"},
         "raft": {"state": "Leader", "num_peers": "0"},
@@ -102,8 +103,10 @@ def agent_stats(services: Services) -> dict[str, dict[str, str]]:
     if client is not None:
         # Nomad's CLI finds the local node here (node status -self).
         stats["client"] = {
-            "node_id": client.node_id, "known_servers": stats["nomad"]["leader_addr"],
-            "num_allocations": str(len(services.server.node_allocs(client.node_id))),
+            "node_id": client.node_id,
+            "known_servers": ",".join(services.cluster.known_servers()),
+            "num_allocations": str(len(services.server.node_allocs(client.node_id))
+                                   if services.server is not None else 0),
             "last_heartbeat": "0s", "heartbeat_ttl": "0s"}
     return stats
 
@@ -135,7 +138,7 @@ async def force_leave(services: Services, req: ApiRequest) -> Any:
     return None
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(GET, "/v1/agent/health", health)
     routes.add(GET, "/v1/agent/self", agent_self, Need.agent_read)

@@ -54,10 +54,10 @@ from nomad_client.http.auth import (
     require_exec,
 )
 from nomad_client.http.context import Identity
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request, not_found
 from nomad_client.http.query import query_bool
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import LocalClient, Services
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ async def _handshake_identity(services: Services, req: ApiRequest,
     token = frame.get("auth_token")
     if not isinstance(token, str):
         raise bad_request("handshake auth_token must be a string")
-    return await authenticate_handshake(services.server, req.raw.headers, token, req.ctx)
+    return await authenticate_handshake(services.own_server, req.raw.headers, token, req.ctx)
 
 
 def _exec_task(services: Services, client: LocalClient, req: ApiRequest, query: ExecQuery,
@@ -169,7 +169,7 @@ def _exec_task(services: Services, client: LocalClient, req: ApiRequest, query: 
         raise not_found(f"Unknown allocation {alloc_id!r}") from None
     except ControlRefused:
         task = None  # told once the caller is known to be allowed to learn it
-    alloc = services.server.allocation(alloc_id)
+    alloc = services.allocation(alloc_id)
     # An allocation the server forgot has no namespace: only an allow-all caller may exec.
     namespace = ALL_NAMESPACES if alloc is None else alloc.namespace
     require_exec(identity, namespace, fs_isolated=True)
@@ -262,7 +262,7 @@ def _reason(text: str) -> bytes:
     return text.encode()[:123].decode(errors="ignore").encode()
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     # Authorized by the handler (auth.require_exec), in the allocation's own namespace.
     routes.add(("GET",), "/v1/client/allocation/{alloc_id}/exec", alloc_exec)

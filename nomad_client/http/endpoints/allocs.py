@@ -9,10 +9,10 @@ from aiohttp import web
 
 from nomad_client.http.auth import Need, allows, require
 from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import found_or_404, not_found
 from nomad_client.http.query import block, list_query, query_bool
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.server import NotFound, Resource
 from nomad_client.structs.codec import to_api
@@ -21,7 +21,7 @@ ALLOC_LIFECYCLE = Need.namespace("alloc-lifecycle")
 
 
 async def list_allocs(services: Services, req: ApiRequest) -> web.StreamResponse:
-    server = services.server
+    server = services.own_server
     with_states = query_bool(req.query, "task_states", default=True)
     with_resources = query_bool(req.query, "resources")
     listing = await list_query(server, req.query, (Resource.ALLOCATIONS,))
@@ -32,8 +32,8 @@ async def list_allocs(services: Services, req: ApiRequest) -> web.StreamResponse
 
 
 async def get_alloc(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
-    alloc = found_or_404(services.server.allocation(req.params["alloc_id"]), "alloc not found")
+    index = await block(services.own_server, req.query, (Resource.ALLOCATIONS,))
+    alloc = found_or_404(services.own_server.allocation(req.params["alloc_id"]), "alloc not found")
     require(req, alloc.namespace, READ_JOB)
     return Reply(to_api(alloc), index)
 
@@ -41,7 +41,7 @@ async def get_alloc(services: Services, req: ApiRequest) -> Reply:
 async def stop_alloc(services: Services, req: ApiRequest) -> Reply:
     no_shutdown_delay = query_bool(req.query, "no_shutdown_delay")
     reschedule = query_bool(req.query, "reschedule")
-    server = services.server
+    server = services.own_server
     alloc = found_or_404(server.allocation(req.params["alloc_id"]), "allocation not found")
     require(req, alloc.namespace, ALLOC_LIFECYCLE)
     try:
@@ -52,7 +52,7 @@ async def stop_alloc(services: Services, req: ApiRequest) -> Reply:
     return Reply({"EvalID": eval_id, "Index": index}, index)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/allocations", list_allocs, READ_JOB)
     routes.add(("GET",), "/v1/allocation/{alloc_id}", get_alloc, READ_JOB)

@@ -50,11 +50,11 @@ from nomad_client.http.auth import ALL_NAMESPACES, Need, require
 from nomad_client.http.bodyfields import object_fields, string_field
 from nomad_client.http.endpoints.allocs import ALLOC_LIFECYCLE
 from nomad_client.http.endpoints.jobs import READ_JOB
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404, not_found
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
 from nomad_client.http.query import query_bool
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import LocalClient, Services
 from nomad_client.structs.models import rfc3339
 
@@ -331,7 +331,7 @@ def _local_alloc(services: Services, req: ApiRequest, need: Need
         raise bad_request("must provide a valid alloc id")
     client = _local_client(services)
     adir = found_or_404(client.alloc_dir_for(alloc_id), f"Unknown allocation {alloc_id!r}")
-    alloc = services.server.allocation(alloc_id)
+    alloc = services.allocation(alloc_id)
     # What is left of an allocation the server has forgotten has no namespace to check in:
     # it counts as in every namespace, which only an allow-all caller may read.
     require(req, ALL_NAMESPACES if alloc is None else alloc.namespace, need)
@@ -420,7 +420,7 @@ def logs_request(services: Services, req: ApiRequest) -> tuple[AllocDir, str, st
     if kind not in ("stdout", "stderr"):
         raise bad_request("must provide log type (stdout/stderr)")
     adir = checked_alloc_dir(services, req, READ_LOGS)
-    alloc = services.server.allocation(req.params["alloc_id"])
+    alloc = services.allocation(req.params["alloc_id"])
     if alloc is not None and task not in {t["Name"] for g in alloc.job["TaskGroups"]
                                           if g["Name"] == alloc.task_group
                                           for t in g["Tasks"]}:
@@ -518,7 +518,7 @@ async def host_stats(services: Services, req: ApiRequest) -> Any:
     return await _check_node(services, req).host_stats()
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/client/metadata", read_metadata, Need.node_read)
     routes.add(("POST",), "/v1/client/metadata", apply_metadata, Need.node_write)

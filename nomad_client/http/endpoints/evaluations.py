@@ -12,10 +12,10 @@ from aiohttp import web
 
 from nomad_client.http.auth import allows, require
 from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import BY_ID, block, by_creation, list_query
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.server import Resource
 from nomad_client.structs.codec import to_api
@@ -30,7 +30,7 @@ def _legacy_filter(req: ApiRequest) -> dict[str, str]:
 
 
 async def list_evaluations(services: Services, req: ApiRequest) -> web.StreamResponse:
-    server = services.server
+    server = services.own_server
     legacy = _legacy_filter(req)
     if legacy and req.query.get("filter"):
         raise bad_request("filter expression cannot be used with other filter parameters")
@@ -44,15 +44,15 @@ async def list_evaluations(services: Services, req: ApiRequest) -> web.StreamRes
 
 
 async def get_evaluation(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, EVALS)
-    ev = found_or_404(services.server.evaluation(req.params["eval_id"]), "eval not found")
+    index = await block(services.own_server, req.query, EVALS)
+    ev = found_or_404(services.own_server.evaluation(req.params["eval_id"]), "eval not found")
     require(req, ev.namespace, READ_JOB)
     return Reply(to_api(ev), index)
 
 
 async def evaluation_allocations(services: Services, req: ApiRequest) -> Reply:
     """The stubs of the allocations an evaluation placed (or last touched)."""
-    server = services.server
+    server = services.own_server
     index = await block(server, req.query, (Resource.ALLOCATIONS, Resource.EVALUATIONS))
     eval_id = req.params["eval_id"]
     ev = server.evaluation(eval_id)
@@ -64,7 +64,7 @@ async def evaluation_allocations(services: Services, req: ApiRequest) -> Reply:
                   if allows(req, a.namespace, READ_JOB)], index)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/evaluations", list_evaluations, READ_JOB)
     routes.add(("GET",), "/v1/evaluation/{eval_id}", get_evaluation, READ_JOB)

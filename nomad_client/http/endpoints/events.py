@@ -55,10 +55,10 @@ from nomad_client.http.context import Identity
 from nomad_client.http.endpoints.acl import role_view, token_view
 from nomad_client.http.endpoints.jobs import READ_JOB
 from nomad_client.http.endpoints.nodes import node_api
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request
 from nomad_client.http.listeners import when_lost
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import Services
 from nomad_client.server.events import (
     ACL_POLICY,
@@ -335,11 +335,11 @@ class _EventStream:
 
 async def stream_events(services: Services, req: ApiRequest) -> web.StreamResponse:
     request = parse_stream_request(req.query)
-    request.admit(services.server, req)
-    return await _EventStream(services.server, req, request).serve()
+    request.admit(services.own_server, req)
+    return await _EventStream(services.own_server, req, request).serve()
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     # Authorized per topic and per event by the handler.
     routes.add(("GET",), "/v1/event/stream", stream_events)

@@ -41,11 +41,11 @@ from nomad_client.http.endpoints.client import (
     open_log_file,
     open_to_stream,
 )
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import bad_request
 from nomad_client.http.listeners import when_lost
 from nomad_client.http.query import MAX_INT64, parse_int64, query_bool
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import Services
 from nomad_client.structs.models import TASK_DEAD
 
@@ -255,7 +255,7 @@ def _log_index(name: str) -> int:
 
 def task_finished(services: Services, alloc_id: str, task: str) -> bool:
     """Whether the task will write no more logs: dead, or its allocation forgotten."""
-    alloc = services.server.allocation(alloc_id)
+    alloc = services.allocation(alloc_id)
     if alloc is None:
         return True
     state = alloc.task_states.get(task)
@@ -323,7 +323,7 @@ async def stream_logs(services: Services, req: ApiRequest) -> web.StreamResponse
     return await _serve(stream, "log stream", lambda: follower.run(names, index, offset))
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/client/fs/readat/{alloc_id}", fs_readat, READ_FS)
     routes.add(("GET",), "/v1/client/fs/stream/{alloc_id}", fs_stream, READ_FS)

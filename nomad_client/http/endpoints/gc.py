@@ -7,15 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from nomad_client.http.auth import Need
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import bad_request, not_found
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import Services
 from nomad_client.server.gc import collect_garbage
 
 
 async def system_gc(services: Services, req: ApiRequest) -> Any:
-    server = services.server
+    server = services.own_server
     await collect_garbage(server.store, server.job_status)
     return None
 
@@ -31,7 +31,7 @@ async def client_gc(services: Services, req: ApiRequest) -> Any:
     return None
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("PUT",), "/v1/system/gc", system_gc, Need.management)
     routes.add(("PUT", "POST", "GET"), "/v1/client/gc", client_gc, Need.node_write)

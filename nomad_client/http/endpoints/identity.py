@@ -10,19 +10,19 @@ from typing import Any
 
 from aiohttp import web
 
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import not_found
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import Services
 
 
 async def jwks(services: Services, req: ApiRequest) -> web.Response:
-    return web.json_response(services.server.keyring.jwks(),
+    return web.json_response(services.own_server.keyring.jwks(),
                              headers={"Cache-Control": "max-age=900"})
 
 
 async def openid_configuration(services: Services, req: ApiRequest) -> Any:
-    issuer = services.server.keyring.issuer
+    issuer = services.own_server.keyring.issuer
     if not issuer:
         raise not_found("OIDC Discovery endpoint disabled")
     return {
@@ -34,7 +34,7 @@ async def openid_configuration(services: Services, req: ApiRequest) -> Any:
     }
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/.well-known/jwks.json", jwks)
     routes.add(("GET",), "/.well-known/openid-configuration", openid_configuration)

@@ -11,11 +11,11 @@ from typing import Any
 
 from nomad_client.http.auth import DEFAULT_NAMESPACE, Need, request_namespace, require
 from nomad_client.http.endpoints.jobs import READ_JOB, query_version, register_reply
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import bad_request, found_or_404, not_found
 from nomad_client.http.jsonbody import BadJSONBody, decode_json_body
 from nomad_client.http.query import block
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.jobspec import JobValidationError, canonicalize_job
 from nomad_client.server.job_versions import VersionConflict, VersionNotFound
@@ -54,7 +54,7 @@ def _uint(body: dict[str, Any], field: str) -> int | None:
 
 
 async def job_summary(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     index = await block(server, req.query, JOB_TABLES)
     namespace = request_namespace(req.query)
     require(req, namespace, READ_JOB)
@@ -65,7 +65,7 @@ async def job_summary(services: Services, req: ApiRequest) -> Reply:
 
 async def job_versions(services: Services, req: ApiRequest) -> Reply:
     """Nomad's JobVersionsResponse, newest first; diffs are not computed (``null``)."""
-    server = services.server
+    server = services.own_server
     index = await block(server, req.query, (Resource.JOBS,))
     namespace = request_namespace(req.query)
     require(req, namespace, READ_JOB)
@@ -76,7 +76,7 @@ async def job_versions(services: Services, req: ApiRequest) -> Reply:
 
 
 async def job_submission(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     version = query_version(req.query)
     if version is None:
         raise bad_request("Unable to parse job submission version parameter")
@@ -94,7 +94,7 @@ async def revert_job(services: Services, req: ApiRequest) -> Reply:
     enforce = _uint(body, "EnforcePriorVersion")
     namespace = request_namespace(req.query)
     require(req, namespace, REVERT_JOB)
-    server = services.server
+    server = services.own_server
     try:
         eval_id, index = await server.revert_job(job_id, version, namespace=namespace,
                                                  enforce_prior_version=enforce)
@@ -117,7 +117,7 @@ async def stable_job(services: Services, req: ApiRequest) -> Reply:
     namespace = request_namespace(req.query)
     require(req, namespace, STABLE_JOB)
     try:
-        index = await services.server.set_job_stability(job_id, version, stable,
+        index = await services.own_server.set_job_stability(job_id, version, stable,
                                                         namespace=namespace)
     except VersionNotFound as err:
         raise not_found(str(err)) from None
@@ -144,7 +144,7 @@ async def evaluate_job(services: Services, req: ApiRequest) -> Reply:
             raise bad_request("EvalOptions.ForceReschedule must be a boolean")
     namespace = request_namespace(req.query)
     require(req, namespace, EVALUATE_JOB)
-    server = services.server
+    server = services.own_server
     try:
         eval_id, index = await server.evaluate_job(job_id, namespace=namespace,
                                                    force_reschedule=force)
@@ -176,7 +176,7 @@ async def validate_job(services: Services, req: ApiRequest) -> Reply:
                   "Error": error, "Warnings": ""})
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/job/{job_id}/summary", job_summary, READ_JOB)
     routes.add(("GET",), "/v1/job/{job_id}/versions", job_versions, READ_JOB)

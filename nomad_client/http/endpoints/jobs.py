@@ -23,11 +23,11 @@ from nomad_client.http.auth import (
 )
 from nomad_client.http.endpoints.namespaces import refusals
 from nomad_client.http.endpoints.register_request import register_request
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.endpoints.submitted import submitted_job
 from nomad_client.http.errors import bad_request, found_or_404
 from nomad_client.http.query import block, by_namespace_and, list_query, parse_uint64, query_bool
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.jobspec import (
     JobspecError,
@@ -115,7 +115,7 @@ def job_stub(job: dict[str, Any], summary: dict[str, Any] | None, *, meta: bool
 
 
 async def list_jobs(services: Services, req: ApiRequest) -> web.StreamResponse:
-    server = services.server
+    server = services.own_server
     with_meta = query_bool(req.query, "meta")
     listing = await list_query(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
     # The filter runs on the full job, as Nomad's; each is shown as its stub.
@@ -141,7 +141,7 @@ def register_reply(server: Server, job_id: str, namespace: str, eval_id: str,
 async def register_job(services: Services, req: ApiRequest) -> Reply:
     """PUT/POST /v1/jobs, and /v1/job/:id (whose ID must then match the job's)."""
     body, options = register_request(await req.json())
-    server = services.server
+    server = services.own_server
     job, namespace = submitted_job(req, body, SUBMIT_JOB, region=server.region)
     with refusals():  # no such namespace, or it refuses a driver the job uses
         try:
@@ -170,7 +170,7 @@ async def parse(services: Services, req: ApiRequest) -> Any:
 
 
 async def get_job(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS))
     job = found_or_404(server.job(req.params["job_id"], request_namespace(req.query)),
                        "job not found")
@@ -192,7 +192,7 @@ async def delete_job(services: Services, req: ApiRequest) -> Reply:
         require_in_request(req, need)
     namespace = request_namespace(req.query)
     require(req, namespace, need)
-    eval_id, index = await services.server.deregister_job(req.params["job_id"], purge=purge,
+    eval_id, index = await services.own_server.deregister_job(req.params["job_id"], purge=purge,
                                                           namespace=namespace)
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index, "JobModifyIndex": index,
                   "Index": index, "LastContact": 0, "KnownLeader": True,
@@ -200,19 +200,19 @@ async def delete_job(services: Services, req: ApiRequest) -> Reply:
 
 
 async def job_allocations(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
-    allocs = services.server.job_allocs(req.params["job_id"], request_namespace(req.query))
+    index = await block(services.own_server, req.query, (Resource.ALLOCATIONS,))
+    allocs = services.own_server.job_allocs(req.params["job_id"], request_namespace(req.query))
     return Reply([alloc_stub(a) for a in allocs if allows(req, a.namespace, READ_JOB)], index)
 
 
 async def job_evaluations(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.EVALUATIONS,))
-    evals = services.server.job_evaluations(req.params["job_id"],
+    index = await block(services.own_server, req.query, (Resource.EVALUATIONS,))
+    evals = services.own_server.job_evaluations(req.params["job_id"],
                                             request_namespace(req.query))
     return Reply([to_api(e) for e in evals if allows(req, e.namespace, READ_JOB)], index)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/jobs", list_jobs, LIST_JOBS)
     routes.add(("PUT", "POST"), "/v1/jobs", register_job, SUBMIT_JOB)

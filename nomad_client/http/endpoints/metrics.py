@@ -21,9 +21,9 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.request_counts import TASK_API_REQUESTS
-from nomad_client.http.router import ApiRequest, Router
+from nomad_client.http.router import ApiRequest
 from nomad_client.http.services import Services
 from nomad_client.server.parent_jobs import is_parent
 from nomad_client.structs.namespaces import job_namespace
@@ -48,6 +48,8 @@ class Metric:
 
 def _job_gauges(services: Services) -> Iterator[Metric]:
     server = services.server
+    if server is None:  # a client-only agent: jobs are the servers' to count
+        return
     statuses = dict.fromkeys(("pending", "running", "dead"), 0)
     for job in server.jobs():
         namespace = job_namespace(job)
@@ -69,13 +71,15 @@ async def _client_gauges(services: Services) -> list[Metric]:
     client = services.client
     if client is None:
         return []
-    node = services.server.node(client.node_id)
+    server = services.server
+    # A client-only agent has no server record of its node to read here.
+    node = server.node(client.node_id) if server is not None else None
     labels = {"node_id": client.node_id,
               "datacenter": node.datacenter if node is not None else "",
               "host": node.name if node is not None else "",
               "node_pool": node.node_pool if node is not None else ""}
     counts = dict.fromkeys(("pending", "running", "blocked", "migrating", "terminal"), 0)
-    for alloc in services.server.node_allocs(client.node_id):
+    for alloc in server.node_allocs(client.node_id) if server is not None else ():
         gauge = _ALLOC_GAUGES.get(alloc.client_status)
         if gauge is not None:
             counts[gauge] += 1
@@ -156,5 +160,5 @@ async def metrics(services: Services, req: ApiRequest) -> Any:
             "Counters": [_json_counter(c) for c in counters], "Samples": [], "Points": []}
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     Routes(router, services).add(("GET",), "/v1/metrics", metrics)

@@ -24,10 +24,10 @@ from nomad_client.http.bodyfields import (
     string_map_field,
     strings_field,
 )
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404
 from nomad_client.http.query import block, by_field, list_query
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.namespaces import NamespaceError
 from nomad_client.server.server import Resource
@@ -81,7 +81,7 @@ def _written(index: int) -> web.Response:
 
 
 async def list_namespaces(services: Services, req: ApiRequest) -> web.StreamResponse:
-    server = services.server
+    server = services.own_server
     listing = await list_query(server, req.query, (Resource.NAMESPACES,))
     return await listing.reply(
         [to_api(ns) for ns in server.namespaces() if allows(req, ns.name, Need.namespace_access)],
@@ -92,8 +92,8 @@ async def get_namespace(services: Services, req: ApiRequest) -> Reply:
     name = req.params["name"]
     # Before the lookup, as Nomad: a refused caller cannot learn which namespaces exist.
     require(req, name, Need.namespace_access)
-    index = await block(services.server, req.query, (Resource.NAMESPACES,))
-    namespace = found_or_404(services.server.namespace(name), "Namespace not found")
+    index = await block(services.own_server, req.query, (Resource.NAMESPACES,))
+    namespace = found_or_404(services.own_server.namespace(name), "Namespace not found")
     return Reply(to_api(namespace), index)
 
 
@@ -102,19 +102,19 @@ async def upsert_namespace(services: Services, req: ApiRequest) -> web.Response:
     draft = namespace_draft(await req.json())
     name = path_id(draft.name, req.params.get("name"), NAME_MISMATCH)
     with refusals():
-        return _written(await services.server.upsert_namespace(attrs.evolve(draft, name=name)))
+        return _written(await services.own_server.upsert_namespace(attrs.evolve(draft, name=name)))
 
 
 async def delete_namespace(services: Services, req: ApiRequest) -> web.Response:
     with refusals():
-        return _written(await services.server.delete_namespace(req.params["name"]))
+        return _written(await services.own_server.delete_namespace(req.params["name"]))
 
 
 async def missing_name(services: Services, req: ApiRequest) -> Any:
     raise bad_request("Missing Namespace Name")
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(GET, "/v1/namespaces", list_namespaces)  # filtered: any caller
     routes.add(WRITE, "/v1/namespaces", upsert_namespace, Need.management)

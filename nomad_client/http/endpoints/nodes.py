@@ -14,7 +14,7 @@ from nomad_client.http.auth import Need, allows, require_in_request
 from nomad_client.http.bodyfields import object_fields, string_field, string_map_field
 from nomad_client.http.endpoints.cluster import rpc_address
 from nomad_client.http.endpoints.jobs import READ_JOB, alloc_stub
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import (
     PERMISSION_DENIED,
     HTTPError,
@@ -23,7 +23,7 @@ from nomad_client.http.errors import (
     not_found,
 )
 from nomad_client.http.query import block, list_query, query_bool
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.drain import DrainError, DrainSpec, UnknownNode
 from nomad_client.server.server import NotFound, Resource
@@ -57,22 +57,22 @@ def node_stub(full: dict[str, Any], *, resources: bool = False,
 async def list_nodes(services: Services, req: ApiRequest) -> web.StreamResponse:
     with_resources = query_bool(req.query, "resources")
     with_os = query_bool(req.query, "os")
-    listing = await list_query(services.server, req.query, (Resource.NODES,))
+    listing = await list_query(services.own_server, req.query, (Resource.NODES,))
     # The filter runs on the full node, as Nomad's; each is shown as its stub.
     return await listing.reply(
-        [node_api(node) for node in services.server.nodes()],
+        [node_api(node) for node in services.own_server.nodes()],
         view=lambda full: node_stub(full, resources=with_resources, os=with_os))
 
 
 async def get_node(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.NODES,))
-    node = found_or_404(services.server.node(req.params["node_id"]), "node not found")
+    index = await block(services.own_server, req.query, (Resource.NODES,))
+    node = found_or_404(services.own_server.node(req.params["node_id"]), "node not found")
     return Reply(node_api(node), index)
 
 
 async def node_allocs(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.ALLOCATIONS,))
-    allocs = services.server.node_allocs(req.params["node_id"])
+    index = await block(services.own_server, req.query, (Resource.ALLOCATIONS,))
+    allocs = services.own_server.node_allocs(req.params["node_id"])
     return Reply([alloc_stub(a) for a in allocs if allows(req, a.namespace, READ_JOB)], index)
 
 
@@ -97,7 +97,7 @@ async def set_eligibility(services: Services, req: ApiRequest) -> Any:
     if eligibility not in ("eligible", "ineligible"):
         raise bad_request(f"invalid scheduling eligibility {eligibility!r}")
     with _node_refusals():
-        index = await services.server.drainer.set_eligibility(req.params["node_id"],
+        index = await services.own_server.drainer.set_eligibility(req.params["node_id"],
                                                               eligibility)
     return _update_reply(index)
 
@@ -126,7 +126,7 @@ async def drain_node(services: Services, req: ApiRequest) -> Any:
     # workload identity); only its public accessor, never the secret.
     token = req.identity.token
     with _node_refusals():
-        index = await services.server.drainer.update_drain(
+        index = await services.own_server.drainer.update_drain(
             req.params["node_id"], spec, mark_eligible,
             accessor_id=token.accessor_id if token is not None else "", meta=meta)
     return _update_reply(index)
@@ -145,7 +145,7 @@ def _node_refusals() -> Iterator[None]:
 
 async def evaluate_node(services: Services, req: ApiRequest) -> Reply:
     """Nomad's NodeUpdateResponse: the evaluations made, and the node as it was."""
-    server = services.server
+    server = services.own_server
     try:
         eval_ids, eval_index = await server.evaluate_node(req.params["node_id"])
     except NotFound:
@@ -154,7 +154,7 @@ async def evaluate_node(services: Services, req: ApiRequest) -> Reply:
     index = eval_index or server.index_of(Resource.NODES)
     return Reply({"EvalIDs": eval_ids, "EvalCreateIndex": eval_index,
                   "NodeModifyIndex": node.modify_index, "HeartbeatTTL": 0, "Features": 0,
-                  "LeaderRPCAddr": rpc_address(services.member),
+                  "LeaderRPCAddr": rpc_address(services.cluster.leader() or services.member),
                   "NumNodes": len(server.nodes()), "Servers": None,
                   "SchedulingEligibility": node.scheduling_eligibility,
                   "SignedIdentity": None, "Index": index, "LastContact": 0,
@@ -173,7 +173,7 @@ def _pool_api(name: str, index: int) -> dict[str, Any]:
 
 def _pool_names(services: Services) -> list[str]:
     """The built-in pools and every pool a node registered in (Nomad creates those)."""
-    return sorted({*BUILTIN_POOLS, *(n.node_pool for n in services.server.nodes())})
+    return sorted({*BUILTIN_POOLS, *(n.node_pool for n in services.own_server.nodes())})
 
 
 def _require_pool_read(req: ApiRequest, name: str) -> None:
@@ -182,7 +182,7 @@ def _require_pool_read(req: ApiRequest, name: str) -> None:
 
 
 async def list_pools(services: Services, req: ApiRequest) -> Reply:
-    index = await block(services.server, req.query, (Resource.NODES,))
+    index = await block(services.own_server, req.query, (Resource.NODES,))
     prefix = req.query.get("prefix", "")
     acl = req.identity.acl
     return Reply([_pool_api(name, 1) for name in _pool_names(services)
@@ -192,7 +192,7 @@ async def list_pools(services: Services, req: ApiRequest) -> Reply:
 async def get_pool(services: Services, req: ApiRequest) -> Reply:
     name = req.params["pool"]
     _require_pool_read(req, name)
-    index = await block(services.server, req.query, (Resource.NODES,))
+    index = await block(services.own_server, req.query, (Resource.NODES,))
     if name not in _pool_names(services):
         raise not_found("node pool not found")
     return Reply(_pool_api(name, 1), index)
@@ -202,15 +202,15 @@ async def pool_nodes(services: Services, req: ApiRequest) -> web.StreamResponse:
     name = req.params["pool"]
     _require_pool_read(req, name)
     require_in_request(req, Need.node_read)
-    listing = await list_query(services.server, req.query, (Resource.NODES,))
+    listing = await list_query(services.own_server, req.query, (Resource.NODES,))
     if name not in _pool_names(services):
         raise not_found("node pool not found")
     return await listing.reply(
-        [node_api(n) for n in services.server.nodes() if name == "all" or n.node_pool == name],
+        [node_api(n) for n in services.own_server.nodes() if name == "all" or n.node_pool == name],
         view=node_stub)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/nodes", list_nodes, Need.node_read)
     # Static, so ``pools`` is never taken for a node ID.

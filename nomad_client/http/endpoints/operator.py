@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from nomad_client.http.auth import Need
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 
 KEYRING_READ = Need.operator_capability("keyring-read")
@@ -22,7 +22,7 @@ ANY_METHOD = ("GET", "PUT", "POST", "DELETE")
 
 
 async def keyring_keys(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     return Reply([key.meta() for key in server.keyring.keys()], server.store.index or 1)
 
 
@@ -32,7 +32,7 @@ async def keyring_rotate(services: Services, req: ApiRequest) -> dict[str, Any]:
     if req.query.get("publish_time"):
         raise bad_request("publish_time is not supported: keys cannot be prepublished")
     full = "full" in req.query
-    server = services.server
+    server = services.own_server
     key = await server.keyring.rotate(full=full)
     index = server.store.index
     if full:
@@ -45,7 +45,7 @@ async def invalid_method(services: Services, req: ApiRequest) -> None:
     raise HTTPError(405, "Invalid method")
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/operator/keyring/keys", keyring_keys, KEYRING_READ)
     routes.add(("PUT", "POST"), "/v1/operator/keyring/rotate", keyring_rotate, KEYRING_ROTATE)

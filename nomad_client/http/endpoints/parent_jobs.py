@@ -19,9 +19,9 @@ from typing import Any
 
 from nomad_client.http.auth import Need, request_namespace
 from nomad_client.http.bodyfields import object_fields, string_field, string_map_field
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import bad_request, not_found
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.dispatch import DispatchError, ParentNotFound
 from nomad_client.server.periodic import PeriodicError, PeriodicJobNotFound
@@ -81,7 +81,7 @@ async def dispatch(services: Services, req: ApiRequest) -> Reply:
     payload, meta = _payload(fields), string_map_field(fields, "Meta")
     priority = _priority(fields)
     with parent_job_refusals():
-        result = await services.server.dispatcher.dispatch(
+        result = await services.own_server.dispatcher.dispatch(
             request_namespace(req.query), job_id, payload, meta, token,
             id_prefix_template=template, priority=priority)
     return Reply({"DispatchedJobID": result.dispatched_job_id, "EvalID": result.eval_id,
@@ -92,13 +92,13 @@ async def dispatch(services: Services, req: ApiRequest) -> Reply:
 
 async def force_periodic(services: Services, req: ApiRequest) -> Reply:
     with parent_job_refusals():
-        eval_id, index = await services.server.periodic.force(request_namespace(req.query),
+        eval_id, index = await services.own_server.periodic.force(request_namespace(req.query),
                                                               req.params["job_id"])
     return Reply({"EvalID": eval_id, "EvalCreateIndex": index if eval_id else 0,
                   "Index": index}, index)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("PUT", "POST"), "/v1/job/{job_id}/dispatch", dispatch, DISPATCH_JOB)
     routes.add(("PUT", "POST"), "/v1/job/{job_id}/periodic/force", force_periodic,

@@ -11,10 +11,10 @@ from typing import Any
 from nomad_client.http.auth import Need
 from nomad_client.http.bodyfields import object_fields
 from nomad_client.http.endpoints.namespaces import refusals
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.endpoints.submitted import submitted_job
 from nomad_client.http.errors import bad_request
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.server.job_versions import job_modify_index
 from nomad_client.server.namespaces import admit_job
@@ -38,7 +38,7 @@ async def plan_job(services: Services, req: ApiRequest) -> Reply:
     fields = object_fields(await req.json(), PLAN_FIELDS)
     with_diff = _flag(fields, "Diff")
     _flag(fields, "PolicyOverride")  # Sentinel's; accepted and ignored, as in Nomad CE
-    server = services.server
+    server = services.own_server
     job, namespace = submitted_job(req, fields, PLAN_JOB, region=server.region)
     with refusals():  # no such namespace, or it refuses a driver the job uses
         admit_job(server.namespace(namespace), job)
@@ -60,6 +60,6 @@ async def plan_job(services: Services, req: ApiRequest) -> Reply:
         "NextPeriodicLaunch": NO_PERIODIC_LAUNCH, "Warnings": ""}, index)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("PUT", "POST"), "/v1/job/{job_id}/plan", plan_job, PLAN_JOB)

@@ -22,10 +22,10 @@ from aiohttp import web
 from nomad_client.acl import ACL
 from nomad_client.http.auth import Need, allows, request_namespace, require
 from nomad_client.http.bodyfields import object_fields, string_field
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request, found_or_404, not_found
 from nomad_client.http.query import block, list_query
-from nomad_client.http.router import ApiRequest, Reply, Router
+from nomad_client.http.router import ApiRequest, Reply
 from nomad_client.http.services import Services
 from nomad_client.jobspec.canonical import MAX_GROUP_COUNT
 from nomad_client.server.scaling import (
@@ -126,7 +126,7 @@ def scale_request(body: Any, job_id: str, namespace: str) -> ScaleRequest:
 
 
 async def scale_status(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     index = await block(server, req.query, (Resource.JOBS, Resource.ALLOCATIONS,
                                             Resource.SCALING_EVENTS))
     namespace = request_namespace(req.query)
@@ -139,7 +139,7 @@ async def scale_job(services: Services, req: ApiRequest) -> Reply:
     namespace = request_namespace(req.query)
     request = scale_request(await req.json(), req.params["job_id"], namespace)
     with scaling_refusals():
-        result = await services.server.scaling.scale(namespace, req.params["job_id"], request)
+        result = await services.own_server.scaling.scale(namespace, req.params["job_id"], request)
     return Reply({"EvalID": result.eval_id, "EvalCreateIndex": result.eval_create_index,
                   "JobModifyIndex": result.job_modify_index, "Warnings": "",
                   "Index": result.index, "LastContact": 0, "KnownLeader": True,
@@ -147,7 +147,7 @@ async def scale_job(services: Services, req: ApiRequest) -> Reply:
 
 
 async def list_policies(services: Services, req: ApiRequest) -> web.StreamResponse:
-    server = services.server
+    server = services.own_server
     listing = await list_query(server, req.query, (Resource.JOBS,))
     job_id = req.query.get("job", "")
     type_prefix = req.query.get("type", "")
@@ -159,7 +159,7 @@ async def list_policies(services: Services, req: ApiRequest) -> web.StreamRespon
 
 
 async def get_policy(services: Services, req: ApiRequest) -> Reply:
-    server = services.server
+    server = services.own_server
     index = await block(server, req.query, (Resource.JOBS,))
     policy = server.scaling.policy(req.params["policy_id"])
     if policy is None or not allows(req, policy["Target"]["Namespace"], READ_SCALING_POLICY):
@@ -168,7 +168,7 @@ async def get_policy(services: Services, req: ApiRequest) -> Reply:
     return Reply(policy_view(policy), index)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/job/{job_id}/scale", scale_status, READ_JOB_SCALING)
     routes.add(("PUT", "POST"), "/v1/job/{job_id}/scale", scale_job, SCALE_JOB)

@@ -35,7 +35,7 @@ from nomad_client.http.auth import (
     require,
 )
 from nomad_client.http.endpoints.jobs import READ_JOB
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request, not_found
 from nomad_client.http.query import (
     block,
@@ -45,7 +45,7 @@ from nomad_client.http.query import (
     listed_namespace,
     query_filter,
 )
-from nomad_client.http.router import ApiRequest, Reply, Router, json_response
+from nomad_client.http.router import ApiRequest, Reply, json_response
 from nomad_client.http.services import Services
 from nomad_client.server.server import Resource
 from nomad_client.server.services import ServiceError
@@ -88,23 +88,23 @@ def _readable(services: Services, req: ApiRequest, namespace: str | None,
         return list(registrations)  # checked before the read (``_require_read``)
     known: dict[str, bool] = {}
     return [r for r in registrations if known.setdefault(
-        r["Namespace"], allows_service_read(req, services.server, r["Namespace"]))]
+        r["Namespace"], allows_service_read(req, services.own_server, r["Namespace"]))]
 
 
 def _require_read(services: Services, req: ApiRequest) -> str | None:
     """The namespace the request reads (None: every one), refused with 403 when it is one
     the caller may not read."""
     namespace = listed_namespace(req.query)
-    if namespace is not None and not allows_service_read(req, services.server, namespace):
+    if namespace is not None and not allows_service_read(req, services.own_server, namespace):
         raise PERMISSION_REFUSED
     return namespace
 
 
 async def list_services(services: Services, req: ApiRequest) -> web.StreamResponse:
     namespace = _require_read(services, req)
-    listing = await list_query(services.server, req.query, (Resource.SERVICES,))
+    listing = await list_query(services.own_server, req.query, (Resource.SERVICES,))
     names: dict[str, dict[str, set[str]]] = {}
-    for row in _readable(services, req, namespace, services.server.services.all(namespace)):
+    for row in _readable(services, req, namespace, services.own_server.services.all(namespace)):
         tags = names.setdefault(row["Namespace"], {}).setdefault(row["ServiceName"], set())
         tags.update(row["Tags"])
     # One item per namespace, as Nomad's; no prefix (Nomad's list takes none).
@@ -117,9 +117,9 @@ async def get_service(services: Services, req: ApiRequest) -> Reply:
     namespace = _require_read(services, req)
     service_filter = query_filter(req.query)
     choice = req.query.get("choose")
-    index = await block(services.server, req.query, (Resource.SERVICES,))
+    index = await block(services.own_server, req.query, (Resource.SERVICES,))
     found = _readable(services, req, namespace,
-                      services.server.services.by_name(req.params["name"], namespace))
+                      services.own_server.services.by_name(req.params["name"], namespace))
     tags = req.query.getall("tag", [])
     found = [r for r in found if all(tag in r["Tags"] for tag in tags)]
     if service_filter is not None:
@@ -134,7 +134,7 @@ async def delete_service(services: Services, req: ApiRequest) -> web.Response:
     namespace = request_namespace(req.query)
     require(req, namespace, DELETE_SERVICE)
     try:
-        index = await services.server.services.delete(namespace, req.params["service_id"])
+        index = await services.own_server.services.delete(namespace, req.params["service_id"])
     except ServiceError as err:
         raise HTTPError(err.status, err.message) from None
     # Nomad answers 200 with an empty body and the index headers.
@@ -149,7 +149,7 @@ async def missing_name(services: Services, req: ApiRequest) -> Any:
 def _alloc_asked(services: Services, req: ApiRequest) -> Allocation:
     """The allocation the path names, in the namespace the request names (``*``: any),
     which the caller may read jobs of: else 404 (another namespace counts as none)."""
-    alloc = services.server.allocation(req.params["alloc_id"])
+    alloc = services.own_server.allocation(req.params["alloc_id"])
     namespace = request_namespace(req.query)
     if alloc is None or namespace not in (ALL_NAMESPACES, alloc.namespace):
         raise not_found("allocation not found")
@@ -159,17 +159,17 @@ def _alloc_asked(services: Services, req: ApiRequest) -> Allocation:
 
 async def alloc_services(services: Services, req: ApiRequest) -> Reply:
     alloc = _alloc_asked(services, req)
-    index = await block(services.server, req.query, (Resource.SERVICES,))
-    return Reply(services.server.services.of_alloc(alloc.id), index)
+    index = await block(services.own_server, req.query, (Resource.SERVICES,))
+    return Reply(services.own_server.services.of_alloc(alloc.id), index)
 
 
 async def job_services(services: Services, req: ApiRequest) -> Reply:
     namespace = request_namespace(req.query)
     job_id = req.params["job_id"]
-    if services.server.job(job_id, namespace) is None:
+    if services.own_server.job(job_id, namespace) is None:
         raise not_found("job not found")
-    index = await block(services.server, req.query, (Resource.SERVICES,))
-    return Reply([r for r in services.server.services.all(namespace) if r["JobID"] == job_id],
+    index = await block(services.own_server, req.query, (Resource.SERVICES,))
+    return Reply([r for r in services.own_server.services.all(namespace) if r["JobID"] == job_id],
                  index)
 
 
@@ -183,7 +183,7 @@ async def alloc_checks(services: Services, req: ApiRequest) -> Any:
     return client.alloc_checks(alloc.id)
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/services", list_services)
     routes.add(("GET", "PUT", "POST", "DELETE"), "/v1/service/", missing_name)

@@ -19,10 +19,10 @@ from nomad_client.http.auth import (
     allows_variable,
     request_namespace,
 )
-from nomad_client.http.endpoints.routes import Routes
+from nomad_client.http.endpoints.routes import Routes, RouteTable
 from nomad_client.http.errors import HTTPError, bad_request
 from nomad_client.http.query import blocking_params, by_namespace_and, list_query, parse_uint64
-from nomad_client.http.router import ApiRequest, Reply, Router, json_response
+from nomad_client.http.router import ApiRequest, Reply, json_response
 from nomad_client.http.services import Services
 from nomad_client.server.server import Resource
 from nomad_client.server.variables import (
@@ -155,14 +155,14 @@ def _conflict_reply(services: Services, req: ApiRequest, conflict: Conflict) -> 
     current = conflict.current
     if current is None:
         return Reply(zero_value(conflict.namespace, conflict.path), 0, status=409)
-    readable = allows_variable(req, services.server, current.namespace, current.path, "read")
-    reply = _variable_reply(services.server.variables, current,
+    readable = allows_variable(req, services.own_server, current.namespace, current.path, "read")
+    reply = _variable_reply(services.own_server.variables, current,
                             show_lock=req.identity.acl.management, with_items=readable)
     return Reply(reply.body, reply.index, status=409)
 
 
 def _require(services: Services, req: ApiRequest, namespace: str, path: str, op: str) -> None:
-    if not allows_variable(req, services.server, namespace, path, op):
+    if not allows_variable(req, services.own_server, namespace, path, op):
         raise PERMISSION_REFUSED
 
 
@@ -171,12 +171,12 @@ BY_NAMESPACE_AND_PATH = by_namespace_and("Path")
 
 
 async def list_variables(services: Services, req: ApiRequest) -> web.StreamResponse:
-    variables = services.server.variables
-    listing = await list_query(services.server, req.query, (Resource.VARIABLES,))
+    variables = services.own_server.variables
+    listing = await list_query(services.own_server, req.query, (Resource.VARIABLES,))
     management = req.identity.acl.management
     visible = [metadata_api(v, show_lock=management)
                for v in variables.list(request_namespace(req.query), listing.prefix)
-               if allows_variable(req, services.server, v.namespace, v.path, "list")]
+               if allows_variable(req, services.own_server, v.namespace, v.path, "list")]
     return await listing.reply(visible, BY_NAMESPACE_AND_PATH, prefix_of=lambda m: m["Path"])
 
 
@@ -199,7 +199,7 @@ async def _read(services: Services, req: ApiRequest, path: str) -> Reply:
     namespace = request_namespace(req.query)
     _require(services, req, namespace, path, "read")
     min_index, wait = blocking_params(req.query)
-    variables = services.server.variables
+    variables = services.own_server.variables
     if min_index > 0:
         current, _ = await variables.wait_for(namespace, path, min_index, wait)
     else:
@@ -222,7 +222,7 @@ async def _write(services: Services, req: ApiRequest, path: str) -> Reply:
     _require(services, req, namespace, path, "write")
     items = _items(_field(body, "Items"))
     lock = _lock(_field(body, "Lock"))
-    variables = services.server.variables
+    variables = services.own_server.variables
     management = req.identity.acl.management
     try:
         if op == "lock-acquire":
@@ -272,7 +272,7 @@ async def _delete(services: Services, req: ApiRequest, path: str) -> web.StreamR
         raise bad_request("Invalid method")
     cas = _cas(req)
     try:
-        index = await services.server.variables.delete(namespace, path, cas=cas)
+        index = await services.own_server.variables.delete(namespace, path, cas=cas)
     except Conflict as conflict:
         return _conflict_reply(services, req, conflict)
     except VariableError as err:
@@ -283,7 +283,7 @@ async def _delete(services: Services, req: ApiRequest, path: str) -> web.StreamR
                                              if k.startswith("X-Nomad-")})
 
 
-def register(router: Router, services: Services) -> None:
+def register(router: RouteTable, services: Services) -> None:
     routes = Routes(router, services)
     routes.add(("GET",), "/v1/vars", list_variables)
     every_method = ("GET", "PUT", "POST", "DELETE", "PATCH", "OPTIONS", "HEAD")
