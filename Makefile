@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench bench-density lint clean
+.PHONY: run test demo bench bench-density bench-cluster lint clean
 
 $(STAMP): pyproject.toml setup.py nomad_client/client/drivers/supervise.c
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ bench: $(STAMP)
 DENSITY_ARGS ?=
 bench-density: $(STAMP)
 	$(BIN)/python bench/density_bench.py $(DENSITY_ARGS)
+
+# Cluster mode: 3 etcd, 2 servers, 3 clients beside an embedded agent; e.g.
+# `make bench-cluster CLUSTER_ARGS="--count 100 --rounds 3"`.
+CLUSTER_ARGS ?=
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster_bench.py $(CLUSTER_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check nomad_client tests bench scripts

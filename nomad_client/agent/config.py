@@ -112,6 +112,9 @@ class TLSConfig:
     cert_file: str | None = None
     key_file: str | None = None
     verify_server_hostname: bool = False
+    # Plaintext RPC is taken from loopback peers only, unless the operator says otherwise
+    # here (a private network they trust); with ``rpc = true`` every peer uses TLS anyway.
+    rpc_allow_plaintext_remote: bool = False
 
 
 def _tuple(value: Sequence[str] | None) -> tuple[str, ...]:
@@ -304,7 +307,7 @@ _SCHEMA: dict[str, Any] = {
     "ports": {"http": "port", "rpc": "port"},
     "advertise": {"http": "address", "rpc": "address"},
     "tls": {"rpc": "bool", "ca_file": "path", "cert_file": "path", "key_file": "path",
-            "verify_server_hostname": "bool"},
+            "verify_server_hostname": "bool", "rpc_allow_plaintext_remote": "bool"},
     "server": {"enabled": "bool", "oidc_issuer": "issuer", "job_tracked_versions": "limit",
                "store": "server_store",
                "etcd": {"endpoints": "addresses", "prefix": "etcd_prefix",

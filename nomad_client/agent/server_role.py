@@ -223,7 +223,9 @@ class ServerRole:
                              data_dir=server_dir, tracked_versions=s.job_tracked_versions,
                              min_heartbeat_ttl=s.min_heartbeat_ttl,
                              max_heartbeats_per_second=s.max_heartbeats_per_second,
-                             heartbeat_grace=s.heartbeat_grace)
+                             heartbeat_grace=s.heartbeat_grace,
+                             # With etcd, only the elected server leads (``start``).
+                             leader=not self.uses_etcd)
         return self.server
 
     async def _open_etcd(self) -> tuple[StateStore, Keyring]:
@@ -260,8 +262,10 @@ class ServerRole:
             if self.uses_etcd:
                 self._to_leader = LeaderForwarding(self, tls)
                 handlers.update(self._to_leader.wrap(handlers, LEADER_RPCS))
-            self.rpc = RPCListener(handlers_dispatch(handlers, server), sock,
-                                   ssl_context=server_context(tls) if tls.rpc else None)
+            self.rpc = RPCListener(
+                handlers_dispatch(handlers, server), sock,
+                ssl_context=server_context(tls) if tls.rpc else None,
+                allow_plaintext_remote=cfg.tls.rpc_allow_plaintext_remote)
             await self.rpc.start()
             host, port = self.rpc.address
             self.rpc_address = advertised(host, port, cfg.advertise.rpc)
@@ -270,7 +274,8 @@ class ServerRole:
             from nomad_client.server.etcd.leadership import Leadership
 
             self.leadership = Leadership(
-                self._etcd, server_id=self.server_id, info=self.member_info(http_addr),
+                self._etcd, server_id=self.server_id,
+                info=self.member_info(cfg.advertise.http or http_addr),
                 ttl=cfg.server.leader_lease_ttl,
                 on_gain=lambda: server.set_leader(True),
                 on_loss=lambda: server.set_leader(False))

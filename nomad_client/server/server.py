@@ -192,8 +192,9 @@ class Server:
         self.identities = IdentityVerifier(keyring)
         # One scheduling pass at a time, as a single-leader cluster would do.
         self._plan_lock = asyncio.Lock()
+        # Its lock reaper is one of the leader's duties.
         self.variables = Variables(store, sealer or store.sealer or _ephemeral_sealer(),
-                                   clock=clock)
+                                   clock=clock, leading=False)
         self._namespaces = Namespaces(store, self.job_status, region=region)
         # Service registrations; those of allocations that stop or go are removed.
         self.services = ServiceRegistry(store)
@@ -245,7 +246,8 @@ class Server:
 
     async def set_leader(self, leader: bool) -> None:
         """Become the leader (start the duties only one server may run: heartbeat
-        tracking, periodic launches, drains, rolling updates and evaluation processing)
+        tracking, periodic launches, drains, rolling updates, evaluation processing and
+        releasing expired variable locks)
         or stop being it (every one of them is stopped before this returns)."""
         if leader:
             self._start_leader_duties()
@@ -262,6 +264,7 @@ class Server:
         self._leader = True
         self.periodic.start_if_needed()
         self.drainer.resume()
+        self.variables.lead()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -283,6 +286,7 @@ class Server:
         await self.drainer.close()
         await self.rolling.close()
         await self.heartbeats.stop()
+        await self.variables.follow()
         # A closed launcher stays closed: the next leadership gets a fresh one.
         launcher, self.periodic = self.periodic, self._new_launcher()
         await launcher.close()

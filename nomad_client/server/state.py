@@ -112,8 +112,12 @@ PERIODIC_LAUNCHES = "periodic_launches"
 # job's kept versions, newest first, and the sources they were submitted as
 # (``server.job_versions``); it goes with the job (purge, ``server.gc``).
 JOB_VERSIONS = "job_versions"
+# Keyed by ``variable_key``: when a held lock was last acquired or renewed
+# ({"LockDigest": ..., "RenewedAt": unix seconds}, ``server.variables``), apart from the
+# variable so a renewal moves no ModifyIndex of it.
+VARIABLE_LOCK_RENEWALS = "variable_lock_renewals"
 PLAIN_TABLES = (JOBS, ACL_BOOTSTRAP, SERVICES,  # rows are plain dicts
-                SCALING_EVENTS, PERIODIC_LAUNCHES, JOB_VERSIONS)
+                SCALING_EVENTS, PERIODIC_LAUNCHES, JOB_VERSIONS, VARIABLE_LOCK_RENEWALS)
 # The cap on how long any blocking query may wait, whatever wait the caller asked for; the
 # HTTP layer's own default wait is only what it asks for when the request names none.
 MAX_BLOCKING_WAIT = 300.0

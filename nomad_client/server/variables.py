@@ -9,28 +9,42 @@ Items are JSON-encoded and sealed as one blob (associated data: namespace and pa
 the row is built; only ``Variable.data`` and its ``key_id`` are stored.
 
 Locks follow Nomad's leader timers: a lock expires 2 x TTL after it was acquired or last
-renewed, still blocks everyone for ``LockDelay`` after that, and is then released. The
-deadlines are kept here in memory (a renewal writes nothing, so it moves no index); after a
-restart every held lock gets a fresh full-length deadline, as a new Nomad leader gives it.
-A lock past its release time counts as released wherever it is looked at, and the reaper
-task (owned here, stopped by ``close``) writes the release so blocking readers see it.
+renewed, still blocks everyone for ``LockDelay`` after that, and is then released. When it
+was last acquired or renewed is replicated state, a record of its own per locked variable
+(``VARIABLE_LOCK_RENEWALS``) written with every acquire and renewal, so a renewal moves the
+store's index but not the variable's ModifyIndex, and every server of a cluster computes
+the same deadlines from it, whichever server the holder renews through. A lock past its
+release time counts as released wherever it is looked at; the reaper task, run by the
+leader alone (``lead``/``follow``), writes the release so blocking readers see it. A server
+taking the lead gives every held lock a fresh full-length deadline, as a new Nomad leader
+does; so does a restart of a server alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
 
 from nomad_client.server.sealing import row_context, sealed_key_id
-from nomad_client.server.state import DELETE, VARIABLES, StateStore, variable_key
+from nomad_client.server.state import (
+    DELETE,
+    VARIABLE_LOCK_RENEWALS,
+    VARIABLES,
+    Change,
+    RowUpdate,
+    StateStore,
+    variable_key,
+)
 from nomad_client.structs.models import Variable, VariableLock
 
 log = logging.getLogger(__name__)
@@ -143,31 +157,74 @@ def sealing_context(namespace: str, path: str) -> str:
     return row_context(VARIABLES, variable_key(namespace, path))
 
 
-@attrs.define
-class _LockTimer:
-    """When a held lock expires (renew no more) and when it is released (seconds, on the
-    ``Variables`` clock)."""
+# A renewal record's fields (the ``VARIABLE_LOCK_RENEWALS`` table).
+_DIGEST = "LockDigest"
+_RENEWED_AT = "RenewedAt"
+# How long the reaper waits after a failed pass (the state unreachable) before the next.
+REAP_RETRY = 1.0
 
-    lock_id: str = attrs.field(repr=False)
+
+def _lock_digest(lock_id: str) -> str:
+    """What a renewal record names its lock by: the ID is the holder's proof of holding, so
+    it stays in the variable's row alone."""
+    return hashlib.sha256(lock_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _recorded_renewal(record: Any, lock: VariableLock) -> float | None:
+    """When ``record`` says ``lock`` was last acquired or renewed (unix seconds); None when it
+    is about another lock, or not a record this version can read."""
+    if not isinstance(record, dict) or record.get(_DIGEST) != _lock_digest(lock.id):
+        return None
+    at = record.get(_RENEWED_AT)
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        return None
+    return float(at)
+
+
+@attrs.frozen
+class _Deadlines:
+    """When a held lock expires (renew no more) and when it is released (unix seconds)."""
+
     expires_at: float
     release_at: float
 
 
+# Given the variable a lock write leaves (holding a lock) and the lock's renewal record as
+# it is: the record to write (None: keep it).
+_RenewalRule = Callable[[Variable, Any], Any]
+# table -> row updates, as ``StateStore.write`` takes them.
+_Updates = dict[str, list[tuple[str, RowUpdate]]]
+
+
 class Variables:
     """The variables table: reads, CAS writes, locks. ``clock`` (unix seconds) is
-    injectable so lock expiry can be tested without waiting."""
+    injectable so lock expiry can be tested without waiting. ``leading``: whether this
+    server runs the reaper from the start (a server alone does; in a cluster the leader's
+    duties call ``lead`` and ``follow``)."""
 
     def __init__(self, store: StateStore, sealer: Sealing, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, leading: bool = True) -> None:
         self._store = store
         self._sealer = sealer
         self._clock = clock
-        # variable key -> its lock's deadlines; changed only under the store's write lock.
-        self._timers: dict[str, _LockTimer] = {}
-        self._adopted = False
+        # Keys of the variables holding a lock (held, or in its delay): what the reaper
+        # looks at, kept up to date from every commit, this server's or another's.
+        self._locked: set[str] = {variable_key(v.namespace, v.path)
+                                  for v in store.values(VARIABLES) if v.lock is not None}
+        # key -> (lock digest, first seen here): locks without a renewal record (a version
+        # that kept none wrote them) until the leader gives them one.
+        self._unrecorded: dict[str, tuple[str, float]] = {}
+        self._leading = False
+        # While leading and the reaper has not yet given every held lock a fresh deadline:
+        # when this server took the lead (no deadline here counts from before it).
+        self._lead_since: float | None = None
+        self._adopted = True
         self._reaper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        store.observe(self._observe)
+        if leading:
+            self.lead()
 
     # ---- reads -------------------------------------------------------------------------
     def get(self, namespace: str, path: str) -> Variable | None:
@@ -227,7 +284,13 @@ class Variables:
                 lock = VariableLock(lock.id, DEFAULT_LOCK_TTL, DEFAULT_LOCK_DELAY)
             return self._replacing(current, record, now, lock)
 
-        return await self._write(namespace, path, apply)
+        def keep(new: Variable, renewal: Any) -> Any:
+            # The holder's write is no renewal; only a lock without a record gets one.
+            assert new.lock is not None
+            return None if _recorded_renewal(renewal, new.lock) is not None \
+                else self._renewal(new.lock)
+
+        return await self._write(namespace, path, apply, keep)
 
     async def delete(self, namespace: str, path: str, *, cas: int | None = None) -> int:
         """Delete the variable (a missing one is no error); a locked one cannot be."""
@@ -240,15 +303,14 @@ class Variables:
             return DELETE
 
         key = variable_key(namespace, path)
-        index = await self._store.write(updates={VARIABLES: [(key, apply)]})
-        self._timers.pop(key, None)
-        return index
+        return await self._store.write(updates=self._lock_updates(key, apply, _unreachable))
 
     async def acquire(self, namespace: str, path: str, items: Mapping[str, str] | None, *,
                       ttl: int = DEFAULT_LOCK_TTL, lock_delay: int = DEFAULT_LOCK_DELAY,
                       lock_id: str | None = None) -> Variable:
         """Lock the variable (creating it if missing) and set its items to ``items``
-        [quirk: replacing any it had]. Re-acquiring with the holder's ID succeeds."""
+        [quirk: replacing any it had]. Re-acquiring with the holder's ID succeeds (and
+        restarts the TTL)."""
         validate_namespace(namespace)
         validate_path(path)
         validate_lock_times(ttl, lock_delay)
@@ -256,49 +318,45 @@ class Variables:
             raise invalid("variables are limited to 64KiB in total size")
         record = self._sealed(namespace, path, items or {})
         lock = VariableLock(lock_id or str(uuid.uuid4()), ttl, lock_delay)
-        key = variable_key(namespace, path)
         now = time.time_ns()
 
         def apply(current: Variable | None, index: int) -> Variable:
             held = self._live_lock(current) if current is not None else None
             if held is not None and held.id != lock.id:
                 raise Conflict(namespace, path, None, "variable is locked")
-            self._start_timer(key, lock)
             return self._replacing(current, record, now, lock)
 
-        written = await self._write(namespace, path, apply)
-        self._ensure_reaper()
-        return written
+        return await self._write(namespace, path, apply,
+                                 lambda new, renewal: self._renewal(lock))
 
     async def renew(self, namespace: str, path: str, lock_id: str) -> Variable:
-        """Restart the lock's TTL. Writes nothing (no index moves), but is decided under
-        the write lock so it cannot race a release."""
+        """Restart the lock's TTL. Writes only the lock's renewal record: the store's index
+        moves, the variable's row and ModifyIndex do not (as in Nomad). Decided under the
+        write lock against the latest variable, so it cannot race a release."""
         key = variable_key(namespace, path)
         renewed: Variable | None = None
 
-        def apply(current: Variable | None, index: int) -> None:
+        def apply(renewal: Any | None, index: int) -> Any:
             nonlocal renewed
+            current: Variable | None = self._store.get(VARIABLES, key)
             if current is None:
                 raise VariableError(404, "variable doesn't exist")
-            if current.lock is None or self._released(key, current):
+            if current.lock is None or self._released(key, current.lock):
                 raise VariableError(409, "variable doesn't hold a lock")
-            timer = self._timer(key, current.lock)
-            if current.lock.id != lock_id or self._clock() >= timer.expires_at:
+            if current.lock.id != lock_id \
+                    or self._clock() >= self._deadlines(key, current.lock).expires_at:
                 raise VariableError(409, "attempting to modify locked variable")
-            self._start_timer(key, current.lock)
             renewed = current
-            return None
+            return self._renewal(current.lock)
 
-        await self._store.write(updates={VARIABLES: [(key, apply)]})
+        await self._store.write(updates={VARIABLE_LOCK_RENEWALS: [(key, apply)]})
         assert renewed is not None
-        self._ensure_reaper()
         return renewed
 
     async def release(self, namespace: str, path: str, lock_id: str) -> Variable:
         """Give up the lock; the items stay."""
         validate_namespace(namespace)
         validate_path(path)
-        key = variable_key(namespace, path)
 
         def apply(current: Variable | None, index: int) -> Variable:
             if current is None:
@@ -310,110 +368,198 @@ class Variables:
                 raise Conflict(namespace, path, None, "variable is locked")
             return attrs.evolve(current, lock=None)
 
-        written = await self._write(namespace, path, apply)
-        self._timers.pop(key, None)
-        self._wake.set()
-        return written
+        return await self._write(namespace, path, apply, _unreachable)
 
     # ---- lock expiry -------------------------------------------------------------------
     async def expire_locks(self) -> int:
         """Release, in one write, every lock whose delay after expiry has passed; the index
-        of that write (the current index if none was due)."""
-        self._adopt_restored_locks()
+        of that write (the current index if none was due). The reaper calls it; any server
+        may, as each release is decided again under the write lock."""
         now = self._clock()
-        due = [key for key, timer in self._timers.items() if now >= timer.release_at]
+        due = [key for key in sorted(self._locked)
+               if (d := self._deadlines_of(key)) is not None and now >= d.release_at]
         if not due:
             return self._store.index
 
-        def clear(key: str) -> Callable[[Variable | None, int], Variable | None]:
+        def clear(key: str) -> RowUpdate:
             def apply(current: Variable | None, index: int) -> Variable | None:
-                timer = self._timers.get(key)
-                # Only the lock this timer was for, and only if it is still due: a lock
-                # acquired again meanwhile keeps its own deadline (unlike Nomad, see §8).
-                if current is None or current.lock is None or timer is None \
-                        or timer.lock_id != current.lock.id or self._clock() < timer.release_at:
+                # Only if still due: a lock acquired again (or renewed through another
+                # server) meanwhile keeps its own deadline (unlike Nomad, see §8).
+                if current is None or current.lock is None \
+                        or not self._released(key, current.lock):
                     return None
-                del self._timers[key]
                 return attrs.evolve(current, lock=None)
             return apply
 
-        index = await self._store.write(updates={VARIABLES: [(k, clear(k)) for k in due]})
-        for key in due:  # a timer whose variable went away meanwhile
-            timer = self._timers.get(key)
-            if timer is not None and self._store.get(VARIABLES, key) is None:
-                del self._timers[key]
-        return index
+        updates: _Updates = {}
+        for key in due:
+            for table, rows in self._lock_updates(key, clear(key), _unreachable).items():
+                updates.setdefault(table, []).extend(rows)
+        return await self._store.write(updates=updates)
 
     def reschedule(self) -> None:
         """Let the reaper look at the deadlines again (after they changed, or the clock
         was moved)."""
         self._wake.set()
 
-    async def close(self) -> None:
-        """Stop the reaper; locks left held are released by the next start's deadlines."""
-        self._closed = True
+    def lead(self) -> None:
+        """Run the reaper here (this server leads). Every held lock gets a fresh full-length
+        deadline from now, as a new Nomad leader gives it: the reaper's first pass writes
+        it, and until then this server counts no deadline from earlier. Idempotent; without
+        a running event loop the reaper starts with the first lock change seen."""
+        if self._leading or self._closed:
+            return
+        self._leading = True
+        self._adopted = not self._locked
+        self._lead_since = None if self._adopted else self._clock()
+        self._ensure_reaper()
+
+    async def follow(self) -> None:
+        """Stop the reaper (another server leads, or none). A lock past its release time
+        still counts as released wherever it is looked at here."""
+        self._leading = False
+        self._lead_since = None
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             reaper.cancel()
-            try:
-                await reaper
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(reaper, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop the reaper for good; locks left held are released by the next leader."""
+        self._closed = True
+        await self.follow()
 
     def _ensure_reaper(self) -> None:
+        if not self._leading or self._closed:
+            return
         self._wake.set()
-        if self._reaper is None and not self._closed:
-            self._reaper = asyncio.get_running_loop().create_task(
-                self._reap(), name="variable-lock-reaper")
+        if (self._reaper is None or self._reaper.done()) and self._locked:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._reaper = loop.create_task(self._reap(), name="variable-lock-reaper")
 
     async def _reap(self) -> None:
         while True:
             self._wake.clear()
+            nap: float | None
             try:
+                if not self._adopted:
+                    await self._adopt()
                 await self.expire_locks()
+                nap = self._next_release()
             except Exception:
-                # A failed release is retried at the next wake; the lock counts as released
-                # wherever it is looked at meanwhile.
+                # Tried again a little later; meanwhile a lock past its release time counts
+                # as released wherever it is looked at.
                 log.exception("releasing expired variable locks failed")
-            pending = [t.release_at for t in self._timers.values()]
-            nap = max(min(pending) - self._clock(), 0.0) if pending else None
+                nap = REAP_RETRY
             try:
                 async with asyncio.timeout(nap):
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
-    def _adopt_restored_locks(self) -> None:
-        """Give every lock found in the store (a restart) a fresh full-length deadline."""
-        if self._adopted:
-            return
+    async def _adopt(self) -> None:
+        """Write a fresh renewal for every held lock (this server just took the lead)."""
+        def restamp(key: str) -> RowUpdate:
+            def apply(renewal: Any | None, index: int) -> Any:
+                current: Variable | None = self._store.get(VARIABLES, key)
+                if current is None or current.lock is None:
+                    return None
+                return self._renewal(current.lock)
+            return apply
+
+        await self._store.write(updates={
+            VARIABLE_LOCK_RENEWALS: [(key, restamp(key)) for key in sorted(self._locked)]})
         self._adopted = True
-        for variable in self._store.values(VARIABLES):
-            if variable.lock is not None:
-                self._timer(variable_key(variable.namespace, variable.path), variable.lock)
+        self._lead_since = None
 
-    def _start_timer(self, key: str, lock: VariableLock) -> _LockTimer:
-        expires_at = self._clock() + 2 * lock.ttl / SECOND_NS
-        timer = _LockTimer(lock.id, expires_at, expires_at + lock.lock_delay / SECOND_NS)
-        self._timers[key] = timer
-        return timer
+    def _observe(self, index: int, changes: Sequence[Change]) -> None:
+        """Follow which variables hold locks, and wake the reaper when a lock or its
+        renewal changed (through this server or another)."""
+        wake = False
+        for change in changes:
+            if change.table == VARIABLES:
+                before = change.before.lock if change.before is not None else None
+                after = change.after.lock if change.after is not None else None
+                if after is None:
+                    self._locked.discard(change.key)
+                    self._unrecorded.pop(change.key, None)
+                else:
+                    self._locked.add(change.key)
+                wake = wake or before != after
+            elif change.table == VARIABLE_LOCK_RENEWALS:
+                self._unrecorded.pop(change.key, None)
+                wake = True
+        if wake:
+            self._ensure_reaper()
 
-    def _timer(self, key: str, lock: VariableLock) -> _LockTimer:
-        timer = self._timers.get(key)
-        if timer is None or timer.lock_id != lock.id:
-            timer = self._start_timer(key, lock)
-        return timer
+    def _next_release(self) -> float | None:
+        """Seconds until the next lock is due for release (None: no lock held)."""
+        releases = [d.release_at for key in self._locked
+                    if (d := self._deadlines_of(key)) is not None]
+        return max(min(releases) - self._clock(), 0.0) if releases else None
 
-    def _released(self, key: str, variable: Variable) -> bool:
-        assert variable.lock is not None
-        return self._clock() >= self._timer(key, variable.lock).release_at
+    def _renewal(self, lock: VariableLock) -> dict[str, Any]:
+        """A renewal record for ``lock``, renewed now."""
+        return {_DIGEST: _lock_digest(lock.id), _RENEWED_AT: self._clock()}
+
+    def _renewed_at(self, key: str, lock: VariableLock) -> float:
+        """When ``lock`` was last acquired or renewed, as every server reads it from the
+        replicated record (a lock without one: when this server first saw it)."""
+        at = _recorded_renewal(self._store.get(VARIABLE_LOCK_RENEWALS, key), lock)
+        if at is None:
+            digest = _lock_digest(lock.id)
+            seen = self._unrecorded.get(key)
+            if seen is None or seen[0] != digest:
+                seen = self._unrecorded[key] = (digest, self._clock())
+            at = seen[1]
+        if self._lead_since is not None:
+            at = max(at, self._lead_since)
+        return at
+
+    def _deadlines(self, key: str, lock: VariableLock) -> _Deadlines:
+        expires_at = self._renewed_at(key, lock) + 2 * lock.ttl / SECOND_NS
+        return _Deadlines(expires_at, expires_at + lock.lock_delay / SECOND_NS)
+
+    def _deadlines_of(self, key: str) -> _Deadlines | None:
+        current: Variable | None = self._store.get(VARIABLES, key)
+        if current is None or current.lock is None:
+            return None
+        return self._deadlines(key, current.lock)
+
+    def _released(self, key: str, lock: VariableLock) -> bool:
+        return self._clock() >= self._deadlines(key, lock).release_at
 
     def _live_lock(self, variable: Variable | None) -> VariableLock | None:
         """The variable's lock unless it has run past its delay (then: released)."""
         if variable is None or variable.lock is None:
             return None
         key = variable_key(variable.namespace, variable.path)
-        return None if self._released(key, variable) else variable.lock
+        return None if self._released(key, variable.lock) else variable.lock
+
+    def _lock_updates(self, key: str, apply: RowUpdate, rule: _RenewalRule) -> _Updates:
+        """Row updates writing ``apply``'s variable and, in the same batch, its lock's
+        renewal record: ``rule``'s for a variable left holding a lock, none otherwise.
+        The record's update reads what the variable's decided: ``StateStore.write`` runs
+        the tables' updates in the order given, and both again on a retry."""
+        outcome: list[Any] = [None]
+
+        def variable(current: Variable | None, index: int) -> Any:
+            outcome[0] = None
+            outcome[0] = apply(current, index)
+            return outcome[0]
+
+        def renewal(current: Any | None, index: int) -> Any:
+            new = outcome[0]
+            if new is None:
+                return None
+            if new is DELETE or new.lock is None:
+                return DELETE if current is not None else None
+            return rule(new, current)
+
+        return {VARIABLES: [(key, variable)], VARIABLE_LOCK_RENEWALS: [(key, renewal)]}
 
     # ---- helpers -----------------------------------------------------------------------
     def _sealed(self, namespace: str, path: str, items: Mapping[str, str]) -> Variable:
@@ -431,12 +577,18 @@ class Variables:
         return attrs.evolve(record, create_time=create_time, modify_time=now, lock=lock)
 
     async def _write(self, namespace: str, path: str,
-                     apply: Callable[[Variable | None, int], Variable]) -> Variable:
+                     apply: Callable[[Variable | None, int], Variable],
+                     rule: _RenewalRule) -> Variable:
         key = variable_key(namespace, path)
-        await self._store.write(updates={VARIABLES: [(key, apply)]})
+        await self._store.write(updates=self._lock_updates(key, apply, rule))
         written = self._store.get(VARIABLES, key)
         assert written is not None
         return written
+
+
+def _unreachable(new: Variable, renewal: Any) -> Any:
+    """The renewal rule of writes that never leave a lock held."""
+    raise AssertionError("this write leaves no lock held")
 
 
 def _check_cas(namespace: str, path: str, current: Variable | None, cas: int | None) -> None:

@@ -400,8 +400,9 @@ class AllocUpdate:
 
 @attrs.frozen
 class VariableLock:
-    """The lock on a variable. Durations are nanoseconds. When it expires is the server's
-    bookkeeping (``server.variables``), not part of the record: a renewal is no write."""
+    """The lock on a variable. Durations are nanoseconds. When it expires is kept in a
+    renewal record beside the variable (``server.variables``): a renewal moves no
+    ModifyIndex of the variable."""
 
     id: str = attrs.field(repr=False)  # the holder's proof of holding: never in a log line
     ttl: int = 0

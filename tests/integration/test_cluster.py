@@ -160,8 +160,9 @@ async def test_a_cluster_on_etcd_survives_its_failures(cluster: Cluster) -> None
     await leader.kill()
     await eventually(lambda: _names_itself(cluster, other), timeout=LEASE_TTL + 20,
                      interval=0.2, message="the other server leading")
+    # The lease runs out, the survivor's watch sees the key go and it campaigns at once.
     takeover = time.monotonic() - killed_at
-    assert takeover < LEASE_TTL + 20
+    assert takeover < LEASE_TTL + 10, takeover
     async with cluster.api(other) as api:
         assert len(await _running_allocs(api, "web", 3)) == 3
         assert (await api.variable_read("nomad/jobs/web"))["Items"] == {"greeting": "hello"}
