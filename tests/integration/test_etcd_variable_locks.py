@@ -17,6 +17,7 @@ from nomad_client.server.state import StateStore
 from nomad_client.server.variables import SECOND_NS, Conflict, VariableError, Variables
 from tests.integration.etcd_cluster import EtcdCluster
 from tests.integration.harness import eventually
+from tests.unit.factories import ManualClock
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,15 +28,6 @@ DELAY = 5 * SECOND_NS  # ...and is released 5 s after that
 CATCH_UP = 60.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class TwoServers:
@@ -46,7 +38,7 @@ class TwoServers:
         self.stores: list[StateStore] = []
         self.variables: list[Variables] = []
 
-    async def open(self, endpoints: tuple[str, ...], clock: FakeClock) -> None:
+    async def open(self, endpoints: tuple[str, ...], clock: ManualClock) -> None:
         for leading in (False, True):
             client = await EtcdClient.connect(EtcdSettings(
                 endpoints=endpoints, prefix="/locks/", dial_timeout=2.0, request_timeout=5.0))
@@ -65,8 +57,8 @@ class TwoServers:
 
 
 @pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[tuple[TwoServers, FakeClock]]:
-    clock = FakeClock()
+async def servers(tmp_path: Path) -> AsyncIterator[tuple[TwoServers, ManualClock]]:
+    clock = ManualClock()
     async with EtcdCluster(tmp_path, members=1) as cluster:
         two = TwoServers()
         try:
@@ -77,7 +69,7 @@ async def servers(tmp_path: Path) -> AsyncIterator[tuple[TwoServers, FakeClock]]
 
 
 async def test_a_lock_renewed_through_one_server_holds_on_the_other_until_released(
-        servers: tuple[TwoServers, FakeClock]) -> None:
+        servers: tuple[TwoServers, ManualClock]) -> None:
     two, clock = servers
     (a, b), (va, vb) = two.stores, two.variables
 

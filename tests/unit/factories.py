@@ -466,3 +466,16 @@ async def task_api_stack(base: Path, keyring: Keyring, config: TaskAPIConfig | N
         await agent.stop()
         raise
     return TaskAPIStack(agent, live, alloc, identity_token(keyring, alloc), sock)
+
+
+class ManualClock:
+    """Unix seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -15,27 +15,18 @@ from nomad_client.server.keyring import Keyring
 from nomad_client.server.server import Server
 from nomad_client.server.state import VARIABLE_LOCK_RENEWALS, StateStore, variable_key
 from nomad_client.server.variables import SECOND_NS, Conflict, VariableError, Variables
-from tests.unit.factories import SEALER, settle, wait_until
+from tests.unit.factories import SEALER, ManualClock, settle, wait_until
 
 KEY = variable_key("default", "l")
 TTL = 10 * SECOND_NS  # expires 20 s after the last renewal...
 DELAY = 5 * SECOND_NS  # ...and is released 5 s after that
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
@@ -44,7 +35,7 @@ def store() -> StateStore:
 
 
 @pytest.fixture
-async def leader(store: StateStore, clock: FakeClock) -> AsyncIterator[Variables]:
+async def leader(store: StateStore, clock: ManualClock) -> AsyncIterator[Variables]:
     v = Variables(store, SEALER, clock=clock)
     try:
         yield v
@@ -53,7 +44,7 @@ async def leader(store: StateStore, clock: FakeClock) -> AsyncIterator[Variables
 
 
 @pytest.fixture
-async def follower(store: StateStore, clock: FakeClock) -> AsyncIterator[Variables]:
+async def follower(store: StateStore, clock: ManualClock) -> AsyncIterator[Variables]:
     v = Variables(store, SEALER, clock=clock, leading=False)
     try:
         yield v
@@ -74,7 +65,7 @@ def lock_id_of(v: Variables) -> str:
 
 
 async def test_a_renewal_through_one_server_holds_on_every_other(
-        store: StateStore, leader: Variables, follower: Variables, clock: FakeClock) -> None:
+        store: StateStore, leader: Variables, follower: Variables, clock: ManualClock) -> None:
     locked = await follower.acquire("default", "l", {"k": "v"}, ttl=TTL, lock_delay=DELAY)
     lock_id = lock_id_of(follower)
     for _ in range(4):  # 60 s in all: well past the first deadline (25 s)
@@ -102,7 +93,7 @@ async def test_a_renewal_through_one_server_holds_on_every_other(
 
 
 async def test_the_leader_releases_a_lock_no_longer_renewed(
-        store: StateStore, leader: Variables, follower: Variables, clock: FakeClock) -> None:
+        store: StateStore, leader: Variables, follower: Variables, clock: ManualClock) -> None:
     locked = await follower.acquire("default", "l", {"k": "v"}, ttl=TTL, lock_delay=DELAY)
     assert store.get(VARIABLE_LOCK_RENEWALS, KEY) is not None
     clock.advance(20)  # expired: the holder may renew no more, nobody else may take it yet
@@ -122,7 +113,7 @@ async def test_the_leader_releases_a_lock_no_longer_renewed(
 
 
 async def test_only_the_leader_reaps(store: StateStore, follower: Variables,
-                                     clock: FakeClock) -> None:
+                                     clock: ManualClock) -> None:
     locked = await follower.acquire("default", "l", None, ttl=TTL, lock_delay=0)
     assert follower._reaper is None
     clock.advance(20)
@@ -148,14 +139,14 @@ async def test_only_the_leader_reaps(store: StateStore, follower: Variables,
 
 
 async def test_a_lock_acquired_through_a_follower_wakes_the_leader(
-        leader: Variables, follower: Variables, clock: FakeClock) -> None:
+        leader: Variables, follower: Variables, clock: ManualClock) -> None:
     assert leader._reaper is None  # nothing locked yet: nothing to run
     await follower.acquire("default", "l", None, ttl=TTL, lock_delay=0)
     assert leader._reaper is not None and follower._reaper is None
 
 
 async def test_the_renewal_record_follows_the_lock(
-        store: StateStore, leader: Variables, clock: FakeClock) -> None:
+        store: StateStore, leader: Variables, clock: ManualClock) -> None:
     await leader.acquire("default", "l", {"k": "v"}, ttl=TTL, lock_delay=DELAY)
     lock_id = lock_id_of(leader)
     assert renewed_at(store) == clock.now
@@ -179,7 +170,7 @@ async def test_the_renewal_record_follows_the_lock(
 
 
 async def test_a_record_that_does_not_read_is_no_crash(
-        store: StateStore, leader: Variables, follower: Variables, clock: FakeClock) -> None:
+        store: StateStore, leader: Variables, follower: Variables, clock: ManualClock) -> None:
     locked = await leader.acquire("default", "l", None, ttl=TTL, lock_delay=0)
     for bad in ({"LockDigest": "x", "RenewedAt": 1.0}, {"RenewedAt": "soon"}, ["not", "a", "dict"],
                 {"LockDigest": None, "RenewedAt": float("nan")}):
@@ -191,7 +182,7 @@ async def test_a_record_that_does_not_read_is_no_crash(
 
 
 async def test_a_restart_gives_held_locks_a_fresh_deadline(store: StateStore,
-                                                           clock: FakeClock) -> None:
+                                                           clock: ManualClock) -> None:
     first = Variables(store, SEALER, clock=clock)
     locked = await first.acquire("default", "l", None, ttl=TTL, lock_delay=DELAY)
     await first.close()
@@ -209,7 +200,7 @@ async def test_a_restart_gives_held_locks_a_fresh_deadline(store: StateStore,
         await again.close()
 
 
-async def test_the_servers_reaper_is_a_leader_duty(keyring: Keyring, clock: FakeClock) -> None:
+async def test_the_servers_reaper_is_a_leader_duty(keyring: Keyring, clock: ManualClock) -> None:
     store = StateStore()
     follower = Server(store, keyring, region="global", acl_enabled=False, clock=clock,
                       leader=False)

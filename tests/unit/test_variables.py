@@ -21,27 +21,16 @@ from nomad_client.server.variables import (
     validate_path,
 )
 from nomad_client.state_db import StateDB
-from tests.unit.factories import SEALER, wait_until
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.unit.factories import SEALER, ManualClock, wait_until
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-async def variables(clock: FakeClock) -> AsyncIterator[Variables]:
+async def variables(clock: ManualClock) -> AsyncIterator[Variables]:
     v = Variables(StateStore(), SEALER, clock=clock)
     try:
         yield v
@@ -148,7 +137,7 @@ async def test_concurrent_cas_creates_have_one_winner(variables: Variables) -> N
 
 
 # ---- locks -------------------------------------------------------------------------------
-async def test_acquire_renew_release(variables: Variables, clock: FakeClock) -> None:
+async def test_acquire_renew_release(variables: Variables, clock: ManualClock) -> None:
     locked = await variables.acquire("default", "l", {"k": "v"})
     assert locked.lock is not None
     assert (locked.lock.ttl, locked.lock.lock_delay) == (DEFAULT_LOCK_TTL, DEFAULT_LOCK_DELAY)
@@ -201,7 +190,7 @@ async def test_lock_bounds(variables: Variables) -> None:
 
 
 async def test_ttl_expiry_then_lock_delay_then_release(variables: Variables,
-                                                       clock: FakeClock) -> None:
+                                                       clock: ManualClock) -> None:
     locked = await variables.acquire("default", "l", {"k": "v"}, ttl=10 * SECOND_NS,
                                      lock_delay=5 * SECOND_NS)
     assert locked.lock is not None
@@ -218,7 +207,7 @@ async def test_ttl_expiry_then_lock_delay_then_release(variables: Variables,
     assert current is not None and current.lock is None
 
 
-async def test_reaper_writes_the_release(variables: Variables, clock: FakeClock) -> None:
+async def test_reaper_writes_the_release(variables: Variables, clock: ManualClock) -> None:
     locked = await variables.acquire("default", "l", {"k": "v"}, ttl=10 * SECOND_NS,
                                      lock_delay=0)
     clock.advance(20)
@@ -229,7 +218,7 @@ async def test_reaper_writes_the_release(variables: Variables, clock: FakeClock)
     assert current.modify_index > locked.modify_index
 
 
-async def test_close_stops_the_reaper(clock: FakeClock) -> None:
+async def test_close_stops_the_reaper(clock: ManualClock) -> None:
     v = Variables(StateStore(), SEALER, clock=clock)
     await v.acquire("default", "l", None)
     reaper = v._reaper
@@ -240,7 +229,7 @@ async def test_close_stops_the_reaper(clock: FakeClock) -> None:
 
 # ---- at rest, blocking ---------------------------------------------------------------------
 async def test_items_never_reach_the_state_file_in_the_clear(workdir: Path,
-                                                             clock: FakeClock) -> None:
+                                                             clock: ManualClock) -> None:
     db_path = workdir / "server" / "state.db"
     db = await StateDB.open(db_path)
     store = StateStore(db, SEALER)
