@@ -31,7 +31,12 @@ import attrs
 from nomad_client.agent.acl_cache import RemoteCredentials
 from nomad_client.agent.client import Client, ClientSettings
 from nomad_client.agent.config import AgentConfig, advertise_http_url, exec_driver_config
-from nomad_client.agent.server_role import EtcdClusterView, ServerRole, tls_settings
+from nomad_client.agent.server_role import (
+    EtcdClusterView,
+    ServerRole,
+    SingleServerView,
+    tls_settings,
+)
 from nomad_client.client.drivers import builtin_drivers
 from nomad_client.client.rpc_tcp import TcpTransport
 from nomad_client.client.servers import ServerRPC
@@ -176,6 +181,8 @@ class Agent:
         role = self._server_role
         if role is not None and role.uses_etcd:
             return EtcdClusterView(role)
+        if role is not None and not self.config.dev_mode:  # it listens for RPC
+            return SingleServerView(role, lambda: self.config.advertise.http or self.http_addr)
         if self._transport is not None:
             return _ClientCluster(self._transport)
         return EmbeddedCluster(self._member(), self.config.region)

@@ -167,6 +167,24 @@ class EtcdClusterView:
         return [m["RPCAddr"] for m in self.members()]
 
 
+class SingleServerView:
+    """``ClusterView`` of a server with a store of its own and an RPC listener: the only
+    server, so the leader, named by its real RPC address."""
+
+    def __init__(self, role: ServerRole, http_addr: Callable[[], str]) -> None:
+        self._role = role
+        self._http_addr = http_addr
+
+    def members(self) -> list[dict[str, Any]]:
+        return [_member(self._role.member_info(self._http_addr()))]
+
+    def leader(self) -> dict[str, Any] | None:
+        return self.members()[0]
+
+    def known_servers(self) -> list[str]:
+        return [self._role.rpc_address]
+
+
 def _member(info: Mapping[str, Any]) -> dict[str, Any]:
     rpc = str(info.get("RPCAddr", ""))
     host = rpc.rsplit(":", 1)[0].strip("[]") if rpc else ""
