@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench bench-density bench-cluster lint clean
+.PHONY: run test demo demo-ui bench bench-density bench-cluster lint clean
 
 $(STAMP): pyproject.toml setup.py nomad_client/client/drivers/supervise.c
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# The web UI served by a task over HTTPS through its Task API socket; prints the URL and
+# the management token, runs until Ctrl-C.
+demo-ui: $(STAMP)
+	$(BIN)/python scripts/demo_ui.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/taskapi_bench.py

@@ -30,6 +30,7 @@ from nomad_client.http.endpoints import (
     parent_jobs,
     plan,
     scaling,
+    ui,
     variables,
 )
 from nomad_client.http.endpoints import services as service_discovery
@@ -41,11 +42,16 @@ from nomad_client.http.services import Services
 MODULES: tuple[ModuleType, ...] = (
     agent, jobs, job_history, evaluations, allocs, nodes, client, identity, acl, variables,
     operator, namespaces, events, service_discovery, scaling, parent_jobs, cluster, plan,
-    fs_stream, gc, metrics, alloc_exec)
+    fs_stream, gc, metrics, alloc_exec, ui)
 LOCAL_MODULES: frozenset[ModuleType] = frozenset({
-    agent, client, cluster, fs_stream, metrics, alloc_exec})
+    agent, client, fs_stream, metrics, alloc_exec, ui})
 # A module with local routes too: the paths only a server answers.
-_SERVER_PATHS: dict[ModuleType, frozenset[str]] = {gc: frozenset({"/v1/system/gc"})}
+_SERVER_PATHS: dict[ModuleType, frozenset[str]] = {
+    gc: frozenset({"/v1/system/gc"}),
+    # Who the servers are and who leads is the servers' answer; the servers this agent
+    # knows (agent/servers) and its region are its own.
+    cluster: frozenset({"/v1/agent/members", "/v1/status/peers", "/v1/status/leader"}),
+}
 
 
 def register_all(router: Router, services: Services) -> None:
