@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import ssl
 import subprocess
@@ -24,7 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+# The sibling demo script (this directory is first on sys.path when a script runs).
+from demo import _wait_for_address
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = "testdata/jobs/ui-proxy.nomad.hcl"  # relative to REPO
@@ -143,23 +145,6 @@ def _wait_for_interrupt(agent: subprocess.Popen[str]) -> None:
         if agent.poll() is not None:
             print("the agent exited", file=sys.stderr)
             return
-
-
-def _wait_for_address(agent: subprocess.Popen[str]) -> str:
-    assert agent.stdout is not None
-    for line in agent.stdout:
-        match = re.search(r"HTTP API: (http://\S+)", line)
-        if match:
-            # Keep draining the agent's output so a full pipe can never stall it.
-            threading.Thread(target=_drain, args=(agent.stdout,), daemon=True).start()
-            return match.group(1)
-        print(line, end="", file=sys.stderr)
-    raise SystemExit("the agent exited before it started serving")
-
-
-def _drain(stream: IO[str]) -> None:
-    for line in stream:
-        print(line, end="", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from nomad_client.server.etcd.client import EtcdClient, EtcdSettings, WatchEvent
 from tests.integration.etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401
+from tests.unit.factories import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -91,11 +91,11 @@ async def test_a_watch_carries_on_across_a_killed_member(
     task = asyncio.create_task(follow())
     try:
         revs = [await writer.put(p + f"{i:02}".encode(), b"v") for i in range(10)]
-        await _until(lambda: len(got) == 10)
+        await wait_until(lambda: len(got) == 10)
         await etcd_cluster.kill(watched)
         # Writes while the watch is reconnecting, and after.
         revs += [await writer.put(p + f"{i:02}".encode(), b"v") for i in range(10, 20)]
-        await _until(lambda: len(got) == 20)
+        await wait_until(lambda: len(got) == 20)
         assert [r for r, _ in got] == revs
         assert [e.kv.key for _, evs in got for e in evs] == [
             p + f"{i:02}".encode() for i in range(20)]
@@ -105,10 +105,3 @@ async def test_a_watch_carries_on_across_a_killed_member(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await writer.close()
-
-
-async def _until(cond: object, deadline: float = 60.0) -> None:
-    end = time.monotonic() + deadline
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.02)

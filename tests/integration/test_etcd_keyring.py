@@ -23,8 +23,8 @@ from nomad_client.server.keyring import (
     signing_key_pem,
 )
 from tests.integration.etcd_cluster import EtcdCluster
+from tests.unit.factories import wait_until
 
-DEADLINE = 30.0
 ALLOC = "5c63a1f0-0000-4000-8000-000000000001"
 
 Server = tuple[Keyring, EtcdKeyStore]
@@ -82,15 +82,6 @@ def ids(keyring: Keyring) -> list[tuple[str, KeyState]]:
     return [(k.key_id, k.state) for k in keyring.keys()]
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"not within {DEADLINE}s: {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_two_servers_share_one_ring(start: Callable[[bytes], Awaitable[Server]]) -> None:
     (a, _), (b, _) = await start(KEK), await start(KEK)
     assert ids(a) == ids(b) and len(ids(a)) == 1
@@ -106,7 +97,7 @@ async def test_rotation_on_one_server_is_seen_by_the_other(
     (a, _), (b, _) = await start(KEK), await start(KEK)
     old_token = sign(b)
     new = await a.rotate()
-    await eventually(lambda: b.key_id == new.key_id, "B takes over A's new active key")
+    await wait_until(lambda: b.key_id == new.key_id, "B takes over A's new active key")
     assert ids(a) == ids(b) and a.jwks() == b.jwks()
     assert b.data_key(new.key_id) == new.data_key
     token = sign(b)
@@ -115,9 +106,9 @@ async def test_rotation_on_one_server_is_seen_by_the_other(
 
     # A full rotation and its end travel the same way.
     newer = await b.rotate(full=True)
-    await eventually(lambda: a.key_id == newer.key_id and a.rekeying, "A sees B's full rotation")
+    await wait_until(lambda: a.key_id == newer.key_id and a.rekeying, "A sees B's full rotation")
     await a.finish_rekeying()
-    await eventually(lambda: not b.rekeying, "B sees the rekeying finished")
+    await wait_until(lambda: not b.rekeying, "B sees the rekeying finished")
     assert ids(a) == ids(b)
     assert [state for _, state in ids(b)] == [KeyState.INACTIVE, KeyState.INACTIVE,
                                               KeyState.ACTIVE]
@@ -131,9 +122,9 @@ async def test_rotations_racing_on_two_servers_lose_no_key(
     # A's ring, and both new keys stay.
     made = await asyncio.gather(a.rotate(), b.rotate())
     expected = {first, *(k.key_id for k in made)}
-    await eventually(lambda: {k for k, _ in ids(a)} == expected == {k for k, _ in ids(b)},
-                     "both servers hold all three keys")
-    await eventually(lambda: a.key_id == b.key_id, "both sign with the same key")
+    await wait_until(lambda: {k for k, _ in ids(a)} == expected == {k for k, _ in ids(b)},
+                      "both servers hold all three keys")
+    await wait_until(lambda: a.key_id == b.key_id, "both sign with the same key")
     assert len([k for k, s in ids(a) if s is KeyState.ACTIVE]) == 1
     assert a.jwks() == b.jwks()
 
@@ -201,8 +192,8 @@ async def test_a_corrupt_ring_is_a_clear_error_and_the_watch_keeps_the_old_ring(
     assert good is not None
     caplog.set_level(logging.WARNING, logger="nomad_client.server.etcd.keyring_store")
     await client.put(marker, b"\xc1garbage")
-    await eventually(lambda: "keyring marker in etcd is corrupt" in caplog.text,
-                     "the watch reports the corrupt marker")
+    await wait_until(lambda: "keyring marker in etcd is corrupt" in caplog.text,
+                      "the watch reports the corrupt marker")
     assert len(a.keys()) == 1 and a.verify(sign(a)).alloc_id == ALLOC
     with pytest.raises(KeyringError, match="keyring marker in etcd is corrupt"):
         await EtcdKeyStore(client, KEK).load()
@@ -212,7 +203,7 @@ async def test_a_corrupt_ring_is_a_clear_error_and_the_watch_keeps_the_old_ring(
     b = await Keyring.load_or_create_from(EtcdKeyStore(client, KEK))
     assert ids(b) == ids(a)
     rotated = await b.rotate()
-    await eventually(lambda: a.key_id == rotated.key_id, "A follows B's rotation")
+    await wait_until(lambda: a.key_id == rotated.key_id, "A follows B's rotation")
 
 
 def watches() -> int:

@@ -14,6 +14,7 @@ import pytest
 from nomad_client.server.etcd.client import EtcdClient, EtcdSettings, op_put
 from nomad_client.server.etcd.leadership import Leadership
 from tests.integration.etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401
+from tests.unit.factories import wait_until as shared_wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -66,12 +67,10 @@ async def servers(etcd_cluster: EtcdCluster  # noqa: F811
         await s.client.close()
 
 
-async def wait_until(cond: Callable[[], bool], deadline: float = DEADLINE) -> float:
-    """Poll until cond() holds; the monotonic time it was seen to."""
-    end = time.monotonic() + deadline
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
+async def wait_until(cond: Callable[[], bool]) -> float:
+    """Poll until cond() holds (the shared helper, this file's deadline); the monotonic time
+    it was seen to."""
+    await shared_wait_until(cond, timeout=DEADLINE)
     return time.monotonic()
 
 

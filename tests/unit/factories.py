@@ -329,7 +329,8 @@ def run_in_own_loop(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+async def wait_until(check: Callable[[], Any], what: str = "the condition",
+                     timeout: float = 15.0) -> Any:
     """Poll ``check`` (a function or a coroutine function) until it returns something true,
     and return that; fail naming ``what`` after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ from nomad_client.server.etcd.client import (
     value_equals,
 )
 from tests.integration.etcd_cluster import MAX_REQUEST_BYTES, EtcdCluster, _free_ports
+from tests.unit.factories import wait_until
 
 
 @pytest.fixture
@@ -179,7 +180,7 @@ async def test_cancelling_a_watch_ends_its_stream(client: EtcdClient) -> None:
     task = asyncio.create_task(consume())
     await started.wait()
     rev = await client.put(p + b"k", b"v")
-    await _wait_for(lambda: got == [rev])
+    await wait_until(lambda: got == [rev], timeout=30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -205,7 +206,7 @@ async def test_a_lease_expires_without_refresh(client: EtcdClient) -> None:
     lease = await client.lease_grant(2)
     k = client.key("short")
     await client.put(k, b"v", lease=lease)
-    await _wait_for_async(lambda: _absent(client, k), deadline=30)
+    await wait_until(lambda: _absent(client, k), timeout=30)
     with pytest.raises(LeaseExpired):
         await client.lease_refresh(lease)
 
@@ -242,7 +243,7 @@ async def test_requests_after_etcd_died_raise_unavailable(etcd: EtcdCluster) -> 
             await c.put(b"/t/k", b"v")
         await etcd.restart(0)
         # The channel comes back to the restarted member by itself.
-        await _wait_for_async(lambda: _answers(c), deadline=30)
+        await wait_until(lambda: _answers(c), timeout=30)
     finally:
         await c.close()
 
@@ -264,19 +265,3 @@ async def _answers(client: EtcdClient) -> bool:
     except EtcdUnavailable:
         return False
     return True
-
-
-async def _wait_for(cond: object, deadline: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not cond():  # type: ignore[operator]
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-async def _wait_for_async(cond: object, deadline: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not await cond():  # type: ignore[operator]
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.1)
