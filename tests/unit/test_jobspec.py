@@ -82,6 +82,7 @@ EXAMPLE_BLOCKS: dict[str, tuple[set[str], set[str]]] = {
     "example.nomad.hcl": ({"Update", "Migrate"},
                           {"Networks", "Services", "EphemeralDisk"}),
     "taskapi-exec.nomad.hcl": (set(), {"Networks"}),
+    "ui-proxy.nomad.hcl": (set(), {"Networks"}),
 }
 
 

@@ -20,13 +20,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nomad_client"
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"__init__", "durations", "goflags", "logredact", "safefs",
                "state_db", "untrusted_regex"}),
-    frozenset({"structs", "jobspec", "rpcwire"}),
+    frozenset({"structs", "jobspec", "rpcwire", "ui"}),
     frozenset({"acl"}),
     frozenset({"server", "client"}),
     frozenset({"allocrunner"}),
     frozenset({"http", "api"}),
     frozenset({"agent"}),
-    frozenset({"cli"}),
+    frozenset({"cli", "uiproxy"}),
     frozenset({"__main__"}),
 )
 BASE = LAYERS[0]
