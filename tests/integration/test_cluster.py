@@ -155,11 +155,16 @@ async def test_a_cluster_on_etcd_survives_its_failures(cluster: Cluster) -> None
 
     # The scheduling server dies: the other takes over within its lease.
     leader = await eventually(cluster.leader, timeout=30, message="a leader")
+    # Exactly the elected server runs the leader's duties.
+    await eventually(lambda: _leads_alone(cluster, leader), timeout=30,
+                     message="the elected server alone leading")
     other = next(s for s in cluster.servers if s is not leader)
     killed_at = time.monotonic()
     await leader.kill()
     await eventually(lambda: _names_itself(cluster, other), timeout=LEASE_TTL + 20,
                      interval=0.2, message="the other server leading")
+    await eventually(lambda: _leads_alone(cluster, other), timeout=30,
+                     message="the new leader alone leading")
     # The lease runs out, the survivor's watch sees the key go and it campaigns at once.
     takeover = time.monotonic() - killed_at
     assert takeover < LEASE_TTL + 10, takeover
@@ -252,6 +257,21 @@ async def test_a_cluster_on_etcd_survives_its_failures(cluster: Cluster) -> None
     async with cluster.api(cluster.servers[0]) as api:
         await eventually(lambda: _running_allocs(api, "web", 3), timeout=60,
                          message="web still running after the servers' return")
+
+
+async def _leading(cluster: Cluster) -> list[AgentProcess]:
+    """The live servers that say they lead (agent/self's stats.nomad.leader)."""
+    leading = []
+    for server in cluster.live_servers():
+        async with cluster.api(server) as api:
+            stats = (await api.agent_self())["stats"]["nomad"]
+        if stats["leader"] == "true":
+            leading.append(server)
+    return leading
+
+
+async def _leads_alone(cluster: Cluster, server: AgentProcess) -> bool:
+    return await _leading(cluster) == [server]
 
 
 async def _names_itself(cluster: Cluster, server: AgentProcess) -> bool:

@@ -90,13 +90,21 @@ def _runtime_stats() -> dict[str, str]:
 def agent_stats(services: Services) -> dict[str, dict[str, str]]:
     """``stats`` of /v1/agent/self: Nomad's sections, every value a string."""
     member = services.member
+    server = services.server
+    # This server's own part in the election (a cluster of one always leads); who leads
+    # and how many servers there are come from the cluster view.
+    leading = server is not None and server.is_leader
+    leader = services.cluster.leader()
+    servers = len(services.cluster.members()) or 1
     stats: dict[str, dict[str, str]] = {
-        "nomad": {"server": str(services.server is not None).lower(),
+        "nomad": {"server": str(server is not None).lower(),
                   "client": str(services.client is not None).lower(),
-                  "leader": "true", "bootstrap": "true", "known_regions": "1",
-                  "leader_addr": f"{member.get('Addr', '')}:{member.get('Port', 0)}"},
-        "raft": {"state": "Leader", "num_peers": "0"},
-        "serf": {"members": "1", "failed": "0", "left": "0"},
+                  "leader": str(leading).lower(), "bootstrap": "true", "known_regions": "1",
+                  "leader_addr": (leader or {}).get("RPCAddr", "")
+                  or f"{member.get('Addr', '')}:{member.get('Port', 0)}"},
+        "raft": {"state": "Leader" if leading else "Follower",
+                 "num_peers": str(servers - 1)},
+        "serf": {"members": str(servers), "failed": "0", "left": "0"},
         "runtime": _runtime_stats(),
     }
     client = services.client
