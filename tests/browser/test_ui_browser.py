@@ -11,17 +11,14 @@ $NOMAD_UI_SCREENSHOTS (or the test's temp dir)."""
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import attrs
 import pytest
 
-from nomad_client.structs.network import allocated_ports
 from tests.integration.harness import (
     POLICY_DIR,
     AgentProcess,
@@ -29,10 +26,10 @@ from tests.integration.harness import (
     assert_no_secrets,
     bootstrap_acls,
     client_token,
-    eventually,
     load_job,
     raw_exec_job,
     run_job,
+    start_ui_proxy,
     task_dir,
     wait_client_status,
     wait_task_state,
@@ -78,29 +75,11 @@ async def deployment(request: pytest.FixtureRequest,
     token = await bootstrap_acls(agent)
     base = agent.address
     if request.param == "proxy":
-        base = await _start_proxy(agent, token)
+        base, _ = await start_ui_proxy(agent, token)
     try:
         yield Deployment(agent, token, base, request.param == "proxy")
     finally:
         await agent.stop()
-
-
-async def _start_proxy(agent: AgentProcess, token: str) -> str:
-    async with agent.api(token) as api:
-        (stub,) = await run_job(api, load_job("ui-proxy.nomad.hcl", python=sys.executable))
-        alloc = await wait_task_state(api, stub["ID"], "proxy", "running", timeout=30)
-    (port,) = allocated_ports(alloc["AllocatedResources"])
-    base = f"https://127.0.0.1:{port.value}"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async def answers() -> bool:
-            try:
-                # The certificate is the proxy's self-signed one: not checked (test only).
-                async with session.get(f"{base}/ui/", ssl=False) as response:
-                    return response.status == 200
-            except (aiohttp.ClientError, OSError):
-                return False
-        await eventually(answers, timeout=30, interval=0.2, message="the UI proxy answering")
-    return base
 
 
 @attrs.define

@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 from multidict import CIMultiDict
 
 from nomad_client.api.client import ApiClient, ApiResponse
 from nomad_client.jobspec import canonicalize_job, parse_jobspec
+from nomad_client.structs.network import allocated_ports
 
 _STARTED = re.compile(r"HTTP API: (http://[0-9.]+:\d+)")
 # A server agent says where its RPC listener is, before the started line.
@@ -434,3 +436,22 @@ def kill_exec_leftovers(data_dir: Path) -> list[str]:
     for mount in tmpfs.mounts_under(data_dir):
         tmpfs.unmount(mount.mount_point)
     return names
+
+
+async def start_ui_proxy(agent: AgentProcess, token: str) -> tuple[str, str]:
+    """Run ``ui-proxy.nomad.hcl`` on ``agent`` with this interpreter; (its HTTPS base URL,
+    its allocation ID) once it answers. Its certificate is self-signed: not checked here."""
+    async with agent.api(token) as api:
+        (stub,) = await run_job(api, load_job("ui-proxy.nomad.hcl", python=sys.executable))
+        alloc = await wait_task_state(api, stub["ID"], "proxy", "running", timeout=30)
+    (port,) = allocated_ports(alloc["AllocatedResources"])
+    base = f"https://127.0.0.1:{port.value}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def answers() -> bool:
+            try:
+                async with session.get(f"{base}/ui/", ssl=False) as response:
+                    return response.status == 200
+            except (aiohttp.ClientError, OSError):
+                return False
+        await eventually(answers, timeout=30, interval=0.2, message="the UI proxy answering")
+    return base, str(stub["ID"])

@@ -9,7 +9,6 @@ import contextlib
 import ipaddress
 import json
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,14 +18,12 @@ import pytest
 from cryptography import x509
 from yarl import URL
 
-from nomad_client.structs.network import allocated_ports
 from tests.integration.harness import (
     AgentProcess,
     bootstrap_acls,
     eventually,
-    load_job,
     raw_exec_job,
-    run_job,
+    start_ui_proxy,
     task_dir,
     wait_task_state,
 )
@@ -48,22 +45,9 @@ async def proxied(agent_factory: Any) -> AsyncIterator[tuple[AgentProcess, str, 
     agent: AgentProcess = agent_factory(acl=True)
     await agent.start()
     token = await bootstrap_acls(agent)
-    async with agent.api(token) as api:
-        (stub,) = await run_job(api, load_job("ui-proxy.nomad.hcl", python=sys.executable))
-        alloc = await wait_task_state(api, stub["ID"], "proxy", "running", timeout=30)
-    (port,) = allocated_ports(alloc["AllocatedResources"])
-    base = f"https://127.0.0.1:{port.value}"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async def answers() -> bool:
-            try:
-                async with session.get(f"{base}/ui/", ssl=_insecure()) as response:
-                    return response.status == 200
-            except (aiohttp.ClientError, OSError):
-                return False
-        await eventually(answers, timeout=30, interval=0.2,
-                         message="the proxy answering on its port")
+    base, alloc_id = await start_ui_proxy(agent, token)
     try:
-        yield agent, token, base, stub["ID"]
+        yield agent, token, base, alloc_id
     finally:
         await agent.stop()
 
